@@ -1,0 +1,160 @@
+"""The ``anomaly-localizer`` command.
+
+Exit codes: 0 success; 2 bad input, model or options (one line on stderr saying what was
+wrong and what to do; no output written); 3 cancelled; 1 an unexpected error (a bug: the
+traceback is printed). Progress goes to stderr as lines ``PROGRESS <percent> <message>``,
+which the Slicer module reads from its child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import AnomalyLocalizerError, CancelledError, InputError
+
+EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
+
+
+def _progress_printer(quiet: bool):
+    def report(fraction: float, message: str) -> None:
+        if not quiet:
+            print(f"PROGRESS {100 * fraction:5.1f} {message}", file=sys.stderr, flush=True)
+    return report
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .imageio import as_3d, read_image
+    from .outputs import check_output_dir, write_results
+    from .package import resolve_package
+    from .pipeline import check_methods, score_volume
+    from .scores import PIXEL_METHODS
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    # Everything that can be refused is checked before any work and before any write.
+    check_output_dir(out, args.force)
+    methods = check_methods(args.method or list(PIXEL_METHODS))
+    package = resolve_package(args.model)
+    if args.threshold is not None:
+        threshold, meaning, source = float(args.threshold), "given with --threshold", "user"
+    else:
+        calibrated = package.default_threshold(methods[0])
+        if calibrated is None:
+            raise InputError(f"model {package.name} has no calibrated threshold for {methods[0]}; "
+                             "pass --threshold or calibrate the model (anomaly-localizer calibrate)")
+        threshold, meaning = calibrated
+        source = "calibrated"
+    image = as_3d(read_image(args.input, "INPUT"))
+    mask = as_3d(read_image(args.mask, "MASK")) if args.mask else None
+    t_read = time.perf_counter() - t0
+
+    result = score_volume(image, package, methods, mask=mask, device=args.device,
+                          progress=_progress_printer(args.quiet))
+    summary = {
+        "engine_version": __version__,
+        "input": str(Path(args.input).resolve()),
+        "mask": str(Path(args.mask).resolve()) if args.mask else None,
+        "brain_mask_source": "given" if args.mask else "non-zero region of a skull-stripped input",
+        "model": {"name": package.name, "path": str(package.path.resolve()), "manifest_sha256": package.manifest_sha256},
+        "methods": methods,
+        "threshold": {"method": methods[0], "value": threshold, "source": source, "meaning": meaning},
+        "volume_score": {"value": result.volume_score,
+                         "meaning": "mean negative ELBO of the 10 % most anomalous brain slices"},
+        "axial_axis": result.axial_axis,
+        "scored_slices": result.info["scored_slices"],
+        "brain_fraction_in_field_of_view": result.info["fov_coverage"],
+        "device": result.device,
+        "timings_s": {"read": t_read, **result.timings},
+    }
+    t_write = time.perf_counter()
+    write_results(out, image, result, threshold, summary, force=args.force)
+    if not args.quiet:
+        print(f"PROGRESS 100.0 wrote {out} in {time.perf_counter() - t0:.1f} s "
+              f"(writing {time.perf_counter() - t_write:.1f} s)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .package import default_model_name, list_packages, load_package
+
+    default = default_model_name()
+    rows = []
+    for path in list_packages():
+        try:
+            p = load_package(path)
+            rows.append({"name": p.name, "path": str(path), "default": p.name == default, "ok": True,
+                         "summary": p.meta.get("summary", "")})
+        except AnomalyLocalizerError as exc:
+            rows.append({"name": path.name, "path": str(path), "default": False, "ok": False, "error": str(exc)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            flag = "*" if r["default"] else " "
+            state = r.get("summary", "") if r["ok"] else f"BROKEN: {r['error']}"
+            print(f"{flag} {r['name']:<24} {state}  [{r['path']}]")
+        if not rows:
+            print("no models installed (see README, 'Models')")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .device import DEVICES
+    from .scores import PIXEL_METHODS
+
+    p = argparse.ArgumentParser(prog="anomaly-localizer",
+                                description="Unsupervised anomaly localisation in brain MRI.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("score", help="heatmaps, segmentation and slice scores of one volume")
+    s.add_argument("input", help="image file (NIfTI, NRRD, MHA, ...) or DICOM series folder")
+    s.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
+    s.add_argument("--model", help="model name or package folder (default: the default installed model)")
+    s.add_argument("--method", action="append", choices=None, metavar="M",
+                   help=f"pixel score, repeatable: {', '.join(PIXEL_METHODS)} (default: all); "
+                        "the first one makes the segmentation")
+    s.add_argument("--mask", help="brain mask on the input's grid (label > 0 is brain)")
+    s.add_argument("--threshold", type=float, help="heatmap threshold for the segmentation "
+                   "(default: the model's calibrated 0.1 %% healthy false-positive threshold)")
+    s.add_argument("--device", default="auto", choices=DEVICES, help="compute device (default: best available)")
+    s.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    s.set_defaults(func=cmd_score)
+
+    m = sub.add_parser("models", help="list installed models")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+
+    from . import benchmark
+    benchmark.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except CancelledError as exc:
+        print(f"cancelled: {exc}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except AnomalyLocalizerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("cancelled: interrupted", file=sys.stderr)
+        return EXIT_CANCELLED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Score one volume: the engine's main entry point, shared by the command line and Slicer."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import __version__
+from .device import batch_size_for, configure_threads, is_out_of_memory, select_device
+from .errors import CancelledError, InputError
+from .package import ModelPackage
+from .scores import PIXEL_METHODS, SLICE_SCORES, RawTerms, concat_terms, finalise_maps, raw_terms
+from .volume import PreparedVolume, brain_mask, prepare_volume
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[float, str], None]
+VOLUME_SCORE_TOP_FRACTION = 0.1
+
+
+@dataclass
+class ScoreResult:
+    """Everything one run produces; arrays are in the input's array order (z, y, x)."""
+
+    maps: dict[str, np.ndarray]  # method -> float32 heatmap on the input grid, 0 outside the brain
+    brain_mask: np.ndarray  # bool
+    slice_scores: dict[str, np.ndarray]  # name -> (n_axial,) along the input's axial axis, NaN without brain
+    brain_voxels_per_slice: np.ndarray
+    volume_score: float
+    axial_axis: int
+    device: str
+    timings: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def check_methods(methods: list[str] | tuple[str, ...]) -> list[str]:
+    unknown = [m for m in methods if m not in PIXEL_METHODS]
+    if unknown:
+        raise InputError(f"unknown method {', '.join(unknown)}; choose from {', '.join(PIXEL_METHODS)}")
+    if not methods:
+        raise InputError(f"no method given; choose from {', '.join(PIXEL_METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
+def _bytes_per_slice(model: torch.nn.Module, slice_size: int) -> int:
+    """Rough activation memory of one slice for forward + two backward passes."""
+    params = sum(p.numel() for p in model.parameters())
+    pixels = slice_size * slice_size
+    widths = getattr(model, "encoder")[0].out_channels
+    # first layer activations dominate; x4 bytes, x8 for stored activations and gradients
+    return int(4 * 8 * (pixels * (1 + widths) + params / 64))
+
+
+def compute_terms(model: torch.nn.Module, slices: torch.Tensor, methods: list[str], device: torch.device,
+                  batch_size: int | None = None, progress: ProgressFn | None = None,
+                  cancel: Callable[[], bool] | None = None) -> RawTerms:
+    """Raw terms for all slices, in batches; on out-of-memory halve the batch and retry."""
+    n = slices.shape[0]
+    bs = batch_size or batch_size_for(device, _bytes_per_slice(model, slices.shape[-1]), max(n, 1))
+    parts: list[RawTerms] = []
+    start = 0
+    while start < n:
+        if cancel is not None and cancel():
+            raise CancelledError("cancelled by the user")
+        batch = slices[start:start + bs].to(device)
+        try:
+            t = raw_terms(model, batch, methods)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            if not is_out_of_memory(exc) or bs == 1:
+                raise
+            bs = max(1, bs // 2)
+            log.warning("out of memory; retrying with batches of %d slices", bs)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        parts.append(RawTerms(*(None if v is None else v.cpu() for v in
+                                (t.rec_pixel, t.rec_slice, t.kl_slice, t.grad_rec, t.grad_kl))))
+        start += batch.shape[0]
+        if progress is not None:
+            progress(0.1 + 0.7 * start / n, f"scored {start}/{n} slices")
+    if not parts:
+        raise InputError("no axial slice contains brain; check the brain mask")
+    return concat_terms(parts)
+
+
+def volume_score(elbo_per_slice: np.ndarray) -> float:
+    """Mean negative ELBO of the most anomalous 10 % of brain slices (at least one)."""
+    v = np.sort(elbo_per_slice[np.isfinite(elbo_per_slice)])[::-1]
+    if v.size == 0:
+        return float("nan")
+    k = max(1, int(round(VOLUME_SCORE_TOP_FRACTION * v.size)))
+    return float(v[:k].mean())
+
+
+def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | tuple[str, ...] = PIXEL_METHODS,
+                 mask: sitk.Image | None = None, device: str = "auto", batch_size: int | None = None,
+                 progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
+                 model: torch.nn.Module | None = None) -> ScoreResult:
+    """Heatmaps, slice scores and the volume score of one 3D image.
+
+    ``mask``: optional brain mask on the image's grid; without it the image must be
+    skull-stripped (its non-zero region is taken as the brain). ``model`` may be given to
+    reuse an already loaded network of ``package``.
+    """
+    methods = check_methods(list(methods))
+    timings: dict[str, float] = {}
+    configure_threads()
+    dev = select_device(device)
+    t0 = time.perf_counter()
+    if progress:
+        progress(0.0, "preparing volume")
+    mask_arr = brain_mask(image, mask)
+    prepared: PreparedVolume = prepare_volume(image, mask_arr, package.contract)
+    if prepared.slices.shape[0] == 0:
+        raise InputError("no axial slice contains brain; check the brain mask")
+    timings["prepare_s"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    net = model if model is not None else package.load_model(dev)
+    timings["load_model_s"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    if progress:
+        progress(0.1, f"scoring {prepared.slices.shape[0]} slices on {dev.type}")
+    terms = compute_terms(net, prepared.slices, methods, dev, batch_size, progress, cancel)
+    model_mask = prepared.mask[:, 0]
+    maps_model = finalise_maps(terms, model_mask, methods)
+    timings["score_s"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    if progress:
+        progress(0.85, "mapping heatmaps back to the input grid")
+    maps = {m: prepared.to_input_grid(v) for m, v in maps_model.items()}
+    n_ax = prepared.layout.shape[0]
+    slice_scores: dict[str, np.ndarray] = {}
+    order = prepared.layout.input_slice_index(np.arange(n_ax))
+    for name, values in (("rec", terms.rec_slice), ("kl", terms.kl_slice),
+                         ("elbo", terms.rec_slice + terms.kl_slice)):
+        canon = np.full(n_ax, np.nan)
+        canon[prepared.slice_index] = values.double().numpy()
+        per_input = np.empty(n_ax)
+        per_input[order] = canon
+        slice_scores[name] = per_input
+    brain_per_input = np.empty(n_ax, dtype=np.int64)
+    brain_per_input[order] = prepared.brain_voxels
+    timings["map_back_s"] = time.perf_counter() - t3
+    timings["total_s"] = time.perf_counter() - t0
+    if progress:
+        progress(1.0, "done")
+    return ScoreResult(maps=maps, brain_mask=mask_arr, slice_scores=slice_scores,
+                       brain_voxels_per_slice=brain_per_input, volume_score=volume_score(slice_scores["elbo"]),
+                       axial_axis=prepared.layout.axial_axis, device=str(dev), timings=timings,
+                       info={"scored_slices": int(prepared.slices.shape[0]), "fov_coverage": prepared.fov_coverage,
+                             "engine_version": __version__})
+
+
+__all__ = ["score_volume", "ScoreResult", "SLICE_SCORES", "PIXEL_METHODS"]

@@ -1,0 +1,280 @@
+"""From a scanner volume to the model's axial slices, and back onto the scanner's exact grid.
+
+The way there (:func:`prepare_volume`):
+
+1. Find the axial axis and the in-plane axes from the direction matrix (never from array
+   order) and permute/flip the voxel array into a canonical stack: slice index from
+   inferior to superior, rows from anterior to posterior, columns from right to left.
+   A permutation and flips are exactly invertible, so no interpolation happens here.
+2. Normalise intensities per volume inside the brain with robust statistics: the brain's
+   median maps to 0.5 and its inter-quartile range to 0.25 (a T1 brain then spans about
+   0..1), nothing is clipped (bright or dark lesions keep their contrast), and everything
+   outside the brain is 0.
+3. Resample each axial slice in-plane to the model's pixel spacing and slice size, on a
+   field of view centred on the brain, with a Gaussian pre-filter against aliasing.
+   Slices keep the input's own axial positions: model slice k is input axial slice k.
+
+The way back (:meth:`PreparedVolume.to_input_grid`) resamples model-space maps onto the
+canonical in-plane grid and undoes the permutation, so every output has the input's size,
+spacing, origin and direction.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+from .imageio import as_3d, same_grid
+
+log = logging.getLogger(__name__)
+
+# A whole head's non-zero region is several litres; a brain is about 1.0-1.8 litres.
+SKULL_STRIPPED_MAX_ML = 2500.0
+# Robust statistics: a lesion can take a large share of the brain (a glioma often more than
+# 5 %), which would move a 1st/99th percentile, but not the median or the quartiles.
+NORMALISATION = {"method": "brain_median_iqr", "median_to": 0.5, "iqr_to": 0.25, "background": 0.0}
+
+
+@dataclass(frozen=True)
+class AxialLayout:
+    """How the input's voxel array maps onto the canonical (slice, row, col) stack.
+
+    ``perm`` permutes numpy array axes (z, y, x order as SimpleITK returns them);
+    ``flips`` says which canonical axes are then reversed.
+    """
+
+    perm: tuple[int, int, int]
+    flips: tuple[bool, bool, bool]
+    spacing: tuple[float, float, float]  # mm along canonical slice, row, col
+    shape: tuple[int, int, int]  # canonical shape
+    axial_axis: int  # SimpleITK index axis (0=i, 1=j, 2=k) that is axial
+
+    def to_canonical(self, arr: np.ndarray) -> np.ndarray:
+        out = np.transpose(arr, self.perm)
+        flip_axes = tuple(i for i, f in enumerate(self.flips) if f)
+        return np.flip(out, axis=flip_axes) if flip_axes else out
+
+    def from_canonical(self, arr: np.ndarray) -> np.ndarray:
+        flip_axes = tuple(i for i, f in enumerate(self.flips) if f)
+        if flip_axes:
+            arr = np.flip(arr, axis=flip_axes)
+        return np.ascontiguousarray(np.transpose(arr, np.argsort(self.perm)))
+
+    def input_slice_index(self, k: int | np.ndarray) -> int | np.ndarray:
+        """Index along the input's axial axis of canonical slice ``k``."""
+        return self.shape[0] - 1 - k if self.flips[0] else k
+
+
+def axial_layout(image: sitk.Image) -> AxialLayout:
+    """Canonical layout of a 3D image from its direction matrix (LPS world coordinates)."""
+    d = np.array(image.GetDirection(), dtype=float).reshape(3, 3)  # column j: direction of index axis j
+    axial = int(np.argmax(np.abs(d[2, :])))
+    rest = [j for j in range(3) if j != axial]
+    lr = rest[int(np.argmax(np.abs(d[0, rest])))]
+    ap = rest[0] if rest[1] == lr else rest[1]
+    order = (axial, ap, lr)  # SimpleITK index axes for canonical slice, row, col
+    # Canonical: slices go towards S (+z), rows towards P (+y), columns towards L (+x).
+    flips = (d[2, axial] < 0, d[1, ap] < 0, d[0, lr] < 0)
+    size, spacing = image.GetSize(), image.GetSpacing()
+    return AxialLayout(perm=tuple(2 - j for j in order), flips=tuple(bool(f) for f in flips),
+                       spacing=tuple(float(spacing[j]) for j in order),
+                       shape=tuple(int(size[j]) for j in order), axial_axis=axial)
+
+
+def brain_mask(image: sitk.Image, mask: sitk.Image | None) -> np.ndarray:
+    """Brain mask as a bool array in the input's array order.
+
+    With ``mask`` given it must be on the image's grid; without it, the image must be
+    skull-stripped and its non-zero region (holes filled) is the brain.
+    """
+    if mask is not None:
+        mask = as_3d(mask)
+        if not same_grid(image, mask):
+            raise InputError(
+                f"the mask is on another grid than the image (size {_fmt(mask.GetSize())} vs {_fmt(image.GetSize())}, "
+                f"spacing {_fmt(mask.GetSpacing())} vs {_fmt(image.GetSpacing())}); resample the mask onto the image")
+        m = sitk.GetArrayFromImage(mask) > 0
+        if not m.any():
+            raise InputError("the brain mask is empty (no voxel > 0); give a mask that covers the brain")
+        return m
+    arr = sitk.GetArrayViewFromImage(image)
+    nonzero = sitk.GetImageFromArray((arr != 0).astype(np.uint8))
+    filled = sitk.GetArrayFromImage(sitk.BinaryFillhole(nonzero)) > 0
+    if not filled.any():
+        raise InputError("the image is all zero; there is no brain to score")
+    voxel_ml = float(np.prod(image.GetSpacing()[:3])) / 1000.0
+    volume_ml = filled.sum() * voxel_ml
+    if volume_ml > SKULL_STRIPPED_MAX_ML or filled.mean() > 0.95:
+        raise InputError(
+            f"the image does not look skull-stripped (its non-zero region is {volume_ml:.0f} mL, a brain is "
+            f"1000-1800 mL); pass a brain mask with --mask, or a skull-stripped image")
+    return filled
+
+
+def normalise_intensities(arr: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Robust per-volume scaling inside the brain (see NORMALISATION); no clipping; 0 outside."""
+    values = arr[mask].astype(np.float64)
+    q1, median, q3 = np.percentile(values, [25.0, 50.0, 75.0])
+    if not q3 > q1:
+        raise InputError("the brain region has (almost) uniform intensity; check the image and the brain mask")
+    gain = NORMALISATION["iqr_to"] / (q3 - q1)
+    out = (arr.astype(np.float32) - np.float32(median)) * np.float32(gain) + np.float32(NORMALISATION["median_to"])
+    out[~mask] = NORMALISATION["background"]
+    return out
+
+
+def _gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def blur_inplane(x: torch.Tensor, sigma_rows: float, sigma_cols: float) -> torch.Tensor:
+    """Separable Gaussian blur of (N,1,R,C) along rows and columns (sigma in pixels)."""
+    if sigma_rows > 0.1:
+        k = _gaussian_kernel1d(sigma_rows).to(x)
+        x = F.conv2d(F.pad(x, (0, 0, k.numel() // 2, k.numel() // 2), mode="replicate"), k.view(1, 1, -1, 1))
+    if sigma_cols > 0.1:
+        k = _gaussian_kernel1d(sigma_cols).to(x)
+        x = F.conv2d(F.pad(x, (k.numel() // 2, k.numel() // 2, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    return x
+
+
+def _antialias_sigma(factor: float) -> float:
+    """Gaussian sigma (in input pixels) before downsampling by ``factor`` (0 when upsampling)."""
+    return 0.5 * math.sqrt(factor ** 2 - 1.0) if factor > 1.0 else 0.0
+
+
+@dataclass
+class PreparedVolume:
+    """The model's view of one volume.
+
+    slices: (N,1,S,S) float32 normalised model-space slices, only axial slices with brain;
+    mask: (N,1,S,S) bool brain mask in model space;
+    slice_index: (N,) canonical slice index of each model slice;
+    brain_voxels: (n_axial,) brain voxels per canonical axial slice on the input grid.
+    """
+
+    slices: torch.Tensor
+    mask: torch.Tensor
+    slice_index: np.ndarray
+    layout: AxialLayout
+    centre: tuple[float, float]  # field-of-view centre, canonical (row, col) pixel coordinates
+    model_spacing: float
+    input_mask: np.ndarray  # bool, input array order
+    brain_voxels: np.ndarray
+    fov_coverage: float  # fraction of brain voxels inside the model's field of view
+
+    @property
+    def slice_size(self) -> int:
+        return int(self.slices.shape[-1])
+
+    def to_input_grid(self, maps: torch.Tensor) -> np.ndarray:
+        """Model-space maps (N,S,S) -> float32 array in the input's array order, 0 outside the brain."""
+        n_ax, rows, cols = self.layout.shape
+        _, s_row, s_col = self.layout.spacing
+        S, m = self.slice_size, self.model_spacing
+        grid = _inverse_grid(rows, cols, s_row, s_col, self.centre, S, m).to(maps.device)
+        out = np.zeros((n_ax, rows, cols), dtype=np.float32)
+        # Chunks bound the memory of the (chunk, rows, cols) interpolation buffer.
+        chunk = max(1, int(2e7 // (rows * cols)))
+        for start in range(0, maps.shape[0], chunk):
+            part = maps[start:start + chunk, None].float()
+            g = grid.expand(part.shape[0], -1, -1, -1)
+            res = F.grid_sample(part, g, mode="bilinear", padding_mode="zeros", align_corners=True)
+            out[self.slice_index[start:start + chunk]] = res[:, 0].cpu().numpy()
+        arr = self.layout.from_canonical(out)
+        arr[~self.input_mask] = 0.0
+        return arr
+
+
+def _forward_grid(n: int, rows: int, cols: int, s_row: float, s_col: float, centre: tuple[float, float],
+                  S: int, m: float) -> torch.Tensor:
+    """grid_sample grid mapping model pixels (S,S) to canonical in-plane coordinates."""
+    offs = (torch.arange(S, dtype=torch.float64) - (S - 1) / 2.0) * m
+    r = centre[0] + offs / s_row
+    c = centre[1] + offs / s_col
+    y = 2.0 * r / max(rows - 1, 1) - 1.0
+    x = 2.0 * c / max(cols - 1, 1) - 1.0
+    gy, gx = torch.meshgrid(y, x, indexing="ij")
+    return torch.stack([gx, gy], dim=-1).float()[None].expand(n, -1, -1, -1)
+
+
+def _inverse_grid(rows: int, cols: int, s_row: float, s_col: float, centre: tuple[float, float],
+                  S: int, m: float) -> torch.Tensor:
+    """grid_sample grid mapping canonical in-plane pixels (rows, cols) to model coordinates."""
+    i = (torch.arange(rows, dtype=torch.float64) - centre[0]) * s_row / m + (S - 1) / 2.0
+    j = (torch.arange(cols, dtype=torch.float64) - centre[1]) * s_col / m + (S - 1) / 2.0
+    gy, gx = torch.meshgrid(2.0 * i / (S - 1) - 1.0, 2.0 * j / (S - 1) - 1.0, indexing="ij")
+    return torch.stack([gx, gy], dim=-1).float()[None]
+
+
+def resample_to_model(canon: np.ndarray, layout: AxialLayout, centre: tuple[float, float], S: int, m: float,
+                      slice_index: np.ndarray) -> torch.Tensor:
+    """Canonical stack (n_axial, R, C) -> model slices (N,1,S,S) for ``slice_index``."""
+    _, rows, cols = canon.shape
+    _, s_row, s_col = layout.spacing
+    out = []
+    chunk = max(1, int(2e7 // (rows * cols)))
+    for start in range(0, len(slice_index), chunk):
+        idx = slice_index[start:start + chunk]
+        x = torch.from_numpy(np.ascontiguousarray(canon[idx], dtype=np.float32))[:, None]
+        x = blur_inplane(x, _antialias_sigma(m / s_row), _antialias_sigma(m / s_col))
+        grid = _forward_grid(len(idx), rows, cols, s_row, s_col, centre, S, m)
+        out.append(F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True))
+    return torch.cat(out) if out else torch.zeros((0, 1, S, S))
+
+
+def prepare_volume(image: sitk.Image, mask: np.ndarray, contract: dict[str, Any]) -> PreparedVolume:
+    """Normalise, reorient and resample a volume for a model with the given input contract."""
+    S = int(contract["slice_size"])
+    m = float(contract["spacing_mm"])
+    layout = axial_layout(image)
+    arr = sitk.GetArrayViewFromImage(image)
+    norm = normalise_intensities(arr, mask)
+    canon = layout.to_canonical(norm)
+    canon_mask = layout.to_canonical(mask)
+
+    brain_voxels = canon_mask.sum(axis=(1, 2))
+    slice_index = np.nonzero(brain_voxels > 0)[0]
+    rows_any = np.nonzero(canon_mask.any(axis=(0, 2)))[0]
+    cols_any = np.nonzero(canon_mask.any(axis=(0, 1)))[0]
+    centre = ((rows_any[0] + rows_any[-1]) / 2.0, (cols_any[0] + cols_any[-1]) / 2.0)
+
+    # Fraction of the brain inside the square field of view of S*m mm.
+    _, s_row, s_col = layout.spacing
+    half = (S - 1) / 2.0 * m
+    rr = np.abs((np.arange(layout.shape[1]) - centre[0]) * s_row) <= half + 1e-6
+    cc = np.abs((np.arange(layout.shape[2]) - centre[1]) * s_col) <= half + 1e-6
+    inside = canon_mask[:, rr][:, :, cc].sum()
+    coverage = float(inside / max(1, canon_mask.sum()))
+    if coverage < 0.999:
+        log.warning("%.1f %% of the brain lies outside the model's %g mm field of view and is not scored",
+                    100 * (1 - coverage), S * m)
+
+    slices = resample_to_model(canon, layout, centre, S, m, slice_index)
+    mask_model = resample_to_model(canon_mask.astype(np.float32), layout, centre, S, m, slice_index) > 0.5
+    return PreparedVolume(slices=slices, mask=mask_model, slice_index=slice_index, layout=layout, centre=centre,
+                          model_spacing=m, input_mask=mask, brain_voxels=brain_voxels, fov_coverage=coverage)
+
+
+def image_like(arr: np.ndarray, reference: sitk.Image, pixel_type: int | None = None) -> sitk.Image:
+    """An image with ``arr``'s voxels and ``reference``'s exact geometry."""
+    img = sitk.GetImageFromArray(arr)
+    if pixel_type is not None:
+        img = sitk.Cast(img, pixel_type)
+    img.CopyInformation(as_3d(reference))
+    return img
+
+
+def _fmt(values) -> str:
+    return "x".join(f"{v:g}" for v in values[:3])

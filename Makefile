@@ -1,0 +1,28 @@
+# Quick start: `make demo` (score a real brain with the shipped model) and `make test`.
+# Both create the virtual environment they need in .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= ../shared/data
+
+.PHONY: test demo benchmark clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build first: an open torch range alone may pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,demo]'
+	touch $@
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+demo: $(BIN)/.installed
+	$(BIN)/python -m anomaly_localizer.demo --out demo-output
+
+benchmark: $(BIN)/.installed
+	$(BIN)/anomaly-localizer benchmark --data $(DATA)/ixi_t1_2mm
+
+clean:
+	rm -rf $(VENV) demo-output

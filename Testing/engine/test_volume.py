@@ -1,0 +1,133 @@
+"""Geometry and preprocessing: the axial axis comes from the direction matrix, outputs land on
+the input's exact grid, intensities are normalised per volume without clipping."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from anomaly_localizer.errors import InputError
+from anomaly_localizer.pipeline import score_volume
+from anomaly_localizer.volume import axial_layout, brain_mask, normalise_intensities, prepare_volume
+
+from conftest import TINY_CONTRACT, image_from, phantom_array, psr_image, rotation
+
+
+def test_axial_axis_comes_from_the_direction_matrix_not_array_order():
+    psr = psr_image(phantom_array())
+    layout = axial_layout(psr)
+    assert layout.axial_axis == 1  # index axis j points superior
+    assert layout.shape == (30, 48, 40)
+    assert axial_layout(image_from(phantom_array())).axial_axis == 2
+
+
+def test_canonical_round_trip_is_exact_for_every_axis_order_and_flip():
+    rng = np.random.default_rng(0)
+    arr = rng.random((5, 6, 7)).astype(np.float32)
+    for direction in [(1, 0, 0, 0, 1, 0, 0, 0, 1), (0, 0, -1, 1, 0, 0, 0, 1, 0), (-1, 0, 0, 0, 0, 1, 0, -1, 0),
+                      rotation(0.3, -0.2, 0.5)]:
+        img = image_from(arr, direction=direction)
+        layout = axial_layout(img)
+        np.testing.assert_array_equal(layout.from_canonical(layout.to_canonical(arr)), arr)
+
+
+def test_psr_stored_phantom_scores_like_the_axial_one():
+    """Same anatomy, different voxel order: the heatmaps must be the same anatomy-wise."""
+    from conftest import make_tiny_package
+    import tempfile
+    from pathlib import Path
+    pkg = make_tiny_package(Path(tempfile.mkdtemp()) / "tiny", seed=3)
+    arr = phantom_array(lesion=True)
+    axial = score_volume(image_from(arr, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)), pkg, ["rec", "kl_grad"])
+    psr_img = psr_image(arr)
+    psr = score_volume(psr_img, pkg, ["rec", "kl_grad"])
+    for m in ("rec", "kl_grad"):
+        back = axial_layout(psr_img).to_canonical(psr.maps[m])  # (S, P, L)
+        np.testing.assert_allclose(back, axial.maps[m], rtol=1e-4, atol=1e-6)
+    # slice scores follow the input's own axial axis (here index j)
+    np.testing.assert_allclose(psr.slice_scores["elbo"], axial.slice_scores["elbo"], rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("direction,spacing", [
+    ((1, 0, 0, 0, 1, 0, 0, 0, 1), (4.0, 4.0, 4.0)),
+    (rotation(0.25, 0.1, -0.3), (4.0, 4.0, 4.0)),  # oblique
+    ((1, 0, 0, 0, 1, 0, 0, 0, 1), (3.0, 3.5, 6.0)),  # anisotropic
+    ((0, 0, -1, 1, 0, 0, 0, 1, 0), (2.5, 4.0, 5.0)),  # P,S,R and anisotropic
+])
+def test_outputs_are_on_the_inputs_exact_grid(tiny_package, direction, spacing, tmp_path):
+    arr = phantom_array(lesion=True)
+    img = image_from(arr, spacing=spacing, direction=direction, origin=(-31.5, 12.25, 40.0))
+    res = score_volume(img, tiny_package, ["combi"])
+    from anomaly_localizer.volume import image_like
+    out = image_like(res.maps["combi"], img)
+    sitk.WriteImage(out, str(tmp_path / "m.nii.gz"))
+    back = sitk.ReadImage(str(tmp_path / "m.nii.gz"))
+    assert back.GetSize() == img.GetSize()
+    np.testing.assert_allclose(back.GetSpacing(), img.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(back.GetOrigin(), img.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(back.GetDirection(), img.GetDirection(), atol=1e-5)
+    assert (res.maps["combi"][arr == 0] == 0).all()
+
+
+def test_anisotropic_in_plane_spacing_keeps_the_brain_proportions():
+    arr = phantom_array()
+    img = image_from(arr, spacing=(4.0, 2.0, 4.0))  # x 4 mm, y 2 mm: brain half as long in y
+    prep = prepare_volume(img, arr != 0, TINY_CONTRACT)
+    m = prep.mask[:, 0].any(0).numpy()
+    rows, cols = np.nonzero(m.any(1))[0], np.nonzero(m.any(0))[0]
+    # 48 rows * 2 mm * 0.85 vs 40 cols * 4 mm * 0.8: AP extent / LR extent ~ 0.64
+    assert (rows[-1] - rows[0]) / (cols[-1] - cols[0]) == pytest.approx(0.64, abs=0.12)
+
+
+def test_normalisation_is_per_volume_and_keeps_lesions_unclipped():
+    arr = phantom_array(lesion=True)
+    mask = arr != 0
+    norm = normalise_intensities(arr, mask)
+    assert norm[~mask].max() == 0 and norm[~mask].min() == 0
+    assert np.median(norm[mask]) == pytest.approx(0.5, abs=1e-5)
+    q1, q3 = np.percentile(norm[mask], [25, 75])
+    assert q3 - q1 == pytest.approx(0.25, abs=1e-5)
+    lesion_value = norm[mask].max()
+    assert lesion_value > 1.2  # the bright lesion stays far above white matter (about 0.7)
+    # A lesion twice as bright stays twice as far from the median: nothing is clipped.
+    brighter = normalise_intensities(np.where(arr == 1600, 3200, arr), mask)
+    med = np.median(arr[mask])
+    assert (brighter.max() - 0.5) / (lesion_value - 0.5) == pytest.approx((3200 - med) / (1600 - med), rel=1e-4)
+    # Invariant to a global intensity scale and offset inside the brain
+    np.testing.assert_allclose(normalise_intensities(np.where(mask, 3 * arr + 50, 0), mask), norm, atol=1e-5)
+
+
+def test_model_space_to_input_grid_keeps_a_constant_map_constant():
+    arr = phantom_array()
+    img = image_from(arr, spacing=(3.0, 3.5, 4.0))
+    prep = prepare_volume(img, arr != 0, TINY_CONTRACT)
+    import torch
+    back = prep.to_input_grid(torch.ones(prep.slices.shape[0], 32, 32))
+    assert np.allclose(back[arr != 0], 1.0) and (back[arr == 0] == 0).all()
+
+
+def test_mask_on_another_grid_is_refused():
+    img = image_from(phantom_array())
+    other = image_from((phantom_array() != 0).astype(np.uint8), spacing=(4.0, 4.0, 4.5))
+    with pytest.raises(InputError, match="another grid"):
+        brain_mask(img, other)
+
+
+def test_empty_mask_and_all_zero_image_are_refused():
+    img = image_from(phantom_array())
+    with pytest.raises(InputError, match="empty"):
+        brain_mask(img, image_from(np.zeros(phantom_array().shape, np.uint8)))
+    with pytest.raises(InputError, match="all zero"):
+        brain_mask(image_from(np.zeros((10, 10, 10), np.float32)), None)
+
+
+def test_whole_head_without_mask_is_refused_with_advice():
+    rng = np.random.default_rng(0)
+    head = (rng.random((90, 120, 120)) * 100 + 1).astype(np.float32)  # no zero background, 2 mm: 10 L
+    with pytest.raises(InputError, match="skull-stripped.*--mask"):
+        brain_mask(image_from(head, spacing=(2.0, 2.0, 2.0)), None)
+
+
+def test_uniform_brain_is_refused():
+    arr = (phantom_array() != 0).astype(np.float32) * 5
+    with pytest.raises(InputError, match="uniform"):
+        normalise_intensities(arr, arr != 0)
