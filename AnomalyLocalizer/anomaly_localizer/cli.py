@@ -104,6 +104,74 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig.from_json(args.config, type=args.type, slice_size=args.slice_size, latent_size=args.latent_size,
+                                likelihood_std=args.c, max_epochs=args.epochs, seed=args.seed,
+                                batch_size=args.batch_size, spacing_mm=args.spacing)
+    train(args.data, args.out, cfg, resume=args.resume, force=args.force, device=args.device,
+          cache_dir=args.cache, progress=not args.quiet, calibrate=not args.no_calibration)
+    return EXIT_OK
+
+
+def _subjects_of(package, data: str, which: str):
+    from .data import find_subjects
+    subjects = find_subjects(data)
+    if which == "all":
+        return subjects
+    recorded = set(package.meta.get("provenance", {}).get("subjects", {}).get(which, []))
+    chosen = [s for s in subjects if s.id in recorded]
+    if not chosen:
+        raise InputError(f"none of the model's {which} subjects are in {data}; pass --subjects all to use every "
+                         "scan there (they must be healthy and not used for training)")
+    return chosen
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import shutil
+    from .calibrate import calibrate_package
+    from .package import load_package, resolve_package
+
+    package = resolve_package(args.model)
+    if args.out:
+        dest = Path(args.out)
+        if dest.exists():
+            raise InputError(f"{dest} already exists; choose a new folder for the recalibrated model")
+        shutil.copytree(package.path, dest, ignore=shutil.ignore_patterns("checkpoint", ".cache"))
+        package = load_package(dest)
+    elif not args.in_place:
+        raise InputError("give --out NEW_MODEL_DIR for a recalibrated copy, or --in-place to overwrite "
+                         f"the calibration of {package.path}")
+    subjects = _subjects_of(package, args.data, args.subjects)
+    calibrate_package(package, subjects, device=args.device,
+                      progress=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+    print(f"calibrated {package.path} on {len(subjects)} subjects")
+    return EXIT_OK
+
+
+def cmd_fpr(args: argparse.Namespace) -> int:
+    from .calibrate import flagged_fraction, score_subjects
+    from .package import resolve_package
+
+    package = resolve_package(args.model)
+    if not package.calibration.get("pixel"):
+        raise InputError(f"model {package.name} is not calibrated; run anomaly-localizer calibrate first")
+    subjects = _subjects_of(package, args.data, args.subjects)
+    results = list(score_subjects(package, subjects, device=args.device,
+                                  progress=None if args.quiet else (lambda m: print(m, file=sys.stderr))))
+    table = flagged_fraction(results, package)
+    print(f"Share of healthy brain voxels flagged by {package.name}'s calibrated thresholds "
+          f"on {len(subjects)} '{args.subjects}' subjects of {args.data}:")
+    print(f"{'method':<10} " + " ".join(f"{'target ' + k:>14}" for k in next(iter(table.values()))))
+    for m, row in table.items():
+        print(f"{m:<10} " + " ".join(f"{100 * v:13.3f}%" for v in row.values()))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": package.name, "subjects": [s.id for s in subjects],
+                                               "flagged_fraction": table}, indent=2) + "\n")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .device import DEVICES
     from .scores import PIXEL_METHODS
@@ -132,6 +200,47 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list installed models")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
+
+    t = sub.add_parser("train", help="train a VAE or ceVAE on a folder of healthy scans")
+    t.add_argument("data", help="folder of healthy scans (t1/ + brainmask/, or images with *_brainmask beside)")
+    t.add_argument("--out", required=True, help="model package folder to create")
+    t.add_argument("--config", help="JSON training configuration (keys of TrainConfig)")
+    t.add_argument("--type", choices=["vae", "cevae"])
+    t.add_argument("--slice-size", type=int)
+    t.add_argument("--spacing", type=float, help="model pixel spacing in mm")
+    t.add_argument("--latent-size", type=int)
+    t.add_argument("--c", type=float, help="standard deviation of the Gaussian likelihood")
+    t.add_argument("--epochs", type=int, help="maximum epochs")
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device", default="cpu", choices=DEVICES)
+    t.add_argument("--cache", help="folder for prepared slices (default OUT/.cache)")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    t.add_argument("--force", action="store_true", help="start over in an existing OUT")
+    t.add_argument("--no-calibration", action="store_true")
+    t.add_argument("-q", "--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("calibrate", help="recalibrate a model's thresholds on healthy scans")
+    c.add_argument("model", help="model name or folder")
+    c.add_argument("data", help="folder of healthy scans")
+    c.add_argument("--subjects", default="all", choices=["all", "calibration", "test", "val"],
+                   help="which scans of DATA: all, or the model's recorded subjects of that set")
+    c.add_argument("--out", help="write a recalibrated copy here")
+    c.add_argument("--in-place", action="store_true", help="overwrite the model's own calibration")
+    c.add_argument("--device", default="auto", choices=DEVICES)
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.set_defaults(func=cmd_calibrate)
+
+    f = sub.add_parser("fpr", help="share of healthy brain voxels the calibrated thresholds flag")
+    f.add_argument("model", help="model name or folder")
+    f.add_argument("data", help="folder of healthy scans")
+    f.add_argument("--subjects", default="test", choices=["all", "calibration", "test", "val"],
+                   help="the model's held-back test subjects by default")
+    f.add_argument("--device", default="auto", choices=DEVICES)
+    f.add_argument("--json")
+    f.add_argument("-q", "--quiet", action="store_true")
+    f.set_defaults(func=cmd_fpr)
 
     from . import benchmark
     benchmark.add_parser(sub)
