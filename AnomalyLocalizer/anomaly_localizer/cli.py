@@ -172,6 +172,25 @@ def cmd_fpr(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_table, synthetic_cases
+    from .package import resolve_package
+
+    package = resolve_package(args.model)
+    subjects = _subjects_of(package, args.synthetic, args.subjects)
+    if args.limit:
+        subjects = subjects[: args.limit]
+    cases = synthetic_cases(subjects, per_subject=args.per_subject, seed=args.seed)
+    result = evaluate(package, cases, device=args.device,
+                      progress=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+    result["case_set"] = {"kind": "synthetic", "data": str(args.synthetic), "subjects": args.subjects,
+                          "per_subject": args.per_subject, "seed": args.seed}
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .device import DEVICES
     from .scores import PIXEL_METHODS
@@ -241,6 +260,20 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json")
     f.add_argument("-q", "--quiet", action="store_true")
     f.set_defaults(func=cmd_fpr)
+
+    e = sub.add_parser("evaluate", help="pixel/slice AUROC, AP and Dice of every method on cases with ground truth")
+    e.add_argument("model", help="model name or folder")
+    e.add_argument("--synthetic", required=True, metavar="DATA",
+                   help="healthy scans to insert seeded synthetic anomalies into")
+    e.add_argument("--subjects", default="test", choices=["all", "calibration", "test", "val"],
+                   help="which of DATA's subjects (default: the model's held-back test subjects)")
+    e.add_argument("--per-subject", type=int, default=2, help="synthetic cases per subject")
+    e.add_argument("--limit", type=int, help="use only the first N subjects")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto", choices=DEVICES)
+    e.add_argument("--json", help="also write the results as JSON")
+    e.add_argument("-q", "--quiet", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
 
     from . import benchmark
     benchmark.add_parser(sub)

@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 
 from .errors import InputError
 from .imageio import as_3d, same_grid
@@ -131,27 +130,55 @@ def normalise_intensities(arr: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def _gaussian_kernel1d(sigma: float) -> torch.Tensor:
+def _gaussian_matrix(n: int, sigma: float) -> torch.Tensor:
+    """(n,n) Gaussian blur along one axis, edges replicated, rows summing to 1."""
+    if sigma <= 0.1:
+        return torch.eye(n, dtype=torch.float64)
     radius = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    k = k / k.sum()
+    g = torch.zeros(n, n, dtype=torch.float64)
+    rows = torch.arange(n)[:, None].expand(n, len(offsets))
+    cols = (torch.arange(n)[:, None] + offsets.long()[None]).clamp(0, n - 1)
+    g.index_put_((rows, cols), k[None].expand(n, -1).clone(), accumulate=True)
+    return g
 
 
-def blur_inplane(x: torch.Tensor, sigma_rows: float, sigma_cols: float) -> torch.Tensor:
-    """Separable Gaussian blur of (N,1,R,C) along rows and columns (sigma in pixels)."""
-    if sigma_rows > 0.1:
-        k = _gaussian_kernel1d(sigma_rows).to(x)
-        x = F.conv2d(F.pad(x, (0, 0, k.numel() // 2, k.numel() // 2), mode="replicate"), k.view(1, 1, -1, 1))
-    if sigma_cols > 0.1:
-        k = _gaussian_kernel1d(sigma_cols).to(x)
-        x = F.conv2d(F.pad(x, (k.numel() // 2, k.numel() // 2, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    return x
+def _linear_weights(positions: torch.Tensor, n: int) -> torch.Tensor:
+    """(len(positions), n) linear interpolation weights; positions outside [0, n-1] get none."""
+    w = torch.zeros(len(positions), n, dtype=torch.float64)
+    inside = (positions >= 0) & (positions <= n - 1)
+    p = positions.clamp(0, n - 1)
+    lo = p.floor().long().clamp(max=n - 1)
+    hi = (lo + 1).clamp(max=n - 1)
+    frac = p - lo
+    idx = torch.arange(len(positions))
+    w.index_put_((idx, lo), (1 - frac) * inside, accumulate=True)
+    w.index_put_((idx, hi), frac * inside, accumulate=True)
+    return w
 
 
 def _antialias_sigma(factor: float) -> float:
     """Gaussian sigma (in input pixels) before downsampling by ``factor`` (0 when upsampling)."""
     return 0.5 * math.sqrt(factor ** 2 - 1.0) if factor > 1.0 else 0.0
+
+
+def to_model_weights(n: int, spacing: float, centre: float, S: int, m: float) -> torch.Tensor:
+    """(S, n) matrix: anti-alias blur then linear interpolation onto S model pixels of m mm.
+
+    The in-plane resampling is separable (the model grid is axis-aligned with the canonical
+    stack), so a slice X (rows, cols) maps to Wr @ X @ Wc.T: two small matrix products
+    instead of a blur and a grid sampling over the full-resolution slice.
+    """
+    positions = centre + (torch.arange(S, dtype=torch.float64) - (S - 1) / 2.0) * (m / spacing)
+    return _linear_weights(positions, n) @ _gaussian_matrix(n, _antialias_sigma(m / spacing))
+
+
+def to_input_weights(n: int, spacing: float, centre: float, S: int, m: float) -> torch.Tensor:
+    """(n, S) matrix: linear interpolation of model pixels back onto n input pixels."""
+    positions = (torch.arange(n, dtype=torch.float64) - centre) * (spacing / m) + (S - 1) / 2.0
+    return _linear_weights(positions, S)
 
 
 @dataclass
@@ -183,39 +210,14 @@ class PreparedVolume:
         n_ax, rows, cols = self.layout.shape
         _, s_row, s_col = self.layout.spacing
         S, m = self.slice_size, self.model_spacing
-        grid = _inverse_grid(rows, cols, s_row, s_col, self.centre, S, m).to(maps.device)
+        wr = to_input_weights(rows, s_row, self.centre[0], S, m).float()
+        wc = to_input_weights(cols, s_col, self.centre[1], S, m).float()
         out = np.zeros((n_ax, rows, cols), dtype=np.float32)
-        # Chunks bound the memory of the (chunk, rows, cols) interpolation buffer.
-        chunk = max(1, int(2e7 // (rows * cols)))
-        for start in range(0, maps.shape[0], chunk):
-            part = maps[start:start + chunk, None].float()
-            g = grid.expand(part.shape[0], -1, -1, -1)
-            res = F.grid_sample(part, g, mode="bilinear", padding_mode="zeros", align_corners=True)
-            out[self.slice_index[start:start + chunk]] = res[:, 0].cpu().numpy()
+        res = torch.matmul(torch.matmul(wr, maps.detach().float().cpu()), wc.T)
+        out[self.slice_index] = res.numpy()
         arr = self.layout.from_canonical(out)
         arr[~self.input_mask] = 0.0
         return arr
-
-
-def _forward_grid(n: int, rows: int, cols: int, s_row: float, s_col: float, centre: tuple[float, float],
-                  S: int, m: float) -> torch.Tensor:
-    """grid_sample grid mapping model pixels (S,S) to canonical in-plane coordinates."""
-    offs = (torch.arange(S, dtype=torch.float64) - (S - 1) / 2.0) * m
-    r = centre[0] + offs / s_row
-    c = centre[1] + offs / s_col
-    y = 2.0 * r / max(rows - 1, 1) - 1.0
-    x = 2.0 * c / max(cols - 1, 1) - 1.0
-    gy, gx = torch.meshgrid(y, x, indexing="ij")
-    return torch.stack([gx, gy], dim=-1).float()[None].expand(n, -1, -1, -1)
-
-
-def _inverse_grid(rows: int, cols: int, s_row: float, s_col: float, centre: tuple[float, float],
-                  S: int, m: float) -> torch.Tensor:
-    """grid_sample grid mapping canonical in-plane pixels (rows, cols) to model coordinates."""
-    i = (torch.arange(rows, dtype=torch.float64) - centre[0]) * s_row / m + (S - 1) / 2.0
-    j = (torch.arange(cols, dtype=torch.float64) - centre[1]) * s_col / m + (S - 1) / 2.0
-    gy, gx = torch.meshgrid(2.0 * i / (S - 1) - 1.0, 2.0 * j / (S - 1) - 1.0, indexing="ij")
-    return torch.stack([gx, gy], dim=-1).float()[None]
 
 
 def resample_to_model(canon: np.ndarray, layout: AxialLayout, centre: tuple[float, float], S: int, m: float,
@@ -223,15 +225,10 @@ def resample_to_model(canon: np.ndarray, layout: AxialLayout, centre: tuple[floa
     """Canonical stack (n_axial, R, C) -> model slices (N,1,S,S) for ``slice_index``."""
     _, rows, cols = canon.shape
     _, s_row, s_col = layout.spacing
-    out = []
-    chunk = max(1, int(2e7 // (rows * cols)))
-    for start in range(0, len(slice_index), chunk):
-        idx = slice_index[start:start + chunk]
-        x = torch.from_numpy(np.ascontiguousarray(canon[idx], dtype=np.float32))[:, None]
-        x = blur_inplane(x, _antialias_sigma(m / s_row), _antialias_sigma(m / s_col))
-        grid = _forward_grid(len(idx), rows, cols, s_row, s_col, centre, S, m)
-        out.append(F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True))
-    return torch.cat(out) if out else torch.zeros((0, 1, S, S))
+    wr = to_model_weights(rows, s_row, centre[0], S, m).float()
+    wc = to_model_weights(cols, s_col, centre[1], S, m).float()
+    x = torch.from_numpy(np.ascontiguousarray(canon[slice_index], dtype=np.float32))
+    return torch.matmul(torch.matmul(wr, x), wc.T)[:, None]
 
 
 def prepare_volume(image: sitk.Image, mask: np.ndarray, contract: dict[str, Any]) -> PreparedVolume:
