@@ -28,6 +28,13 @@ def _progress_printer(quiet: bool):
     return report
 
 
+def default_methods(package) -> list[str]:
+    """All pixel methods, the model's recommended one first (it makes the segmentation)."""
+    from .scores import PIXEL_METHODS
+    first = package.meta.get("recommended_method")
+    return ([first] if first in PIXEL_METHODS else []) + [m for m in PIXEL_METHODS if m != first]
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from .imageio import as_3d, read_image
     from .outputs import check_output_dir, write_results
@@ -39,8 +46,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     out = Path(args.out)
     # Everything that can be refused is checked before any work and before any write.
     check_output_dir(out, args.force)
-    methods = check_methods(args.method or list(PIXEL_METHODS))
     package = resolve_package(args.model)
+    methods = check_methods(args.method or default_methods(package))
     if args.threshold is not None:
         threshold, meaning, source = float(args.threshold), "given with --threshold", "user"
     else:

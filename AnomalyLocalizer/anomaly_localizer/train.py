@@ -75,6 +75,8 @@ class TrainConfig:
                 values = json.loads(Path(path).read_text())
             except (OSError, ValueError) as exc:
                 raise InputError(f"cannot read the training config {path} ({exc}); give a JSON file") from exc
+        if isinstance(values.get("training"), dict) and "config" in values["training"]:
+            values = values["training"]["config"]  # a package's model.json: retrain from its record
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise InputError(f"unknown training config keys {sorted(unknown)} in {path}")

@@ -117,3 +117,42 @@ def test_every_method_is_finite_deterministic_and_zero_outside_the_brain(tiny_pa
 def test_only_requested_methods_are_returned(tiny_package):
     res = score_volume(image_from(phantom_array()), tiny_package, ["kl_grad", "rec"])
     assert list(res.maps) == ["kl_grad", "rec"]
+
+
+def test_out_of_memory_halves_the_batch_and_gives_the_same_result(model64):
+    """A device that cannot take more than 2 slices at once: the engine retries smaller."""
+    x = torch.rand(7, 1, 32, 32, dtype=torch.float64)
+    expected = compute_terms(model64, x, list(PIXEL_METHODS), torch.device("cpu"), batch_size=7)
+
+    class SmallDevice(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.likelihood_std, self.log_norm_const = inner, inner.likelihood_std, inner.log_norm_const
+            self.batches = []
+
+        def encode(self, v):
+            self.batches.append(v.shape[0])
+            if v.shape[0] > 2:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return self.inner.encode(v)
+
+        def decode(self, z):
+            return self.inner.decode(z)
+
+    small = SmallDevice(model64)
+    got = compute_terms(small, x, list(PIXEL_METHODS), torch.device("cpu"), batch_size=8)
+    assert small.batches[:3] == [7, 4, 2]  # 8 capped to the 7 slices, then halved twice
+    assert max(small.batches[2:]) <= 2
+    for name in ("rec_pixel", "grad_kl", "grad_rec"):
+        assert torch.allclose(getattr(got, name), getattr(expected, name))
+
+
+def test_other_errors_are_not_mistaken_for_out_of_memory(model64):
+    class Broken(torch.nn.Module):
+        likelihood_std, log_norm_const = 1.0, 0.0
+
+        def encode(self, v):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="shapes"):
+        compute_terms(Broken(), torch.rand(3, 1, 32, 32), ["rec"], torch.device("cpu"), batch_size=3)

@@ -118,6 +118,15 @@ def test_fixed_seed_reproduces_a_run_and_resume_continues_it_exactly(healthy, tm
     assert wa == (tmp_path / "b" / "model.safetensors").read_bytes()  # resume is exact
 
 
+def test_a_package_records_the_config_that_retrains_it(healthy, config, tmp_path):
+    out = tmp_path / "m"
+    assert main(["train", str(healthy), "--out", str(out), "--config", str(config), "--no-calibration", "-q"]) == 0
+    again = tmp_path / "again"
+    assert main(["train", str(healthy), "--out", str(again), "--config", str(out / "model.json"),
+                 "--no-calibration", "-q"]) == 0
+    assert (out / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+
+
 def test_existing_output_needs_resume_or_force(healthy, config, tmp_path, capsys):
     out = tmp_path / "m"
     out.mkdir()

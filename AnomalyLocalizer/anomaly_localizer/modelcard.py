@@ -1,0 +1,88 @@
+"""Model cards: the README.md of a model package, written from its model.json and the
+figures of the commands that measured it (evaluation, healthy false-positive rate)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .package import CARD_FILE, ModelPackage, write_manifest
+
+INTENDED = """## Intended use
+Research and second-reader support: it shows where an adult brain T1-weighted MRI departs from
+the healthy brains it was trained on. It does not diagnose, and a flagged region is not a
+lesion until a radiologist says so; a region it does not flag is not proof of health.
+
+## Not for
+- Other contrasts (T2, FLAIR, contrast-enhanced T1, DWI): the model has not seen them and
+  will flag normal anatomy. Contrast-enhanced T1 is reported below only as a stress test.
+- Children and adolescents (training subjects were adults, 20-82 years), non-brain images,
+  scans with large resection cavities or heavy motion.
+- Whole-head scans without a brain mask: give a mask (or a skull-stripped image) until the
+  built-in brain extraction ships.
+"""
+
+
+def _fmt_thresholds(calib: dict[str, Any]) -> str:
+    if not calib.get("pixel"):
+        return "Not calibrated.\n"
+    lines = ["| pixel score | 1 % FPR | 0.1 % FPR (default) | 0.01 % FPR |", "|---|---|---|---|"]
+    for m, e in calib["pixel"].items():
+        t = {f"{x['fpr']:g}": x["value"] for x in e["thresholds"]}
+        lines.append(f"| {m} | {t.get('0.01', float('nan')):.4g} | {t.get('0.001', float('nan')):.4g} | "
+                     f"{t.get('0.0001', float('nan')):.4g} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_card(package: ModelPackage, extra_sections: str = "") -> str:
+    meta = package.meta
+    arch, contract, calib = meta["architecture"], meta["input_contract"], meta.get("calibration") or {}
+    prov, training = meta.get("provenance", {}), meta.get("training", {})
+    subjects = prov.get("subjects", {})
+    cfg = training.get("config", {})
+    return f"""# {package.name}
+
+{meta.get('summary', '')}
+
+{meta.get('description', '')}
+
+## Model
+- Architecture: {arch['type'].upper()} (Zimmerer et al. 2019{', context-encoding' if arch['type'] == 'cevae' else ''}),
+  feature maps {arch['feature_maps']}, latent size {arch['latent_size']}, Gaussian likelihood c = {arch['likelihood_std']:g}.
+- Input contract: {contract['modality']} brain MRI, {contract['orientation']} slices of
+  {contract['slice_size']}x{contract['slice_size']} pixels at {contract['spacing_mm']:g} mm
+  (field of view {contract['slice_size'] * contract['spacing_mm']:g} mm, centred on the brain), intensities normalised per
+  volume inside the brain ({contract['normalisation']['method']}: median to {contract['normalisation'].get('median_to')},
+  inter-quartile range to {contract['normalisation'].get('iqr_to')}, no clipping, 0 outside the brain).
+  Any orientation and voxel size are accepted; the engine reorients and resamples, and maps
+  results back onto the input's grid.
+- Recommended pixel score: `{meta.get('recommended_method', 'combi')}`.
+
+## Training data
+{meta.get('data_statement', '')}
+- Split by subject (seed {cfg.get('seed', '?')}): {len(subjects.get('train', []))} training,
+  {len(subjects.get('val', []))} validation, {len(subjects.get('calibration', []))} calibration,
+  {len(subjects.get('test', []))} held-back test subjects (lists in `model.json`, `provenance.subjects`).
+- Schedule: Adam, learning rate {cfg.get('learning_rate', '?')}, divided by 10 on a validation plateau, early stop
+  after {cfg.get('early_stop_patience', '?')} epochs without improvement; best epoch {training.get('best_epoch', '?')}
+  of {training.get('epochs_run', '?')}; batch {cfg.get('batch_size', '?')}; augmentation: left-right flips, rotations
+  up to {cfg.get('rotate_deg', '?')} degrees, scaling +-{cfg.get('scale_range', '?')}, brightness, noise.
+- Reproduce: `{meta.get('reproduce', 'anomaly-localizer train DATA --out DIR --config config.json')}`
+
+{INTENDED}
+## Calibration
+Thresholds at which the stated share of healthy brain voxels is flagged, from
+{len(calib.get('subjects', []))} calibration subjects (never used for training):
+
+{_fmt_thresholds(calib)}
+The engine's default threshold is the 0.1 % one. Slice scores (ELBO, KL, Rec) come with
+their healthy distribution (`model.json`, `calibration.slice`), so a slice can be shown as a
+percentile of healthy slices.
+{extra_sections}"""
+
+
+def write_card(package: ModelPackage, extra_sections: str = "") -> Path:
+    path = package.path / CARD_FILE
+    path.write_text(render_card(package, extra_sections))
+    write_manifest(package.path)
+    return path
