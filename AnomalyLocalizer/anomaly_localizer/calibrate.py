@@ -22,6 +22,9 @@ from .scores import PIXEL_METHODS
 FPRS = (0.01, 0.001, 0.0001)
 DEFAULT_FPR = 0.001
 QUANTILE_LEVELS = np.linspace(0.0, 100.0, 201)  # every half percentile
+# A finer curve of threshold against healthy false-positive rate, for showing the rate of
+# any threshold (e.g. under a slider): log-spaced from 50 % down to 0.001 %.
+CURVE_FPRS = tuple(float(f) for f in np.logspace(np.log10(0.5), -5, 40))
 
 
 def score_subjects(package: ModelPackage, subjects: list[Subject], methods=PIXEL_METHODS, device: str = "cpu",
@@ -56,7 +59,9 @@ def compute_calibration(results, methods=PIXEL_METHODS) -> dict[str, Any]:
     for m in methods:
         v = np.concatenate(voxels[m])
         pixel[m] = {"n_subjects": len(ids), "n_voxels": int(v.size),
-                    "thresholds": [{"fpr": f, "value": float(np.quantile(v, 1 - f, method="higher"))} for f in FPRS]}
+                    "thresholds": [{"fpr": f, "value": float(np.quantile(v, 1 - f, method="higher"))} for f in FPRS],
+                    "curve": {"fpr": list(CURVE_FPRS),
+                              "values": [float(x) for x in np.quantile(v, [1 - f for f in CURVE_FPRS], method="higher")]}}
     slice_block = {k: {"levels": QUANTILE_LEVELS.tolist(),
                        "values": np.percentile(np.concatenate(v), QUANTILE_LEVELS).tolist()} for k, v in slices.items()}
     return {"default_fpr": DEFAULT_FPR, "subjects": ids, "pixel": pixel, "slice": slice_block,
@@ -81,6 +86,18 @@ def percentile_of(calibration: dict[str, Any], score: str, value: float) -> floa
     """Percentile (0..100) of a slice score among healthy slices."""
     block = calibration["slice"][score]
     return float(np.interp(value, block["values"], block["levels"]))
+
+
+def healthy_fpr(calibration: dict[str, Any], method: str, threshold: float) -> float | None:
+    """Share of healthy brain voxels a threshold flags, interpolated on the calibration curve
+    (log scale); None without calibration. Beyond the curve's ends the end value is given."""
+    entry = calibration.get("pixel", {}).get(method)
+    if not entry or "curve" not in entry:
+        return None
+    values = np.asarray(entry["curve"]["values"], dtype=float)
+    log_fpr = np.log10(np.asarray(entry["curve"]["fpr"], dtype=float))
+    values, idx = np.unique(values, return_index=True)  # increasing thresholds, decreasing rates
+    return float(10 ** np.interp(threshold, values, log_fpr[idx]))
 
 
 def flagged_fraction(results, package: ModelPackage, methods=PIXEL_METHODS) -> dict[str, dict[str, float]]:

@@ -28,6 +28,18 @@ def _progress_printer(quiet: bool):
     return report
 
 
+def _command_line() -> str:
+    import shlex
+    return "anomaly-localizer " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _machine() -> str:
+    import os
+    import platform
+    import torch
+    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
 def default_methods(package) -> list[str]:
     """All pixel methods, the model's recommended one first (it makes the segmentation)."""
     from .scores import PIXEL_METHODS
@@ -175,7 +187,8 @@ def cmd_fpr(args: argparse.Namespace) -> int:
         print(f"{m:<10} " + " ".join(f"{100 * v:13.3f}%" for v in row.values()))
     if args.json:
         Path(args.json).write_text(json.dumps({"model": package.name, "subjects": [s.id for s in subjects],
-                                               "flagged_fraction": table}, indent=2) + "\n")
+                                               "flagged_fraction": table, "command": _command_line(),
+                                               "machine": _machine()}, indent=2) + "\n")
     return EXIT_OK
 
 
@@ -192,9 +205,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                       progress=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
     result["case_set"] = {"kind": "synthetic", "data": str(args.synthetic), "subjects": args.subjects,
                           "per_subject": args.per_subject, "seed": args.seed}
+    result["title"] = f"synthetic anomalies in the model's '{args.subjects}' subjects"
+    result["command"] = _command_line()
+    result["machine"] = _machine()
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return EXIT_OK
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from .modelcard import results_sections, write_card
+    from .package import load_package
+
+    package = load_package(args.model)
+    evaluations = [json.loads(Path(p).read_text()) for p in args.evaluation or []]
+    fpr = json.loads(Path(args.fpr).read_text()) if args.fpr else None
+    path = write_card(package, results_sections(evaluations, fpr))
+    print(f"wrote {path} and re-hashed {package.path / 'manifest.json'}")
     return EXIT_OK
 
 
@@ -281,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="also write the results as JSON")
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
+
+    k = sub.add_parser("card", help="write a model package's model card from its model.json and measured figures")
+    k.add_argument("model", help="model package folder")
+    k.add_argument("--evaluation", action="append", help="JSON written by `evaluate --json` (repeatable)")
+    k.add_argument("--fpr", help="JSON written by `fpr --json`")
+    k.set_defaults(func=cmd_card)
 
     from . import benchmark
     benchmark.add_parser(sub)

@@ -81,6 +81,38 @@ percentile of healthy slices.
 {extra_sections}"""
 
 
+def results_sections(evaluations: list[dict[str, Any]], fpr: dict[str, Any] | None) -> str:
+    """Markdown for measured figures: evaluation tables and the healthy false-positive check."""
+    parts = []
+    if fpr:
+        parts.append(f"## Healthy false-positive rate on held-back subjects\n`{fpr.get('command', 'anomaly-localizer fpr')}` "
+                     f"({len(fpr['subjects'])} subjects never used for training or calibration; "
+                     f"{fpr.get('machine', '')}):\n")
+        levels = list(next(iter(fpr["flagged_fraction"].values())))
+        parts.append("| pixel score | " + " | ".join(f"target {100 * float(k):g} %" for k in levels) + " |")
+        parts.append("|---|" + "---|" * len(levels))
+        for m, row in fpr["flagged_fraction"].items():
+            parts.append(f"| {m} | " + " | ".join(f"{100 * v:.3f} %" for v in row.values()) + " |")
+        parts.append("")
+    for ev in evaluations:
+        cs = ev.get("case_set", {})
+        parts.append(f"## Evaluation: {ev.get('title', cs.get('kind', 'cases'))}\n`{ev.get('command', '')}`: "
+                     f"{ev['cases']} cases, {ev['lesion_voxels']} lesion voxels, {ev['abnormal_slices']} abnormal and "
+                     f"{ev['normal_slices']} normal slices; {ev['seconds_per_case']:.2f} s per case ({ev.get('machine', '')}).\n")
+        parts.append("| score | pixel AUROC | pixel AP | best Dice | Dice at 0.1 % FPR threshold | slice AUROC | slice AP |")
+        parts.append("|---|---|---|---|---|---|---|")
+        f = lambda v: "-" if v is None else f"{v:.3f}"
+        for m, r in ev["methods"].items():
+            parts.append(f"| {m} | {f(r.get('pixel_auroc'))} | {f(r.get('pixel_ap'))} | {f(r.get('best_dice'))} | "
+                         f"{f(r.get('dice_at_calibrated'))} | {f(r.get('slice_auroc'))} | {f(r.get('slice_ap'))} |")
+        losers = [m for m, r in ev["methods"].items() if r.get("beats_baseline") is False]
+        parts.append("\n`baseline_intensity` is the non-learned robust intensity outlier |x - median| / IQR; "
+                     + (f"{', '.join(losers)} do(es) not beat it on pixel AP." if losers else
+                        "every learned pixel score beats it on pixel AP.")
+                     + " `slice_*` rows rank slices by the model's slice scores.\n")
+    return "\n".join(parts)
+
+
 def write_card(package: ModelPackage, extra_sections: str = "") -> Path:
     path = package.path / CARD_FILE
     path.write_text(render_card(package, extra_sections))

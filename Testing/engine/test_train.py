@@ -83,6 +83,10 @@ def test_train_writes_a_calibrated_package_that_scores(healthy, config, tmp_path
         values = [t["value"] for t in entry["thresholds"]]
         assert values == sorted(values) and values[0] > 0  # rarer flags need higher thresholds
     assert len(calib["slice"]["elbo"]["values"]) == 201
+    from anomaly_localizer.calibrate import healthy_fpr
+    t01 = calib["pixel"]["combi"]["thresholds"][0]["value"]
+    assert healthy_fpr(calib, "combi", t01) == pytest.approx(0.01, rel=0.3)
+    assert healthy_fpr(calib, "combi", 0.5 * t01) > healthy_fpr(calib, "combi", 2 * t01)
     # the default threshold is used by `score`, and summary.json says what it means
     scan = healthy / "t1" / f"{subjects['test'][0]}_T1.nii.gz"
     assert main(["score", str(scan), "--out", str(tmp_path / "o"), "--model", str(out), "-q"]) == 0

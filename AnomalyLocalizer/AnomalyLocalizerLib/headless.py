@@ -1,0 +1,63 @@
+"""A Slicer application logic without the Slicer application (PyPI slicer-core).
+
+Sets up the scene, application logic and module logics the way Slicer does, so that
+:class:`AnomalyLocalizerLogic` can be scripted headless, tested, and benchmarked. Inside
+Slicer use ``slicer.app.applicationLogic()`` instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import slicer
+import vtk
+
+
+class SlicerApp:
+    """Application logic with the module logics the AnomalyLocalizer logic needs.
+
+    VTK module logics must stay referenced from Python, or they are deleted.
+    """
+
+    def __init__(self):
+        self.scene = slicer.vtkMRMLScene()
+        self.app = slicer.vtkSlicerApplicationLogic()
+        self.app.SetMRMLScene(self.scene)
+        self.app.SetSliceLogics(vtk.vtkCollection())
+        self.app.SetViewLogics(vtk.vtkCollection())
+        self.colors = slicer.vtkSlicerColorLogic()
+        self.colors.SetMRMLApplicationLogic(self.app)
+        self.colors.SetMRMLScene(self.scene)
+        self.app.SetColorLogic(self.colors)
+        self.app.SetModuleLogic("Colors", self.colors)
+        self.logics = {}
+        for name, cls in [("Volumes", slicer.vtkSlicerVolumesLogic),
+                          ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
+                          ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic),
+                          ("Tables", slicer.vtkSlicerTablesLogic), ("Plots", slicer.vtkSlicerPlotsLogic)]:
+            logic = cls()
+            logic.SetMRMLScene(self.scene)
+            logic.SetMRMLApplicationLogic(self.app)
+            self.app.SetModuleLogic(name, logic)
+            self.logics[name] = logic
+        self.sliceLogics = []
+
+    def addSliceView(self, name: str = "Red", orientation: str = "Axial"):
+        sliceLogic = slicer.vtkMRMLSliceLogic()
+        sliceLogic.SetMRMLApplicationLogic(self.app)
+        sliceLogic.SetMRMLScene(self.scene)
+        sliceNode = sliceLogic.AddSliceNode(name)
+        sliceNode.SetOrientation(orientation)
+        self.app.GetSliceLogics().AddItem(sliceLogic)
+        self.sliceLogics.append(sliceLogic)
+        return sliceLogic
+
+    def loadVolume(self, path: Path, name: str, labelmap: bool = False):
+        volumes = self.logics["Volumes"]
+        props = 1 if labelmap else 0
+        node = volumes.AddArchetypeVolume(str(path), name, props)
+        assert node is not None, f"could not load {path}"
+        return node
+
+    def nodeCount(self) -> int:
+        return self.scene.GetNumberOfNodes()

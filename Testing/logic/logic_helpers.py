@@ -1,0 +1,42 @@
+"""A real Slicer application logic and scene (slicer-core), set up as Slicer does, and the
+engine's test helpers (tiny model, phantoms) loaded under a name of their own."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import slicer
+import vtk
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "AnomalyLocalizer"))
+
+from AnomalyLocalizerLib.headless import SlicerApp  # noqa: E402,F401
+
+
+def _load_engine_helpers():
+    spec = importlib.util.spec_from_file_location("engine_test_helpers", ROOT / "Testing" / "engine" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+engine = _load_engine_helpers()
+
+
+def segmentArray(app: SlicerApp, segmentationNode, segmentName: str, referenceVolume):
+    """A segment as a numpy array on the reference volume's grid (slicer.util's helper needs
+    slicer.mrmlScene, which only the Slicer application has)."""
+    import numpy as np
+
+    segmentId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(segmentName)
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segmentId)
+    labelmap = app.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__temp__")
+    try:
+        app.logics["Segmentations"].ExportSegmentsToLabelmapNode(segmentationNode, ids, labelmap, referenceVolume)
+        return np.array(slicer.util.arrayFromVolume(labelmap), copy=True)
+    finally:
+        app.scene.RemoveNode(labelmap)

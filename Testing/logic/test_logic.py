@@ -1,0 +1,229 @@
+"""AnomalyLocalizerLogic end to end in a real MRML scene (slicer-core), tiny model, phantom."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from logic_helpers import engine, segmentArray, slicer, vtk
+from AnomalyLocalizerLib.logic import AnomalyLocalizerLogic, volumeNodeToImage
+
+from anomaly_localizer.errors import AnomalyLocalizerError
+from anomaly_localizer.scores import PIXEL_METHODS
+
+make_tiny_package, image_from = engine.make_tiny_package, engine.image_from
+phantom_array, rotation = engine.phantom_array, engine.rotation
+CALIBRATION = {"default_fpr": 0.001, "pixel": {m: {"n_subjects": 3, "thresholds": [
+    {"fpr": 0.01, "value": 0.01}, {"fpr": 0.001, "value": 0.02}, {"fpr": 0.0001, "value": 0.05}],
+    "curve": {"fpr": [0.1, 0.01, 0.001, 0.0001], "values": [0.005, 0.01, 0.02, 0.05]}}
+    for m in PIXEL_METHODS},
+    "slice": {k: {"levels": [0.0, 50.0, 100.0], "values": [-1e4, 0.0, 1e4]} for k in ("elbo", "kl", "rec")}}
+
+
+@pytest.fixture()
+def model(tmp_path):
+    return make_tiny_package(tmp_path / "models" / "tiny", calibration=CALIBRATION)
+
+
+def _load(slicerApp, tmp_path, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), spacing=(4.0, 4.0, 4.0), lesion=True):
+    img = image_from(phantom_array(lesion=lesion), spacing=spacing, direction=direction, origin=(-20.0, 31.0, -7.5))
+    path = tmp_path / "scan.nrrd"
+    sitk.WriteImage(img, str(path))
+    return img, slicerApp.loadVolume(path, "scan")
+
+
+def _geometry(node):
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)]), node.GetImageData().GetDimensions()
+
+
+def test_volume_node_becomes_the_same_image_the_file_holds(slicerApp, tmp_path):
+    img, node = _load(slicerApp, tmp_path, direction=rotation(0.2, -0.1, 0.3), spacing=(3.0, 4.0, 5.0))
+    back = volumeNodeToImage(node)
+    assert back.GetSize() == img.GetSize()
+    np.testing.assert_allclose(back.GetOrigin(), img.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(back.GetDirection(), img.GetDirection(), atol=1e-6)
+    np.testing.assert_allclose(back.GetSpacing(), img.GetSpacing(), atol=1e-6)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(img))
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), rotation(0.3, 0.15, -0.2)])
+def test_run_creates_every_output_on_the_inputs_geometry(slicerApp, tmp_path, model, direction):
+    slicerApp.addSliceView("Red")
+    img, scan = _load(slicerApp, tmp_path, direction=direction)
+    logic = AnomalyLocalizerLogic(slicerApp.app)
+    result = logic.run(scan, model=str(model.path), methods=["combi", "rec"])
+    geometry = _geometry(scan)
+    for role in ("heatmap.combi", "heatmap.rec", "labelmap"):
+        node = logic.outputNode(scan, role)
+        assert node is not None, role
+        g = _geometry(node)
+        np.testing.assert_allclose(g[0], geometry[0], atol=1e-6)
+        assert g[1] == geometry[1]
+    heat = logic.outputNode(scan, "heatmap.combi")
+    display = heat.GetDisplayNode()
+    assert display.GetColorNode().GetName() == "AnomalyLocalizerHeat"
+    assert (display.GetWindow(), display.GetLevel()) == pytest.approx((1.0, 0.5))
+    assert display.GetApplyThreshold()
+    seg = logic.outputNode(scan, "segmentation")
+    assert seg.GetSegmentation().GetSegmentIdBySegmentName("Anomaly")
+    table = logic.outputNode(scan, "table")
+    assert table.GetNumberOfRows() == img.GetSize()[2]
+    assert table.GetTable().GetColumnByName("elbo_healthy_percentile") is not None
+    assert logic.outputNode(scan, "plot").GetNumberOfPlotSeriesNodes() == 1
+    composite = slicerApp.scene.GetNodesByClass("vtkMRMLSliceCompositeNode").GetItemAsObject(0)
+    assert composite.GetBackgroundVolumeID() == scan.GetID()
+    assert composite.GetForegroundVolumeID() == heat.GetID()
+    # outputs sit in a folder beside the input in the subject hierarchy
+    sh = slicerApp.scene.GetSubjectHierarchyNode()
+    folder = sh.GetItemParent(sh.GetItemByDataNode(heat))
+    assert sh.GetItemName(folder) == "scan anomalies"
+    assert sh.GetItemParent(folder) == sh.GetItemParent(sh.GetItemByDataNode(scan))
+    # anomaly level: raw score / the 0.01 % threshold (0.05 in the test calibration)
+    raw = result.maps["combi"]
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(heat), raw / 0.05, rtol=1e-6)
+
+
+def test_threshold_moves_the_segment(slicerApp, tmp_path, model):
+    _, scan = _load(slicerApp, tmp_path)
+    logic = AnomalyLocalizerLogic(slicerApp.app)
+    result = logic.run(scan, model=str(model.path), methods=["rec"])
+    raw = result.maps["rec"]
+    levels = np.quantile(raw[result.brainMask] / 0.05, [0.5, 0.9])
+    counts = []
+    for level in levels:
+        n = logic.setThreshold(float(level))
+        label = slicer.util.arrayFromVolume(logic.outputNode(scan, "labelmap"))
+        expected = (raw > level * 0.05) & result.brainMask
+        np.testing.assert_array_equal(label > 0, expected)
+        assert n == expected.sum()
+        seg = logic.outputNode(scan, "segmentation")
+        np.testing.assert_array_equal(segmentArray(slicerApp, seg, "Anomaly", scan) > 0, expected)
+        counts.append(n)
+    assert counts[0] > counts[1] > 0
+    fpr = logic.healthyFalsePositiveRate()
+    assert fpr is not None and 0 < fpr < 1
+
+
+def test_rerun_reuses_nodes(slicerApp, tmp_path, model):
+    _, scan = _load(slicerApp, tmp_path)
+    logic = AnomalyLocalizerLogic(slicerApp.app)
+    logic.run(scan, model=str(model.path), methods=["rec"])
+    before = slicerApp.nodeCount()
+    ids = {r: logic.outputNode(scan, r).GetID() for r in ("heatmap.rec", "labelmap", "segmentation", "table", "plot")}
+    logic.run(scan, model=str(model.path), methods=["rec"])
+    assert slicerApp.nodeCount() == before
+    assert ids == {r: logic.outputNode(scan, r).GetID() for r in ids}
+
+
+def test_bad_input_leaves_the_scene_as_it_was_and_says_why(slicerApp, tmp_path, model):
+    img = image_from(np.zeros((20, 20, 20), np.float32))
+    sitk.WriteImage(img, str(tmp_path / "zero.nrrd"))
+    scan = slicerApp.loadVolume(tmp_path / "zero.nrrd", "zero")
+    logic = AnomalyLocalizerLogic(slicerApp.app)
+    before = slicerApp.nodeCount()
+    with pytest.raises(AnomalyLocalizerError, match="all zero"):
+        logic.run(scan, model=str(model.path))
+    assert slicerApp.nodeCount() == before
+    with pytest.raises(AnomalyLocalizerError, match="unknown model"):
+        logic.run(scan, model="no-such-model")
+    assert slicerApp.nodeCount() == before
+
+
+def test_mask_as_label_map_or_segmentation(slicerApp, tmp_path, model):
+    img, scan = _load(slicerApp, tmp_path)
+    arr = sitk.GetArrayFromImage(img)
+    half = (arr != 0).astype(np.uint8)
+    half[:, :, : half.shape[2] // 2] = 0
+    m = sitk.GetImageFromArray(half)
+    m.CopyInformation(img)
+    sitk.WriteImage(m, str(tmp_path / "mask.nrrd"))
+    maskNode = slicerApp.loadVolume(tmp_path / "mask.nrrd", "mask", labelmap=True)
+    logic = AnomalyLocalizerLogic(slicerApp.app)
+    r1 = logic.run(scan, model=str(model.path), methods=["rec"], mask=maskNode)
+    np.testing.assert_array_equal(r1.brainMask, half > 0)
+    segNode = slicerApp.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "brain")
+    slicerApp.logics["Segmentations"].ImportLabelmapToSegmentationNode(maskNode, segNode)
+    r2 = logic.run(scan, model=str(model.path), methods=["rec"], mask=segNode)
+    np.testing.assert_array_equal(r2.brainMask, half > 0)
+
+
+def test_child_process_run_matches_the_in_process_run(slicerApp, tmp_path, model):
+    _, scan = _load(slicerApp, tmp_path)
+    logic = AnomalyLocalizerLogic(slicerApp.app)
+    run = logic.startRun(scan, model=str(model.path), methods=["combi"])
+    result = logic.finishRun(run)
+    assert run.progress == pytest.approx(1.0)
+    assert not run.work_dir.exists()  # temporary files removed
+    direct = AnomalyLocalizerLogic(slicerApp.app).run(scan, model=str(model.path), methods=["combi"])
+    np.testing.assert_allclose(result.maps["combi"], direct.maps["combi"], rtol=1e-5, atol=1e-7)
+
+
+def test_cancelled_run_leaves_the_scene_as_it_was(slicerApp, tmp_path, model):
+    _, scan = _load(slicerApp, tmp_path)
+    logic = AnomalyLocalizerLogic(slicerApp.app)
+    before = slicerApp.nodeCount()
+    run = logic.startRun(scan, model=str(model.path))
+    run.cancel()
+    with pytest.raises(AnomalyLocalizerError, match="cancelled"):
+        logic.finishRun(run)
+    assert slicerApp.nodeCount() == before
+    assert not run.work_dir.exists()
+    assert logic.outputNode(scan, "labelmap") is None
+
+
+def test_failed_child_run_reports_the_engines_message(slicerApp, tmp_path, model):
+    img = image_from(np.zeros((20, 20, 20), np.float32))
+    sitk.WriteImage(img, str(tmp_path / "zero.nrrd"))
+    scan = slicerApp.loadVolume(tmp_path / "zero.nrrd", "zero")
+    logic = AnomalyLocalizerLogic(slicerApp.app)
+    before = slicerApp.nodeCount()
+    with pytest.raises(AnomalyLocalizerError, match="all zero"):
+        logic.finishRun(logic.startRun(scan, model=str(model.path)))
+    assert slicerApp.nodeCount() == before
+
+
+def test_jump_to_the_worst_slice(slicerApp, tmp_path, model):
+    sliceLogic = slicerApp.addSliceView("Red")
+    img, scan = _load(slicerApp, tmp_path)
+    logic = AnomalyLocalizerLogic(slicerApp.app)
+    logic.run(scan, model=str(model.path), methods=["rec"])
+    k = logic.worstSlice()
+    elbo = logic.result.sliceScores["elbo"]
+    assert k == int(np.nanargmax(elbo))
+    ras = logic.jumpToSlice(k)
+    offset = sliceLogic.GetSliceNode().GetSliceOffset()
+    # axial slice k of this LPS-aligned volume sits at S = origin_z + k * spacing
+    assert offset == pytest.approx(-7.5 + 4.0 * k, abs=1e-3)
+    assert ras[2] == pytest.approx(offset, abs=1e-3)
+
+
+def test_export_round_trip(slicerApp, tmp_path, model):
+    _, scan = _load(slicerApp, tmp_path)
+    logic = AnomalyLocalizerLogic(slicerApp.app)
+    logic.run(scan, model=str(model.path), methods=["rec"])
+    logic.setThreshold(0.3)
+    label = slicer.util.arrayFromVolume(logic.outputNode(scan, "labelmap")).copy()
+    nii = logic.exportSegmentation(tmp_path / "anomaly.nii.gz")
+    back = sitk.ReadImage(str(nii))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), label)
+    np.testing.assert_allclose(back.GetOrigin(), volumeNodeToImage(scan).GetOrigin(), atol=1e-4)
+    prov = json.loads((tmp_path / "anomaly.nii.gz.json").read_text())
+    assert prov["method"] == "rec" and prov["threshold_anomaly_level"] == 0.3 and prov["model"]["name"] == "tiny"
+    seg = logic.exportSegmentation(tmp_path / "anomaly.seg.nrrd")
+    segBack = slicerApp.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    slicerApp.scene.AddNode(storage)
+    storage.SetFileName(str(seg))
+    assert storage.ReadData(segBack)
+    np.testing.assert_array_equal(segmentArray(slicerApp, segBack, "Anomaly", scan) > 0, label > 0)
+    csvPath = logic.exportSliceScores(tmp_path / "scores.csv")
+    lines = csvPath.read_text().splitlines()
+    assert lines[0].startswith("# ") and json.loads(lines[0][2:])["method"] == "rec"
+    header = lines[1].split(",")
+    assert header[0] == "slice" and {"elbo", "kl", "rec", "elbo_healthy_percentile"} <= set(header)
+    assert len(lines) == 2 + 30  # one row per axial slice (k, 30 of them)
+    with pytest.raises(FileExistsError):
+        logic.exportSliceScores(tmp_path / "scores.csv")
