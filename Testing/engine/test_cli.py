@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from anomaly_localizer.cli import main
 from anomaly_localizer.scores import PIXEL_METHODS
 
-from conftest import image_from, make_tiny_package, phantom_array, psr_image
+from phantoms import image_from, make_tiny_package, phantom_array, psr_image
 
 CALIBRATION = {"default_fpr": 0.001, "pixel": {m: {"n_subjects": 3, "thresholds": [
     {"fpr": 0.01, "value": 0.01}, {"fpr": 0.001, "value": 0.02}, {"fpr": 0.0001, "value": 0.05}]}

@@ -10,7 +10,7 @@ from anomaly_localizer.cli import main
 from anomaly_localizer.metrics import auroc, average_precision, best_dice, dice_at
 from anomaly_localizer.synthetic import KINDS, insert_anomaly, make_case
 
-from conftest import image_from, make_tiny_package, phantom_array
+from phantoms import image_from, make_tiny_package, phantom_array
 
 
 def _brute_auroc(s, y):

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from anomaly_localizer.errors import InputError
 from anomaly_localizer.imageio import nifti_data_is_finite, read_image
 
-from conftest import image_from, phantom_array
+from phantoms import image_from, phantom_array
 
 
 @pytest.mark.parametrize("ext", ["nii.gz", "nii", "nrrd", "mha"])

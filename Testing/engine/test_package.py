@@ -9,7 +9,7 @@ import torch
 from anomaly_localizer.errors import PackageError
 from anomaly_localizer.package import load_package, resolve_package, update_meta
 
-from conftest import make_tiny_package
+from phantoms import make_tiny_package
 
 
 @pytest.fixture()
@@ -20,7 +20,7 @@ def pkg(tmp_path):
 def test_round_trip_gives_the_same_weights(pkg):
     torch.manual_seed(5)
     from anomaly_localizer.models import build_model
-    from conftest import TINY_ARCH
+    from phantoms import TINY_ARCH
     original = build_model(TINY_ARCH)
     loaded = load_package(pkg.path).load_model()
     for (k, a), (_, b) in zip(original.state_dict().items(), loaded.state_dict().items()):

@@ -8,7 +8,7 @@ from anomaly_localizer.models import build_model
 from anomaly_localizer.pipeline import compute_terms, score_volume
 from anomaly_localizer.scores import (PIXEL_METHODS, finalise_maps, kl_divergence, raw_terms, rec_nll, smooth)
 
-from conftest import TINY_ARCH, image_from, phantom_array
+from phantoms import TINY_ARCH, image_from, phantom_array
 
 
 @pytest.fixture()

@@ -17,7 +17,7 @@ from anomaly_localizer.errors import InputError
 from anomaly_localizer.package import load_package
 from anomaly_localizer.train import TrainConfig, train
 
-from conftest import image_from, phantom_array
+from phantoms import image_from, phantom_array
 
 TINY = {"architecture": {"type": "vae", "slice_size": 32, "feature_maps": [4, 8], "latent_size": 8,
                          "likelihood_std": 0.2},

@@ -9,7 +9,7 @@ from anomaly_localizer.errors import InputError
 from anomaly_localizer.pipeline import score_volume
 from anomaly_localizer.volume import axial_layout, brain_mask, normalise_intensities, prepare_volume
 
-from conftest import TINY_CONTRACT, image_from, phantom_array, psr_image, rotation
+from phantoms import TINY_CONTRACT, image_from, phantom_array, psr_image, rotation
 
 
 def test_axial_axis_comes_from_the_direction_matrix_not_array_order():
@@ -32,7 +32,7 @@ def test_canonical_round_trip_is_exact_for_every_axis_order_and_flip():
 
 def test_psr_stored_phantom_scores_like_the_axial_one():
     """Same anatomy, different voxel order: the heatmaps must be the same anatomy-wise."""
-    from conftest import make_tiny_package
+    from phantoms import make_tiny_package
     import tempfile
     from pathlib import Path
     pkg = make_tiny_package(Path(tempfile.mkdtemp()) / "tiny", seed=3)

@@ -1,9 +1,8 @@
 """A real Slicer application logic and scene (slicer-core), set up as Slicer does, and the
-engine's test helpers (tiny model, phantoms) loaded under a name of their own."""
+engine tests' helpers (tiny model, phantoms)."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -16,14 +15,8 @@ sys.path.insert(0, str(ROOT / "AnomalyLocalizer"))
 from AnomalyLocalizerLib.headless import SlicerApp  # noqa: E402,F401
 
 
-def _load_engine_helpers():
-    spec = importlib.util.spec_from_file_location("engine_test_helpers", ROOT / "Testing" / "engine" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-engine = _load_engine_helpers()
+sys.path.insert(0, str(ROOT / "Testing" / "engine"))
+import phantoms as engine  # noqa: E402  (the engine tests' tiny model and phantoms)
 
 
 def segmentArray(app: SlicerApp, segmentationNode, segmentName: str, referenceVolume):

@@ -1,0 +1,85 @@
+"""Test helpers: a tiny random-initialised model package and synthetic brain phantoms.
+
+Nothing here reads ../shared: engine tests run on a fresh clone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from anomaly_localizer.models import build_model
+from anomaly_localizer.package import save_package
+from anomaly_localizer.volume import NORMALISATION
+
+TINY_ARCH = {"type": "vae", "slice_size": 32, "feature_maps": [4, 8], "latent_size": 8, "likelihood_std": 1.0}
+TINY_CONTRACT = {"modality": "T1w", "orientation": "axial", "slice_size": 32, "spacing_mm": 6.0,
+                 "normalisation": NORMALISATION}
+
+
+def make_tiny_package(path, seed: int = 0, calibration: dict | None = None):
+    torch.manual_seed(seed)
+    model = build_model(TINY_ARCH)
+    meta = {"name": path.name, "architecture": TINY_ARCH, "input_contract": TINY_CONTRACT,
+            "calibration": calibration or {}, "provenance": {"trained_on": "nothing (random weights, tests only)"}}
+    return save_package(model, meta, path, card="# tiny test model\n")
+
+
+
+
+def phantom_array(shape_zyx=(30, 48, 40), lesion: bool = False, seed: int = 0) -> np.ndarray:
+    """A skull-stripped 'brain' in canonical-ish array order (z=axial, y=AP, x=LR).
+
+    Ellipsoid brain: bright white matter core, darker grey-matter shell, dark ventricles;
+    optional bright spherical lesion. Zero outside the brain.
+    """
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape_zyx], indexing="ij")
+    r = (z / 0.8) ** 2 + (y / 0.85) ** 2 + (x / 0.8) ** 2
+    img = np.zeros(shape_zyx, np.float32)
+    img[r < 1] = 600
+    img[r < 0.6] = 900
+    vent = ((z / 0.3) ** 2 + (y / 0.4) ** 2 + ((np.abs(x) - 0.15) / 0.1) ** 2) < 1
+    img[vent & (r < 1)] = 250
+    img[r < 1] += rng.normal(0, 20, size=int((r < 1).sum())).astype(np.float32)
+    if lesion:
+        les = ((z - 0.2) ** 2 + (y + 0.3) ** 2 + (x - 0.35) ** 2) < 0.2 ** 2
+        img[les] = 1600
+    return img
+
+
+def lesion_mask(shape_zyx=(30, 48, 40)) -> np.ndarray:
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape_zyx], indexing="ij")
+    return ((z - 0.2) ** 2 + (y + 0.3) ** 2 + (x - 0.35) ** 2) < 0.2 ** 2
+
+
+def image_from(arr: np.ndarray, spacing=(4.0, 4.0, 4.0), origin=(10.0, -20.0, 5.0), direction=None) -> sitk.Image:
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    if direction is not None:
+        img.SetDirection(direction)
+    return img
+
+
+def rotation(ax: float, ay: float, az: float) -> tuple[float, ...]:
+    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return tuple((rz @ ry @ rx).ravel())
+
+
+def psr_image(arr_zyx: np.ndarray, spacing_zyx=(4.0, 4.0, 4.0)) -> sitk.Image:
+    """The same phantom stored with voxel axes P, S, R (like the IXI files).
+
+    Canonical array (z=S, y=P, x=L) -> index axes i=P, j=S, k=R. numpy order is (k, j, i).
+    """
+    flipped_lr = arr_zyx[:, :, ::-1]  # x now runs towards R
+    arr = np.transpose(flipped_lr, (2, 0, 1))  # (R, S, P)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(arr))
+    img.SetSpacing((spacing_zyx[1], spacing_zyx[0], spacing_zyx[2]))
+    img.SetDirection((0, 0, -1, 1, 0, 0, 0, 1, 0))
+    img.SetOrigin((88.0, -118.0, -135.0))
+    return img
