@@ -61,3 +61,54 @@ class SlicerApp:
 
     def nodeCount(self) -> int:
         return self.scene.GetNumberOfNodes()
+
+
+def renderSliceView(app: SlicerApp, sliceLogic, path, size: tuple[int, int] = (400, 400),
+                    segmentations: bool = True) -> Path:
+    """Render a slice view offscreen with Slicer's own slice pipeline and write a PNG.
+
+    Background, foreground and label layers come from the slice logic's blended image;
+    segmentations are drawn by Slicer's 2D segmentation displayable manager. Needs a working
+    offscreen OpenGL (EGL or OSMesa); without one VTK may crash, so callers check in a
+    child process first.
+    """
+    width, height = size
+    renderWindow = vtk.vtkRenderWindow()
+    renderWindow.SetOffScreenRendering(1)
+    renderWindow.SetSize(width, height)
+    renderer = vtk.vtkRenderer()
+    renderer.SetBackground(0, 0, 0)
+    renderWindow.AddRenderer(renderer)
+    interactor = vtk.vtkRenderWindowInteractor()
+    interactor.SetRenderWindow(renderWindow)
+
+    sliceNode = sliceLogic.GetSliceNode()
+    sliceLogic.ResizeSliceNode(width, height)
+    mapper = vtk.vtkImageMapper()
+    mapper.SetInputConnection(sliceLogic.GetImageDataConnection())
+    mapper.SetColorWindow(255)
+    mapper.SetColorLevel(127.5)
+    actor = vtk.vtkActor2D()
+    actor.SetMapper(mapper)
+    renderer.AddActor2D(actor)
+
+    group = None
+    if segmentations:
+        factory = slicer.vtkMRMLSliceViewDisplayableManagerFactory.GetInstance()
+        factory.SetMRMLApplicationLogic(app.app)
+        if not factory.IsDisplayableManagerRegistered("vtkMRMLSegmentationsDisplayableManager2D"):
+            factory.RegisterDisplayableManager("vtkMRMLSegmentationsDisplayableManager2D")
+        group = factory.InstantiateDisplayableManagers(renderer)
+        group.SetMRMLDisplayableNode(sliceNode)
+    sliceLogic.GetImageDataConnection().GetProducer().Update()
+    if group is not None:
+        group.RequestRender()
+    renderWindow.Render()
+    grab = vtk.vtkWindowToImageFilter()
+    grab.SetInput(renderWindow)
+    grab.Update()
+    writer = vtk.vtkPNGWriter()
+    writer.SetFileName(str(path))
+    writer.SetInputConnection(grab.GetOutputPort())
+    writer.Write()
+    return Path(path)

@@ -270,8 +270,9 @@ class AnomalyLocalizerLogic:
         node.SetNumberOfColors(n)
         for i in range(n):
             t = i / (n - 1)
-            # black-red-orange-yellow-white ("hot"), readable over a grey scan
-            r, g, b = min(1.0, 3 * t), min(1.0, max(0.0, 3 * t - 1)), min(1.0, max(0.0, 3 * t - 2))
+            # dark red -> red -> orange -> yellow: never white or grey, so it cannot be
+            # mistaken for bright tissue of the greyscale scan underneath
+            r, g, b = min(1.0, 0.35 + 1.3 * t), min(1.0, max(0.0, 2.0 * t - 0.6)), 0.0
             node.SetColor(i, f"{i}", r, g, b, 1.0)
         node.SetAttribute("Category", "AnomalyLocalizer")
         return node

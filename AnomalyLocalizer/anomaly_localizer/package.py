@@ -19,12 +19,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import PackageError
-from .models import build_model, ARCHITECTURE_TYPES
+
+if TYPE_CHECKING:  # torch is imported only when weights are loaded or saved, so listing
+    import torch   # and checking models works (e.g. in Slicer) before PyTorch is installed.
+
+ARCHITECTURE_TYPES = ("vae", "cevae")
 
 PACKAGE_FORMAT = "anomaly-localizer-model/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -94,9 +96,11 @@ class ModelPackage:
                 return float(t["value"]), meaning
         return None
 
-    def load_model(self, device: torch.device | str = "cpu") -> torch.nn.Module:
+    def load_model(self, device: "torch.device | str" = "cpu") -> "torch.nn.Module":
         """Build the network and load its weights (safetensors, checked against the architecture)."""
         from safetensors.torch import load_file
+
+        from .models import build_model
 
         model = build_model(self.architecture)
         try:
@@ -156,7 +160,7 @@ def write_manifest(path: Path) -> None:
     (path / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def save_package(model: torch.nn.Module, meta: dict[str, Any], path: str | os.PathLike,
+def save_package(model: "torch.nn.Module", meta: dict[str, Any], path: str | os.PathLike,
                  card: str | None = None) -> ModelPackage:
     """Write weights, description, optional model card and manifest into ``path``."""
     from safetensors.torch import save_file

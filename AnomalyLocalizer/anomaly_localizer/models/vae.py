@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-ARCHITECTURE_TYPES = ("vae", "cevae")
+from ..package import ARCHITECTURE_TYPES  # the one list of known architectures
 
 DEFAULT_ARCHITECTURE: dict[str, Any] = {
     "type": "vae",

@@ -1,0 +1,102 @@
+"""The Slicer module's files agree with each other (the widget itself runs only in Slicer):
+every widget the code uses is in the .ui, every parameter-bound widget has a parameter node
+field, CMake lists every Python file and resource, and the models reach the module."""
+
+import ast
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULE = ROOT / "AnomalyLocalizer"
+UI = MODULE / "Resources" / "UI" / "AnomalyLocalizer.ui"
+SCRIPT = MODULE / "AnomalyLocalizer.py"
+
+
+def _ui_widgets():
+    tree = ET.parse(UI)
+    widgets = {w.get("name"): w for w in tree.iter("widget") if w.get("name")}
+    bound = {}
+    for name, w in widgets.items():
+        for prop in w.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[name] = prop.find("string").text
+    return widgets, bound
+
+
+def _parameter_fields():
+    tree = ast.parse(SCRIPT.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "AnomalyLocalizerParameterNode":
+            assert any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list)
+            return {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
+    raise AssertionError("no AnomalyLocalizerParameterNode class")
+
+
+def test_every_widget_the_code_uses_exists_in_the_ui():
+    widgets, _ = _ui_widgets()
+    used = set(re.findall(r"self\.ui\.(\w+)", SCRIPT.read_text()))
+    assert used, "the widget uses no ui names?"
+    missing = used - set(widgets)
+    assert not missing, f"used in AnomalyLocalizer.py but not in the .ui: {sorted(missing)}"
+
+
+def test_every_bound_widget_matches_a_parameter_and_every_parameter_has_a_widget():
+    _, bound = _ui_widgets()
+    fields = _parameter_fields()
+    assert set(bound.values()) <= fields, f"unknown parameters in the .ui: {set(bound.values()) - fields}"
+    assert fields <= set(bound.values()), f"parameters without a widget: {fields - set(bound.values())}"
+
+
+def test_ui_is_valid_and_names_are_unique():
+    names = [w.get("name") for w in ET.parse(UI).iter("widget") if w.get("name")]
+    assert len(names) == len(set(names))
+
+
+def test_cmake_lists_every_python_file_and_resource():
+    cmake = (MODULE / "CMakeLists.txt").read_text()
+    listed = set(re.findall(r"^\s+([\w/]+\.py)\s*$", cmake.replace("${MODULE_NAME}", "AnomalyLocalizer"), re.M))
+    on_disk = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py") if "__pycache__" not in p.parts}
+    assert listed == on_disk, f"missing: {sorted(on_disk - listed)}, stale: {sorted(listed - on_disk)}"
+    for res in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui"):
+        assert res in cmake
+        assert (MODULE / res.replace("${MODULE_NAME}", "AnomalyLocalizer")).is_file()
+    assert "WITH_GENERIC_TESTS" in cmake and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in cmake
+    assert "add_subdirectory(AnomalyLocalizer)" in (ROOT / "CMakeLists.txt").read_text()
+
+
+def test_models_are_installed_where_the_engine_looks_for_them():
+    cmake = (MODULE / "CMakeLists.txt").read_text()
+    assert re.search(r"install\(DIRECTORY \$\{MODELS_SOURCE_DIR\}/\s+DESTINATION \$\{Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR\}"
+                     r"/Resources/Models", cmake)
+    from anomaly_localizer import package
+    # installed layout: <qt-scripted-modules>/anomaly_localizer/package.py -> <qt-scripted-modules>/Resources/Models
+    here = Path(package.__file__).resolve().parent
+    assert here.parent / "Resources" / "Models" in package.SHIPPED_MODELS_DIRS
+    assert ROOT / "models" in package.SHIPPED_MODELS_DIRS
+
+
+def test_module_file_does_not_import_torch_or_the_engine_at_load():
+    tree = ast.parse(SCRIPT.read_text())
+    top_imports = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top_imports |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            top_imports.add((node.module or "").split(".")[0])
+    assert not top_imports & {"torch", "anomaly_localizer", "safetensors"}
+
+
+def test_logic_never_imports_qt():
+    for path in (MODULE / "AnomalyLocalizerLib").glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(import|from)\s+(qt|ctk|PythonQt)\b", text, re.M), path
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "slicer":
+                assert node.attr not in {"app", "mrmlScene", "modules"}, f"{path}: slicer.{node.attr}"
+
+
+def test_engine_never_imports_slicer_qt_or_vtk():
+    for path in (MODULE / "anomaly_localizer").rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(import|from)\s+(slicer|qt|vtk|ctk)\b", text, re.M), path
