@@ -231,6 +231,7 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                   self.ui.exportSegmentationButton, self.ui.exportTableButton):
             w.enabled = hasResult
         if hasResult:
+            self._parameterNode.method = self.logic.method  # the model's recommended method
             self._parameterNode.threshold = self.logic.threshold
             self.onThresholdChanged(self.logic.threshold)
 
