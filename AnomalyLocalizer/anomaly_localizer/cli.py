@@ -226,6 +226,42 @@ def cmd_card(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_release(args: argparse.Namespace) -> int:
+    """Turn a trained package into a shippable one: new name, optional float16 weights,
+    descriptive metadata, recalibrated (the weights may have changed)."""
+    import shutil
+    from .calibrate import calibrate_package
+    from .package import load_package, save_package, update_meta
+
+    source = load_package(args.model)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise InputError(f"{out} already exists; pass --force to replace it")
+    model = source.load_model()
+    if args.half:
+        model = model.half()  # stored as float16; the engine computes in float32
+    meta = json.loads(json.dumps(source.meta))
+    if args.meta:
+        meta.update(json.loads(Path(args.meta).read_text()))
+    meta["name"] = out.name
+    meta["calibration"] = {}
+    meta.setdefault("provenance", {})["data"] = str(args.data)  # as given, not this machine's absolute path
+    meta["weights_dtype"] = "float16" if args.half else "float32"
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    package = save_package(model, meta, tmp)
+    subjects = _subjects_of(package, args.data, "calibration")
+    package = calibrate_package(package, subjects, device=args.device,
+                                progress=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+    update_meta(package.path, package.meta)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(f"released {out} from {source.path} ({'float16' if args.half else 'float32'} weights), "
+          f"calibrated on {len(subjects)} subjects")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .device import DEVICES
     from .scores import PIXEL_METHODS
@@ -315,6 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--evaluation", action="append", help="JSON written by `evaluate --json` (repeatable)")
     k.add_argument("--fpr", help="JSON written by `fpr --json`")
     k.set_defaults(func=cmd_card)
+
+    r = sub.add_parser("release", help="make a shippable copy of a trained model (name, float16, metadata, calibration)")
+    r.add_argument("model", help="trained model package folder")
+    r.add_argument("--out", required=True, help="new package folder; its name becomes the model name")
+    r.add_argument("--data", required=True, help="the healthy data the model was trained on (for recalibration)")
+    r.add_argument("--meta", help="JSON merged into model.json (summary, description, data statement, ...)")
+    r.add_argument("--half", action="store_true", help="store weights as float16 (half the size)")
+    r.add_argument("--device", default="cpu", choices=DEVICES)
+    r.add_argument("--force", action="store_true")
+    r.add_argument("-q", "--quiet", action="store_true")
+    r.set_defaults(func=cmd_release)
 
     from . import benchmark
     benchmark.add_parser(sub)

@@ -15,7 +15,7 @@ lesion until a radiologist says so; a region it does not flag is not proof of he
 
 ## Not for
 - Other contrasts (T2, FLAIR, contrast-enhanced T1, DWI): the model has not seen them and
-  will flag normal anatomy. Contrast-enhanced T1 is reported below only as a stress test.
+  will flag normal anatomy.
 - Children and adolescents (training subjects were adults, 20-82 years), non-brain images,
   scans with large resection cavities or heavy motion.
 - Whole-head scans without a brain mask: give a mask (or a skull-stripped image) until the
@@ -32,6 +32,13 @@ def _fmt_thresholds(calib: dict[str, Any]) -> str:
         lines.append(f"| {m} | {t.get('0.01', float('nan')):.4g} | {t.get('0.001', float('nan')):.4g} | "
                      f"{t.get('0.0001', float('nan')):.4g} |")
     return "\n".join(lines) + "\n"
+
+
+def _limitations(meta: dict[str, Any]) -> str:
+    items = meta.get("limitations") or []
+    if not items:
+        return ""
+    return "## Known limitations\n" + "\n".join(f"- {x}" for x in items) + "\n\n"
 
 
 def render_card(package: ModelPackage, extra_sections: str = "") -> str:
@@ -78,7 +85,8 @@ Thresholds at which the stated share of healthy brain voxels is flagged, from
 The engine's default threshold is the 0.1 % one. Slice scores (ELBO, KL, Rec) come with
 their healthy distribution (`model.json`, `calibration.slice`), so a slice can be shown as a
 percentile of healthy slices.
-{extra_sections}"""
+
+{_limitations(meta)}{extra_sections}"""
 
 
 def results_sections(evaluations: list[dict[str, Any]], fpr: dict[str, Any] | None) -> str:
@@ -96,7 +104,11 @@ def results_sections(evaluations: list[dict[str, Any]], fpr: dict[str, Any] | No
         parts.append("")
     for ev in evaluations:
         cs = ev.get("case_set", {})
-        parts.append(f"## Evaluation: {ev.get('title', cs.get('kind', 'cases'))}\n`{ev.get('command', '')}`: "
+        parts.append(f"## Evaluation: {ev.get('title', cs.get('kind', 'cases'))}\n"
+                     "Seeded synthetic anomalies (local intensity shifts up and down, uniform and noise patches, "
+                     "patches moved from elsewhere in the brain, sink/source deformations; radius 8-20 mm) inserted "
+                     "into healthy subjects the model never saw.\n"
+                     f"`{ev.get('command', '')}`: "
                      f"{ev['cases']} cases, {ev['lesion_voxels']} lesion voxels, {ev['abnormal_slices']} abnormal and "
                      f"{ev['normal_slices']} normal slices; {ev['seconds_per_case']:.2f} s per case ({ev.get('machine', '')}).\n")
         parts.append("| score | pixel AUROC | pixel AP | best Dice | Dice at 0.1 % FPR threshold | slice AUROC | slice AP |")

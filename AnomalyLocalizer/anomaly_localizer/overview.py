@@ -53,7 +53,7 @@ def write_overview(cases: list[tuple[str, Path, Path]], png: Path, method: str |
             z = int(np.clip(centre + round(off / spacing), 0, img.shape[0] - 1))
             a, b = axes[row, 2 * k], axes[row, 2 * k + 1]
             a.imshow(img[z], cmap="gray", vmin=lo, vmax=hi)
-            h = np.ma.masked_less_equal(heat[z], thr * 0.5)
+            h = np.ma.masked_less_equal(heat[z], thr * 0.75)  # show what is near or above the threshold
             a.imshow(h, cmap="inferno", vmin=0, vmax=vmax, alpha=0.8)
             a.set_title(f"{title}: {m} (slice {int(layout.input_slice_index(z))})", fontsize=8)
             b.imshow(img[z], cmap="gray", vmin=lo, vmax=hi)

@@ -111,7 +111,8 @@ class ModelPackage:
         if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
             raise PackageError(f"model {self.name}: weights do not match the architecture in {META_FILE}; "
                                "the package is inconsistent, re-export it")
-        model.load_state_dict(state)
+        # float16 weights (small shipped files) are widened: scores are computed in float32.
+        model.load_state_dict({k: v.float() for k, v in state.items()})
         return model.to(device).eval()
 
 
@@ -143,6 +144,7 @@ def load_package(path: str | os.PathLike) -> ModelPackage:
         if sha256_file(f) != digest:
             raise PackageError(f"{path}: {name} does not match its SHA-256 in {MANIFEST_FILE} "
                                "(truncated or modified); reinstall the model or re-export it")
+    _check_index(path, manifest_path)
     meta = json.loads((path / META_FILE).read_text())
     arch_type = meta.get("architecture", {}).get("type")
     if arch_type not in ARCHITECTURE_TYPES:
@@ -151,6 +153,20 @@ def load_package(path: str | os.PathLike) -> ModelPackage:
     if "input_contract" not in meta:
         raise PackageError(f"{path}: {META_FILE} has no input_contract; re-export the model")
     return ModelPackage(path=path, meta=meta, manifest_sha256=sha256_file(manifest_path), files=dict(files))
+
+
+def _check_index(path: Path, manifest_path: Path) -> None:
+    """A models folder's index.json pins each listed package's manifest hash."""
+    index = path.parent / "index.json"
+    if not index.is_file():
+        return
+    try:
+        pinned = json.loads(index.read_text()).get("models", {}).get(path.name, {}).get("manifest_sha256")
+    except (ValueError, AttributeError):
+        raise PackageError(f"{index} is not valid JSON; reinstall the models folder") from None
+    if pinned and pinned != sha256_file(manifest_path):
+        raise PackageError(f"{path}: manifest.json does not match its SHA-256 in {index} (modified); "
+                           "reinstall the model")
 
 
 def write_manifest(path: Path) -> None:

@@ -1,0 +1,71 @@
+"""The shipped model: it loads, its hashes check, it is calibrated, and the demo runs."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anomaly_localizer.package import SHIPPED_MODELS_DIRS, default_model_name, load_package, sha256_file
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+def test_index_names_the_default_and_pins_every_manifest():
+    index = json.loads((MODELS / "index.json").read_text())
+    assert index["default"] in index["models"]
+    for name, entry in index["models"].items():
+        assert sha256_file(MODELS / name / "manifest.json") == entry["manifest_sha256"]
+    assert MODELS in SHIPPED_MODELS_DIRS
+
+
+def test_default_model_loads_checks_and_is_calibrated():
+    name = json.loads((MODELS / "index.json").read_text())["default"]
+    assert default_model_name() == name
+    package = load_package(MODELS / name)
+    model = package.load_model()
+    assert next(model.parameters()).dtype.is_floating_point
+    assert (MODELS / name / "model.safetensors").stat().st_size < 10 * 2 ** 20  # a few MB
+    calib = package.calibration
+    assert len(calib["subjects"]) > 10
+    method = package.meta["recommended_method"]
+    value, meaning = package.default_threshold(method)
+    assert value > 0 and "0.1 %" in meaning
+    # calibration, training and test subjects never overlap
+    subjects = package.meta["provenance"]["subjects"]
+    assert not set(subjects["train"]) & (set(subjects["calibration"]) | set(subjects["test"]))
+    assert set(calib["subjects"]) == set(subjects["calibration"])
+    card = (MODELS / name / "README.md").read_text()
+    assert "IXI" in card and "CC BY-SA 3.0" in card and "anomaly-localizer fpr" in card
+
+
+def test_an_edited_shipped_manifest_is_refused(tmp_path):
+    import shutil
+    from anomaly_localizer.errors import PackageError
+    name = json.loads((MODELS / "index.json").read_text())["default"]
+    shutil.copytree(MODELS / name, tmp_path / name)
+    shutil.copy(MODELS / "index.json", tmp_path / "index.json")
+    meta = json.loads((tmp_path / name / "model.json").read_text())
+    meta["summary"] = "edited"
+    from anomaly_localizer.package import update_meta
+    update_meta(tmp_path / name, meta)  # a consistent package, but not the one the index pins
+    with pytest.raises(PackageError, match="index.json"):
+        load_package(tmp_path / name)
+
+
+def test_demo_scores_a_real_brain_with_and_without_a_lesion(tmp_path):
+    pytest.importorskip("nilearn")
+    pytest.importorskip("matplotlib")
+    from anomaly_localizer.demo import main
+    out = tmp_path / "demo"
+    assert main(["--out", str(out)]) == 0
+    for case in ("healthy", "lesion"):
+        summary = json.loads((out / case / "summary.json").read_text())
+        assert summary["threshold"]["source"] == "calibrated"
+    assert (out / "overview.png").stat().st_size > 10_000
+    import SimpleITK as sitk
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "inputs" / "lesion_truth.nii.gz"))) > 0
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "lesion" / "segmentation.nii.gz"))) > 0
+    healthy = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "healthy" / "segmentation.nii.gz"))) > 0
+    # the inserted lesion is found: most of it is segmented, and far more than on the healthy scan there
+    assert seg[truth].mean() > 0.3 and seg[truth].mean() > 5 * healthy[truth].mean()
