@@ -17,7 +17,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
-from MRMLCorePython import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
 METHODS = ["combi", "elbo_grad", "rec_grad", "kl_grad", "rec"]
 DEVICES = ["auto", "cpu", "cuda", "mps"]

@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("score", help="heatmaps, segmentation and slice scores of one volume")
     s.add_argument("input", help="image file (NIfTI, NRRD, MHA, ...) or DICOM series folder")
-    s.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
+    s.add_argument("--out", required=True, help="output folder (must not exist or must be empty, unless --force)")
     s.add_argument("--model", help="model name or package folder (default: the default installed model)")
     s.add_argument("--method", action="append", choices=None, metavar="M",
                    help=f"pixel score, repeatable: {', '.join(PIXEL_METHODS)} (default: all); "
