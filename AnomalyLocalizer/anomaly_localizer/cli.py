@@ -74,12 +74,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     t_read = time.perf_counter() - t0
 
     result = score_volume(image, package, methods, mask=mask, device=args.device,
-                          progress=_progress_printer(args.quiet))
+                          progress=_progress_printer(args.quiet), brain_extraction=args.brain_extraction)
     summary = {
         "engine_version": __version__,
         "input": str(Path(args.input).resolve()),
         "mask": str(Path(args.mask).resolve()) if args.mask else None,
-        "brain_mask_source": "given" if args.mask else "non-zero region of a skull-stripped input",
+        "brain_mask_source": result.info["brain_mask_source"],
         "model": {"name": package.name, "path": str(package.path.resolve()), "manifest_sha256": package.manifest_sha256},
         "methods": methods,
         "threshold": {"method": methods[0], "value": threshold, "source": source, "meaning": meaning},
@@ -262,6 +262,35 @@ def cmd_release(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train_brainmask(args: argparse.Namespace) -> int:
+    from .brainextract import train_brainmask
+
+    train_brainmask(args.data, args.out, epochs=args.epochs, seed=args.seed, force=args.force,
+                    arch={"slice_size": args.slice_size} if args.slice_size else None,
+                    progress=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+    print(f"wrote {args.out}")
+    return EXIT_OK
+
+
+def cmd_brainmask_dice(args: argparse.Namespace) -> int:
+    import numpy as np
+    from .brainextract import dice_on_subjects
+    from .package import resolve_package
+
+    package = resolve_package(args.model)
+    subjects = [s for s in _subjects_of(package, args.data, args.subjects) if s.mask is not None]
+    dice = dice_on_subjects(package, subjects, device=args.device,
+                            progress=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+    values = np.array(list(dice.values()))
+    print(f"brain extraction {package.name} on {len(values)} '{args.subjects}' subjects of {args.data}: "
+          f"Dice mean {values.mean():.4f}, median {np.median(values):.4f}, min {values.min():.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": package.name, "dice": dice, "mean": float(values.mean()),
+                                               "min": float(values.min()), "command": _command_line(),
+                                               "machine": _machine()}, indent=2) + "\n")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .device import DEVICES
     from .scores import PIXEL_METHODS
@@ -280,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"pixel score, repeatable: {', '.join(PIXEL_METHODS)} (default: all); "
                         "the first one makes the segmentation")
     s.add_argument("--mask", help="brain mask on the input's grid (label > 0 is brain)")
+    s.add_argument("--brain-extraction", default="auto", metavar="auto|off|MODEL",
+                   help="for a whole-head input without --mask: the built-in brain extraction (auto), "
+                        "another brain extraction model, or off (refuse whole-head inputs)")
     s.add_argument("--threshold", type=float, help="heatmap threshold for the segmentation "
                    "(default: the model's calibrated 0.1 %% healthy false-positive threshold)")
     s.add_argument("--device", default="auto", choices=DEVICES, help="compute device (default: best available)")
@@ -362,6 +394,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(func=cmd_release)
+
+    b = sub.add_parser("train-brainmask", help="train the brain extraction U-Net on scans with reference masks")
+    b.add_argument("data", help="folder of scans with brain masks (IXI layout or *_brainmask beside)")
+    b.add_argument("--out", required=True)
+    b.add_argument("--epochs", type=int, default=12)
+    b.add_argument("--slice-size", type=int)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--force", action="store_true")
+    b.add_argument("-q", "--quiet", action="store_true")
+    b.set_defaults(func=cmd_train_brainmask)
+
+    d = sub.add_parser("brainmask-dice", help="Dice of the brain extraction against reference masks")
+    d.add_argument("model", help="brain extraction model name or folder")
+    d.add_argument("data", help="folder of scans with reference brain masks")
+    d.add_argument("--subjects", default="test", choices=["all", "calibration", "test", "val"])
+    d.add_argument("--device", default="cpu", choices=DEVICES)
+    d.add_argument("--json")
+    d.add_argument("-q", "--quiet", action="store_true")
+    d.set_defaults(func=cmd_brainmask_dice)
 
     from . import benchmark
     benchmark.add_parser(sub)

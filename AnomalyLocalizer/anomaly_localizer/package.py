@@ -26,7 +26,9 @@ from .errors import PackageError
 if TYPE_CHECKING:  # torch is imported only when weights are loaded or saved, so listing
     import torch   # and checking models works (e.g. in Slicer) before PyTorch is installed.
 
-ARCHITECTURE_TYPES = ("vae", "cevae")
+ANOMALY_TYPES = ("vae", "cevae")  # models that score anomalies
+BRAIN_EXTRACTION_TYPES = ("unet-brainmask",)  # models that find the brain in a whole-head scan
+ARCHITECTURE_TYPES = ANOMALY_TYPES + BRAIN_EXTRACTION_TYPES
 
 PACKAGE_FORMAT = "anomaly-localizer-model/1"
 WEIGHTS_FILE = "model.safetensors"

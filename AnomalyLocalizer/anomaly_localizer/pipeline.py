@@ -14,7 +14,7 @@ import torch
 from . import __version__
 from .device import batch_size_for, configure_threads, is_out_of_memory, select_device
 from .errors import CancelledError, InputError
-from .package import ModelPackage
+from .package import ANOMALY_TYPES, ModelPackage
 from .scores import PIXEL_METHODS, SLICE_SCORES, RawTerms, concat_terms, finalise_maps, raw_terms
 from .volume import PreparedVolume, brain_mask, prepare_volume
 
@@ -101,21 +101,41 @@ def volume_score(elbo_per_slice: np.ndarray) -> float:
 def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | tuple[str, ...] = PIXEL_METHODS,
                  mask: sitk.Image | None = None, device: str = "auto", batch_size: int | None = None,
                  progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
-                 model: torch.nn.Module | None = None) -> ScoreResult:
+                 model: torch.nn.Module | None = None, brain_extraction: str | None = "auto") -> ScoreResult:
     """Heatmaps, slice scores and the volume score of one 3D image.
 
-    ``mask``: optional brain mask on the image's grid; without it the image must be
-    skull-stripped (its non-zero region is taken as the brain). ``model`` may be given to
-    reuse an already loaded network of ``package``.
+    ``mask``: optional brain mask on the image's grid. Without it, a skull-stripped image's
+    non-zero region is the brain, and a whole-head image is brain-extracted by
+    ``brain_extraction``: "auto" (the installed brain extraction model), a model name or
+    folder, or None/"off" (refuse whole-head images). ``model`` may be given to reuse an
+    already loaded network of ``package``.
     """
     methods = check_methods(list(methods))
+    if package.architecture.get("type") not in ANOMALY_TYPES:
+        raise InputError(f"model {package.name} is a {package.architecture.get('type')} model, not an anomaly "
+                         "model; choose another --model")
     timings: dict[str, float] = {}
     configure_threads()
     dev = select_device(device)
     t0 = time.perf_counter()
     if progress:
         progress(0.0, "preparing volume")
-    mask_arr = brain_mask(image, mask)
+    source = {"value": "given" if mask is not None else "non-zero region of a skull-stripped input"}
+
+    def extractor(img: sitk.Image) -> np.ndarray:
+        from .brainextract import default_extractor, extract_brain
+        from .package import resolve_package
+        ext = default_extractor() if brain_extraction == "auto" else resolve_package(brain_extraction)
+        if ext is None:
+            raise InputError("the image does not look skull-stripped and no brain extraction model is installed; "
+                             "pass a brain mask with --mask")
+        if progress:
+            progress(0.02, f"extracting the brain ({ext.name})")
+        source["value"] = f"brain extraction ({ext.name}, manifest {ext.manifest_sha256[:12]})"
+        return extract_brain(img, ext, device=str(dev))
+
+    use_extractor = extractor if brain_extraction not in (None, "off") else None
+    mask_arr = brain_mask(image, mask, use_extractor)
     prepared: PreparedVolume = prepare_volume(image, mask_arr, package.contract)
     if prepared.slices.shape[0] == 0:
         raise InputError("no axial slice contains brain; check the brain mask")
@@ -157,6 +177,7 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
                        brain_voxels_per_slice=brain_per_input, volume_score=volume_score(slice_scores["elbo"]),
                        axial_axis=prepared.layout.axial_axis, device=str(dev), timings=timings,
                        info={"scored_slices": int(prepared.slices.shape[0]), "fov_coverage": prepared.fov_coverage,
+                             "brain_mask_source": source["value"],
                              "engine_version": __version__})
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -88,11 +88,13 @@ def axial_layout(image: sitk.Image) -> AxialLayout:
                        shape=tuple(int(size[j]) for j in order), axial_axis=axial)
 
 
-def brain_mask(image: sitk.Image, mask: sitk.Image | None) -> np.ndarray:
+def brain_mask(image: sitk.Image, mask: sitk.Image | None,
+               extractor: "Callable[[sitk.Image], np.ndarray] | None" = None) -> np.ndarray:
     """Brain mask as a bool array in the input's array order.
 
-    With ``mask`` given it must be on the image's grid; without it, the image must be
-    skull-stripped and its non-zero region (holes filled) is the brain.
+    With ``mask`` given it must be on the image's grid. Without it, a skull-stripped image's
+    non-zero region (holes filled) is the brain; a whole-head image goes to ``extractor``
+    (the built-in brain extraction), or is refused when there is none.
     """
     if mask is not None:
         mask = as_3d(mask)
@@ -112,6 +114,8 @@ def brain_mask(image: sitk.Image, mask: sitk.Image | None) -> np.ndarray:
     voxel_ml = float(np.prod(image.GetSpacing()[:3])) / 1000.0
     volume_ml = filled.sum() * voxel_ml
     if volume_ml > SKULL_STRIPPED_MAX_ML or filled.mean() > 0.95:
+        if extractor is not None:
+            return extractor(image)
         raise InputError(
             f"the image does not look skull-stripped (its non-zero region is {volume_ml:.0f} mL, a brain is "
             f"1000-1800 mL); pass a brain mask with --mask, or a skull-stripped image")

@@ -83,3 +83,24 @@ def psr_image(arr_zyx: np.ndarray, spacing_zyx=(4.0, 4.0, 4.0)) -> sitk.Image:
     img.SetDirection((0, 0, -1, 1, 0, 0, 0, 1, 0))
     img.SetOrigin((88.0, -118.0, -135.0))
     return img
+
+
+def head_phantom(shape_zyx=(30, 48, 40), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A whole 'head': the brain phantom inside dark CSF, a bright scalp and a dark skull.
+
+    Returns (image, brain mask). Nothing is zero inside the head, so it does not look
+    skull-stripped; the background is noisy low intensity, as in a real scan.
+    """
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape_zyx], indexing="ij")
+    r = (z / 0.95) ** 2 + (y / 0.97) ** 2 + (x / 0.95) ** 2
+    brain_r = (z / 0.72) ** 2 + (y / 0.77) ** 2 + (x / 0.72) ** 2
+    img = rng.normal(8, 3, size=shape_zyx).astype(np.float32).clip(0)  # air
+    img[r < 1] = 700  # scalp and fat: bright on T1
+    img[r < 0.85] = 60  # skull: dark
+    img[r < 0.72] = 180  # CSF
+    inner = phantom_array(shape_zyx, seed=seed)
+    brain = brain_r < 0.9
+    img[brain] = np.where(inner[brain] > 0, inner[brain], 600)
+    img[r < 1] += rng.normal(0, 15, size=int((r < 1).sum())).astype(np.float32)
+    return img, brain

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..package import ARCHITECTURE_TYPES  # the one list of known architectures
+from ..package import ANOMALY_TYPES, ARCHITECTURE_TYPES  # noqa: F401  (the one list of known architectures)
 
 DEFAULT_ARCHITECTURE: dict[str, Any] = {
     "type": "vae",
@@ -31,8 +31,8 @@ DEFAULT_ARCHITECTURE: dict[str, Any] = {
 
 def _check_architecture(arch: dict[str, Any]) -> dict[str, Any]:
     full = {**DEFAULT_ARCHITECTURE, **arch}
-    if full["type"] not in ARCHITECTURE_TYPES:
-        raise ValueError(f"unknown architecture type {full['type']!r}; known: {', '.join(ARCHITECTURE_TYPES)}")
+    if full["type"] not in ANOMALY_TYPES:
+        raise ValueError(f"unknown architecture type {full['type']!r}; known: {', '.join(ANOMALY_TYPES)}")
     size, maps = int(full["slice_size"]), list(full["feature_maps"])
     if not maps:
         raise ValueError("feature_maps must name at least one layer")
@@ -92,7 +92,7 @@ class ConvVAE(nn.Module):
         return math.log(self.likelihood_std) + 0.5 * math.log(2 * math.pi)
 
 
-def build_model(architecture: dict[str, Any]) -> ConvVAE:
+def build_vae(architecture: dict[str, Any]) -> ConvVAE:
     """Build an untrained network from an architecture description (see DEFAULT_ARCHITECTURE)."""
     arch = _check_architecture(architecture)
     return ConvVAE(**{k: v for k, v in arch.items() if k != "type"})

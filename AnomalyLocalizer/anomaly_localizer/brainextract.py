@@ -1,0 +1,197 @@
+"""Built-in brain extraction: a whole-head T1 becomes a brain mask without a user-made one.
+
+A small 2D U-Net (:class:`models.unet.UNet2D`) labels the brain on axial slices. Slices
+come from the same pipeline as the anomaly models (:func:`volume.prepare_volume`), with the
+head (not the brain) as the region that is normalised and centred; the probabilities are
+mapped back onto the input's grid, thresholded at 0.5, reduced to the largest connected
+component and hole-filled.
+
+Trained by ``anomaly-localizer train-brainmask`` on scans with reference brain masks (the
+IXI masks in ``../shared/data``), split by subject like the anomaly models; its Dice on
+held-back subjects is printed by ``anomaly-localizer brainmask-dice``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .data import Subject, find_subjects, split_subjects
+from .errors import InputError
+from .imageio import as_3d, read_image
+from .metrics import dice_at
+from .models import build_model
+from .package import BRAIN_EXTRACTION_TYPES, ModelPackage, list_packages, load_package, model_dirs, save_package
+from .volume import NORMALISATION, prepare_volume, resample_to_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ARCH = {"type": "unet-brainmask", "slice_size": 128, "feature_maps": [8, 16, 32, 64]}
+DEFAULT_SPACING = 2.0  # 128 x 2 mm = 256 mm: a whole head fits
+
+
+def head_mask(image: sitk.Image) -> np.ndarray:
+    """The head (everything that is not background air), holes filled.
+
+    A low threshold (5 % of the 99th intensity percentile) keeps the dark skull and CSF,
+    which an Otsu threshold would drop, cutting the scalp off from the brain.
+    """
+    arr = sitk.GetArrayViewFromImage(image)
+    level = 0.05 * float(np.percentile(arr, 99))
+    fg = sitk.GetImageFromArray((arr > level).astype(np.uint8))
+    cc = sitk.RelabelComponent(sitk.ConnectedComponent(fg), sortByObjectSize=True)
+    largest = sitk.BinaryThreshold(cc, 1, 1, 1, 0)
+    closed = sitk.BinaryMorphologicalClosing(largest, [2, 2, 2])
+    head = sitk.GetArrayFromImage(sitk.BinaryFillhole(closed)) > 0
+    if not head.any():
+        raise InputError("no head found in the image (all background); check the image")
+    return head
+
+
+def contract(slice_size: int = 128, spacing: float = DEFAULT_SPACING) -> dict[str, Any]:
+    return {"modality": "T1w", "orientation": "axial", "slice_size": slice_size, "spacing_mm": spacing,
+            "normalisation": {**NORMALISATION, "region": "head"}}
+
+
+def postprocess(prob: np.ndarray) -> np.ndarray:
+    """Threshold at 0.5, keep the largest connected component, fill holes: bool mask."""
+    binary = sitk.GetImageFromArray((prob > 0.5).astype(np.uint8))
+    if not (prob > 0.5).any():
+        raise InputError("brain extraction found no brain; pass a brain mask with --mask")
+    cc = sitk.RelabelComponent(sitk.ConnectedComponent(binary), sortByObjectSize=True)
+    largest = sitk.BinaryThreshold(cc, 1, 1, 1, 0)
+    return sitk.GetArrayFromImage(sitk.BinaryFillhole(largest)) > 0
+
+
+def extract_brain(image: sitk.Image, package: ModelPackage, device: str = "cpu", model=None) -> np.ndarray:
+    """Brain mask (bool, the input's array order) of a whole-head scan."""
+    head = head_mask(image)
+    prepared = prepare_volume(image, head, package.contract)
+    net = model if model is not None else package.load_model(device)
+    probs = []
+    with torch.no_grad():
+        for s in range(0, prepared.slices.shape[0], 32):
+            probs.append(torch.sigmoid(net(prepared.slices[s:s + 32].to(device)))[:, 0].cpu())
+    prob = prepared.to_input_grid(torch.cat(probs))
+    return postprocess(prob)
+
+
+def default_extractor() -> ModelPackage | None:
+    """The installed brain extraction model named in a models index, else the first found."""
+    for d in model_dirs():
+        index = d / "index.json"
+        if index.is_file():
+            name = json.loads(index.read_text()).get("brain_extraction")
+            if name and (d / name).is_dir():
+                return load_package(d / name)
+    for path in list_packages():
+        try:
+            p = load_package(path)
+        except Exception:  # a broken package elsewhere must not block scoring
+            continue
+        if p.architecture.get("type") in BRAIN_EXTRACTION_TYPES:
+            return p
+    return None
+
+
+# ------------------------------------------------------------------------------ training
+
+def _subject_slices(s: Subject, ctr: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    image = as_3d(read_image(s.image))
+    brain = sitk.GetArrayFromImage(as_3d(read_image(s.mask, "MASK"))) > 0
+    head = head_mask(image) | brain
+    prepared = prepare_volume(image, head, ctr)
+    canon_brain = prepared.layout.to_canonical(brain).astype(np.float32)
+    target = resample_to_model(canon_brain, prepared.layout, prepared.centre, prepared.slice_size,
+                               prepared.model_spacing, prepared.slice_index) > 0.5
+    return prepared.slices.numpy(), target.numpy()
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits)
+    dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
+    return bce + dice
+
+
+def train_brainmask(data: str | Path, out: str | Path, epochs: int = 12, seed: int = 0, batch_size: int = 32,
+                    learning_rate: float = 1e-3, arch: dict | None = None, spacing: float = DEFAULT_SPACING,
+                    progress: Callable[[str], None] | None = print, force: bool = False,
+                    slice_step: int = 2) -> ModelPackage:
+    """Train the brain extraction U-Net on scans with reference masks; split as the anomaly models."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise InputError(f"{out} already exists; pass --force to replace it")
+    arch = {**DEFAULT_ARCH, **(arch or {})}
+    subjects = [s for s in find_subjects(data) if s.mask is not None]
+    if len(subjects) < 4:
+        raise InputError(f"brain extraction needs scans with reference brain masks; {data} has {len(subjects)}")
+    split = split_subjects([s.id for s in subjects], seed, 0.1, 0.15, 0.15)
+    by_id = {s.id: s for s in subjects}
+    ctr = contract(int(arch["slice_size"]), spacing)
+    xs, ys = zip(*[_subject_slices(by_id[i], ctr) for i in split["train"]])
+    # every other axial slice: neighbours are nearly identical, and this halves the cost
+    x = torch.from_numpy(np.concatenate([a[::slice_step] for a in xs]))
+    y = torch.from_numpy(np.concatenate([a[::slice_step] for a in ys])).float()
+    if progress:
+        progress(f"{len(split['train'])} training subjects, {len(x)} slices")
+    torch.manual_seed(seed)
+    model = build_model(arch)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(x), generator=gen)
+        total = 0.0
+        for b in range(0, len(order) - batch_size + 1, batch_size):
+            idx = order[b:b + batch_size]
+            xb, yb = x[idx], y[idx]
+            flip = torch.rand(len(idx), generator=gen) < 0.5  # left-right flips
+            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+            yb = torch.where(flip[:, None, None, None], yb.flip(-1), yb)
+            xb = xb * (1 + 0.2 * (torch.rand(len(idx), 1, 1, 1, generator=gen) - 0.5))  # contrast
+            loss = _loss(model(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+        sched.step()
+        history.append({"epoch": epoch, "loss": total / len(x), "seconds": time.perf_counter() - t0})
+        if progress:
+            progress(f"epoch {epoch}/{epochs}: loss {total / len(x):.4f}, {time.perf_counter() - t0:.0f} s")
+    model.eval()
+    meta = {"name": out.name, "summary": f"Brain extraction U-Net, {arch['slice_size']}x{arch['slice_size']} axial "
+                                         f"slices at {spacing:g} mm, trained on {len(split['train'])} subjects",
+            "architecture": arch, "input_contract": ctr, "calibration": {},
+            "provenance": {"data": str(data), "subjects": split, "trained": time.strftime("%Y-%m-%d"),
+                           "torch": torch.__version__},
+            "training": {"config": {"epochs": epochs, "seed": seed, "batch_size": batch_size, "slice_step": slice_step,
+                                    "learning_rate": learning_rate, "spacing_mm": spacing, "architecture": arch},
+                         "history": history}}
+    return save_package(model, meta, out)
+
+
+def dice_on_subjects(package: ModelPackage, subjects: list[Subject], device: str = "cpu",
+                     progress: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Dice of the extracted brain against each subject's reference mask."""
+    model = package.load_model(device)
+    out = {}
+    for s in subjects:
+        image = as_3d(read_image(s.image))
+        ref = sitk.GetArrayFromImage(as_3d(read_image(s.mask, "MASK"))) > 0
+        mask = extract_brain(image, package, device, model)
+        out[s.id] = dice_at(mask.ravel().astype(np.float32), ref.ravel(), 0.5)
+        if progress:
+            progress(f"{s.id}: Dice {out[s.id]:.4f}")
+    return out

@@ -1,0 +1,99 @@
+"""Built-in brain extraction: trained on scans with reference masks, used for whole heads."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from anomaly_localizer.brainextract import extract_brain, head_mask, postprocess
+from anomaly_localizer.cli import main
+from anomaly_localizer.errors import InputError
+from anomaly_localizer.package import load_package
+from anomaly_localizer.pipeline import score_volume
+from anomaly_localizer.volume import brain_mask
+
+from phantoms import head_phantom, image_from, make_tiny_package
+
+ARCH = {"slice_size": 32}
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory):
+    root = tmp_path_factory.mktemp("heads")
+    (root / "t1").mkdir()
+    (root / "brainmask").mkdir()
+    for i in range(8):
+        img, brain = head_phantom((28 + i % 3, 44, 38), seed=i)
+        sitk.WriteImage(image_from(img * (1 + 0.05 * i)), str(root / "t1" / f"H{i}_T1.nii.gz"))
+        sitk.WriteImage(image_from(brain.astype(np.uint8)), str(root / "brainmask" / f"H{i}_brainmask.nii.gz"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def extractor(heads, tmp_path_factory):
+    from anomaly_localizer.brainextract import train_brainmask
+    out = tmp_path_factory.mktemp("bx") / "bx"
+    return train_brainmask(heads, out, epochs=25, batch_size=8, learning_rate=3e-3, spacing=6.0,
+                           arch={"slice_size": 32, "feature_maps": [4, 8, 16]}, progress=None, slice_step=1)
+
+
+def test_head_mask_covers_the_head_not_the_air():
+    img, brain = head_phantom()
+    head = head_mask(image_from(img))
+    assert head[brain].all() and head.mean() < 0.8 and head.mean() > 0.3
+
+
+def test_trained_extractor_finds_the_brain_of_an_unseen_head(extractor):
+    assert extractor.architecture["type"] == "unet-brainmask"
+    img, brain = head_phantom((29, 44, 38), seed=42)
+    mask = extract_brain(image_from(img), extractor)
+    assert mask.shape == brain.shape
+    dice = 2 * (mask & brain).sum() / (mask.sum() + brain.sum())
+    assert dice > 0.85
+
+
+def test_whole_head_without_mask_is_brain_extracted_when_a_model_is_given(extractor, tmp_path):
+    img, brain = head_phantom((29, 44, 38), seed=43)
+    pkg = make_tiny_package(tmp_path / "tiny")
+    res = score_volume(image_from(img), pkg, ["rec"], brain_extraction=str(extractor.path))
+    assert res.info["brain_mask_source"].startswith("brain extraction (bx")
+    assert (res.maps["rec"][~res.brain_mask] == 0).all()
+    with pytest.raises(InputError, match="skull-stripped"):
+        score_volume(image_from(img), pkg, ["rec"], brain_extraction="off")
+
+
+def test_cli_writes_the_extracted_mask_and_says_so(extractor, tmp_path):
+    img, _ = head_phantom((29, 44, 38), seed=44)
+    sitk.WriteImage(image_from(img), str(tmp_path / "head.nii.gz"))
+    pkg = make_tiny_package(tmp_path / "tiny")
+    assert main(["score", str(tmp_path / "head.nii.gz"), "--out", str(tmp_path / "o"), "--model", str(pkg.path),
+                 "--threshold", "1", "--brain-extraction", str(extractor.path), "-q"]) == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["brain_mask_source"].startswith("brain extraction")
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o" / "brainmask.nii.gz")))
+    assert written.sum() > 0
+
+
+def test_brain_extraction_model_is_not_an_anomaly_model(extractor):
+    img, _ = head_phantom()
+    with pytest.raises(InputError, match="not an anomaly model"):
+        score_volume(image_from(img), extractor, ["rec"])
+
+
+def test_dice_command_reports_held_back_subjects(extractor, heads, tmp_path):
+    assert main(["brainmask-dice", str(extractor.path), str(heads), "--subjects", "all",
+                 "--json", str(tmp_path / "d.json"), "-q"]) == 0
+    result = json.loads((tmp_path / "d.json").read_text())
+    assert len(result["dice"]) == 8 and 0 <= result["min"] <= result["mean"] <= 1
+
+
+def test_postprocess_keeps_the_largest_component_and_fills_holes():
+    prob = np.zeros((20, 20, 20))
+    prob[4:16, 4:16, 4:16] = 0.9
+    prob[8:10, 8:10, 8:10] = 0.1  # a hole
+    prob[0, 0, 0] = 0.9  # a speck
+    out = postprocess(prob)
+    assert out[8, 8, 8] and not out[0, 0, 0]
+    with pytest.raises(InputError, match="no brain"):
+        postprocess(np.zeros((5, 5, 5)))
