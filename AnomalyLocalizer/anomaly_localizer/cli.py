@@ -219,6 +219,14 @@ def cmd_card(args: argparse.Namespace) -> int:
     from .package import load_package
 
     package = load_package(args.model)
+    if package.architecture.get("type") == "unet-brainmask":
+        from .modelcard import render_brainmask_card
+        from .package import CARD_FILE, write_manifest
+        dice = json.loads(Path(args.dice).read_text()) if args.dice else None
+        (package.path / CARD_FILE).write_text(render_brainmask_card(package, dice))
+        write_manifest(package.path)
+        print(f"wrote {package.path / CARD_FILE}")
+        return EXIT_OK
     evaluations = [json.loads(Path(p).read_text()) for p in args.evaluation or []]
     fpr = json.loads(Path(args.fpr).read_text()) if args.fpr else None
     path = write_card(package, results_sections(evaluations, fpr))
@@ -231,7 +239,7 @@ def cmd_release(args: argparse.Namespace) -> int:
     descriptive metadata, recalibrated (the weights may have changed)."""
     import shutil
     from .calibrate import calibrate_package
-    from .package import load_package, save_package, update_meta
+    from .package import ANOMALY_TYPES, load_package, save_package, update_meta
 
     source = load_package(args.model)
     out = Path(args.out)
@@ -250,10 +258,12 @@ def cmd_release(args: argparse.Namespace) -> int:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     package = save_package(model, meta, tmp)
-    subjects = _subjects_of(package, args.data, "calibration")
-    package = calibrate_package(package, subjects, device=args.device,
-                                progress=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
-    update_meta(package.path, package.meta)
+    subjects = []
+    if package.architecture.get("type") in ANOMALY_TYPES:  # brain extraction models have no thresholds
+        subjects = _subjects_of(package, args.data, "calibration")
+        package = calibrate_package(package, subjects, device=args.device,
+                                    progress=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+        update_meta(package.path, package.meta)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -382,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("model", help="model package folder")
     k.add_argument("--evaluation", action="append", help="JSON written by `evaluate --json` (repeatable)")
     k.add_argument("--fpr", help="JSON written by `fpr --json`")
+    k.add_argument("--dice", help="JSON written by `brainmask-dice --json` (brain extraction models)")
     k.set_defaults(func=cmd_card)
 
     r = sub.add_parser("release", help="make a shippable copy of a trained model (name, float16, metadata, calibration)")

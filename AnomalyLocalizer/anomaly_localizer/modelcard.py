@@ -18,8 +18,8 @@ lesion until a radiologist says so; a region it does not flag is not proof of he
   will flag normal anatomy.
 - Children and adolescents (training subjects were adults, 20-82 years), non-brain images,
   scans with large resection cavities or heavy motion.
-- Whole-head scans without a brain mask: give a mask (or a skull-stripped image) until the
-  built-in brain extraction ships.
+- Scans whose brain mask is wrong: whole-head scans are brain-extracted by the built-in model
+  when no mask is given; always check `brainmask.nii.gz`, and pass `--mask` when it is off.
 """
 
 
@@ -130,3 +130,31 @@ def write_card(package: ModelPackage, extra_sections: str = "") -> Path:
     path.write_text(render_card(package, extra_sections))
     write_manifest(package.path)
     return path
+
+
+def render_brainmask_card(package: ModelPackage, dice: dict[str, Any] | None) -> str:
+    """Model card of a brain extraction model, with its Dice on held-back subjects."""
+    meta = package.meta
+    subjects = meta.get("provenance", {}).get("subjects", {})
+    cfg = meta.get("training", {}).get("config", {})
+    lines = [f"# {package.name}", "", meta.get("summary", ""), "",
+             "Finds the brain in a whole-head T1-weighted MRI so that anomaly scoring works without a "
+             "user-made brain mask. Used automatically by `anomaly-localizer score` and the Slicer module "
+             "when no mask is given and the scan is not skull-stripped (`--brain-extraction off` disables it).",
+             "", "## Model",
+             f"- 2D U-Net, feature maps {meta['architecture']['feature_maps']}, axial slices of "
+             f"{meta['input_contract']['slice_size']}x{meta['input_contract']['slice_size']} pixels at "
+             f"{meta['input_contract']['spacing_mm']:g} mm centred on the head; intensities normalised inside the head "
+             "(median to 0.5, inter-quartile range to 0.25); probability > 0.5, largest connected component, holes filled.",
+             f"- Trained {cfg.get('epochs', '?')} epochs (Adam, learning rate {cfg.get('learning_rate', '?')}, cosine "
+             f"schedule, left-right flips and contrast changes) on {len(subjects.get('train', []))} subjects; "
+             f"{len(subjects.get('test', []))} held back (the same split as the anomaly model).",
+             "", "## Training data", meta.get("data_statement", ""), "",
+             "## Not for", "- Contrasts other than T1, children, images with large lesions near the brain surface "
+             "(not evaluated here), non-brain images. Always look at `brainmask.nii.gz`.", ""]
+    if dice:
+        vals = list(dice["dice"].values())
+        lines += ["## Dice against the reference masks on held-back subjects",
+                  f"`{dice.get('command', 'anomaly-localizer brainmask-dice')}` ({dice.get('machine', '')}): "
+                  f"{len(vals)} subjects never used for training, mean {dice['mean']:.4f}, minimum {dice['min']:.4f}.", ""]
+    return "\n".join(lines) + "\n"

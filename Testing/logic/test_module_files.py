@@ -100,3 +100,11 @@ def test_engine_never_imports_slicer_qt_or_vtk():
     for path in (MODULE / "anomaly_localizer").rglob("*.py"):
         text = path.read_text()
         assert not re.search(r"^\s*(import|from)\s+(slicer|qt|vtk|ctk)\b", text, re.M), path
+
+
+def test_widget_and_in_app_test_call_only_logic_methods_that_exist():
+    from AnomalyLocalizerLib.logic import AnomalyLocalizerLogic
+    used = set(re.findall(r"\blogic\.(\w+)", SCRIPT.read_text()))
+    attributes = {"result", "method", "threshold", "opacity"}  # set in __init__
+    missing = {u for u in used if not hasattr(AnomalyLocalizerLogic, u)} - attributes
+    assert not missing, f"the widget calls logic methods that do not exist: {sorted(missing)}"
