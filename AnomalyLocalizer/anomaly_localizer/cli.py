@@ -196,16 +196,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_table, synthetic_cases
     from .package import resolve_package
 
+    from .evaluate import folder_cases
+
     package = resolve_package(args.model)
-    subjects = _subjects_of(package, args.synthetic, args.subjects)
-    if args.limit:
-        subjects = subjects[: args.limit]
-    cases = synthetic_cases(subjects, per_subject=args.per_subject, seed=args.seed)
+    if bool(args.synthetic) == bool(args.cases):
+        raise InputError("give either --synthetic DATA (healthy scans) or --cases DIR (cases with ground truth)")
+    if args.synthetic:
+        subjects = _subjects_of(package, args.synthetic, args.subjects)
+        if args.limit:
+            subjects = subjects[: args.limit]
+        cases = synthetic_cases(subjects, per_subject=args.per_subject, seed=args.seed)
+        case_set = {"kind": "synthetic", "data": str(args.synthetic), "subjects": args.subjects,
+                    "per_subject": args.per_subject, "seed": args.seed}
+        title = f"synthetic anomalies in the model's '{args.subjects}' subjects"
+    else:
+        cases = folder_cases(args.cases, args.image_name, args.label_name, args.mask_name)
+        case_set = {"kind": "folder", "data": str(args.cases), "image": args.image_name, "label": args.label_name}
+        title = args.title or f"cases in {args.cases} ({args.image_name})"
     result = evaluate(package, cases, device=args.device,
                       progress=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
-    result["case_set"] = {"kind": "synthetic", "data": str(args.synthetic), "subjects": args.subjects,
-                          "per_subject": args.per_subject, "seed": args.seed}
-    result["title"] = f"synthetic anomalies in the model's '{args.subjects}' subjects"
+    result["case_set"] = case_set
+    result["title"] = title
     result["command"] = _command_line()
     result["machine"] = _machine()
     print(format_table(result))
@@ -376,8 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="pixel/slice AUROC, AP and Dice of every method on cases with ground truth")
     e.add_argument("model", help="model name or folder")
-    e.add_argument("--synthetic", required=True, metavar="DATA",
-                   help="healthy scans to insert seeded synthetic anomalies into")
+    e.add_argument("--synthetic", metavar="DATA", help="healthy scans to insert seeded synthetic anomalies into")
+    e.add_argument("--cases", metavar="DIR", help="real cases: one sub-folder per case with image and label")
+    e.add_argument("--image-name", default="image.nii.gz", help="image file in each case folder")
+    e.add_argument("--label-name", default="label.nii.gz", help="ground-truth file in each case folder (> 0 = anomaly)")
+    e.add_argument("--mask-name", help="brain mask file in each case folder (optional)")
+    e.add_argument("--title", help="title of this case set in reports")
     e.add_argument("--subjects", default="test", choices=["all", "calibration", "test", "val"],
                    help="which of DATA's subjects (default: the model's held-back test subjects)")
     e.add_argument("--per-subject", type=int, default=2, help="synthetic cases per subject")

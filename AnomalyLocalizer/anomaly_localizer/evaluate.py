@@ -9,7 +9,8 @@ brain), and seconds per case. A non-learned baseline is scored on the same cases
 robust intensity outlier |x - median| / IQR inside the brain.
 
 Case sets: synthetic anomalies (:mod:`anomaly_localizer.synthetic`) inserted into healthy
-subjects, seeded.
+subjects, seeded; or folders of real cases with ground truth (:func:`folder_cases`, e.g.
+the BraTS cases in ``../shared/data``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,21 @@ def synthetic_cases(subjects: list[Subject], per_subject: int = 2, seed: int = 0
             out = sitk.GetImageFromArray(img)
             out.CopyInformation(image)
             yield Case(f"{s.id}#{k}:{kind}", out, mask_img, label.astype(bool))
+
+
+def folder_cases(root: str | Path, image_name: str, label_name: str, mask_name: str | None = None) -> Iterator[Case]:
+    """Real cases with ground truth: one sub-folder per case holding ``image_name``,
+    ``label_name`` (anomaly = label > 0) and optionally ``mask_name`` (the brain)."""
+    root = Path(root)
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and (p / image_name).is_file())
+    if not folders:
+        from .errors import InputError
+        raise InputError(f"no case folder in {root} holds {image_name}; check --cases and --image-name")
+    for folder in folders:
+        image = as_3d(read_image(folder / image_name))
+        label = sitk.GetArrayFromImage(as_3d(read_image(folder / label_name, "LABEL"))) > 0
+        mask = as_3d(read_image(folder / mask_name, "MASK")) if mask_name and (folder / mask_name).is_file() else None
+        yield Case(folder.name, image, mask, label)
 
 
 def baseline_map(image: sitk.Image, brain: np.ndarray) -> np.ndarray:

@@ -78,3 +78,21 @@ def test_evaluate_command_reports_every_method_and_the_baseline(tmp_path):
         row = res["methods"][m]
         assert 0 <= row["pixel_auroc"] <= 1 and 0 <= row["pixel_ap"] <= 1 and 0 <= row["best_dice"] <= 1
     assert isinstance(res["methods"]["rec"]["beats_baseline"], bool)
+
+
+def test_evaluate_on_a_folder_of_real_cases(tmp_path):
+    for i in range(2):
+        case = tmp_path / "cases" / f"case{i}"
+        case.mkdir(parents=True)
+        arr = phantom_array(lesion=True, seed=i)
+        from phantoms import lesion_mask
+        sitk.WriteImage(image_from(arr), str(case / "t1.nii.gz"))
+        sitk.WriteImage(image_from(lesion_mask().astype(np.uint8) * 2), str(case / "seg.nii.gz"))
+    pkg = make_tiny_package(tmp_path / "tiny")
+    assert main(["evaluate", str(pkg.path), "--cases", str(tmp_path / "cases"), "--image-name", "t1.nii.gz",
+                 "--label-name", "seg.nii.gz", "--json", str(tmp_path / "e.json"), "-q"]) == 0
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["cases"] == 2 and res["case_set"]["kind"] == "folder"
+    # the phantom lesion is the brightest tissue: the intensity baseline finds it perfectly
+    assert res["methods"]["baseline_intensity"]["pixel_auroc"] > 0.99
+    assert main(["evaluate", str(pkg.path), "-q"]) == 2  # neither --synthetic nor --cases
