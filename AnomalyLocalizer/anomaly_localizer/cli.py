@@ -312,6 +312,29 @@ def cmd_brainmask_dice(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    """Write DIR/index.json: the default models and each package's pinned manifest hash."""
+    from .package import ANOMALY_TYPES, MANIFEST_FILE, load_package, sha256_file
+
+    folder = Path(args.folder)
+    old = json.loads((folder / "index.json").read_text()) if (folder / "index.json").is_file() else {}
+    (folder / "index.json").unlink(missing_ok=True)  # the packages are checked against their own manifests
+    models = {}
+    for sub in sorted(folder.iterdir()):
+        if (sub / MANIFEST_FILE).is_file():
+            p = load_package(sub)
+            models[sub.name] = {"manifest_sha256": sha256_file(sub / MANIFEST_FILE), "type": p.architecture["type"]}
+    anomaly = [n for n, m in models.items() if m["type"] in ANOMALY_TYPES]
+    extraction = [n for n, m in models.items() if m["type"] not in ANOMALY_TYPES]
+    index = {"default": args.default or old.get("default") or (anomaly[0] if anomaly else None),
+             "brain_extraction": args.brain_extraction or old.get("brain_extraction") or
+             (extraction[0] if extraction else None),
+             "models": models}
+    (folder / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    print(f"wrote {folder / 'index.json'} ({len(models)} models)")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .device import DEVICES
     from .scores import PIXEL_METHODS
@@ -439,6 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json")
     d.add_argument("-q", "--quiet", action="store_true")
     d.set_defaults(func=cmd_brainmask_dice)
+
+    i = sub.add_parser("index", help="pin the models of a folder in its index.json (after adding or changing one)")
+    i.add_argument("folder", help="a models folder, e.g. models/")
+    i.add_argument("--default", help="the default anomaly model")
+    i.add_argument("--brain-extraction", help="the default brain extraction model")
+    i.set_defaults(func=cmd_index)
 
     from . import benchmark
     benchmark.add_parser(sub)
