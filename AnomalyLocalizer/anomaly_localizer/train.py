@@ -372,6 +372,7 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = Fa
                        "trained": time.strftime("%Y-%m-%d"), "torch": torch.__version__},
         "training": {"config": asdict(cfg), "best_epoch": state["best_epoch"], "best_val_loss": state["best_val"],
                      "epochs_run": state["epoch"], "history": state["history"], "processes": world,
+                     "threads_per_process": torch.get_num_threads(),
                      "seconds_this_run": train_seconds},
     }
     package = save_package(model, meta, out)
