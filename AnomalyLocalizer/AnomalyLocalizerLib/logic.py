@@ -92,7 +92,7 @@ class AnomalyLocalizerLogic:
         self.method: str | None = None
         self.threshold = 0.5
         self.opacity = 0.6
-        self._package = None
+        self._package = None  # package of the last run: calibration for false-positive rates
         self._mask: np.ndarray | None = None  # reused threshold buffer
         self._box = None  # (result, brain bounding box) cache
 
@@ -471,10 +471,10 @@ class AnomalyLocalizerLogic:
         """Share of healthy brain voxels the current (or given) threshold flags, if calibrated."""
         from anomaly_localizer.calibrate import healthy_fpr
 
-        if self.result is None or self._lastPackage is None:
+        if self.result is None or self._package is None:
             return None
         lvl = self.threshold if level is None else level
-        return healthy_fpr(self._lastPackage.calibration, self.method, lvl * self.result.levelScale[self.method])
+        return healthy_fpr(self._package.calibration, self.method, lvl * self.result.levelScale[self.method])
 
     def _compositeNodes(self) -> list:
         nodes = []
@@ -579,11 +579,6 @@ class AnomalyLocalizerLogic:
         if self.result is None or self.inputVolume() is None:
             raise ValueError("nothing to export yet; run the analysis first")
         return self.inputVolume()
-
-    # keep the package of the last run for false-positive rates
-    @property
-    def _lastPackage(self):
-        return self._package
 
 
 def _sameLattice(orientedImage, volumeNode) -> bool:
