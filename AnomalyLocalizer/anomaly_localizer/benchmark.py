@@ -90,8 +90,8 @@ def reference_way(image: sitk.Image, mask: np.ndarray, package, model, device, b
                 ones = torch.ones_like(g, dtype=torch.bool)
                 out.append(smooth(minmax_in_mask(g, ones)) * rec)  # normalised per batch
         maps[method] = torch.cat(out)
+    prepared.slice_index = all_idx  # the maps cover every axial slice, so map all of them back
     for v in maps.values():
-        prepared.slice_index = all_idx
         prepared.to_input_grid(v)
     return time.perf_counter() - t0
 
