@@ -278,8 +278,8 @@ def cmd_release(args: argparse.Namespace) -> int:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    print(f"released {out} from {source.path} ({'float16' if args.half else 'float32'} weights), "
-          f"calibrated on {len(subjects)} subjects")
+    calibrated = f", calibrated on {len(subjects)} subjects" if subjects else ""
+    print(f"released {out} from {source.path} ({'float16' if args.half else 'float32'} weights){calibrated}")
     return EXIT_OK
 
 

@@ -69,3 +69,19 @@ def test_demo_scores_a_real_brain_with_and_without_a_lesion(tmp_path):
     healthy = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "healthy" / "segmentation.nii.gz"))) > 0
     # the inserted lesion is found: most of it is segmented, and far more than on the healthy scan there
     assert seg[truth].mean() > 0.3 and seg[truth].mean() > 5 * healthy[truth].mean()
+
+
+def test_shipped_brain_extraction_is_pinned_and_finds_a_head_phantoms_brain():
+    index = json.loads((MODELS / "index.json").read_text())
+    name = index.get("brain_extraction")
+    if name is None:
+        pytest.skip("no brain extraction model shipped")
+    from anomaly_localizer.brainextract import default_extractor, extract_brain
+    from phantoms import head_phantom, image_from
+    package = default_extractor()
+    assert package.name == name and package.architecture["type"] == "unet-brainmask"
+    card = (MODELS / name / "README.md").read_text()
+    assert "Dice" in card and "IXI" in card
+    img, brain = head_phantom((60, 100, 90))  # 2.5 mm phantom head: not what it was trained on
+    mask = extract_brain(image_from(img, spacing=(2.5, 2.5, 2.5)), package)
+    assert mask.shape == brain.shape and mask.any()
