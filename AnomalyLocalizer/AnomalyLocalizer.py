@@ -303,15 +303,9 @@ class AnomalyLocalizerTest(ScriptedLoadableModuleTest):
         logic = AnomalyLocalizerLogic(slicer.app.applicationLogic())
         models = logic.availableModels()
         self.assertTrue(models, "no model installed")
-        # The sample is a whole head: use a rough brain mask (intensity above the 40th percentile,
-        # largest component), as a user would with a brain extraction tool.
-        arr = slicer.util.arrayFromVolume(volume)
-        mask = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "brain")
-        mask.CopyOrientation(volume)
-        slicer.util.updateVolumeFromArray(mask, (arr > np.percentile(arr, 60)).astype(np.uint8))
-
+        # The sample is a whole head without a mask: the built-in brain extraction finds the brain.
         self.delayDisplay("Scoring")
-        result = logic.run(volume, mask=mask, device="cpu")
+        result = logic.run(volume, device="cpu")
         heat = logic.outputNode(volume, f"heatmap.{logic.method}")
         self.assertIsNotNone(heat)
         self.assertEqual(heat.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
@@ -326,7 +320,7 @@ class AnomalyLocalizerTest(ScriptedLoadableModuleTest):
             table = logic.exportSliceScores(os.path.join(tmp, "scores.csv"))
             self.assertTrue(os.path.getsize(seg) > 0 and os.path.getsize(table) > 0)
 
-        logic.run(volume, mask=mask, device="cpu")
+        logic.run(volume, device="cpu")
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
         self.assertTrue(np.isfinite(result.summary["volume_score"]))
         self.delayDisplay("Test passed")

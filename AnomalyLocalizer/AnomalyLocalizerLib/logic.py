@@ -132,7 +132,7 @@ class AnomalyLocalizerLogic:
         res = score_volume(image, package, methods, mask=maskImage, device=device, progress=progress, cancel=cancel)
         summary = {"model": {"name": package.name, "manifest_sha256": package.manifest_sha256},
                    "methods": methods, "device": res.device, "timings_s": res.timings,
-                   "volume_score": res.volume_score}
+                   "volume_score": res.volume_score, "brain_mask_source": res.info["brain_mask_source"]}
         result = RunResult(inputVolume.GetID(), res.maps, res.brain_mask, res.slice_scores, res.axial_axis, summary)
         self._applyResult(inputVolume, result, package)
         return result
@@ -567,6 +567,7 @@ class AnomalyLocalizerLogic:
     def provenance(self) -> dict:
         r = self.result
         return {"model": r.summary.get("model", {}), "method": self.method, "threshold_anomaly_level": self.threshold,
+                "brain_mask_source": r.summary.get("brain_mask_source"),
                 "threshold_raw_score": self.threshold * r.levelScale[self.method],
                 "healthy_false_positive_rate": self.healthyFalsePositiveRate(),
                 "anomaly_level_definition": f"raw score / the model's {100 * ANOMALY_LEVEL_FPR:g} % healthy FPR threshold"}

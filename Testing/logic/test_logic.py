@@ -212,6 +212,7 @@ def test_export_round_trip(slicerApp, tmp_path, model):
     np.testing.assert_allclose(back.GetOrigin(), volumeNodeToImage(scan).GetOrigin(), atol=1e-4)
     prov = json.loads((tmp_path / "anomaly.nii.gz.json").read_text())
     assert prov["method"] == "rec" and prov["threshold_anomaly_level"] == 0.3 and prov["model"]["name"] == "tiny"
+    assert prov["brain_mask_source"].startswith("non-zero region")
     seg = logic.exportSegmentation(tmp_path / "anomaly.seg.nrrd")
     segBack = slicerApp.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     storage = slicer.vtkMRMLSegmentationStorageNode()
