@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -153,7 +154,9 @@ def load_slices(subjects: list[Subject], contract: dict[str, Any], cache_dir: Pa
     ids = [s.id for s in subjects]
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
+        # A file of our own per process: under torchrun every rank may build the cache at
+        # once, and each then atomically replaces it with the same content.
+        tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
         np.savez(tmp, x=x, mask=m, subject=subject, ids=np.array(ids))
         tmp.replace(cache)
     return SliceSet(torch.from_numpy(x), torch.from_numpy(m), subject, ids)
