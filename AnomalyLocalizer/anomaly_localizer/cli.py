@@ -469,8 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--brain-extraction", help="the default brain extraction model")
     i.set_defaults(func=cmd_index)
 
-    from . import benchmark
+    from . import benchmark, paper
     benchmark.add_parser(sub)
+    paper.add_parser(sub)
     return p
 
 
