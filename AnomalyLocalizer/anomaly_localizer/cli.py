@@ -162,6 +162,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     elif not args.in_place:
         raise InputError("give --out NEW_MODEL_DIR for a recalibrated copy, or --in-place to overwrite "
                          f"the calibration of {package.path}")
+    elif (package.path.parent / "index.json").is_file() and \
+            package.path.name in json.loads((package.path.parent / "index.json").read_text()).get("models", {}):
+        raise InputError(f"{package.path} is pinned in {package.path.parent / 'index.json'}; recalibrate a copy "
+                         "with --out NEW_MODEL_DIR (or run `anomaly-localizer index` after changing it)")
     subjects = _subjects_of(package, args.data, args.subjects)
     calibrate_package(package, subjects, device=args.device,
                       progress=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
@@ -268,13 +272,17 @@ def cmd_release(args: argparse.Namespace) -> int:
     meta["weights_dtype"] = "float16" if args.half else "float32"
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    package = save_package(model, meta, tmp)
-    subjects = []
-    if package.architecture.get("type") in ANOMALY_TYPES:  # brain extraction models have no thresholds
-        subjects = _subjects_of(package, args.data, "calibration")
-        package = calibrate_package(package, subjects, device=args.device,
-                                    progress=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
-        update_meta(package.path, package.meta)
+    try:
+        package = save_package(model, meta, tmp)
+        subjects = []
+        if package.architecture.get("type") in ANOMALY_TYPES:  # brain extraction models have no thresholds
+            subjects = _subjects_of(package, args.data, "calibration")
+            package = calibrate_package(package, subjects, device=args.device,
+                                        progress=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+            update_meta(package.path, package.meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-made package left behind
+        raise
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -35,12 +35,17 @@ def mni152(out: Path) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m anomaly_localizer.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="demo-output", help="folder for everything the demo writes (replaced)")
+    p.add_argument("--out", default="demo-output", help="folder for everything the demo writes (an earlier demo output there is replaced)")
     p.add_argument("--model", help="model name or folder (default: the shipped default model)")
     p.add_argument("--seed", type=int, default=7, help="seed of the synthetic lesion")
     args = p.parse_args(argv)
     out = Path(args.out)
     if out.exists():
+        # Replace only an earlier demo's output (or an empty folder): never a user's folder.
+        known = {"inputs", "healthy", "lesion", "overview.png"}
+        if not out.is_dir() or not {p.name for p in out.iterdir()} <= known:
+            print(f"error: {out} exists and is not an earlier demo output; choose another --out", file=sys.stderr)
+            return 2
         shutil.rmtree(out)
     (out / "inputs").mkdir(parents=True)
     image_path, mask_path = mni152(out / "inputs")

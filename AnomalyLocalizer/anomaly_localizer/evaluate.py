@@ -72,6 +72,10 @@ def folder_cases(root: str | Path, image_name: str, label_name: str, mask_name: 
         image = as_3d(read_image(folder / image_name))
         label = sitk.GetArrayFromImage(as_3d(read_image(folder / label_name, "LABEL"))) > 0
         mask = as_3d(read_image(folder / mask_name, "MASK")) if mask_name and (folder / mask_name).is_file() else None
+        if label.shape != sitk.GetArrayViewFromImage(image).shape:
+            from .errors import InputError
+            raise InputError(f"case {folder.name}: {label_name} is not on the grid of {image_name}; "
+                             "resample the label onto the image")
         yield Case(folder.name, image, mask, label)
 
 

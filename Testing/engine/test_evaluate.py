@@ -96,3 +96,13 @@ def test_evaluate_on_a_folder_of_real_cases(tmp_path):
     # the phantom lesion is the brightest tissue: the intensity baseline finds it perfectly
     assert res["methods"]["baseline_intensity"]["pixel_auroc"] > 0.99
     assert main(["evaluate", str(pkg.path), "-q"]) == 2  # neither --synthetic nor --cases
+
+
+def test_a_label_on_another_grid_is_refused(tmp_path, capsys):
+    case = tmp_path / "cases" / "c"
+    case.mkdir(parents=True)
+    sitk.WriteImage(image_from(phantom_array()), str(case / "image.nii.gz"))
+    sitk.WriteImage(image_from(np.zeros((10, 10, 10), np.uint8)), str(case / "label.nii.gz"))
+    pkg = make_tiny_package(tmp_path / "tiny")
+    assert main(["evaluate", str(pkg.path), "--cases", str(tmp_path / "cases"), "-q"]) == 2
+    assert "not on the grid" in capsys.readouterr().err

@@ -85,3 +85,20 @@ def test_shipped_brain_extraction_is_pinned_and_finds_a_head_phantoms_brain():
     img, brain = head_phantom((60, 100, 90))  # 2.5 mm phantom head: not what it was trained on
     mask = extract_brain(image_from(img, spacing=(2.5, 2.5, 2.5)), package)
     assert mask.shape == brain.shape and mask.any()
+
+
+def test_a_pinned_model_is_not_recalibrated_in_place(capsys):
+    from anomaly_localizer.cli import main
+    name = json.loads((MODELS / "index.json").read_text())["default"]
+    before = (MODELS / name / "manifest.json").read_bytes()
+    assert main(["calibrate", name, str(MODELS), "--in-place"]) == 2
+    assert "pinned" in capsys.readouterr().err
+    assert (MODELS / name / "manifest.json").read_bytes() == before
+
+
+def test_demo_does_not_replace_a_users_folder(tmp_path, capsys):
+    from anomaly_localizer.demo import main
+    (tmp_path / "mine.txt").write_text("keep")
+    assert main(["--out", str(tmp_path)]) == 2
+    assert (tmp_path / "mine.txt").read_text() == "keep"
+    assert "not an earlier demo output" in capsys.readouterr().err

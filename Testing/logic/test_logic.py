@@ -118,10 +118,13 @@ def test_rerun_reuses_nodes(slicerApp, tmp_path, model):
     assert ids == {r: logic.outputNode(scan, r).GetID() for r in ids}
 
 
+def _loadAllZero(slicerApp, tmp_path):
+    sitk.WriteImage(image_from(np.zeros((20, 20, 20), np.float32)), str(tmp_path / "zero.nrrd"))
+    return slicerApp.loadVolume(tmp_path / "zero.nrrd", "zero")
+
+
 def test_bad_input_leaves_the_scene_as_it_was_and_says_why(slicerApp, tmp_path, model):
-    img = image_from(np.zeros((20, 20, 20), np.float32))
-    sitk.WriteImage(img, str(tmp_path / "zero.nrrd"))
-    scan = slicerApp.loadVolume(tmp_path / "zero.nrrd", "zero")
+    scan = _loadAllZero(slicerApp, tmp_path)
     logic = AnomalyLocalizerLogic(slicerApp.app)
     before = slicerApp.nodeCount()
     with pytest.raises(AnomalyLocalizerError, match="all zero"):
@@ -175,9 +178,7 @@ def test_cancelled_run_leaves_the_scene_as_it_was(slicerApp, tmp_path, model):
 
 
 def test_failed_child_run_reports_the_engines_message(slicerApp, tmp_path, model):
-    img = image_from(np.zeros((20, 20, 20), np.float32))
-    sitk.WriteImage(img, str(tmp_path / "zero.nrrd"))
-    scan = slicerApp.loadVolume(tmp_path / "zero.nrrd", "zero")
+    scan = _loadAllZero(slicerApp, tmp_path)
     logic = AnomalyLocalizerLogic(slicerApp.app)
     before = slicerApp.nodeCount()
     with pytest.raises(AnomalyLocalizerError, match="all zero"):
