@@ -17,7 +17,6 @@ from .data import Subject
 from .imageio import as_3d, read_image
 from .package import ModelPackage, load_package, update_meta
 from .pipeline import score_volume
-from .scores import PIXEL_METHODS
 
 FPRS = (0.01, 0.001, 0.0001)
 DEFAULT_FPR = 0.001
@@ -27,10 +26,12 @@ QUANTILE_LEVELS = np.linspace(0.0, 100.0, 201)  # every half percentile
 CURVE_FPRS = tuple(float(f) for f in np.logspace(np.log10(0.5), -5, 40))
 
 
-def score_subjects(package: ModelPackage, subjects: list[Subject], methods=PIXEL_METHODS, device: str = "cpu",
+def score_subjects(package: ModelPackage, subjects: list[Subject], methods=None, device: str = "cpu",
                    progress: Callable[[str], None] | None = None):
-    """Yield (subject, ScoreResult) for healthy subjects, the model loaded once."""
+    """Yield (subject, ScoreResult) for healthy subjects, the model loaded once (all the
+    model's methods by default)."""
     from .device import select_device
+    methods = methods or package.methods
     model = package.load_model(select_device(device))
     for i, s in enumerate(subjects):
         image = as_3d(read_image(s.image))
@@ -42,21 +43,21 @@ def score_subjects(package: ModelPackage, subjects: list[Subject], methods=PIXEL
         yield s, res
 
 
-def compute_calibration(results, methods=PIXEL_METHODS) -> dict[str, Any]:
-    """Calibration block of model.json from scored healthy subjects."""
-    voxels = {m: [] for m in methods}
-    slices = {"elbo": [], "kl": [], "rec": []}
+def compute_calibration(results) -> dict[str, Any]:
+    """Calibration block of model.json from scored healthy subjects (every map and slice
+    score the results hold)."""
+    voxels: dict[str, list] = {}
+    slices: dict[str, list] = {}
     volume_scores, ids = [], []
     for s, res in results:
         ids.append(s.id)
-        for m in methods:
-            voxels[m].append(res.maps[m][res.brain_mask].astype(np.float32))
-        for k in slices:
-            v = res.slice_scores[k]
-            slices[k].append(v[np.isfinite(v)])
+        for m, v in res.maps.items():
+            voxels.setdefault(m, []).append(v[res.brain_mask].astype(np.float32))
+        for k, v in res.slice_scores.items():
+            slices.setdefault(k, []).append(v[np.isfinite(v)])
         volume_scores.append(res.volume_score)
     pixel = {}
-    for m in methods:
+    for m in voxels:
         v = np.concatenate(voxels[m])
         pixel[m] = {"n_subjects": len(ids), "n_voxels": int(v.size),
                     "thresholds": [{"fpr": f, "value": float(np.quantile(v, 1 - f, method="higher"))} for f in FPRS],
@@ -100,8 +101,9 @@ def healthy_fpr(calibration: dict[str, Any], method: str, threshold: float) -> f
     return float(10 ** np.interp(threshold, values, log_fpr[idx]))
 
 
-def flagged_fraction(results, package: ModelPackage, methods=PIXEL_METHODS) -> dict[str, dict[str, float]]:
+def flagged_fraction(results, package: ModelPackage, methods=None) -> dict[str, dict[str, float]]:
     """Share of healthy brain voxels above each calibrated threshold, per method."""
+    methods = [m for m in (methods or package.methods) if m in package.calibration.get("pixel", {})]
     counts = {m: np.zeros(len(FPRS)) for m in methods}
     total = 0
     for _, res in results:

@@ -41,25 +41,26 @@ def _machine() -> str:
 
 
 def default_methods(package) -> list[str]:
-    """All pixel methods, the model's recommended one first (it makes the segmentation)."""
-    from .scores import PIXEL_METHODS
+    """The model's methods, its recommended one first (it makes the segmentation).
+    ``restoration`` (an optimisation per slice, seconds rather than milliseconds) only when
+    asked for or recommended."""
     first = package.meta.get("recommended_method")
-    return ([first] if first in PIXEL_METHODS else []) + [m for m in PIXEL_METHODS if m != first]
+    offered = [m for m in package.methods if m != "restoration" or first == "restoration"]
+    return ([first] if first in offered else []) + [m for m in offered if m != first]
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     from .imageio import as_3d, read_image
     from .outputs import check_output_dir, write_results
-    from .package import resolve_package
+    from .package import resolve_package_for
     from .pipeline import check_methods, score_volume
-    from .scores import PIXEL_METHODS
 
     t0 = time.perf_counter()
     out = Path(args.out)
     # Everything that can be refused is checked before any work and before any write.
     check_output_dir(out, args.force)
-    package = resolve_package(args.model)
-    methods = check_methods(args.method or default_methods(package))
+    package = resolve_package_for(args.method, args.model)
+    methods = check_methods(args.method or default_methods(package), package)
     if args.threshold is not None:
         threshold, meaning, source = float(args.threshold), "given with --threshold", "user"
     else:
@@ -83,8 +84,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         "model": {"name": package.name, "path": str(package.path.resolve()), "manifest_sha256": package.manifest_sha256},
         "methods": methods,
         "threshold": {"method": methods[0], "value": threshold, "source": source, "meaning": meaning},
-        "volume_score": {"value": result.volume_score,
-                         "meaning": "mean negative ELBO of the 10 % most anomalous brain slices"},
+        "volume_score": {"value": result.volume_score, "meaning": result.info["volume_score_meaning"]},
         "axial_axis": result.axial_axis,
         "scored_slices": result.info["scored_slices"],
         "brain_fraction_in_field_of_view": result.info["fov_coverage"],
@@ -147,25 +147,37 @@ def _subjects_of(package, data: str, which: str):
     return chosen
 
 
-def cmd_calibrate(args: argparse.Namespace) -> int:
+def prepare_copy(model: str, out: str | None, in_place: bool):
+    """The package a changing command (calibrate, tune-restoration) works on: a new copy in
+    ``out``, or with ``in_place`` the model itself, unless an index.json pins it."""
     import shutil
-    from .calibrate import calibrate_package
     from .package import load_package, resolve_package
 
-    package = resolve_package(args.model)
-    if args.out:
-        dest = Path(args.out)
+    package = resolve_package(model)
+    if out:
+        dest = Path(out)
         if dest.exists():
-            raise InputError(f"{dest} already exists; choose a new folder for the recalibrated model")
+            raise InputError(f"{dest} already exists; choose a new folder for the changed model")
         shutil.copytree(package.path, dest, ignore=shutil.ignore_patterns("checkpoint", ".cache"))
-        package = load_package(dest)
-    elif not args.in_place:
-        raise InputError("give --out NEW_MODEL_DIR for a recalibrated copy, or --in-place to overwrite "
-                         f"the calibration of {package.path}")
-    elif (package.path.parent / "index.json").is_file() and \
-            package.path.name in json.loads((package.path.parent / "index.json").read_text()).get("models", {}):
-        raise InputError(f"{package.path} is pinned in {package.path.parent / 'index.json'}; recalibrate a copy "
-                         "with --out NEW_MODEL_DIR (or run `anomaly-localizer index` after changing it)")
+        meta = json.loads((dest / "model.json").read_text())
+        meta["name"] = dest.name
+        from .package import update_meta
+        update_meta(dest, meta)
+        return load_package(dest)
+    if not in_place:
+        raise InputError("give --out NEW_MODEL_DIR for a changed copy, or --in-place to change "
+                         f"{package.path} itself")
+    index = package.path.parent / "index.json"
+    if index.is_file() and package.path.name in json.loads(index.read_text()).get("models", {}):
+        raise InputError(f"{package.path} is pinned in {index}; change a copy with --out NEW_MODEL_DIR "
+                         "(or run `anomaly-localizer index` after changing it)")
+    return package
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate_package
+
+    package = prepare_copy(args.model, args.out, args.in_place)
     subjects = _subjects_of(package, args.data, args.subjects)
     calibrate_package(package, subjects, device=args.device,
                       progress=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
@@ -201,8 +213,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .package import resolve_package
 
     from .evaluate import folder_cases
+    from .pipeline import check_methods
 
     package = resolve_package(args.model)
+    runs = [(package, [m for m in (args.method or package.methods) if m in package.methods])]
+    for extra in args.also or []:
+        other = resolve_package(extra)
+        runs.append((other, [m for m in (args.method or other.methods) if m in other.methods]))
+    if args.method:
+        check_methods(args.method)
+        offered = {m for _, ms in runs for m in ms}
+        missing = [m for m in args.method if m not in offered]
+        if missing:
+            raise InputError(f"no given model offers {', '.join(missing)}; add one that does with --also MODEL")
+    if args.restoration == "reference":
+        from .restoration import REFERENCE_RESTORATION
+        for p, _ in runs:
+            if "restoration" in p.methods:
+                p.meta["restoration"] = {**p.meta.get("restoration", {}), **REFERENCE_RESTORATION}
+    runs = [(p, ms) for p, ms in runs if ms]
     if bool(args.synthetic) == bool(args.cases):
         raise InputError("give either --synthetic DATA (healthy scans) or --cases DIR (cases with ground truth)")
     if args.synthetic:
@@ -217,8 +246,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         cases = folder_cases(args.cases, args.image_name, args.label_name, args.mask_name)
         case_set = {"kind": "folder", "data": str(args.cases), "image": args.image_name, "label": args.label_name}
         title = args.title or f"cases in {args.cases} ({args.image_name})"
-    result = evaluate(package, cases, device=args.device,
+    result = evaluate(runs, cases, device=args.device,
                       progress=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+    result["restoration_optimiser"] = args.restoration
     result["case_set"] = case_set
     result["title"] = title
     result["command"] = _command_line()
@@ -345,7 +375,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .device import DEVICES
-    from .scores import PIXEL_METHODS
+    from .package import ALL_METHODS
 
     p = argparse.ArgumentParser(prog="anomaly-localizer",
                                 description="Unsupervised anomaly localisation in brain MRI.")
@@ -358,8 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (must not exist or must be empty, unless --force)")
     s.add_argument("--model", help="model name or package folder (default: the default installed model)")
     s.add_argument("--method", action="append", choices=None, metavar="M",
-                   help=f"pixel score, repeatable: {', '.join(PIXEL_METHODS)} (default: all); "
-                        "the first one makes the segmentation")
+                   help=f"pixel score, repeatable: {', '.join(ALL_METHODS)} (default: all of the model's "
+                        "except restoration); the first one makes the segmentation. lsr needs an LSR model "
+                        "(chosen automatically when --model is not given)")
     s.add_argument("--mask", help="brain mask on the input's grid (label > 0 is brain)")
     s.add_argument("--brain-extraction", default="auto", metavar="auto|off|MODEL",
                    help="for a whole-head input without --mask: the built-in brain extraction (auto), "
@@ -430,6 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="use only the first N subjects")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto", choices=DEVICES)
+    e.add_argument("--also", action="append", metavar="MODEL",
+                   help="another model whose methods join the table (repeatable), e.g. brain-t1-lsr")
+    e.add_argument("--method", action="append", metavar="M", help="evaluate only these methods (repeatable)")
+    e.add_argument("--restoration", choices=["package", "reference"], default="package",
+                   help="restoration optimiser: the package's fast one, or the reference 500 gradient steps")
     e.add_argument("--json", help="also write the results as JSON")
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
@@ -477,9 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--brain-extraction", help="the default brain extraction model")
     i.set_defaults(func=cmd_index)
 
-    from . import benchmark, paper
+    from . import benchmark, paper, restoration, train_lsr
     benchmark.add_parser(sub)
     paper.add_parser(sub)
+    train_lsr.add_parser(sub)
+    restoration.add_parser(sub)
     return p
 
 

@@ -32,7 +32,7 @@ from .volume import NORMALISATION, brain_mask, prepare_volume
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: slice positions stored
 # Slices whose model-space brain covers less than this share of the slice are left out of
 # training (the tips of the brain teach little); scoring still scores them.
 MIN_BRAIN_FRACTION = 0.01
@@ -106,6 +106,7 @@ class SliceSet:
     mask: torch.Tensor
     subject: np.ndarray  # (N,) index into ``subject_ids``
     subject_ids: list[str]
+    position: torch.Tensor | None = None  # (N,) relative position in the brain, 0 lowest .. 1 highest
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -123,14 +124,16 @@ def _cache_key(subjects: list[Subject], contract: dict[str, Any]) -> str:
     return h.hexdigest()[:24]
 
 
-def load_volume_slices(subject: Subject, contract: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def load_volume_slices(subject: Subject, contract: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Model slices, their brain masks and their relative positions in the brain."""
     image = as_3d(read_image(subject.image))
     mask = as_3d(read_image(subject.mask, "MASK")) if subject.mask else None
     prepared = prepare_volume(image, brain_mask(image, mask), contract)
     x = prepared.slices.numpy()
     m = prepared.mask.numpy()
+    pos = prepared.slice_positions().numpy()
     keep = m.reshape(len(m), -1).mean(1) >= MIN_BRAIN_FRACTION
-    return x[keep], m[keep]
+    return x[keep], m[keep], pos[keep]
 
 
 def load_slices(subjects: list[Subject], contract: dict[str, Any], cache_dir: Path | None = None) -> SliceSet:
@@ -141,15 +144,17 @@ def load_slices(subjects: list[Subject], contract: dict[str, Any], cache_dir: Pa
         if cache.is_file():
             with np.load(cache, allow_pickle=False) as z:
                 return SliceSet(torch.from_numpy(z["x"]), torch.from_numpy(z["mask"]), z["subject"],
-                                [str(s) for s in z["ids"]])
-    xs, ms, subj = [], [], []
+                                [str(s) for s in z["ids"]], torch.from_numpy(z["position"]))
+    xs, ms, ps, subj = [], [], [], []
     for i, s in enumerate(subjects):
-        x, m = load_volume_slices(s, contract)
+        x, m, p = load_volume_slices(s, contract)
         xs.append(x)
         ms.append(m)
+        ps.append(p)
         subj.append(np.full(len(x), i, np.int32))
     x = np.concatenate(xs).astype(np.float32)
     m = np.concatenate(ms).astype(bool)
+    pos = np.concatenate(ps).astype(np.float32)
     subject = np.concatenate(subj)
     ids = [s.id for s in subjects]
     if cache is not None:
@@ -157,6 +162,6 @@ def load_slices(subjects: list[Subject], contract: dict[str, Any], cache_dir: Pa
         # A file of our own per process: under torchrun every rank may build the cache at
         # once, and each then atomically replaces it with the same content.
         tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, x=x, mask=m, subject=subject, ids=np.array(ids))
+        np.savez(tmp, x=x, mask=m, subject=subject, ids=np.array(ids), position=pos)
         tmp.replace(cache)
-    return SliceSet(torch.from_numpy(x), torch.from_numpy(m), subject, ids)
+    return SliceSet(torch.from_numpy(x), torch.from_numpy(m), subject, ids, torch.from_numpy(pos))

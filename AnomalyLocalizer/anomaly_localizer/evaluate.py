@@ -30,7 +30,6 @@ from .imageio import as_3d, read_image
 from .metrics import auroc, average_precision, best_dice, dice_at
 from .package import ModelPackage
 from .pipeline import score_volume
-from .scores import PIXEL_METHODS
 from .synthetic import make_case
 
 BASELINE = "baseline_intensity"
@@ -88,28 +87,42 @@ def baseline_map(image: sitk.Image, brain: np.ndarray) -> np.ndarray:
     return out
 
 
-def evaluate(package: ModelPackage, cases: Iterator[Case], methods=PIXEL_METHODS, device: str = "cpu",
-             progress=None) -> dict:
+def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None) -> dict:
+    """Metrics of every method over ``cases``. ``runs``: a package, or a list of
+    (package, methods) whose methods join one table (e.g. the VAE and the LSR model)."""
     from .device import select_device
-    model = package.load_model(select_device(device))
-    names = list(methods) + [BASELINE]
+    if isinstance(runs, ModelPackage):
+        runs = [(runs, list(runs.methods))]
+    loaded = [(p, list(ms), p.load_model(select_device(device))) for p, ms in runs]
+    methods = [m for _, ms, _ in loaded for m in ms]
+    source = {m: p for p, ms, _ in loaded for m in ms}
+    names = methods + [BASELINE]
     pix = {m: [] for m in names}
     labels, slice_labels = [], []
-    slice_scores = {m: [] for m in names + ["slice_elbo", "slice_kl", "slice_rec"]}
-    seconds, n_cases = [], 0
+    slice_names = [f"slice_{k}" for p, _, _ in loaded
+                   for k in (("elbo", "kl", "rec") if p.primary_slice_score == "elbo" else (p.primary_slice_score,))]
+    slice_scores = {m: [] for m in names + slice_names}
+    seconds = {p.name: [] for p, _, _ in loaded}
+    n_cases = 0
     for case in cases:
-        t0 = time.perf_counter()
-        res = score_volume(case.image, package, methods, mask=case.mask, device=device, model=model)
-        seconds.append(time.perf_counter() - t0)
-        brain = res.brain_mask
-        maps = dict(res.maps)
+        brain = None
+        maps: dict[str, np.ndarray] = {}
+        case_slice_scores: dict[str, np.ndarray] = {}
+        for package, ms, model in loaded:
+            t0 = time.perf_counter()
+            res = score_volume(case.image, package, ms, mask=case.mask, device=device, model=model)
+            seconds[package.name].append(time.perf_counter() - t0)
+            if brain is None:
+                brain, axial_axis = res.brain_mask, res.axial_axis
+            maps.update(res.maps)
+            case_slice_scores.update({f"slice_{k}": v for k, v in res.slice_scores.items()})
         maps[BASELINE] = baseline_map(case.image, brain)
         label = case.label & brain
         labels.append(label[brain])
         for m in names:
             pix[m].append(maps[m][brain].astype(np.float32))
         # slices along the input's axial axis
-        ax = 2 - res.axial_axis  # numpy axis of the axial index
+        ax = 2 - axial_axis  # numpy axis of the axial index
         lesion_per_slice = np.moveaxis(label, ax, 0).reshape(label.shape[ax], -1).sum(1)
         brain_per_slice = np.moveaxis(brain, ax, 0).reshape(label.shape[ax], -1).sum(1)
         keep = (brain_per_slice > 0) & ((lesion_per_slice >= SLICE_MIN_LESION) | (lesion_per_slice == 0))
@@ -117,11 +130,12 @@ def evaluate(package: ModelPackage, cases: Iterator[Case], methods=PIXEL_METHODS
         for m in names:
             v = np.moveaxis(maps[m], ax, 0).reshape(label.shape[ax], -1).sum(1) / np.maximum(brain_per_slice, 1)
             slice_scores[m].append(v[keep])
-        for k in ("elbo", "kl", "rec"):
-            slice_scores[f"slice_{k}"].append(res.slice_scores[k][keep])
+        for k in slice_names:
+            slice_scores[k].append(case_slice_scores[k][keep])
         n_cases += 1
         if progress:
-            progress(f"{case.id}: {seconds[-1]:.1f} s, {int(label.sum())} lesion voxels")
+            took = ", ".join(f"{n} {v[-1]:.1f} s" for n, v in seconds.items())
+            progress(f"{case.id}: {took}, {int(label.sum())} lesion voxels")
     y = np.concatenate(labels)
     ys = np.concatenate(slice_labels)
     table = {}
@@ -129,21 +143,28 @@ def evaluate(package: ModelPackage, cases: Iterator[Case], methods=PIXEL_METHODS
         s = np.concatenate(pix[m])
         row = {"pixel_auroc": auroc(s, y), "pixel_ap": average_precision(s, y)}
         row["best_dice"], row["best_dice_threshold"] = best_dice(s, y)
-        calibrated = package.default_threshold(m) if m != BASELINE else None
+        calibrated = source[m].default_threshold(m) if m != BASELINE else None
         row["dice_at_calibrated"] = dice_at(s, y, calibrated[0]) if calibrated else None
         row["healthy_voxels_flagged_at_calibrated"] = float((s[~y] > calibrated[0]).mean()) if calibrated else None
         ss = np.concatenate(slice_scores[m])
         row["slice_auroc"], row["slice_ap"] = auroc(ss, ys), average_precision(ss, ys)
+        if m != BASELINE:
+            row["model"] = source[m].name
         table[m] = row
-    for k in ("elbo", "kl", "rec"):
-        ss = np.concatenate(slice_scores[f"slice_{k}"])
-        table[f"slice_{k}"] = {"slice_auroc": auroc(ss, ys), "slice_ap": average_precision(ss, ys)}
+    for k in slice_names:
+        ss = np.concatenate(slice_scores[k])
+        table[k] = {"slice_auroc": auroc(ss, ys), "slice_ap": average_precision(ss, ys)}
     base_ap = table[BASELINE]["pixel_ap"]
     for m in methods:
         table[m]["beats_baseline"] = bool(table[m]["pixel_ap"] > base_ap)
-    return {"model": package.name, "model_manifest_sha256": package.manifest_sha256, "cases": n_cases,
-            "lesion_voxels": int(y.sum()), "brain_voxels": int(y.size), "abnormal_slices": int(ys.sum()),
-            "normal_slices": int((~ys).sum()), "seconds_per_case": float(np.mean(seconds)) if seconds else None,
+    first = loaded[0][0]
+    return {"model": " + ".join(p.name for p, _, _ in loaded), "model_manifest_sha256": first.manifest_sha256,
+            "models": {p.name: {"manifest_sha256": p.manifest_sha256, "methods": ms,
+                                "seconds_per_case": float(np.mean(seconds[p.name])) if seconds[p.name] else None}
+                       for p, ms, _ in loaded},
+            "cases": n_cases, "lesion_voxels": int(y.sum()), "brain_voxels": int(y.size),
+            "abnormal_slices": int(ys.sum()), "normal_slices": int((~ys).sum()),
+            "seconds_per_case": float(sum(np.mean(v) for v in seconds.values() if v)) if n_cases else None,
             "methods": table}
 
 

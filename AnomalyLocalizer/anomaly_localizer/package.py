@@ -26,9 +26,19 @@ from .errors import PackageError
 if TYPE_CHECKING:  # torch is imported only when weights are loaded or saved, so listing
     import torch   # and checking models works (e.g. in Slicer) before PyTorch is installed.
 
-ANOMALY_TYPES = ("vae", "cevae")  # models that score anomalies
+ANOMALY_TYPES = ("vae", "cevae", "vqvae-lsr")  # models that score anomalies
 BRAIN_EXTRACTION_TYPES = ("unet-brainmask",)  # models that find the brain in a whole-head scan
 ARCHITECTURE_TYPES = ANOMALY_TYPES + BRAIN_EXTRACTION_TYPES
+
+# The methods each kind of model offers. The VAE's five gradient-family scores come from one
+# forward and two backward passes (scores.py); restoration optimises each slice
+# (restoration.py); lsr needs a VQ-VAE and its prior (lsr.py).
+VAE_METHODS = ("rec", "rec_grad", "kl_grad", "elbo_grad", "combi", "restoration")
+LSR_METHODS = ("lsr",)
+METHODS_BY_TYPE = {"vae": VAE_METHODS, "cevae": VAE_METHODS, "vqvae-lsr": LSR_METHODS}
+ALL_METHODS = VAE_METHODS + LSR_METHODS
+# The slice score each kind of model ranks slices by (its volume score is built from it).
+PRIMARY_SLICE_SCORE = {"vae": "elbo", "cevae": "elbo", "vqvae-lsr": "lsr"}
 
 PACKAGE_FORMAT = "anomaly-localizer-model/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -76,6 +86,15 @@ class ModelPackage:
     @property
     def architecture(self) -> dict[str, Any]:
         return self.meta["architecture"]
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The pixel methods this model offers (none for a brain extraction model)."""
+        return METHODS_BY_TYPE.get(self.architecture.get("type"), ())
+
+    @property
+    def primary_slice_score(self) -> str | None:
+        return PRIMARY_SLICE_SCORE.get(self.architecture.get("type"))
 
     @property
     def contract(self) -> dict[str, Any]:
@@ -224,6 +243,39 @@ def default_model_name() -> str | None:
                 return name
     found = list_packages()
     return found[0].name if found else None
+
+
+def resolve_package_for(methods: list[str] | tuple[str, ...] | None, model: str | None = None) -> ModelPackage:
+    """The model to run ``methods`` with: ``model`` if given (it must offer them), else the
+    default model if it offers them all, else the first installed model that does."""
+    wanted = [m for m in (methods or []) if m]
+    unknown = [m for m in wanted if m not in ALL_METHODS]
+    if unknown:
+        raise PackageError(f"unknown method {', '.join(unknown)}; choose from {', '.join(ALL_METHODS)}")
+    if model is not None or not wanted:
+        package = resolve_package(model)
+        missing = [m for m in wanted if m not in package.methods]
+        if missing:
+            raise PackageError(f"model {package.name} does not offer {', '.join(missing)} (it offers "
+                               f"{', '.join(package.methods) or 'no anomaly methods'}); "
+                               f"{_who_offers(missing)}")
+        return package
+    default = default_model_name()
+    candidates = ([default] if default else []) + [p.name for p in list_packages() if p.name != default]
+    for name in candidates:
+        try:
+            package = resolve_package(name)
+        except PackageError:
+            continue
+        if all(m in package.methods for m in wanted):
+            return package
+    raise PackageError(f"no installed model offers {', '.join(wanted)} together; {_who_offers(wanted)}")
+
+
+def _who_offers(methods: list[str]) -> str:
+    kinds = sorted({t for t, ms in METHODS_BY_TYPE.items() for m in methods if m in ms})
+    return (f"{', '.join(methods)} need{'s' if len(methods) == 1 else ''} a {' or '.join(kinds)} model; "
+            "run VAE methods and lsr separately, or pass --model with a model that offers them")
 
 
 def resolve_package(model: str | None) -> ModelPackage:

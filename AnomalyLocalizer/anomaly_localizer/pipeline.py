@@ -14,7 +14,7 @@ import torch
 from . import __version__
 from .device import batch_size_for, configure_threads, is_out_of_memory, select_device
 from .errors import CancelledError, InputError
-from .package import ANOMALY_TYPES, ModelPackage
+from .package import ALL_METHODS, ANOMALY_TYPES, ModelPackage
 from .scores import PIXEL_METHODS, SLICE_SCORES, RawTerms, concat_terms, finalise_maps, raw_terms
 from .volume import PreparedVolume, brain_mask, prepare_volume
 
@@ -39,12 +39,18 @@ class ScoreResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def check_methods(methods: list[str] | tuple[str, ...]) -> list[str]:
-    unknown = [m for m in methods if m not in PIXEL_METHODS]
+def check_methods(methods: list[str] | tuple[str, ...], package: ModelPackage | None = None) -> list[str]:
+    """Known, distinct methods, and (given a package) ones that package offers."""
+    unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
-        raise InputError(f"unknown method {', '.join(unknown)}; choose from {', '.join(PIXEL_METHODS)}")
+        raise InputError(f"unknown method {', '.join(unknown)}; choose from {', '.join(ALL_METHODS)}")
     if not methods:
-        raise InputError(f"no method given; choose from {', '.join(PIXEL_METHODS)}")
+        raise InputError(f"no method given; choose from {', '.join(ALL_METHODS)}")
+    if package is not None:
+        missing = [m for m in methods if m not in package.methods]
+        if missing:
+            raise InputError(f"model {package.name} does not offer {', '.join(missing)} (it offers "
+                             f"{', '.join(package.methods)}); choose a model that does (anomaly-localizer models)")
     return list(dict.fromkeys(methods))
 
 
@@ -89,9 +95,13 @@ def compute_terms(model: torch.nn.Module, slices: torch.Tensor, methods: list[st
     return concat_terms(parts)
 
 
-def volume_score(elbo_per_slice: np.ndarray) -> float:
-    """Mean negative ELBO of the most anomalous 10 % of brain slices (at least one)."""
-    v = np.sort(elbo_per_slice[np.isfinite(elbo_per_slice)])[::-1]
+VOLUME_SCORE_MEANING = {"elbo": "mean negative ELBO of the 10 % most anomalous brain slices",
+                        "lsr": "mean lsr slice score (sum of unlikely code NLLs) of the 10 % most anomalous brain slices"}
+
+
+def volume_score(per_slice: np.ndarray) -> float:
+    """Mean slice score of the most anomalous 10 % of brain slices (at least one)."""
+    v = np.sort(per_slice[np.isfinite(per_slice)])[::-1]
     if v.size == 0:
         return float("nan")
     k = max(1, int(round(VOLUME_SCORE_TOP_FRACTION * v.size)))
@@ -110,10 +120,10 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
     folder, or None/"off" (refuse whole-head images). ``model`` may be given to reuse an
     already loaded network of ``package``.
     """
-    methods = check_methods(list(methods))
     if package.architecture.get("type") not in ANOMALY_TYPES:
         raise InputError(f"model {package.name} is a {package.architecture.get('type')} model, not an anomaly "
                          "model; choose another --model")
+    methods = check_methods(list(methods), package)
     timings: dict[str, float] = {}
     configure_threads()
     dev = select_device(device)
@@ -148,22 +158,24 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
     t2 = time.perf_counter()
     if progress:
         progress(0.1, f"scoring {prepared.slices.shape[0]} slices on {dev.type}")
-    terms = compute_terms(net, prepared.slices, methods, dev, batch_size, progress, cancel)
-    model_mask = prepared.mask[:, 0]
-    maps_model = finalise_maps(terms, model_mask, methods)
+    if package.architecture["type"] == "vqvae-lsr":
+        maps_model, canonical_scores, extra = _score_lsr(net, prepared, package, dev, progress, cancel)
+    else:
+        maps_model, canonical_scores, extra = _score_vae(net, prepared, package, methods, dev, batch_size,
+                                                         progress, cancel)
+    timings.update(extra.pop("timings", {}))
     timings["score_s"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
     if progress:
         progress(0.85, "mapping heatmaps back to the input grid")
-    maps = {m: prepared.to_input_grid(v) for m, v in maps_model.items()}
+    maps = {m: prepared.to_input_grid(maps_model[m]) for m in methods}
     n_ax = prepared.layout.shape[0]
     slice_scores: dict[str, np.ndarray] = {}
     order = prepared.layout.input_slice_index(np.arange(n_ax))
-    for name, values in (("rec", terms.rec_slice), ("kl", terms.kl_slice),
-                         ("elbo", terms.rec_slice + terms.kl_slice)):
+    for name, values in canonical_scores.items():
         canon = np.full(n_ax, np.nan)
-        canon[prepared.slice_index] = values.double().numpy()
+        canon[prepared.slice_index] = values.double().cpu().numpy()
         per_input = np.empty(n_ax)
         per_input[order] = canon
         slice_scores[name] = per_input
@@ -173,12 +185,50 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
     timings["total_s"] = time.perf_counter() - t0
     if progress:
         progress(1.0, "done")
+    primary = package.primary_slice_score
     return ScoreResult(maps=maps, brain_mask=mask_arr, slice_scores=slice_scores,
-                       brain_voxels_per_slice=brain_per_input, volume_score=volume_score(slice_scores["elbo"]),
+                       brain_voxels_per_slice=brain_per_input, volume_score=volume_score(slice_scores[primary]),
                        axial_axis=prepared.layout.axial_axis, device=str(dev), timings=timings,
                        info={"scored_slices": int(prepared.slices.shape[0]), "fov_coverage": prepared.fov_coverage,
-                             "brain_mask_source": source["value"],
-                             "engine_version": __version__})
+                             "brain_mask_source": source["value"], "primary_slice_score": primary,
+                             "volume_score_meaning": VOLUME_SCORE_MEANING[primary],
+                             "engine_version": __version__, **extra})
 
 
-__all__ = ["score_volume", "ScoreResult", "SLICE_SCORES", "PIXEL_METHODS"]
+def _score_vae(net, prepared: PreparedVolume, package: ModelPackage, methods: list[str], dev: torch.device,
+               batch_size: int | None, progress: ProgressFn | None, cancel) -> tuple[dict, dict, dict]:
+    """The gradient-family maps and, if asked, restoration; slice scores elbo, kl, rec."""
+    model_mask = prepared.mask[:, 0]
+    grad_methods = [m for m in methods if m in PIXEL_METHODS]
+    terms = compute_terms(net, prepared.slices, grad_methods, dev, batch_size, progress, cancel)
+    maps = finalise_maps(terms, model_mask, grad_methods)
+    extra: dict[str, Any] = {}
+    if "restoration" in methods:
+        from .restoration import restoration_map
+        t = time.perf_counter()
+        if progress:
+            progress(0.5, f"restoring {prepared.slices.shape[0]} slices")
+        # All slices of the volume in one batch: one optimisation, and small slices make it cheap.
+        maps["restoration"], record = restoration_map(net, prepared.slices.to(dev), prepared.mask.to(dev),
+                                                      package.meta.get("restoration"), cancel)
+        maps["restoration"] = maps["restoration"].cpu()
+        extra["restoration"] = record
+        extra["timings"] = {"restoration_s": time.perf_counter() - t}
+    scores = {"rec": terms.rec_slice, "kl": terms.kl_slice, "elbo": terms.rec_slice + terms.kl_slice}
+    return maps, scores, extra
+
+
+def _score_lsr(net, prepared: PreparedVolume, package: ModelPackage, dev: torch.device,
+               progress: ProgressFn | None, cancel) -> tuple[dict, dict, dict]:
+    """Latent space restoration: the lsr map and slice score."""
+    from .lsr import lsr_scores
+    from .train_lsr import DEFAULT_LSR_SCORING
+    params = {**DEFAULT_LSR_SCORING, **package.meta.get("lsr", {})}
+    sub = (lambda f, msg: progress(0.1 + 0.7 * f, msg)) if progress else None
+    res = lsr_scores(net, prepared.slices.to(dev), prepared.mask.to(dev), prepared.slice_positions().to(dev),
+                     params, sub, cancel)
+    return ({"lsr": res.pixel.cpu()}, {"lsr": res.slice},
+            {"lsr": {"resampled_codes": res.resampled_codes, "prior_passes": res.prior_passes}})
+
+
+__all__ = ["score_volume", "ScoreResult", "SLICE_SCORES", "PIXEL_METHODS", "ALL_METHODS"]

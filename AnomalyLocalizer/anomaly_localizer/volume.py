@@ -209,6 +209,16 @@ class PreparedVolume:
     def slice_size(self) -> int:
         return int(self.slices.shape[-1])
 
+    def slice_positions(self) -> torch.Tensor:
+        """(N,) each slice's relative position in the brain's axial extent, 0 at the lowest
+        slice with brain, 1 at the highest: the prior of ``lsr`` is conditioned on it. Measured
+        on the brain rather than the field of view, so a scan that includes the neck gets
+        the same positions as one that does not."""
+        idx = torch.as_tensor(self.slice_index, dtype=torch.float32)
+        if idx.numel() < 2:
+            return torch.full_like(idx, 0.5)
+        return (idx - idx.min()) / (idx.max() - idx.min())
+
     def to_input_grid(self, maps: torch.Tensor) -> np.ndarray:
         """Model-space maps (N,S,S) -> float32 array in the input's array order, 0 outside the brain."""
         n_ax, rows, cols = self.layout.shape

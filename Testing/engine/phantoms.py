@@ -28,6 +28,23 @@ def make_tiny_package(path, seed: int = 0, calibration: dict | None = None):
 
 
 
+TINY_LSR_ARCH = {"type": "vqvae-lsr", "slice_size": 32,
+                 "vqvae": {"feature_maps": [4, 8], "residual_blocks": 1, "embedding_dim": 8, "codebook_size": 16},
+                 "prior": {"channels": 8, "blocks": 1, "attention_heads": 2, "dropout": 0.0}}
+# Thresholds low enough that a random prior flags some codes, so restorations happen.
+TINY_LSR_SCORING = {"lambda_s": 2.0, "lambda_p": 3.0, "samples": 3, "temperature": 3.0, "min_pool": 3,
+                    "avg_pool": 7, "seed": 0}
+
+
+def make_tiny_lsr_package(path, seed: int = 0, scoring: dict | None = None):
+    torch.manual_seed(seed)
+    model = build_model(TINY_LSR_ARCH)
+    meta = {"name": path.name, "architecture": TINY_LSR_ARCH, "input_contract": TINY_CONTRACT,
+            "lsr": scoring or TINY_LSR_SCORING, "calibration": {},
+            "provenance": {"trained_on": "nothing (random weights, tests only)"}}
+    return save_package(model, meta, path, card="# tiny LSR test model\n")
+
+
 def phantom_array(shape_zyx=(30, 48, 40), lesion: bool = False, seed: int = 0) -> np.ndarray:
     """A skull-stripped 'brain' in canonical-ish array order (z=axial, y=AP, x=LR).
 

@@ -31,8 +31,8 @@ DEFAULT_ARCHITECTURE: dict[str, Any] = {
 
 def _check_architecture(arch: dict[str, Any]) -> dict[str, Any]:
     full = {**DEFAULT_ARCHITECTURE, **arch}
-    if full["type"] not in ANOMALY_TYPES:
-        raise ValueError(f"unknown architecture type {full['type']!r}; known: {', '.join(ANOMALY_TYPES)}")
+    if full["type"] not in ("vae", "cevae"):
+        raise ValueError(f"unknown architecture type {full['type']!r}; known: {', '.join(ARCHITECTURE_TYPES)}")
     size, maps = int(full["slice_size"]), list(full["feature_maps"])
     if not maps:
         raise ValueError("feature_maps must name at least one layer")
