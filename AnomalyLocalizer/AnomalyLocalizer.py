@@ -19,7 +19,7 @@ from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrappe
 from slicer.util import VTKObservationMixin
 from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
-METHODS = ["combi", "elbo_grad", "rec_grad", "kl_grad", "rec"]
+METHODS = ["combi", "elbo_grad", "rec_grad", "kl_grad", "rec", "restoration", "lsr"]
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 PYTHON_REQUIREMENTS = ["torch>=2.1,<3", "safetensors>=0.4"]
 
@@ -55,6 +55,7 @@ class AnomalyLocalizerParameterNode:
     brainMask: Optional[Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]]
     method: Annotated[str, Choice(METHODS)] = "combi"
     device: Annotated[str, Choice(DEVICES)] = "auto"
+    includeRestoration: bool = False
     threshold: Annotated[float, WithinRange(0.0, 2.0)] = 0.4
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
 
@@ -153,6 +154,7 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         models = getattr(self, "_models", [])
         self.ui.modelSummaryLabel.text = models[index]["summary"] if 0 <= index < len(models) else \
             "No model installed: see the README, 'Models'."
+        self.ui.restorationCheckBox.enabled = 0 <= index < len(models) and "restoration" in models[index]["offers"]
 
     # ----------------------------------------------------------------------- run
     def updateApplyButton(self, caller=None, event=None) -> None:
@@ -171,8 +173,9 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Could not start the analysis.", waitCursor=True):
-            self._run = self.logic.startRun(p.inputVolume, model=self.ui.modelSelector.currentData, mask=p.brainMask,
-                                            device=p.device)
+            model = self.ui.modelSelector.currentData
+            self._run = self.logic.startRun(p.inputVolume, model=model, mask=p.brainMask, device=p.device,
+                                            methods=self.logic.methodsFor(model, p.includeRestoration))
             self.ui.progressBar.setVisible(True)
             self.ui.progressBar.value = 0
             self._timer.start()

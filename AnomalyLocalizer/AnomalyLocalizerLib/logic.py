@@ -40,6 +40,7 @@ REF_PREFIX = "AnomalyLocalizer"
 HEAT_COLOR_NODE_NAME = "AnomalyLocalizerHeat"
 SEGMENT_NAME = "Anomaly"
 ANOMALY_LEVEL_FPR = 0.0001  # the calibrated threshold that defines anomaly level 1.0
+SLICE_SCORE_LABELS = {"elbo": "-ELBO", "lsr": "LSR score"}
 
 
 # --------------------------------------------------------------------------- geometry
@@ -109,14 +110,25 @@ class AnomalyLocalizerLogic:
             try:
                 p = load_package(path)
                 models.append({"name": p.name, "path": str(path), "summary": p.meta.get("summary", ""),
-                               "default": p.name == default, "methods": _default_methods(p)})
+                               "default": p.name == default, "methods": _default_methods(p),
+                               "offers": list(p.methods)})
             except AnomalyLocalizerError as exc:
                 log.warning("model %s is unusable: %s", path, exc)
         return models
 
-    def package(self, model: str | None):
-        from anomaly_localizer.package import resolve_package
-        return resolve_package(model)
+    def methodsFor(self, model: str | None, includeRestoration: bool = False) -> list[str]:
+        """The methods a run of ``model`` computes: its defaults, plus restoration when
+        asked for and offered (restoration optimises every slice, so it is opt-in)."""
+        package = self.package(model)
+        methods = _default_methods(package)
+        if includeRestoration and "restoration" in package.methods and "restoration" not in methods:
+            methods.append("restoration")
+        return methods
+
+    def package(self, model: str | None, methods: list[str] | None = None):
+        """The model package to run: ``model`` if given, else one that offers ``methods``."""
+        from anomaly_localizer.package import resolve_package_for
+        return resolve_package_for(methods, model)
 
     # --------------------------------------------------------------------------- run
     def run(self, inputVolume, model: str | None = None, methods: list[str] | None = None, mask=None,
@@ -125,14 +137,15 @@ class AnomalyLocalizerLogic:
         """Score synchronously in this process and build or update the output nodes."""
         from anomaly_localizer.pipeline import score_volume
 
-        package = self.package(model)
+        package = self.package(model, methods)
         methods = methods or _default_methods(package)
         image = volumeNodeToImage(inputVolume)
         maskImage = self._maskImage(mask, inputVolume)
         res = score_volume(image, package, methods, mask=maskImage, device=device, progress=progress, cancel=cancel)
         summary = {"model": {"name": package.name, "manifest_sha256": package.manifest_sha256},
                    "methods": methods, "device": res.device, "timings_s": res.timings,
-                   "volume_score": res.volume_score, "brain_mask_source": res.info["brain_mask_source"]}
+                   "volume_score": res.volume_score, "brain_mask_source": res.info["brain_mask_source"],
+                   "primary_slice_score": res.info["primary_slice_score"]}
         result = RunResult(inputVolume.GetID(), res.maps, res.brain_mask, res.slice_scores, res.axial_axis, summary)
         self._applyResult(inputVolume, result, package)
         return result
@@ -140,7 +153,7 @@ class AnomalyLocalizerLogic:
     def startRun(self, inputVolume, model: str | None = None, methods: list[str] | None = None, mask=None,
                  device: str = "auto") -> runner.ChildRun:
         """Start the engine in a child process; poll it, then call :meth:`finishRun`."""
-        package = self.package(model)
+        package = self.package(model, methods)
         methods = methods or _default_methods(package)
         work = runner.new_work_dir()
         try:
@@ -230,7 +243,7 @@ class AnomalyLocalizerLogic:
             table = self._outputNode(inputVolume, "table", "vtkMRMLTableNode",
                                      f"{inputVolume.GetName()} slice scores", added)
             self._fillTable(table, result, calib)
-            self._plot(inputVolume, table, added)
+            self._plot(inputVolume, table, added, _primary(result))
             self.result = result
             self.method = next(iter(result.maps))
             default = package.default_threshold(self.method)
@@ -292,7 +305,7 @@ class AnomalyLocalizerLogic:
 
         n = len(next(iter(result.sliceScores.values())))
         cols = {"slice": np.arange(n, dtype=float)}
-        for k in ("elbo", "kl", "rec"):
+        for k in result.sliceScores:  # elbo, kl, rec of a VAE; lsr of an LSR model
             cols[k] = np.asarray(result.sliceScores[k], dtype=float)
             if calib.get("slice", {}).get(k):
                 cols[f"{k}_healthy_percentile"] = np.array(
@@ -307,10 +320,12 @@ class AnomalyLocalizerLogic:
         table.SetAttribute(f"{REF_PREFIX}.model", result.summary.get("model", {}).get("name", ""))
         table.SetAttribute(f"{REF_PREFIX}.axialAxis", str(result.axialAxis))
 
-    def _plot(self, inputVolume, table, added: list) -> None:
-        yColumn = "elbo_healthy_percentile" if table.GetTable().GetColumnByName("elbo_healthy_percentile") else "elbo"
+    def _plot(self, inputVolume, table, added: list, primary: str = "elbo") -> None:
+        label = SLICE_SCORE_LABELS.get(primary, primary)
+        yColumn = f"{primary}_healthy_percentile" if table.GetTable().GetColumnByName(
+            f"{primary}_healthy_percentile") else primary
         series = self._outputNode(inputVolume, "plotSeries", "vtkMRMLPlotSeriesNode",
-                                  f"{inputVolume.GetName()} slice -ELBO", added)
+                                  f"{inputVolume.GetName()} slice {label}", added)
         series.SetAndObserveTableNodeID(table.GetID())
         series.SetXColumnName("slice")
         series.SetYColumnName(yColumn)
@@ -322,7 +337,7 @@ class AnomalyLocalizerLogic:
         chart.AddAndObservePlotSeriesNodeID(series.GetID())
         chart.SetTitle("Slice anomaly score")
         chart.SetXAxisTitle("axial slice")
-        chart.SetYAxisTitle("healthy percentile of -ELBO" if yColumn != "elbo" else "-ELBO")
+        chart.SetYAxisTitle(f"healthy percentile of {label}" if yColumn != primary else label)
 
     def _placeInHierarchy(self, inputVolume) -> None:
         """Put the outputs in a folder "<input> anomalies" beside the input."""
@@ -494,11 +509,12 @@ class AnomalyLocalizerLogic:
             composite.SetForegroundOpacity(self.opacity)
 
     def worstSlice(self) -> int | None:
-        """Index (along the input's axial axis) of the slice with the highest -ELBO."""
+        """Index (along the input's axial axis) of the slice with the highest primary slice
+        score (-ELBO for a VAE, the lsr score for an LSR model)."""
         if self.result is None:
             return None
-        elbo = np.asarray(self.result.sliceScores["elbo"], dtype=float)
-        return int(np.nanargmax(elbo)) if np.isfinite(elbo).any() else None
+        scores = np.asarray(self.result.sliceScores[_primary(self.result)], dtype=float)
+        return int(np.nanargmax(scores)) if np.isfinite(scores).any() else None
 
     def jumpToSlice(self, index: int) -> tuple[float, float, float]:
         """Centre every slice view on the brain's centre in axial slice ``index``; returns RAS."""
@@ -604,7 +620,15 @@ def _levelScale(calib: dict, method: str, raw: np.ndarray, brain: np.ndarray) ->
     return top if top > 0 else 1.0
 
 
+def _primary(result) -> str:
+    """The slice score a result's model ranks slices by."""
+    primary = result.summary.get("primary_slice_score")
+    return primary if primary in result.sliceScores else next(iter(result.sliceScores))
+
+
 def _readSliceScores(path: Path) -> dict[str, np.ndarray]:
     import csv
-    rows = list(csv.DictReader(open(path)))
-    return {k: np.array([float(r[k]) if r[k] else np.nan for r in rows]) for k in ("elbo", "kl", "rec")}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = [k for k in (rows[0].keys() if rows else []) if k not in ("slice", "brain_voxels")]
+    return {k: np.array([float(r[k]) if r[k] else np.nan for r in rows]) for k in names}

@@ -85,6 +85,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         "methods": methods,
         "threshold": {"method": methods[0], "value": threshold, "source": source, "meaning": meaning},
         "volume_score": {"value": result.volume_score, "meaning": result.info["volume_score_meaning"]},
+        "primary_slice_score": result.info["primary_slice_score"],
         "axial_axis": result.axial_axis,
         "scored_slices": result.info["scored_slices"],
         "brain_fraction_in_field_of_view": result.info["fov_coverage"],

@@ -229,3 +229,36 @@ def test_export_round_trip(slicerApp, tmp_path, model):
     assert len(lines) == 2 + 30  # one row per axial slice (k, 30 of them)
     with pytest.raises(FileExistsError):
         logic.exportSliceScores(tmp_path / "scores.csv")
+
+
+def test_lsr_model_runs_in_the_scene_with_its_own_slice_score(slicerApp, tmp_path):
+    """The LSR model through both paths (in process and child process): heatmap, table
+    column, plot and worst slice all use its lsr slice score."""
+    lsr = engine.make_tiny_lsr_package(tmp_path / "models" / "tiny-lsr")
+    slicerApp.addSliceView("Red")
+    _, scan = _load(slicerApp, tmp_path)
+    logic = AnomalyLocalizerLogic(slicerApp.app)
+    result = logic.run(scan, model=str(lsr.path))
+    assert list(result.maps) == ["lsr"] and logic.method == "lsr"
+    assert logic.outputNode(scan, "heatmap.lsr") is not None
+    table = logic.outputNode(scan, "table").GetTable()
+    assert table.GetColumnByName("lsr") is not None and table.GetColumnByName("elbo") is None
+    assert "LSR" in logic.outputNode(scan, "plot").GetYAxisTitle()
+    assert logic.worstSlice() == int(np.nanargmax(result.sliceScores["lsr"]))
+    child = logic.finishRun(logic.startRun(scan, model=str(lsr.path)))
+    np.testing.assert_allclose(child.maps["lsr"], result.maps["lsr"], rtol=1e-5, atol=1e-6)
+    assert child.summary["primary_slice_score"] == "lsr"
+    assert logic.worstSlice() == int(np.nanargmax(child.sliceScores["lsr"]))
+
+
+def test_restoration_is_added_on_request_for_models_that_offer_it(slicerApp, tmp_path, model):
+    logic = AnomalyLocalizerLogic(slicerApp.app)
+    assert "restoration" not in logic.methodsFor(str(model.path))
+    methods = logic.methodsFor(str(model.path), includeRestoration=True)
+    assert methods[-1] == "restoration"
+    lsr = engine.make_tiny_lsr_package(tmp_path / "models" / "tiny-lsr")
+    assert logic.methodsFor(str(lsr.path), includeRestoration=True) == ["lsr"]
+    _, scan = _load(slicerApp, tmp_path)
+    result = logic.run(scan, model=str(model.path), methods=["rec", "restoration"])
+    assert set(result.maps) == {"rec", "restoration"}
+    assert logic.outputNode(scan, "heatmap.restoration") is not None
