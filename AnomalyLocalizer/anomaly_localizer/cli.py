@@ -275,7 +275,7 @@ def cmd_card(args: argparse.Namespace) -> int:
         return EXIT_OK
     evaluations = [json.loads(Path(p).read_text()) for p in args.evaluation or []]
     fpr = json.loads(Path(args.fpr).read_text()) if args.fpr else None
-    path = write_card(package, results_sections(evaluations, fpr))
+    path = write_card(package, results_sections(evaluations, fpr, package))
     print(f"wrote {path} and re-hashed {package.path / 'manifest.json'}")
     return EXIT_OK
 

@@ -32,7 +32,7 @@ from .errors import CancelledError
 from .volume import NORMALISATION
 
 RESIDUAL_UNIT = NORMALISATION["iqr_to"] / 1.349  # a normal distribution's IQR is 1.349 standard deviations
-CHUNK_SLICES = 8  # slices restored together; fixed, so the random draws do not depend on memory
+CHUNK_SLICES = 32  # slices restored together; fixed, so the random draws do not depend on memory
 
 
 @dataclass

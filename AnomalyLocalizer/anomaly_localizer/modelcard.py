@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .package import CARD_FILE, ModelPackage, write_manifest
+from .package import ALL_METHODS, CARD_FILE, ModelPackage, write_manifest
 
 INTENDED = """## Intended use
 Research and second-reader support: it shows where an adult brain T1-weighted MRI departs from
@@ -41,6 +41,60 @@ def _limitations(meta: dict[str, Any]) -> str:
     return "## Known limitations\n" + "\n".join(f"- {x}" for x in items) + "\n\n"
 
 
+def _architecture_lines(meta: dict[str, Any]) -> str:
+    arch = meta["architecture"]
+    if arch["type"] == "vqvae-lsr":
+        vq, pr = arch["vqvae"], arch["prior"]
+        grid = arch["slice_size"] // 2 ** len(vq["feature_maps"])
+        sc = meta.get("lsr", {})
+        return (f"- Architecture: VQ-VAE (feature maps {vq['feature_maps']}, {vq['residual_blocks']} residual blocks, "
+                f"codebook of {vq['codebook_size']} vectors of {vq['embedding_dim']}, code grid {grid}x{grid}; L1 "
+                f"reconstruction, commitment {vq['commitment']:g}) and a PixelSNAIL-style autoregressive prior over its "
+                f"codes ({pr['blocks']} gated residual blocks of {pr['channels']} channels, causal self-attention with "
+                f"{pr['attention_heads']} heads), conditioned on the slice's position in the brain "
+                "(Naval Marimont & Tarroni 2021).\n"
+                f"- Scoring (`lsr` in `model.json`): slice score = sum of code NLLs above lambda_s = {sc.get('lambda_s')}; "
+                f"pixel score from {sc.get('samples')} restorations resampling codes with NLL above lambda_p = "
+                f"{sc.get('lambda_p')}, weighted with temperature k = {sc.get('temperature')}, "
+                f"{sc.get('min_pool')}x{sc.get('min_pool')} min-pool, {sc.get('avg_pool')}x{sc.get('avg_pool')} "
+                f"average-pool, seed {sc.get('seed')}.")
+    return (f"- Architecture: {arch['type'].upper()} (Zimmerer et al. 2019"
+            f"{', context-encoding' if arch['type'] == 'cevae' else ''}),\n"
+            f"  feature maps {arch['feature_maps']}, latent size {arch['latent_size']}, Gaussian likelihood "
+            f"c = {arch['likelihood_std']:g}.")
+
+
+def _restoration_lines(meta: dict[str, Any]) -> str:
+    r = meta.get("restoration")
+    if not r:
+        return ""
+    sel = r.get("selection", {})
+    curve = ", ".join(f"{c['lambda']:g}: {c['healthy_mean_change']:.4f}" for c in sel.get("curve", []))
+    return (f"- `restoration` (Chen et al. 2019): lambda = {r['lambda']:g}, chosen without labels on "
+            f"{len(sel.get('subjects', []))} healthy validation subjects as the smallest lambda whose restoration changes "
+            f"a healthy brain by at most {sel.get('tolerance', '?')} on average (lambda: mean change {curve}); "
+            f"optimiser {r.get('optimizer')}, at most {r.get('steps')} steps, step {r.get('learning_rate')}.\n")
+
+
+def _schedule_lines(meta: dict[str, Any]) -> str:
+    training = meta.get("training", {})
+    cfg = training.get("config", {})
+    if meta["architecture"]["type"] == "vqvae-lsr":
+        vq, pr = training.get("vqvae", {}), training.get("prior", {})
+        return (f"- Schedule: Adam (VQ-VAE {cfg.get('vqvae_learning_rate')}, prior {cfg.get('prior_learning_rate')}), "
+                f"divided by 10 on a validation plateau, early stop after {cfg.get('early_stop_patience')} epochs "
+                f"without improvement; VQ-VAE best epoch {vq.get('best_epoch')} of {vq.get('epochs_run')} (validation L1 "
+                f"{vq.get('best_val_loss', float('nan')):.4f}), prior best epoch {pr.get('best_epoch')} of "
+                f"{pr.get('epochs_run')} (validation NLL {pr.get('best_val_loss', float('nan')):.3f} nats per code); "
+                f"{training.get('codebook_entries_used', '?')} codebook entries in use; batch {cfg.get('batch_size')}; "
+                "VQ-VAE augmentation as the VAE's, prior trained on the code grids and their mirror images.")
+    return (f"- Schedule: Adam, learning rate {cfg.get('learning_rate', '?')}, divided by 10 on a validation plateau, "
+            f"early stop\n  after {cfg.get('early_stop_patience', '?')} epochs without improvement; best epoch "
+            f"{training.get('best_epoch', '?')}\n  of {training.get('epochs_run', '?')}; batch {cfg.get('batch_size', '?')}; "
+            f"augmentation: left-right flips, rotations\n  up to {cfg.get('rotate_deg', '?')} degrees, scaling "
+            f"+-{cfg.get('scale_range', '?')}, brightness, noise.")
+
+
 def render_card(package: ModelPackage, extra_sections: str = "") -> str:
     meta = package.meta
     arch, contract, calib = meta["architecture"], meta["input_contract"], meta.get("calibration") or {}
@@ -54,8 +108,7 @@ def render_card(package: ModelPackage, extra_sections: str = "") -> str:
 {meta.get('description', '')}
 
 ## Model
-- Architecture: {arch['type'].upper()} (Zimmerer et al. 2019{', context-encoding' if arch['type'] == 'cevae' else ''}),
-  feature maps {arch['feature_maps']}, latent size {arch['latent_size']}, Gaussian likelihood c = {arch['likelihood_std']:g}.
+{_architecture_lines(meta)}
 - Input contract: {contract['modality']} brain MRI, {contract['orientation']} slices of
   {contract['slice_size']}x{contract['slice_size']} pixels at {contract['spacing_mm']:g} mm
   (field of view {contract['slice_size'] * contract['spacing_mm']:g} mm, centred on the brain), intensities normalised per
@@ -63,17 +116,14 @@ def render_card(package: ModelPackage, extra_sections: str = "") -> str:
   inter-quartile range to {contract['normalisation'].get('iqr_to')}, no clipping, 0 outside the brain).
   Any orientation and voxel size are accepted; the engine reorients and resamples, and maps
   results back onto the input's grid.
-- Recommended pixel score: `{meta.get('recommended_method', 'combi')}`.
-
+- Recommended pixel score: `{meta.get('recommended_method', 'combi')}`; methods offered: {', '.join(f'`{m}`' for m in package.methods)}.
+{_restoration_lines(meta)}
 ## Training data
 {meta.get('data_statement', '')}
 - Split by subject (seed {cfg.get('seed', '?')}): {len(subjects.get('train', []))} training,
   {len(subjects.get('val', []))} validation, {len(subjects.get('calibration', []))} calibration,
   {len(subjects.get('test', []))} held-back test subjects (lists in `model.json`, `provenance.subjects`).
-- Schedule: Adam, learning rate {cfg.get('learning_rate', '?')}, divided by 10 on a validation plateau, early stop
-  after {cfg.get('early_stop_patience', '?')} epochs without improvement; best epoch {training.get('best_epoch', '?')}
-  of {training.get('epochs_run', '?')}; batch {cfg.get('batch_size', '?')}; augmentation: left-right flips, rotations
-  up to {cfg.get('rotate_deg', '?')} degrees, scaling +-{cfg.get('scale_range', '?')}, brightness, noise.
+{_schedule_lines(meta)}
 - Reproduce: `{meta.get('reproduce', 'anomaly-localizer train DATA --out DIR --config config.json')}`
 
 {INTENDED}
@@ -82,15 +132,24 @@ Thresholds at which the stated share of healthy brain voxels is flagged, from
 {len(calib.get('subjects', []))} calibration subjects (never used for training):
 
 {_fmt_thresholds(calib)}
-The engine's default threshold is the 0.1 % one. Slice scores (ELBO, KL, Rec) come with
+The engine's default threshold is the 0.1 % one. Slice scores ({', '.join(calib.get('slice', {}) or ['none'])}) come with
 their healthy distribution (`model.json`, `calibration.slice`), so a slice can be shown as a
 percentile of healthy slices.
 
 {_limitations(meta)}{extra_sections}"""
 
 
-def results_sections(evaluations: list[dict[str, Any]], fpr: dict[str, Any] | None) -> str:
-    """Markdown for measured figures: evaluation tables and the healthy false-positive check."""
+def results_sections(evaluations: list[dict[str, Any]], fpr: dict[str, Any] | None,
+                     package: ModelPackage | None = None) -> str:
+    """Markdown for measured figures: evaluation tables and the healthy false-positive check.
+    With ``package``, an evaluation that joined several models shows only this model's rows
+    (its methods, its slice scores) and the baseline."""
+    def own(name: str) -> bool:
+        if package is None:
+            return True
+        slice_names = {f"slice_{k}" for k in (package.calibration.get("slice") or {})}
+        return name in package.methods or name in slice_names or not (name in ALL_METHODS or name.startswith("slice_"))
+
     parts = []
     if fpr:
         parts.append(f"## Healthy false-positive rate on held-back subjects\n`{fpr.get('command', 'anomaly-localizer fpr')}` "
@@ -104,25 +163,35 @@ def results_sections(evaluations: list[dict[str, Any]], fpr: dict[str, Any] | No
         parts.append("")
     for ev in evaluations:
         cs = ev.get("case_set", {})
-        parts.append(f"## Evaluation: {ev.get('title', cs.get('kind', 'cases'))}\n"
-                     "Seeded synthetic anomalies (local intensity shifts up and down, uniform and noise patches, "
-                     "patches moved from elsewhere in the brain, sink/source deformations; radius 8-20 mm) inserted "
-                     "into healthy subjects the model never saw.\n"
+        what = ("Seeded synthetic anomalies (local intensity shifts up and down, uniform and noise patches, "
+                "patches moved from elsewhere in the brain, sink/source deformations; radius 8-20 mm) inserted "
+                "into healthy subjects the model never saw.\n") if cs.get("kind") == "synthetic" else \
+            "Cases with manual ground truth.\n"
+        parts.append(f"## Evaluation: {ev.get('title', cs.get('kind', 'cases'))}\n{what}"
                      f"`{ev.get('command', '')}`: "
                      f"{ev['cases']} cases, {ev['lesion_voxels']} lesion voxels, {ev['abnormal_slices']} abnormal and "
-                     f"{ev['normal_slices']} normal slices; {ev['seconds_per_case']:.2f} s per case ({ev.get('machine', '')}).\n")
+                     f"{ev['normal_slices']} normal slices; {_seconds(ev, package)} ({ev.get('machine', '')}).\n")
         parts.append("| score | pixel AUROC | pixel AP | best Dice | Dice at 0.1 % FPR threshold | slice AUROC | slice AP |")
         parts.append("|---|---|---|---|---|---|---|")
         f = lambda v: "-" if v is None else f"{v:.3f}"
         for m, r in ev["methods"].items():
+            if not own(m):
+                continue
             parts.append(f"| {m} | {f(r.get('pixel_auroc'))} | {f(r.get('pixel_ap'))} | {f(r.get('best_dice'))} | "
                          f"{f(r.get('dice_at_calibrated'))} | {f(r.get('slice_auroc'))} | {f(r.get('slice_ap'))} |")
-        losers = [m for m, r in ev["methods"].items() if r.get("beats_baseline") is False]
+        losers = [m for m, r in ev["methods"].items() if r.get("beats_baseline") is False and own(m)]
         parts.append("\n`baseline_intensity` is the non-learned robust intensity outlier |x - median| / IQR; "
                      + (f"{', '.join(losers)} do(es) not beat it on pixel AP." if losers else
                         "every learned pixel score beats it on pixel AP.")
                      + " `slice_*` rows rank slices by the model's slice scores.\n")
     return "\n".join(parts)
+
+
+def _seconds(ev: dict[str, Any], package: ModelPackage | None) -> str:
+    models = ev.get("models") or {}
+    if package is not None and package.name in models and models[package.name].get("seconds_per_case") is not None:
+        return f"{models[package.name]['seconds_per_case']:.2f} s per case for this model"
+    return f"{ev['seconds_per_case']:.2f} s per case"
 
 
 def write_card(package: ModelPackage, extra_sections: str = "") -> Path:

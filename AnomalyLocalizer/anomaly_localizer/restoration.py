@@ -47,7 +47,7 @@ REFERENCE_RESTORATION: dict[str, Any] = {
     "learning_rate": [5e-3, 2e-3],  # first 100 steps, then the rest
     "gradient_clip": 100.0,
 }
-LAMBDA_GRID = (0.0, 0.05, 0.07, 0.1, 0.14, 0.2, 0.28, 0.4, 0.56, 0.8, 1.1, 1.6, 2.2, 3.2)
+LAMBDA_GRID = (0.05, 0.07, 0.1, 0.14, 0.2, 0.28, 0.4, 0.56, 0.8, 1.1, 1.6, 2.2, 3.2)
 HEALTHY_CHANGE_TOLERANCE = 0.01  # mean |y - x| over healthy brain, in normalised intensity (IQR = 0.25)
 
 
@@ -158,7 +158,9 @@ def choose_lambda(model, volumes: list[tuple[torch.Tensor, torch.Tensor]], param
         curve.append({"lambda": lam, "healthy_mean_change": change})
         if progress:
             progress(f"lambda {lam:g}: mean change of healthy brain {change:.4f}")
-        if chosen is None and change <= tolerance:
+        if chosen is not None:
+            break  # one value past the choice shows the curve flattening; larger ones cannot be chosen
+        if change <= tolerance:
             chosen = lam
     if chosen is None:
         chosen = grid[-1]

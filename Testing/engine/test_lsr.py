@@ -50,6 +50,7 @@ def test_prior_on_a_cropped_grid_matches_the_full_grid(model):
         torch.testing.assert_close(prior(codes[:, :r + 1], pos), full[:, :, :r + 1], atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
 def test_prior_depends_on_the_slice_position(model):
     torch.manual_seed(3)
     model.prior.condition.weight.data.normal_()

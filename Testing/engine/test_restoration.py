@@ -72,12 +72,15 @@ def test_larger_lambda_changes_a_scan_less(model, slices):
 
 def test_choose_lambda_takes_the_smallest_lambda_within_tolerance(model, slices):
     grid = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 100.0)
-    curve = choose_lambda(model, [slices], grid=grid, tolerance=1.0)["selection"]["curve"]
+    full = choose_lambda(model, [slices], grid=grid, tolerance=-1.0)  # never met: the whole curve, the last lambda
+    assert full["lambda"] == grid[-1]
+    curve = full["selection"]["curve"]
     changes = [c["healthy_mean_change"] for c in curve]
     tol = (changes[2] + changes[3]) / 2  # between the third and fourth lambda's change
     chosen = choose_lambda(model, [slices], grid=grid, tolerance=tol)
     assert chosen["lambda"] == 0.3
-    assert chosen["selection"]["tolerance"] == tol and len(chosen["selection"]["curve"]) == len(grid)
+    # the search stops one value past the choice
+    assert chosen["selection"]["tolerance"] == tol and len(chosen["selection"]["curve"]) == 5
 
 
 def test_adam_reaches_at_least_the_reference_optimum(model, slices):
