@@ -102,14 +102,14 @@ def lsr_scores(model, slices: torch.Tensor, mask: torch.Tensor, positions: torch
     codes, nll = code_nll(model, slices, positions)
     scores = slice_score(nll, float(params["lambda_s"]))
     flagged = nll > float(params["lambda_p"])
-    pixel = torch.zeros(slices.shape[0], slices.shape[-2], slices.shape[-1])
+    pixel = torch.zeros(slices.shape[0], slices.shape[-2], slices.shape[-1], device=slices.device)
     passes = 0
     n = slices.shape[0]
     for chunk, s in enumerate(range(0, n, CHUNK_SLICES)):
         if cancel is not None and cancel():
             raise CancelledError("cancelled by the user")
         e = min(n, s + CHUNK_SLICES)
-        gen = torch.Generator().manual_seed(int(params["seed"]) * 1000003 + chunk)
+        gen = torch.Generator(device=slices.device).manual_seed(int(params["seed"]) * 1000003 + chunk)
         grids = codes[s:e].repeat_interleave(k, 0)
         pos = positions[s:e].repeat_interleave(k, 0)
         flags = flagged[s:e].repeat_interleave(k, 0)

@@ -200,17 +200,20 @@ def _score_vae(net, prepared: PreparedVolume, package: ModelPackage, methods: li
     """The gradient-family maps and, if asked, restoration; slice scores elbo, kl, rec."""
     model_mask = prepared.mask[:, 0]
     grad_methods = [m for m in methods if m in PIXEL_METHODS]
-    terms = compute_terms(net, prepared.slices, grad_methods, dev, batch_size, progress, cancel)
+    grad_progress = progress
+    if progress is not None and "restoration" in methods:
+        # The gradient scores take a fraction of a second, the restoration most of the run.
+        grad_progress = lambda f, msg: progress(0.1 + (f - 0.1) * 2 / 7, msg)  # noqa: E731  0.1..0.8 -> 0.1..0.3
+    terms = compute_terms(net, prepared.slices, grad_methods, dev, batch_size, grad_progress, cancel)
     maps = finalise_maps(terms, model_mask, grad_methods)
     extra: dict[str, Any] = {}
     if "restoration" in methods:
         from .restoration import restoration_map
         t = time.perf_counter()
-        if progress:
-            progress(0.5, f"restoring {prepared.slices.shape[0]} slices")
         # All slices of the volume in one batch: one optimisation, and small slices make it cheap.
+        sub = (lambda f: progress(0.3 + 0.5 * f, f"restoring {prepared.slices.shape[0]} slices")) if progress else None
         maps["restoration"], record = restoration_map(net, prepared.slices.to(dev), prepared.mask.to(dev),
-                                                      package.meta.get("restoration"), cancel)
+                                                      package.meta.get("restoration"), cancel, sub)
         maps["restoration"] = maps["restoration"].cpu()
         extra["restoration"] = record
         extra["timings"] = {"restoration_s": time.perf_counter() - t}

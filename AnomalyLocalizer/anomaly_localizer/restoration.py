@@ -68,7 +68,8 @@ def objective(model, x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tens
 
 
 def restore(model, y: torch.Tensor, mask: torch.Tensor, params: dict[str, Any] | None = None,
-            cancel: Callable[[], bool] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+            cancel: Callable[[], bool] | None = None,
+            progress: Callable[[float], None] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Restore slices y (N,1,S,S) inside ``mask`` (N,1,S,S) bool. Returns x and a record of
     the optimisation (steps taken, final objective)."""
     p = {**DEFAULT_RESTORATION, **(params or {})}
@@ -76,14 +77,14 @@ def restore(model, y: torch.Tensor, mask: torch.Tensor, params: dict[str, Any] |
     for q in model.parameters():  # gradients with respect to the image only
         q.requires_grad_(False)
     try:
-        return _restore(model, y, mask, p, cancel)
+        return _restore(model, y, mask, p, cancel, progress)
     finally:
         for q, f in zip(model.parameters(), flags):
             q.requires_grad_(f)
 
 
-def _restore(model, y: torch.Tensor, mask: torch.Tensor, p: dict[str, Any],
-             cancel: Callable[[], bool] | None) -> tuple[torch.Tensor, dict[str, Any]]:
+def _restore(model, y: torch.Tensor, mask: torch.Tensor, p: dict[str, Any], cancel: Callable[[], bool] | None,
+             progress: Callable[[float], None] | None) -> tuple[torch.Tensor, dict[str, Any]]:
     lam = float(p["lambda"])
     m = mask.to(y.dtype)
     x = y.detach().clone().requires_grad_(True)
@@ -96,6 +97,8 @@ def _restore(model, y: torch.Tensor, mask: torch.Tensor, p: dict[str, Any],
         for step in range(steps):
             if cancel is not None and cancel():
                 raise CancelledError("cancelled by the user")
+            if progress is not None and step % 10 == 0:
+                progress(step / steps)
             loss = objective(model, x, y, lam)
             (g,) = torch.autograd.grad(loss.sum(), x)
             with torch.no_grad():
@@ -109,6 +112,8 @@ def _restore(model, y: torch.Tensor, mask: torch.Tensor, p: dict[str, Any],
         for step in range(steps):
             if cancel is not None and cancel():
                 raise CancelledError("cancelled by the user")
+            if progress is not None and step % 10 == 0:
+                progress(step / steps)  # an upper bound on the time left: the run may stop early
             for group in opt.param_groups:  # cosine decay: large steps first, a settled end
                 group["lr"] = lr0 * 0.5 * (1 + math.cos(math.pi * step / steps))
             loss = objective(model, x, y, lam)
@@ -129,9 +134,10 @@ def _restore(model, y: torch.Tensor, mask: torch.Tensor, p: dict[str, Any],
 
 
 def restoration_map(model, y: torch.Tensor, mask: torch.Tensor, params: dict[str, Any] | None = None,
-                    cancel: Callable[[], bool] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+                    cancel: Callable[[], bool] | None = None,
+                    progress: Callable[[float], None] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """|y - restored y| (N,S,S), 0 outside the mask."""
-    x, record = restore(model, y, mask, params, cancel)
+    x, record = restore(model, y, mask, params, cancel, progress)
     return ((y - x).abs() * mask)[:, 0], record
 
 

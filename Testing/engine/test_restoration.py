@@ -120,3 +120,14 @@ def test_cli_scores_restoration(tiny_package, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["methods"] == ["restoration"] and (out / "restoration.nii.gz").is_file()
     assert np.isfinite(summary["volume_score"]["value"])
+
+
+def test_progress_only_moves_forward_and_cancel_stops_a_restoration(tiny_package):
+    from anomaly_localizer.errors import CancelledError
+    img = image_from(phantom_array(lesion=True))
+    seen = []
+    score_volume(img, tiny_package, ["elbo_grad", "restoration"], progress=lambda f, msg: seen.append(f))
+    assert seen == sorted(seen) and seen[-1] == 1.0 and len(seen) > 4
+    calls = []
+    with pytest.raises(CancelledError):
+        score_volume(img, tiny_package, ["restoration"], cancel=lambda: calls.append(1) or len(calls) > 3)
