@@ -183,14 +183,20 @@ def train_brainmask(data: str | Path, out: str | Path, epochs: int = 12, seed: i
 
 
 def dice_on_subjects(package: ModelPackage, subjects: list[Subject], device: str = "cpu",
-                     progress: Callable[[str], None] | None = None) -> dict[str, float]:
-    """Dice of the extracted brain against each subject's reference mask."""
+                     progress: Callable[[str], None] | None = None, engine_rule: bool = False) -> dict[str, float]:
+    """Dice of the extracted brain against each subject's reference mask. With
+    ``engine_rule``, of the mask the engine itself would use given the image alone: the
+    non-background region of a skull-stripped scan, the extraction of a whole head."""
+    from .volume import brain_mask
     model = package.load_model(device)
     out = {}
     for s in subjects:
         image = as_3d(read_image(s.image))
         ref = sitk.GetArrayFromImage(as_3d(read_image(s.mask, "MASK"))) > 0
-        mask = extract_brain(image, package, device, model)
+        if engine_rule:
+            mask = brain_mask(image, None, lambda img: extract_brain(img, package, device, model))
+        else:
+            mask = extract_brain(image, package, device, model)
         out[s.id] = dice_at(mask.ravel().astype(np.float32), ref.ravel(), 0.5)
         if progress:
             progress(f"{s.id}: Dice {out[s.id]:.4f}")

@@ -338,11 +338,25 @@ def cmd_brainmask_dice(args: argparse.Namespace) -> int:
     from .package import resolve_package
 
     package = resolve_package(args.model)
-    subjects = [s for s in _subjects_of(package, args.data, args.subjects) if s.mask is not None]
+    if args.cases:
+        # Case folders (e.g. BraTS): one image and one reference brain mask per sub-folder.
+        from .data import Subject
+        root = Path(args.data)
+        subjects = [Subject(f.name, f / args.image_name, f / args.mask_name) for f in sorted(root.iterdir())
+                    if (f / args.image_name).is_file() and (f / args.mask_name).is_file()]
+        if not subjects:
+            raise InputError(f"no sub-folder of {root} holds both {args.image_name} and {args.mask_name}")
+        which = f"case folders ({args.image_name})"
+    else:
+        subjects = [s for s in _subjects_of(package, args.data, args.subjects) if s.mask is not None]
+        which = f"'{args.subjects}' subjects"
+    if args.engine_rule:
+        which += ", the engine's own choice of brain mask"
     dice = dice_on_subjects(package, subjects, device=args.device,
-                            progress=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+                            progress=None if args.quiet else (lambda m: print(m, file=sys.stderr)),
+                            engine_rule=args.engine_rule)
     values = np.array(list(dice.values()))
-    print(f"brain extraction {package.name} on {len(values)} '{args.subjects}' subjects of {args.data}: "
+    print(f"brain extraction {package.name} on {len(values)} {which} of {args.data}: "
           f"Dice mean {values.mean():.4f}, median {np.median(values):.4f}, min {values.min():.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": package.name, "dice": dice, "mean": float(values.mean()),
@@ -501,8 +515,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("brainmask-dice", help="Dice of the brain extraction against reference masks")
     d.add_argument("model", help="brain extraction model name or folder")
-    d.add_argument("data", help="folder of scans with reference brain masks")
+    d.add_argument("data", help="folder of scans with reference brain masks (or of case folders, with --cases)")
     d.add_argument("--subjects", default="test", choices=["all", "calibration", "test", "val"])
+    d.add_argument("--cases", action="store_true", help="DATA holds one sub-folder per case (e.g. BraTS)")
+    d.add_argument("--engine-rule", action="store_true",
+                   help="measure the mask the engine uses given the image alone (skull-stripped scans keep their "
+                        "non-background region; whole heads are brain-extracted)")
+    d.add_argument("--image-name", default="image.nii.gz", help="with --cases: the image in each case folder")
+    d.add_argument("--mask-name", default="brainmask.nii.gz", help="with --cases: the reference brain mask")
     d.add_argument("--device", default="cpu", choices=DEVICES)
     d.add_argument("--json")
     d.add_argument("-q", "--quiet", action="store_true")

@@ -88,12 +88,22 @@ def axial_layout(image: sitk.Image) -> AxialLayout:
                        shape=tuple(int(size[j]) for j in order), axial_axis=axial)
 
 
+def background_value(arr: np.ndarray) -> float:
+    """The value of a skull-stripped image's background: 0, or the constant that fills the
+    volume's faces (a z-scored skull-stripped scan, e.g. BraTS, has background -mean/std)."""
+    faces = np.concatenate([np.ravel(f) for f in (arr[0], arr[-1], arr[:, 0], arr[:, -1], arr[:, :, 0], arr[:, :, -1])])
+    values, counts = np.unique(faces, return_counts=True)
+    top = int(np.argmax(counts))
+    return float(values[top]) if counts[top] >= 0.99 * faces.size else 0.0
+
+
 def brain_mask(image: sitk.Image, mask: sitk.Image | None,
                extractor: "Callable[[sitk.Image], np.ndarray] | None" = None) -> np.ndarray:
     """Brain mask as a bool array in the input's array order.
 
     With ``mask`` given it must be on the image's grid. Without it, a skull-stripped image's
-    non-zero region (holes filled) is the brain; a whole-head image goes to ``extractor``
+    non-background region (holes filled; background is 0 or the constant on the volume's
+    faces, see :func:`background_value`) is the brain; a whole-head image goes to ``extractor``
     (the built-in brain extraction), or is refused when there is none.
     """
     if mask is not None:
@@ -107,10 +117,12 @@ def brain_mask(image: sitk.Image, mask: sitk.Image | None,
             raise InputError("the brain mask is empty (no voxel > 0); give a mask that covers the brain")
         return m
     arr = sitk.GetArrayViewFromImage(image)
-    nonzero = sitk.GetImageFromArray((arr != 0).astype(np.uint8))
+    background = background_value(arr)
+    nonzero = sitk.GetImageFromArray((arr != background).astype(np.uint8))
     filled = sitk.GetArrayFromImage(sitk.BinaryFillhole(nonzero)) > 0
     if not filled.any():
-        raise InputError("the image is all zero; there is no brain to score")
+        raise InputError("the image is all zero; there is no brain to score" if background == 0 else
+                         f"the image is constant ({background:g}); there is no brain to score")
     voxel_ml = float(np.prod(image.GetSpacing()[:3])) / 1000.0
     volume_ml = filled.sum() * voxel_ml
     if volume_ml > SKULL_STRIPPED_MAX_ML or filled.mean() > 0.95:

@@ -97,3 +97,22 @@ def test_postprocess_keeps_the_largest_component_and_fills_holes():
     assert out[8, 8, 8] and not out[0, 0, 0]
     with pytest.raises(InputError, match="no brain"):
         postprocess(np.zeros((5, 5, 5)))
+
+
+def test_dice_command_on_case_folders_measures_the_engines_own_choice(extractor, tmp_path):
+    """Case folders (BraTS layout) of z-scored skull-stripped scans: the engine keeps their
+    non-background region, which matches the reference brain exactly."""
+    from phantoms import phantom_array
+    for i in range(2):
+        arr = phantom_array(seed=i)
+        brain = arr != 0
+        z = np.where(brain, (arr - arr[brain].mean()) / arr[brain].std(), -arr[brain].mean() / arr[brain].std())
+        case = tmp_path / f"case{i}"
+        case.mkdir()
+        sitk.WriteImage(image_from(z.astype(np.float32)), str(case / "t1c.nii.gz"))
+        sitk.WriteImage(image_from(brain.astype(np.uint8)), str(case / "brainmask.nii.gz"))
+    out = tmp_path / "d.json"
+    assert main(["brainmask-dice", str(extractor.path), str(tmp_path), "--cases", "--engine-rule",
+                 "--image-name", "t1c.nii.gz", "--json", str(out), "-q"]) == 0
+    result = json.loads(out.read_text())
+    assert sorted(result["dice"]) == ["case0", "case1"] and result["min"] == pytest.approx(1.0)

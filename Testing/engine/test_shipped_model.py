@@ -102,3 +102,31 @@ def test_demo_does_not_replace_a_users_folder(tmp_path, capsys):
     assert main(["--out", str(tmp_path)]) == 2
     assert (tmp_path / "mine.txt").read_text() == "keep"
     assert "not an earlier demo output" in capsys.readouterr().err
+
+
+def test_shipped_models_offer_restoration_and_lsr_calibrated():
+    """The VAE carries a tuned restoration lambda and its threshold; the LSR model is small,
+    calibrated, pinned, and found by method."""
+    from anomaly_localizer.package import resolve_package_for
+    vae = load_package(MODELS / "brain-t1-vae")
+    assert 0 < vae.meta["restoration"]["lambda"] and vae.meta["restoration"]["selection"]["curve"]
+    assert vae.default_threshold("restoration")[0] > 0
+    lsr = load_package(MODELS / "brain-t1-lsr")
+    assert lsr.methods == ("lsr",) and (MODELS / "brain-t1-lsr" / "model.safetensors").stat().st_size < 10 * 2 ** 20
+    assert lsr.default_threshold("lsr")[0] > 0 and "lsr" in lsr.calibration["slice"]
+    assert lsr.meta["provenance"]["subjects"] == vae.meta["provenance"]["subjects"]  # same split, same held-back set
+    assert resolve_package_for(["lsr"]).name == "brain-t1-lsr"
+    assert resolve_package_for(["restoration"]).name == "brain-t1-vae"
+    card = (MODELS / "brain-t1-lsr" / "README.md").read_text()
+    assert "IXI" in card and "CC BY-SA 3.0" in card and "Naval Marimont" in card
+
+
+def test_shipped_lsr_model_scores_a_phantom_reproducibly():
+    from anomaly_localizer.pipeline import score_volume
+    from phantoms import image_from, phantom_array
+    img = image_from(phantom_array((30, 64, 56), lesion=True), spacing=(3.0, 3.0, 3.0))
+    lsr = load_package(MODELS / "brain-t1-lsr")
+    a = score_volume(img, lsr, ["lsr"])
+    b = score_volume(img, lsr, ["lsr"])
+    np.testing.assert_array_equal(a.maps["lsr"], b.maps["lsr"])
+    assert np.isfinite(a.volume_score) and a.maps["lsr"].max() > 0

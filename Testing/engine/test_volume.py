@@ -131,3 +131,16 @@ def test_uniform_brain_is_refused():
     arr = (phantom_array() != 0).astype(np.float32) * 5
     with pytest.raises(InputError, match="uniform"):
         normalise_intensities(arr, arr != 0)
+
+
+def test_a_z_scored_skull_stripped_scan_is_recognised_by_its_constant_background():
+    """BraTS-style preprocessing z-scores a skull-stripped brain, so the background is a
+    non-zero constant (-mean/std): it is still skull-stripped, not a whole head."""
+    from anomaly_localizer.volume import background_value, brain_mask
+    arr = phantom_array()
+    brain = arr != 0
+    z = np.where(brain, (arr - arr[brain].mean()) / arr[brain].std(), -arr[brain].mean() / arr[brain].std())
+    z = z.astype(np.float32)
+    assert background_value(z) == pytest.approx(float(z[0, 0, 0]))
+    np.testing.assert_array_equal(brain_mask(image_from(z), None), brain)
+    assert background_value(arr) == 0.0
