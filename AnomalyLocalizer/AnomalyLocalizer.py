@@ -326,4 +326,14 @@ class AnomalyLocalizerTest(ScriptedLoadableModuleTest):
         logic.run(volume, device="cpu")
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
         self.assertTrue(np.isfinite(result.summary["volume_score"]))
+
+        # The restoration methods: restoration on request with the VAE, lsr with the LSR model.
+        self.delayDisplay("Restoration and latent space restoration")
+        restored = logic.run(volume, device="cpu", methods=logic.methodsFor(None, includeRestoration=True))
+        self.assertIn("restoration", restored.maps)
+        if any("lsr" in m["offers"] for m in models):
+            lsr = logic.run(volume, device="cpu", methods=["lsr"])
+            self.assertEqual(list(lsr.maps), ["lsr"])
+            self.assertIsNotNone(logic.outputNode(volume, "heatmap.lsr"))
+            logic.jumpToSlice(logic.worstSlice())
         self.delayDisplay("Test passed")

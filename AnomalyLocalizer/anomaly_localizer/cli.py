@@ -37,7 +37,12 @@ def _machine() -> str:
     import os
     import platform
     import torch
-    return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    try:
+        usable = len(os.sched_getaffinity(0))  # what this process may use (e.g. under taskset)
+    except AttributeError:
+        usable = os.cpu_count()
+    cores = f"{os.cpu_count()} cores" if usable == os.cpu_count() else f"{usable} of {os.cpu_count()} cores"
+    return f"{platform.machine()}, {cores}, torch {torch.__version__}"
 
 
 def default_methods(package) -> list[str]:
