@@ -114,7 +114,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         try:
             p = load_package(path)
             rows.append({"name": p.name, "path": str(path), "default": p.name == default, "ok": True,
-                         "summary": p.meta.get("summary", "")})
+                         "summary": p.meta.get("summary", ""), "methods": list(p.methods)})
         except AnomalyLocalizerError as exc:
             rows.append({"name": path.name, "path": str(path), "default": False, "ok": False, "error": str(exc)})
     if args.json:
@@ -122,7 +122,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     else:
         for r in rows:
             flag = "*" if r["default"] else " "
-            state = r.get("summary", "") if r["ok"] else f"BROKEN: {r['error']}"
+            state = (r.get("summary", "") + (f" (methods: {', '.join(r['methods'])})" if r["methods"] else "")) \
+                if r["ok"] else f"BROKEN: {r['error']}"
             print(f"{flag} {r['name']:<24} {state}  [{r['path']}]")
         if not rows:
             print("no models installed (see README, 'Models')")

@@ -273,9 +273,13 @@ def resolve_package_for(methods: list[str] | tuple[str, ...] | None, model: str 
 
 
 def _who_offers(methods: list[str]) -> str:
-    kinds = sorted({t for t, ms in METHODS_BY_TYPE.items() for m in methods if m in ms})
-    return (f"{', '.join(methods)} need{'s' if len(methods) == 1 else ''} a {' or '.join(kinds)} model; "
-            "run VAE methods and lsr separately, or pass --model with a model that offers them")
+    """Which kind of model each method needs, as advice."""
+    vae = [m for m in methods if m in VAE_METHODS]
+    lsr = [m for m in methods if m in LSR_METHODS]
+    parts = ([f"{', '.join(vae)} need{'s' if len(vae) == 1 else ''} a VAE model (e.g. brain-t1-vae)"] if vae else []) + \
+        ([f"{', '.join(lsr)} needs an LSR model (e.g. brain-t1-lsr)"] if lsr else [])
+    advice = "run them in separate calls" if vae and lsr else "pass such a model with --model, or leave --model out"
+    return "; ".join(parts) + f": {advice}"
 
 
 def resolve_package(model: str | None) -> ModelPackage:

@@ -125,7 +125,7 @@ def test_model_is_chosen_by_method(tiny_package, tiny_lsr_package, monkeypatch):
     monkeypatch.setenv("ANOMALY_LOCALIZER_MODELS", os.pathsep.join([str(folder), str(tiny_package.path.parent)]))
     assert resolve_package_for(["lsr"]).architecture["type"] == "vqvae-lsr"
     assert resolve_package_for(["rec"]).architecture["type"] == "vae"
-    with pytest.raises(AnomalyLocalizerError, match="separately"):
+    with pytest.raises(AnomalyLocalizerError, match="separate calls"):
         resolve_package_for(["rec", "lsr"])
     with pytest.raises(AnomalyLocalizerError, match="does not offer lsr"):
         resolve_package_for(["lsr"], str(tiny_package.path))
