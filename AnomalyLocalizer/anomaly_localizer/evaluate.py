@@ -15,8 +15,6 @@ the BraTS cases in ``../shared/data``).
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -97,7 +97,7 @@ def _schedule_lines(meta: dict[str, Any]) -> str:
 
 def render_card(package: ModelPackage, extra_sections: str = "") -> str:
     meta = package.meta
-    arch, contract, calib = meta["architecture"], meta["input_contract"], meta.get("calibration") or {}
+    contract, calib = meta["input_contract"], meta.get("calibration") or {}
     prov, training = meta.get("provenance", {}), meta.get("training", {})
     subjects = prov.get("subjects", {})
     cfg = training.get("config", {})

@@ -9,9 +9,7 @@ import SimpleITK as sitk
 from anomaly_localizer.brainextract import extract_brain, head_mask, postprocess
 from anomaly_localizer.cli import main
 from anomaly_localizer.errors import InputError
-from anomaly_localizer.package import load_package
 from anomaly_localizer.pipeline import score_volume
-from anomaly_localizer.volume import brain_mask
 
 from phantoms import head_phantom, image_from, make_tiny_package
 

@@ -1,6 +1,5 @@
 """Reading what the files really hold, and refusing what cannot be scored."""
 
-import gzip
 
 import numpy as np
 import pytest

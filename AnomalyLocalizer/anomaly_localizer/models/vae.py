@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..package import ANOMALY_TYPES, ARCHITECTURE_TYPES  # noqa: F401  (the one list of known architectures)
+from ..package import ARCHITECTURE_TYPES  # noqa: F401  (the one list of known architectures)
 
 DEFAULT_ARCHITECTURE: dict[str, Any] = {
     "type": "vae",
