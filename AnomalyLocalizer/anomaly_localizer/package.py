@@ -262,14 +262,17 @@ def resolve_package_for(methods: list[str] | tuple[str, ...] | None, model: str 
         return package
     default = default_model_name()
     candidates = ([default] if default else []) + [p.name for p in list_packages() if p.name != default]
+    broken = []
     for name in candidates:
         try:
             package = resolve_package(name)
-        except PackageError:
+        except PackageError as exc:
+            broken.append(str(exc))  # say so below: a broken model may be the one that was wanted
             continue
         if all(m in package.methods for m in wanted):
             return package
-    raise PackageError(f"no installed model offers {', '.join(wanted)} together; {_who_offers(wanted)}")
+    unusable = f" (unusable models: {'; '.join(broken)})" if broken else ""
+    raise PackageError(f"no installed model offers {', '.join(wanted)} together; {_who_offers(wanted)}{unusable}")
 
 
 def _who_offers(methods: list[str]) -> str:

@@ -167,3 +167,18 @@ def test_train_lsr_writes_a_calibrated_package(tmp_path):
     # a resumed run with nothing left to do reproduces the same package
     again = train_lsr(root, tmp_path / "lsr", cfg, resume=True)
     assert load_package(again).files["model.safetensors"] == package.files["model.safetensors"]
+
+
+def test_a_broken_model_is_named_when_no_model_offers_a_method(tiny_package, tmp_path, monkeypatch):
+    import shutil
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copytree(tiny_package.path, folder / "vae")
+    from phantoms import make_tiny_lsr_package
+    lsr = make_tiny_lsr_package(folder / "lsr")
+    (lsr.path / "model.json").write_text((lsr.path / "model.json").read_text() + " ")  # edited: hash mismatch
+    monkeypatch.setenv("ANOMALY_LOCALIZER_MODELS", str(folder))
+    monkeypatch.setattr("anomaly_localizer.package.SHIPPED_MODELS_DIRS", ())
+    monkeypatch.setattr("anomaly_localizer.package.USER_MODELS_DIR", tmp_path / "none")
+    with pytest.raises(AnomalyLocalizerError, match="unusable models: .*lsr.*SHA-256"):
+        resolve_package_for(["lsr"])
