@@ -84,9 +84,17 @@ def calibrate_package(package: ModelPackage, subjects: list[Subject], device: st
 
 
 def percentile_of(calibration: dict[str, Any], score: str, value: float) -> float:
-    """Percentile (0..100) of a slice score among healthy slices."""
+    """Percentile (0..100) of a slice score among healthy slices: the share of healthy
+    slices scoring at most ``value``. Tied quantiles (e.g. the many healthy slices whose lsr
+    score is exactly 0) count at their highest level."""
     block = calibration["slice"][score]
-    return float(np.interp(value, block["values"], block["levels"]))
+    values = np.asarray(block["values"], dtype=float)
+    levels = np.asarray(block["levels"], dtype=float)
+    uniq, last = np.unique(values[::-1], return_index=True)  # last occurrence of each value
+    top = levels[::-1][last]
+    if value < uniq[0]:
+        return 0.0
+    return float(np.interp(value, uniq, top))
 
 
 def healthy_fpr(calibration: dict[str, Any], method: str, threshold: float) -> float | None:

@@ -156,3 +156,11 @@ def test_other_errors_are_not_mistaken_for_out_of_memory(model64):
 
     with pytest.raises(RuntimeError, match="shapes"):
         compute_terms(Broken(), torch.rand(3, 1, 32, 32), ["rec"], torch.device("cpu"), batch_size=3)
+
+
+def test_healthy_percentile_counts_tied_scores_at_their_highest_level():
+    from anomaly_localizer.calibrate import percentile_of
+    calib = {"slice": {"lsr": {"levels": [0.0, 25.0, 50.0, 75.0, 100.0], "values": [0.0, 0.0, 0.0, 10.0, 20.0]}}}
+    assert percentile_of(calib, "lsr", 0.0) == 50.0  # half the healthy slices score exactly 0
+    assert percentile_of(calib, "lsr", 15.0) == 87.5
+    assert percentile_of(calib, "lsr", -1.0) == 0.0 and percentile_of(calib, "lsr", 99.0) == 100.0
