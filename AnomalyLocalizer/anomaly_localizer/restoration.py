@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import CancelledError
+from .errors import CancelledError, InputError
 from .scores import kl_divergence
 
 DEFAULT_RESTORATION: dict[str, Any] = {
@@ -126,7 +126,8 @@ def _restore(model, y: torch.Tensor, mask: torch.Tensor, p: dict[str, Any], canc
             if step >= 10 and abs(history[-6] - history[-1]) <= tol * abs(history[-1]):
                 break
     else:
-        raise ValueError(f"unknown restoration optimizer {p['optimizer']!r}; use 'adam' or 'gd'")
+        raise InputError(f"unknown restoration optimizer {p['optimizer']!r} in the model's restoration settings; "
+                         "use 'adam' or 'gd' (model.json, key restoration.optimizer)")
     with torch.no_grad():
         x = torch.where(mask, x, y)
         final = float(objective(model, x, y, lam).sum())
