@@ -9,6 +9,7 @@ which the Slicer module reads from its child process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -154,6 +155,20 @@ def _subjects_of(package, data: str, which: str):
     return chosen
 
 
+@contextlib.contextmanager
+def changed_copy(model: str, out: str | None, in_place: bool):
+    """:func:`prepare_copy` for a block that changes the package: a new copy that the block
+    fails to finish is removed, so a failed command leaves no half-made model behind."""
+    import shutil
+    package = prepare_copy(model, out, in_place)
+    try:
+        yield package
+    except BaseException:
+        if out:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
 def prepare_copy(model: str, out: str | None, in_place: bool):
     """The package a changing command (calibrate, tune-restoration) works on: a new copy in
     ``out``, or with ``in_place`` the model itself, unless an index.json pins it."""
@@ -184,10 +199,10 @@ def prepare_copy(model: str, out: str | None, in_place: bool):
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate_package
 
-    package = prepare_copy(args.model, args.out, args.in_place)
-    subjects = _subjects_of(package, args.data, args.subjects)
-    calibrate_package(package, subjects, device=args.device,
-                      progress=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
+    with changed_copy(args.model, args.out, args.in_place) as package:
+        subjects = _subjects_of(package, args.data, args.subjects)
+        calibrate_package(package, subjects, device=args.device,
+                          progress=None if args.quiet else (lambda m: print(m, file=sys.stderr)))
     print(f"calibrated {package.path} on {len(subjects)} subjects")
     return EXIT_OK
 

@@ -215,20 +215,19 @@ def add_parser(sub) -> None:
 def _cmd(args) -> int:
     import sys
     from .calibrate import calibrate_package
-    from .cli import _subjects_of, prepare_copy
+    from .cli import _subjects_of, changed_copy
+    from .errors import InputError
     from .package import load_package, update_meta
 
-    package = prepare_copy(args.model, args.out, args.in_place)
-    if "restoration" not in package.methods:
-        from .errors import InputError
-        raise InputError(f"model {package.name} is not a VAE; restoration needs a vae or cevae model")
-    say = None if args.quiet else (lambda m: print(m, file=sys.stderr))
-    block = tune_package(package, _subjects_of(package, args.data, args.subjects), args.limit, args.device, say)
-    meta = dict(package.meta)
-    meta["restoration"] = block
-    update_meta(package.path, meta)
-    package = load_package(package.path)
-    print(f"restoration lambda {block['lambda']:g} for {package.name}; recalibrating its thresholds")
-    calib_subjects = _subjects_of(package, args.data, "calibration")
-    calibrate_package(package, calib_subjects, device=args.device, progress=say)
+    with changed_copy(args.model, args.out, args.in_place) as package:
+        if "restoration" not in package.methods:
+            raise InputError(f"model {package.name} is not a VAE; restoration needs a vae or cevae model")
+        say = None if args.quiet else (lambda m: print(m, file=sys.stderr))
+        block = tune_package(package, _subjects_of(package, args.data, args.subjects), args.limit, args.device, say)
+        meta = dict(package.meta)
+        meta["restoration"] = block
+        update_meta(package.path, meta)
+        package = load_package(package.path)
+        print(f"restoration lambda {block['lambda']:g} for {package.name}; recalibrating its thresholds")
+        calibrate_package(package, _subjects_of(package, args.data, "calibration"), device=args.device, progress=say)
     return 0

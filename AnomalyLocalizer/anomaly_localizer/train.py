@@ -42,6 +42,23 @@ from .volume import NORMALISATION
 log = logging.getLogger(__name__)
 
 
+def read_config_values(path: str | Path | None, known: set[str]) -> dict[str, Any]:
+    """Keys of a JSON training configuration, or of a package's model.json (its recorded
+    config, to retrain from it); unknown keys are refused."""
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read the training config {path} ({exc}); give a JSON file") from exc
+    if isinstance(values.get("training"), dict) and "config" in values["training"]:
+        values = values["training"]["config"]  # a package's model.json: retrain from its record
+    unknown = set(values) - known
+    if unknown:
+        raise InputError(f"unknown training config keys {sorted(unknown)} in {path}")
+    return values
+
+
 @dataclass
 class TrainConfig:
     architecture: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ARCHITECTURE))
@@ -69,17 +86,7 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: str | Path | None, **overrides: Any) -> "TrainConfig":
-        values: dict[str, Any] = {}
-        if path:
-            try:
-                values = json.loads(Path(path).read_text())
-            except (OSError, ValueError) as exc:
-                raise InputError(f"cannot read the training config {path} ({exc}); give a JSON file") from exc
-        if isinstance(values.get("training"), dict) and "config" in values["training"]:
-            values = values["training"]["config"]  # a package's model.json: retrain from its record
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise InputError(f"unknown training config keys {sorted(unknown)} in {path}")
+        values = read_config_values(path, set(cls.__dataclass_fields__))
         cfg = cls(**{k: v for k, v in values.items() if k != "architecture"})
         cfg.architecture = {**DEFAULT_ARCHITECTURE, **values.get("architecture", {})}
         for k, v in overrides.items():

@@ -33,7 +33,7 @@ from .errors import InputError
 from .models.lsr import DEFAULT_LSR, full_lsr_architecture
 from .models import build_model
 from .package import save_package
-from .train import TrainConfig, _load_checkpoint, _save_checkpoint, augment
+from .train import TrainConfig, _load_checkpoint, _save_checkpoint, augment, read_config_values
 from .volume import NORMALISATION
 
 # The paper's settings (Naval Marimont & Tarroni 2021), stored in the package and used by
@@ -69,18 +69,7 @@ class LSRTrainConfig:
 
     @classmethod
     def from_json(cls, path: str | Path | None, **overrides: Any) -> "LSRTrainConfig":
-        values: dict[str, Any] = {}
-        if path:
-            try:
-                values = json.loads(Path(path).read_text())
-            except (OSError, ValueError) as exc:
-                raise InputError(f"cannot read the training config {path} ({exc}); give a JSON file") from exc
-        if isinstance(values.get("training"), dict) and "config" in values["training"]:
-            values = values["training"]["config"]  # a package's model.json: retrain from its record
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise InputError(f"unknown training config keys {sorted(unknown)} in {path}")
-        cfg = cls(**values)
+        cfg = cls(**read_config_values(path, set(cls.__dataclass_fields__)))
         for k, v in overrides.items():
             if v is not None:
                 setattr(cfg, k, v)

@@ -131,3 +131,19 @@ def test_progress_only_moves_forward_and_cancel_stops_a_restoration(tiny_package
     calls = []
     with pytest.raises(CancelledError):
         score_volume(img, tiny_package, ["restoration"], cancel=lambda: calls.append(1) or len(calls) > 3)
+
+
+def test_tune_restoration_that_fails_leaves_no_half_made_model(tiny_package, tiny_lsr_package, tmp_path, capsys):
+    """A refused model, or a failure after the copy was made (here: the data folder holds
+    none of the model's calibration subjects), leaves --out absent."""
+    import SimpleITK as sitk
+    data = tmp_path / "healthy"
+    data.mkdir()
+    for i in range(2):
+        sitk.WriteImage(image_from(phantom_array(seed=i)), str(data / f"h{i}.nii.gz"))
+    out = tmp_path / "tuned"
+    assert main(["tune-restoration", str(tiny_lsr_package.path), str(data), "--out", str(out), "-q"]) == 2
+    assert "not a VAE" in capsys.readouterr().err and not out.exists()
+    assert main(["tune-restoration", str(tiny_package.path), str(data), "--subjects", "all", "--limit", "1",
+                 "--out", str(out), "-q"]) == 2
+    assert "calibration subjects" in capsys.readouterr().err and not out.exists()
