@@ -145,7 +145,8 @@ class AnomalyLocalizerLogic:
         summary = {"model": {"name": package.name, "manifest_sha256": package.manifest_sha256},
                    "methods": methods, "device": res.device, "timings_s": res.timings,
                    "volume_score": res.volume_score, "brain_mask_source": res.info["brain_mask_source"],
-                   "primary_slice_score": res.info["primary_slice_score"]}
+                   "primary_slice_score": res.info["primary_slice_score"],
+                   "map_smoothing_mm": res.info["map_smoothing"]}
         result = RunResult(inputVolume.GetID(), res.maps, res.brain_mask, res.slice_scores, res.axial_axis, summary)
         self._applyResult(inputVolume, result, package)
         return result

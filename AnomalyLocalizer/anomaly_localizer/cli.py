@@ -92,6 +92,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         "threshold": {"method": methods[0], "value": threshold, "source": source, "meaning": meaning},
         "volume_score": {"value": result.volume_score, "meaning": result.info["volume_score_meaning"]},
         "primary_slice_score": result.info["primary_slice_score"],
+        "map_smoothing_mm": result.info["map_smoothing"],
         "axial_axis": result.axial_axis,
         "scored_slices": result.info["scored_slices"],
         "brain_fraction_in_field_of_view": result.info["fov_coverage"],
@@ -555,11 +556,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--brain-extraction", help="the default brain extraction model")
     i.set_defaults(func=cmd_index)
 
-    from . import benchmark, paper, restoration, train_lsr
+    from . import benchmark, paper, restoration, smoothing, train_lsr
     benchmark.add_parser(sub)
     paper.add_parser(sub)
     train_lsr.add_parser(sub)
     restoration.add_parser(sub)
+    smoothing.add_parser(sub)
     return p
 
 

@@ -4,8 +4,9 @@ Per method, over a set of cases with ground truth: pixel-wise AUROC and average 
 inside the brain, the best Dice over one threshold for the whole set (searched exactly
 over every distinct score), Dice at the model's calibrated threshold, slice-wise AUROC and
 AP (a slice is abnormal with at least 20 lesion voxels, normal with none; others are left
-out, as in the paper; the slice score of a pixel method is its mean over the slice's
-brain), and seconds per case. A non-learned baseline is scored on the same cases: the
+out, as in the paper; the slice score of a pixel method is the mean of its 20 highest values
+in the slice's brain, the same 20 voxels that make a slice abnormal), and seconds per case.
+Synthetic cases also get a pixel AP per anomaly kind, which shows what a method misses. A non-learned baseline is scored on the same cases: the
 robust intensity outlier |x - median| / IQR inside the brain.
 
 Case sets: synthetic anomalies (:mod:`anomaly_localizer.synthetic`) inserted into healthy
@@ -40,6 +41,7 @@ class Case:
     image: sitk.Image
     mask: sitk.Image | None
     label: np.ndarray  # bool, input array order
+    group: str | None = None  # e.g. the synthetic anomaly's kind, for a per-kind breakdown
 
 
 def synthetic_cases(subjects: list[Subject], per_subject: int = 2, seed: int = 0) -> Iterator[Case]:
@@ -54,7 +56,7 @@ def synthetic_cases(subjects: list[Subject], per_subject: int = 2, seed: int = 0
             img, label, kind = make_case(arr, mask, spacing_zyx, seed=seed * 1000003 + i * 101 + k)
             out = sitk.GetImageFromArray(img)
             out.CopyInformation(image)
-            yield Case(f"{s.id}#{k}:{kind}", out, mask_img, label.astype(bool))
+            yield Case(f"{s.id}#{k}:{kind}", out, mask_img, label.astype(bool), kind)
 
 
 def folder_cases(root: str | Path, image_name: str, label_name: str, mask_name: str | None = None) -> Iterator[Case]:
@@ -85,6 +87,17 @@ def baseline_map(image: sitk.Image, brain: np.ndarray) -> np.ndarray:
     return out
 
 
+def slice_top_mean(values: np.ndarray, brain: np.ndarray, axis: int, k: int = SLICE_MIN_LESION) -> np.ndarray:
+    """Per slice along numpy ``axis``: the mean of the ``k`` highest ``values`` inside the
+    brain (all of them in a slice with fewer brain voxels; 0 without brain)."""
+    a = np.moveaxis(np.where(brain, values, -np.inf).astype(np.float32), axis, 0)
+    a = a.reshape(a.shape[0], -1)
+    k = min(k, a.shape[1])
+    top = np.partition(a, a.shape[1] - k, axis=1)[:, a.shape[1] - k:]
+    finite = np.isfinite(top)
+    return np.where(finite, top, 0).sum(1) / np.maximum(finite.sum(1), 1)
+
+
 def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None) -> dict:
     """Metrics of every method over ``cases``. ``runs``: a package, or a list of
     (package, methods) whose methods join one table (e.g. the VAE and the LSR model)."""
@@ -96,7 +109,7 @@ def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None) ->
     source = {m: p for p, ms, _ in loaded for m in ms}
     names = methods + [BASELINE]
     pix = {m: [] for m in names}
-    labels, slice_labels = [], []
+    labels, slice_labels, groups = [], [], []
     slice_names = [f"slice_{k}" for p, _, _ in loaded
                    for k in (("elbo", "kl", "rec") if p.primary_slice_score == "elbo" else (p.primary_slice_score,))]
     slice_scores = {m: [] for m in names + slice_names}
@@ -117,6 +130,7 @@ def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None) ->
         maps[BASELINE] = baseline_map(case.image, brain)
         label = case.label & brain
         labels.append(label[brain])
+        groups.append(case.group)
         for m in names:
             pix[m].append(maps[m][brain].astype(np.float32))
         # slices along the input's axial axis
@@ -126,8 +140,7 @@ def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None) ->
         keep = (brain_per_slice > 0) & ((lesion_per_slice >= SLICE_MIN_LESION) | (lesion_per_slice == 0))
         slice_labels.append(lesion_per_slice[keep] >= SLICE_MIN_LESION)
         for m in names:
-            v = np.moveaxis(maps[m], ax, 0).reshape(label.shape[ax], -1).sum(1) / np.maximum(brain_per_slice, 1)
-            slice_scores[m].append(v[keep])
+            slice_scores[m].append(slice_top_mean(maps[m], brain, ax)[keep])
         for k in slice_names:
             slice_scores[k].append(case_slice_scores[k][keep])
         n_cases += 1
@@ -152,6 +165,12 @@ def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None) ->
     for k in slice_names:
         ss = np.concatenate(slice_scores[k])
         table[k] = {"slice_auroc": auroc(ss, ys), "slice_ap": average_precision(ss, ys)}
+    for g in sorted({g for g in groups if g}):
+        idx = [i for i, gi in enumerate(groups) if gi == g]
+        yg = np.concatenate([labels[i] for i in idx])
+        for m in names:
+            table[m].setdefault("pixel_ap_by_kind", {})[g] = (
+                average_precision(np.concatenate([pix[m][i] for i in idx]), yg) if yg.any() else None)
     base_ap = table[BASELINE]["pixel_ap"]
     for m in methods:
         table[m]["beats_baseline"] = bool(table[m]["pixel_ap"] > base_ap)
@@ -161,6 +180,7 @@ def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None) ->
                                 "seconds_per_case": float(np.mean(seconds[p.name])) if seconds[p.name] else None}
                        for p, ms, _ in loaded},
             "cases": n_cases, "lesion_voxels": int(y.sum()), "brain_voxels": int(y.size),
+            "cases_by_kind": {g: groups.count(g) for g in sorted({g for g in groups if g})},
             "abnormal_slices": int(ys.sum()), "normal_slices": int((~ys).sum()),
             "seconds_per_case": float(sum(np.mean(v) for v in seconds.values() if v)) if n_cases else None,
             "methods": table}
@@ -179,4 +199,12 @@ def format_table(result: dict) -> str:
             cells.append(f"{'-' if v is None else f'{v:.3f}':>20}")
         note = "" if row.get("beats_baseline", True) else "   (does not beat the baseline)"
         lines.append(f"{m:<20}" + "".join(cells) + note)
+    kinds = result.get("cases_by_kind") or {}
+    if kinds:
+        lines.append("pixel AP by anomaly kind (cases):")
+        lines.append(f"{'method':<20}" + "".join(f"{f'{k} ({n})':>16}" for k, n in kinds.items()))
+        for m, row in result["methods"].items():
+            by = row.get("pixel_ap_by_kind")
+            if by:
+                lines.append(f"{m:<20}" + "".join(f"{'-' if by.get(k) is None else f'{by[k]:.3f}':>16}" for k in kinds))
     return "\n".join(lines)

@@ -76,6 +76,28 @@ def _restoration_lines(meta: dict[str, Any]) -> str:
             f"optimiser {r.get('optimizer')}, at most {r.get('steps')} steps, step {r.get('learning_rate')}.\n")
 
 
+def _smoothing_lines(meta: dict[str, Any]) -> str:
+    block = meta.get("map_smoothing")
+    if not block:
+        return ""
+    sel = block.get("selection", {})
+    curves = sel.get("curves", {})
+
+    def edge(m: str, v: dict) -> str:
+        # A width at the top of the searched grid may not be the best one: say so.
+        c = curves.get(m) or []
+        top = [k for k in ("through_plane_mm", "in_plane_mm") if c and v[k] > 0 and v[k] >= max(r[k] for r in c)]
+        return " (largest on the grid)" if top else ""
+
+    widths = "; ".join(f"`{m}` {v['through_plane_mm']:g} / {v['in_plane_mm']:g} mm{edge(m, v)}"
+                       for m, v in block.items() if m != "selection")
+    return (f"- Heatmap smoothing (Gaussian sigma across slices / in-plane, normalised inside the brain): {widths}; "
+            f"chosen per method for the highest pixel AP on {sel.get('cases', '?')} synthetic anomalies (seed "
+            f"{sel.get('seed', '?')}) in {len(sel.get('subjects', []))} validation subjects "
+            "(`anomaly-localizer tune-smoothing`; every curve in `model.json`, `map_smoothing`). "
+            "Thresholds are calibrated on the smoothed maps.\n")
+
+
 def _schedule_lines(meta: dict[str, Any]) -> str:
     training = meta.get("training", {})
     cfg = training.get("config", {})
@@ -117,7 +139,7 @@ def render_card(package: ModelPackage, extra_sections: str = "") -> str:
   Any orientation and voxel size are accepted; the engine reorients and resamples, and maps
   results back onto the input's grid.
 - Recommended pixel score: `{meta.get('recommended_method', 'combi')}`; methods offered: {', '.join(f'`{m}`' for m in package.methods)}.
-{_restoration_lines(meta)}
+{_restoration_lines(meta)}{_smoothing_lines(meta)}
 ## Training data
 {meta.get('data_statement', '')}
 - Split by subject (seed {cfg.get('seed', '?')}): {len(subjects.get('train', []))} training,
@@ -179,11 +201,21 @@ def results_sections(evaluations: list[dict[str, Any]], fpr: dict[str, Any] | No
                 continue
             parts.append(f"| {m} | {f(r.get('pixel_auroc'))} | {f(r.get('pixel_ap'))} | {f(r.get('best_dice'))} | "
                          f"{f(r.get('dice_at_calibrated'))} | {f(r.get('slice_auroc'))} | {f(r.get('slice_ap'))} |")
+        kinds = ev.get("cases_by_kind") or {}
+        if kinds:
+            parts.append("\nPixel AP by anomaly kind (number of cases):\n")
+            parts.append("| score | " + " | ".join(f"{k} ({n})" for k, n in kinds.items()) + " |")
+            parts.append("|---|" + "---|" * len(kinds))
+            for m, r in ev["methods"].items():
+                by = r.get("pixel_ap_by_kind")
+                if by and own(m):
+                    parts.append(f"| {m} | " + " | ".join(f(by.get(k)) for k in kinds) + " |")
         losers = [m for m, r in ev["methods"].items() if r.get("beats_baseline") is False and own(m)]
         parts.append("\n`baseline_intensity` is the non-learned robust intensity outlier |x - median| / IQR; "
                      + (f"{', '.join(losers)} do(es) not beat it on pixel AP." if losers else
                         "every learned pixel score beats it on pixel AP.")
-                     + " `slice_*` rows rank slices by the model's slice scores.\n")
+                     + " Slice AUROC and AP of a pixel score rank slices by the mean of the slice's 20 highest values; "
+                       "`slice_*` rows rank them by the model's slice scores.\n")
     return "\n".join(parts)
 
 

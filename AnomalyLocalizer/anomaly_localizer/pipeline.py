@@ -111,14 +111,16 @@ def volume_score(per_slice: np.ndarray) -> float:
 def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | tuple[str, ...] = PIXEL_METHODS,
                  mask: sitk.Image | None = None, device: str = "auto", batch_size: int | None = None,
                  progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
-                 model: torch.nn.Module | None = None, brain_extraction: str | None = "auto") -> ScoreResult:
+                 model: torch.nn.Module | None = None, brain_extraction: str | None = "auto",
+                 smoothing: bool = True) -> ScoreResult:
     """Heatmaps, slice scores and the volume score of one 3D image.
 
     ``mask``: optional brain mask on the image's grid. Without it, a skull-stripped image's
     non-zero region is the brain, and a whole-head image is brain-extracted by
     ``brain_extraction``: "auto" (the installed brain extraction model), a model name or
     folder, or None/"off" (refuse whole-head images). ``model`` may be given to reuse an
-    already loaded network of ``package``.
+    already loaded network of ``package``. ``smoothing``: apply the package's 3D heatmap
+    smoothing (:mod:`anomaly_localizer.smoothing`); off only to tune it.
     """
     if package.architecture.get("type") not in ANOMALY_TYPES:
         raise InputError(f"model {package.name} is a {package.architecture.get('type')} model, not an anomaly "
@@ -170,6 +172,15 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
     if progress:
         progress(0.85, "mapping heatmaps back to the input grid")
     maps = {m: prepared.to_input_grid(maps_model[m]) for m in methods}
+    smoothed = {}
+    if smoothing:
+        from .smoothing import BrainSmoother, smoothing_for
+        smoother = BrainSmoother(mask_arr, image.GetSpacing()[::-1], 2 - prepared.layout.axial_axis)
+        for m in methods:
+            widths = smoothing_for(package, m)
+            if widths:
+                maps[m] = smoother.smooth(maps[m], *widths)
+                smoothed[m] = {"through_plane_mm": widths[0], "in_plane_mm": widths[1]}
     n_ax = prepared.layout.shape[0]
     slice_scores: dict[str, np.ndarray] = {}
     order = prepared.layout.input_slice_index(np.arange(n_ax))
@@ -192,6 +203,7 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
                        info={"scored_slices": int(prepared.slices.shape[0]), "fov_coverage": prepared.fov_coverage,
                              "brain_mask_source": source["value"], "primary_slice_score": primary,
                              "volume_score_meaning": VOLUME_SCORE_MEANING[primary],
+                             "map_smoothing": smoothed,
                              "engine_version": __version__, **extra})
 
 
