@@ -197,6 +197,33 @@ def prepare_copy(model: str, out: str | None, in_place: bool):
     return package
 
 
+def add_tuning_arguments(parser: argparse.ArgumentParser, limit: int | None) -> None:
+    """Arguments shared by the commands that tune a setting of a model on healthy scans and
+    recalibrate it (tune-restoration, tune-smoothing)."""
+    parser.add_argument("data", help="folder of healthy scans (with brain masks)")
+    parser.add_argument("--subjects", default="val", choices=["all", "calibration", "test", "val"],
+                        help="which scans of DATA (default: the model's validation subjects)")
+    parser.add_argument("--limit", type=int, default=limit,
+                        help="use the first N of them" + (f" (default {limit})" if limit else ""))
+    parser.add_argument("--out", help="write the tuned (and recalibrated) model here")
+    parser.add_argument("--in-place", action="store_true", help="change the model itself")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("-q", "--quiet", action="store_true")
+
+
+def store_and_recalibrate(package, key: str, block: dict, data: str, device: str, say, message: str):
+    """Store ``block`` under ``key`` in the package's model.json, then recalibrate its
+    thresholds on the model's calibration subjects of ``data`` (the maps have changed)."""
+    from .calibrate import calibrate_package
+    from .package import load_package, update_meta
+    meta = dict(package.meta)
+    meta[key] = block
+    update_meta(package.path, meta)
+    package = load_package(package.path)
+    print(f"{message} for {package.name}; recalibrating its thresholds")
+    return calibrate_package(package, _subjects_of(package, data, "calibration"), device=device, progress=say)
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate_package
 

@@ -6,7 +6,8 @@ over every distinct score), Dice at the model's calibrated threshold, slice-wise
 AP (a slice is abnormal with at least 20 lesion voxels, normal with none; others are left
 out, as in the paper; the slice score of a pixel method is the mean of its 20 highest values
 in the slice's brain, the same 20 voxels that make a slice abnormal), and seconds per case.
-Synthetic cases also get a pixel AP per anomaly kind, which shows what a method misses. A non-learned baseline is scored on the same cases: the
+Synthetic cases also get a pixel AP per anomaly kind, which shows what a method misses.
+A non-learned baseline is scored on the same cases: the
 robust intensity outlier |x - median| / IQR inside the brain.
 
 Case sets: synthetic anomalies (:mod:`anomaly_localizer.synthetic`) inserted into healthy

@@ -198,36 +198,24 @@ def tune_package(package, subjects, limit: int | None = None, device: str = "cpu
 
 
 def add_parser(sub) -> None:
+    from .cli import add_tuning_arguments
     r = sub.add_parser("tune-restoration",
                        help="choose the restoration method's lambda on healthy scans and store it in the model")
     r.add_argument("model", help="VAE model name or folder")
-    r.add_argument("data", help="folder of healthy scans")
-    r.add_argument("--subjects", default="val", choices=["all", "calibration", "test", "val"],
-                   help="which scans of DATA (default: the model's validation subjects)")
-    r.add_argument("--limit", type=int, default=5, help="use the first N of them (default 5)")
-    r.add_argument("--out", help="write the tuned (and recalibrated) model here")
-    r.add_argument("--in-place", action="store_true", help="change the model itself")
-    r.add_argument("--device", default="auto")
-    r.add_argument("-q", "--quiet", action="store_true")
+    add_tuning_arguments(r, limit=5)
     r.set_defaults(func=_cmd)
 
 
 def _cmd(args) -> int:
     import sys
-    from .calibrate import calibrate_package
-    from .cli import _subjects_of, changed_copy
+    from .cli import _subjects_of, changed_copy, store_and_recalibrate
     from .errors import InputError
-    from .package import load_package, update_meta
 
     with changed_copy(args.model, args.out, args.in_place) as package:
         if "restoration" not in package.methods:
             raise InputError(f"model {package.name} is not a VAE; restoration needs a vae or cevae model")
         say = None if args.quiet else (lambda m: print(m, file=sys.stderr))
         block = tune_package(package, _subjects_of(package, args.data, args.subjects), args.limit, args.device, say)
-        meta = dict(package.meta)
-        meta["restoration"] = block
-        update_meta(package.path, meta)
-        package = load_package(package.path)
-        print(f"restoration lambda {block['lambda']:g} for {package.name}; recalibrating its thresholds")
-        calibrate_package(package, _subjects_of(package, args.data, "calibration"), device=args.device, progress=say)
+        store_and_recalibrate(package, "restoration", block, args.data, args.device, say,
+                              f"restoration lambda {block['lambda']:g}")
     return 0

@@ -173,25 +173,17 @@ def tune_package(package, subjects, per_subject: int = 2, device: str = "cpu",
 
 
 def add_parser(sub) -> None:
+    from .cli import add_tuning_arguments
     r = sub.add_parser("tune-smoothing",
                        help="choose each method's 3D heatmap smoothing on synthetic anomalies in validation scans")
     r.add_argument("model", help="model name or folder")
-    r.add_argument("data", help="folder of healthy scans (with brain masks)")
-    r.add_argument("--subjects", default="val", choices=["all", "calibration", "test", "val"],
-                   help="which scans of DATA (default: the model's validation subjects)")
-    r.add_argument("--limit", type=int, default=None, help="use the first N of them")
+    add_tuning_arguments(r, limit=None)
     r.add_argument("--per-subject", type=int, default=2, help="synthetic anomalies per subject (default 2)")
-    r.add_argument("--out", help="write the tuned (and recalibrated) model here")
-    r.add_argument("--in-place", action="store_true", help="change the model itself")
-    r.add_argument("--device", default="auto")
-    r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(func=_cmd)
 
 
 def _cmd(args) -> int:
-    from .calibrate import calibrate_package
-    from .cli import _subjects_of, changed_copy
-    from .package import load_package, update_meta
+    from .cli import _subjects_of, changed_copy, store_and_recalibrate
 
     with changed_copy(args.model, args.out, args.in_place) as package:
         say = None if args.quiet else (lambda m: print(m, file=sys.stderr))
@@ -199,12 +191,8 @@ def _cmd(args) -> int:
         if args.limit:
             subjects = subjects[: args.limit]
         block = tune_package(package, subjects, args.per_subject, args.device, say)
-        meta = dict(package.meta)
-        meta["map_smoothing"] = block
-        update_meta(package.path, meta)
-        package = load_package(package.path)
         chosen = ", ".join(f"{m} {v['through_plane_mm']:g}/{v['in_plane_mm']:g} mm" for m, v in block.items()
                            if m != "selection")
-        print(f"smoothing (through-plane/in-plane sigma) for {package.name}: {chosen}; recalibrating its thresholds")
-        calibrate_package(package, _subjects_of(package, args.data, "calibration"), device=args.device, progress=say)
+        store_and_recalibrate(package, "map_smoothing", block, args.data, args.device, say,
+                              f"smoothing (through-plane/in-plane sigma) {chosen}")
     return 0

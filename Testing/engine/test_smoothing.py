@@ -144,3 +144,17 @@ def test_synthetic_evaluation_reports_pixel_ap_per_kind(tmp_path):
     assert sum(kinds.values()) == 3
     assert set(res["methods"]["rec"]["pixel_ap_by_kind"]) == set(kinds)
     assert set(res["methods"]["baseline_intensity"]["pixel_ap_by_kind"]) == set(kinds)
+
+
+def test_tune_smoothing_on_scans_that_are_not_the_models_leaves_no_half_made_model(tmp_path, capsys):
+    data = tmp_path / "healthy"
+    data.mkdir()
+    sitk.WriteImage(image_from(phantom_array(seed=0)), str(data / "other.nii.gz"))
+    pkg = make_tiny_package(tmp_path / "tiny")
+    meta = dict(pkg.meta)
+    meta["provenance"] = {"subjects": {"val": ["h0"], "calibration": ["h1"]}}
+    update_meta(pkg.path, meta)
+    out = tmp_path / "smoothed"
+    assert main(["tune-smoothing", str(pkg.path), str(data), "--out", str(out), "-q"]) == 2
+    assert "none of the model's val subjects" in capsys.readouterr().err
+    assert not out.exists()
