@@ -335,5 +335,6 @@ class AnomalyLocalizerTest(ScriptedLoadableModuleTest):
             lsr = logic.run(volume, device="cpu", methods=["lsr"])
             self.assertEqual(list(lsr.maps), ["lsr"])
             self.assertIsNotNone(logic.outputNode(volume, "heatmap.lsr"))
+            self.assertIsNone(logic.outputNode(volume, "heatmap.restoration"))  # a rerun replaces the last run
             logic.jumpToSlice(logic.worstSlice())
         self.delayDisplay("Test passed")

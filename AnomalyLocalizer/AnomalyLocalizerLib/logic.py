@@ -12,7 +12,8 @@ the results into nodes on the input's exact geometry:
 - a label map and a segmentation (segment "Anomaly") of the heatmap above the threshold;
 - a table of slice scores (with their healthy percentiles) and a plot of them.
 
-Output nodes are remembered on the input node (node references) and reused on a rerun.
+Output nodes are remembered on the input node (node references) and reused on a rerun; a
+rerun's outputs replace the last run's, so heatmaps of methods it did not compute are removed.
 Nothing is added to the scene until a run has succeeded, and a failure while building
 nodes removes what that call added, so the scene is never left half-built.
 """
@@ -258,6 +259,21 @@ class AnomalyLocalizerLogic:
                 self.scene.RemoveNode(node)
             self.result, self.method, self.threshold, self._package = previous
             raise
+        self._removeStaleHeatmaps(inputVolume, set(result.maps))
+
+    def _removeStaleHeatmaps(self, inputVolume, methods: set[str]) -> None:
+        """A rerun replaces the previous run's outputs. Heatmaps of methods this run did not
+        compute (another model's, or restoration left out this time) would otherwise sit in
+        the folder beside the new segmentation and table, looking current. Called only after
+        a run succeeded, so a failed rerun keeps everything the last good run made."""
+        prefix = f"{REF_PREFIX}.heatmap."
+        roles = [inputVolume.GetNthNodeReferenceRole(i) for i in range(inputVolume.GetNumberOfNodeReferenceRoles())]
+        for role in roles:
+            if role.startswith(prefix) and role[len(prefix):] not in methods:
+                node = inputVolume.GetNodeReference(role)
+                inputVolume.RemoveNodeReferenceIDs(role)
+                if node is not None and self.scene.GetNodeByID(node.GetID()) is not None:
+                    self.scene.RemoveNode(node)
 
     def _outputNode(self, inputVolume, role: str, className: str, name: str, added: list):
         ref = f"{REF_PREFIX}.{role}"

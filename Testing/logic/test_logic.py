@@ -118,6 +118,24 @@ def test_rerun_reuses_nodes(slicerApp, tmp_path, model):
     assert ids == {r: logic.outputNode(scan, r).GetID() for r in ids}
 
 
+def test_rerun_with_another_model_removes_the_heatmaps_it_did_not_make(slicerApp, tmp_path, model):
+    """After a rerun the folder holds one run's outputs: the first model's heatmaps do not
+    stay beside the second model's segmentation and table looking current."""
+    lsr = engine.make_tiny_lsr_package(tmp_path / "models" / "tiny-lsr")
+    _, scan = _load(slicerApp, tmp_path)
+    logic = AnomalyLocalizerLogic(slicerApp.app)
+    logic.run(scan, model=str(model.path), methods=["rec", "elbo_grad"])
+    old = [logic.outputNode(scan, f"heatmap.{m}").GetID() for m in ("rec", "elbo_grad")]
+    logic.run(scan, model=str(lsr.path))
+    assert logic.outputNode(scan, "heatmap.lsr") is not None
+    assert logic.outputNode(scan, "heatmap.rec") is None and logic.outputNode(scan, "heatmap.elbo_grad") is None
+    assert all(slicerApp.scene.GetNodeByID(i) is None for i in old)
+    # a rerun that fails keeps the last good run's heatmap
+    with pytest.raises(AnomalyLocalizerError):
+        logic.run(scan, model=str(model.path), methods=["no_such_method"])
+    assert logic.outputNode(scan, "heatmap.lsr") is not None
+
+
 def _loadAllZero(slicerApp, tmp_path):
     sitk.WriteImage(image_from(np.zeros((20, 20, 20), np.float32)), str(tmp_path / "zero.nrrd"))
     return slicerApp.loadVolume(tmp_path / "zero.nrrd", "zero")
