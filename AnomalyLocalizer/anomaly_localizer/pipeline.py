@@ -173,6 +173,7 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
         progress(0.85, "mapping heatmaps back to the input grid")
     maps = {m: prepared.to_input_grid(maps_model[m]) for m in methods}
     smoothed = {}
+    t_smooth = time.perf_counter()
     if smoothing:
         from .smoothing import BrainSmoother, smoothing_for
         smoother = BrainSmoother(mask_arr, image.GetSpacing()[::-1], 2 - prepared.layout.axial_axis)
@@ -181,6 +182,7 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
             if widths:
                 maps[m] = smoother.smooth(maps[m], *widths)
                 smoothed[m] = {"through_plane_mm": widths[0], "in_plane_mm": widths[1]}
+    timings["smoothing_s"] = time.perf_counter() - t_smooth
     n_ax = prepared.layout.shape[0]
     slice_scores: dict[str, np.ndarray] = {}
     order = prepared.layout.input_slice_index(np.arange(n_ax))

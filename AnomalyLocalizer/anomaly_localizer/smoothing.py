@@ -27,7 +27,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 THROUGH_PLANE_GRID_MM = (0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0)
 IN_PLANE_GRID_MM = (0.0, 2.0, 4.0, 6.0)
@@ -37,17 +36,38 @@ _TRUNCATE = 3.0  # kernel radius in sigmas
 
 
 def _gaussian_along(t: torch.Tensor, axis: int, sigma_vox: float) -> torch.Tensor:
-    """1D Gaussian (zero padding, kernel summing to 1) along ``axis`` of a 3D tensor."""
+    """1D Gaussian (zero padding, kernel truncated at 3 sigma and summing to 1) along ``axis``
+    of a 3D tensor. Computed as a linear convolution through the FFT, padded so nothing wraps
+    around: the same result as a direct convolution (to float rounding), at a cost that does
+    not grow with sigma. A direct conv1d with the 12 mm widths on a 1 mm scan (73 taps) made
+    smoothing slower than scoring itself."""
     if sigma_vox <= 0:
         return t
     radius = max(1, int(np.ceil(_TRUNCATE * sigma_vox)))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-0.5 * (x / sigma_vox) ** 2)
-    kernel = (kernel / kernel.sum()).view(1, 1, -1)
-    moved = t.movedim(axis, -1)
-    shape = moved.shape
-    out = F.conv1d(moved.reshape(-1, 1, shape[-1]), kernel, padding=radius)
-    return out.reshape(shape).movedim(-1, axis)
+    kernel = kernel / kernel.sum()
+    n = t.shape[axis]
+    length = _fft_length(n + 2 * radius)  # at least the full linear convolution: no wrap-around
+    spectrum = torch.fft.rfft(t, n=length, dim=axis)
+    shape = [1] * t.dim()
+    shape[axis] = -1
+    full = torch.fft.irfft(spectrum * torch.fft.rfft(kernel, n=length).view(shape), n=length, dim=axis)
+    return full.narrow(axis, radius, n).contiguous()
+
+
+def _fft_length(n: int) -> int:
+    """The smallest even length >= n with no prime factor above 5. Extra zero padding does not
+    change a linear convolution, and FFTs of such lengths are about twice as fast as of
+    lengths with a large prime factor (e.g. 222 = 2 * 3 * 37)."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1 and n % 2 == 0:
+            return n
+        n += 1
 
 
 def _gaussian(values: np.ndarray, sigma_vox: list[float]) -> np.ndarray:
