@@ -182,22 +182,57 @@ def train_brainmask(data: str | Path, out: str | Path, epochs: int = 12, seed: i
     return save_package(model, meta, out)
 
 
+# Tumour-like lesions for the robustness check: large balls (15-30 mm radius) of raised,
+# lowered or uniform intensity inside the brain. A brain extraction that leaves such a
+# lesion outside its mask hides it from every anomaly score.
+LESION_KINDS = ("shift_up", "shift_down", "uniform")
+LESION_RADIUS_MM = (15.0, 30.0)
+
+
+def _with_lesion(image: sitk.Image, brain: np.ndarray, seed: int) -> tuple[sitk.Image, np.ndarray, str]:
+    """``image`` with one seeded tumour-like lesion inside ``brain``: (image, label, kind)."""
+    from .synthetic import insert_anomaly
+    rng = np.random.default_rng(seed)
+    kind = LESION_KINDS[int(rng.integers(len(LESION_KINDS)))]
+    arr = sitk.GetArrayFromImage(image).astype(np.float32)
+    out, label = insert_anomaly(arr, brain, image.GetSpacing()[::-1], kind, rng, radius_mm=LESION_RADIUS_MM)
+    lesioned = sitk.GetImageFromArray(out)
+    lesioned.CopyInformation(image)
+    return lesioned, label.astype(bool), kind
+
+
 def dice_on_subjects(package: ModelPackage, subjects: list[Subject], device: str = "cpu",
-                     progress: Callable[[str], None] | None = None, engine_rule: bool = False) -> dict[str, float]:
-    """Dice of the extracted brain against each subject's reference mask. With
+                     progress: Callable[[str], None] | None = None, engine_rule: bool = False,
+                     lesion_seed: int | None = None) -> dict[str, dict[str, Any]]:
+    """Per subject, the Dice of the extracted brain against the reference mask. With
     ``engine_rule``, of the mask the engine itself would use given the image alone: the
-    non-background region of a skull-stripped scan, the extraction of a whole head."""
+    non-background region of a skull-stripped scan, the extraction of a whole head.
+
+    With ``lesion_seed``, each scan first gets one seeded tumour-like lesion in its brain
+    (:data:`LESION_KINDS`, radius :data:`LESION_RADIUS_MM`); the record then also holds the
+    lesion's kind, its voxels and the share of them inside the extracted mask
+    (``lesion_kept``: what the anomaly scores can still see). The reference mask is unchanged:
+    a lesion in the brain is brain."""
     from .volume import brain_mask
     model = package.load_model(device)
-    out = {}
-    for s in subjects:
+    out: dict[str, dict[str, Any]] = {}
+    for i, s in enumerate(subjects):
         image = as_3d(read_image(s.image))
         ref = sitk.GetArrayFromImage(as_3d(read_image(s.mask, "MASK"))) > 0
+        record: dict[str, Any] = {}
+        if lesion_seed is not None:
+            image, lesion, kind = _with_lesion(image, ref, lesion_seed * 1000003 + i)
+            record.update(kind=kind, lesion_voxels=int(lesion.sum()))
         if engine_rule:
             mask = brain_mask(image, None, lambda img: extract_brain(img, package, device, model))
         else:
             mask = extract_brain(image, package, device, model)
-        out[s.id] = dice_at(mask.ravel().astype(np.float32), ref.ravel(), 0.5)
+        record["dice"] = dice_at(mask.ravel().astype(np.float32), ref.ravel(), 0.5)
+        if lesion_seed is not None:
+            record["lesion_kept"] = float(mask[lesion].mean()) if lesion.any() else None
+        out[s.id] = record
         if progress:
-            progress(f"{s.id}: Dice {out[s.id]:.4f}")
+            extra = (f", {record['kind']} lesion of {record['lesion_voxels']} voxels, "
+                     f"{100 * (record['lesion_kept'] or 0):.1f} % inside the mask") if lesion_seed is not None else ""
+            progress(f"{s.id}: Dice {record['dice']:.4f}{extra}")
     return out

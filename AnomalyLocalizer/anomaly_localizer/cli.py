@@ -317,7 +317,7 @@ def cmd_card(args: argparse.Namespace) -> int:
     if package.architecture.get("type") == "unet-brainmask":
         from .modelcard import render_brainmask_card
         from .package import CARD_FILE, write_manifest
-        dice = json.loads(Path(args.dice).read_text()) if args.dice else None
+        dice = [json.loads(Path(p).read_text()) for p in args.dice or []]
         (package.path / CARD_FILE).write_text(render_brainmask_card(package, dice))
         write_manifest(package.path)
         print(f"wrote {package.path / CARD_FILE}")
@@ -383,7 +383,7 @@ def cmd_train_brainmask(args: argparse.Namespace) -> int:
 
 def cmd_brainmask_dice(args: argparse.Namespace) -> int:
     import numpy as np
-    from .brainextract import dice_on_subjects
+    from .brainextract import LESION_KINDS, LESION_RADIUS_MM, dice_on_subjects
     from .package import resolve_package
 
     package = resolve_package(args.model)
@@ -401,16 +401,30 @@ def cmd_brainmask_dice(args: argparse.Namespace) -> int:
         which = f"'{args.subjects}' subjects"
     if args.engine_rule:
         which += ", the engine's own choice of brain mask"
-    dice = dice_on_subjects(package, subjects, device=args.device,
-                            progress=None if args.quiet else (lambda m: print(m, file=sys.stderr)),
-                            engine_rule=args.engine_rule)
-    values = np.array(list(dice.values()))
-    print(f"brain extraction {package.name} on {len(values)} {which} of {args.data}: "
+    if args.with_lesion:
+        if args.cases:
+            raise InputError("--with-lesion needs healthy scans with reference masks, not --cases")
+        which = f"{which} (each with a seeded tumour-like lesion)"
+    records = dice_on_subjects(package, subjects, device=args.device,
+                               progress=None if args.quiet else (lambda m: print(m, file=sys.stderr)),
+                               engine_rule=args.engine_rule, lesion_seed=args.lesion_seed if args.with_lesion else None)
+    values = np.array([r["dice"] for r in records.values()])
+    print(f"brain extraction {package.name} on {len(values)} {which}, {args.data}: "
           f"Dice mean {values.mean():.4f}, median {np.median(values):.4f}, min {values.min():.4f}")
+    result = {"model": package.name, "dice": {k: r["dice"] for k, r in records.items()},
+              "mean": float(values.mean()), "min": float(values.min())}
+    if args.with_lesion:
+        kept = np.array([r["lesion_kept"] for r in records.values() if r["lesion_kept"] is not None])
+        print(f"share of each lesion's voxels inside the extracted mask: mean {100 * kept.mean():.2f} %, "
+              f"min {100 * kept.min():.2f} %")
+        result["lesions"] = {"seed": args.lesion_seed, "radius_mm": list(LESION_RADIUS_MM),
+                             "kinds": list(LESION_KINDS),
+                             "per_subject": {k: {f: r[f] for f in ("kind", "lesion_voxels", "lesion_kept")}
+                                             for k, r in records.items()},
+                             "lesion_kept_mean": float(kept.mean()), "lesion_kept_min": float(kept.min())}
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": package.name, "dice": dice, "mean": float(values.mean()),
-                                               "min": float(values.min()), "command": _command_line(),
-                                               "machine": _machine()}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({**result, "command": _command_line(), "machine": _machine()},
+                                              indent=2) + "\n")
     return EXIT_OK
 
 
@@ -538,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("model", help="model package folder")
     k.add_argument("--evaluation", action="append", help="JSON written by `evaluate --json` (repeatable)")
     k.add_argument("--fpr", help="JSON written by `fpr --json`")
-    k.add_argument("--dice", help="JSON written by `brainmask-dice --json` (brain extraction models)")
+    k.add_argument("--dice", action="append",
+                   help="JSON written by `brainmask-dice --json` (brain extraction models; repeatable)")
     k.set_defaults(func=cmd_card)
 
     r = sub.add_parser("release", help="make a shippable copy of a trained model (name, float16, metadata, calibration)")
@@ -570,6 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--engine-rule", action="store_true",
                    help="measure the mask the engine uses given the image alone (skull-stripped scans keep their "
                         "non-background region; whole heads are brain-extracted)")
+    d.add_argument("--with-lesion", action="store_true",
+                   help="first insert one seeded tumour-like lesion (15-30 mm, brighter, darker or uniform) into "
+                        "each scan's brain, and also report how much of it the extracted mask keeps")
+    d.add_argument("--lesion-seed", type=int, default=0, help="with --with-lesion: seed of the lesions")
     d.add_argument("--image-name", default="image.nii.gz", help="with --cases: the image in each case folder")
     d.add_argument("--mask-name", default="brainmask.nii.gz", help="with --cases: the reference brain mask")
     d.add_argument("--device", default="cpu", choices=DEVICES)

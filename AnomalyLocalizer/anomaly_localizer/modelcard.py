@@ -202,14 +202,24 @@ def results_sections(evaluations: list[dict[str, Any]], fpr: dict[str, Any] | No
             parts.append(f"| {m} | {f(r.get('pixel_auroc'))} | {f(r.get('pixel_ap'))} | {f(r.get('best_dice'))} | "
                          f"{f(r.get('dice_at_calibrated'))} | {f(r.get('slice_auroc'))} | {f(r.get('slice_ap'))} |")
         kinds = ev.get("cases_by_kind") or {}
-        if kinds:
-            parts.append("\nPixel AP by anomaly kind (number of cases):\n")
+        for key, what in (("pixel_ap_by_kind", "Pixel AP"), ("slice_auroc_by_kind", "Slice AUROC")):
+            if not kinds or not any(r.get(key) for r in ev["methods"].values()):
+                continue
+            parts.append(f"\n{what} by anomaly kind (number of cases):\n")
             parts.append("| score | " + " | ".join(f"{k} ({n})" for k, n in kinds.items()) + " |")
             parts.append("|---|" + "---|" * len(kinds))
             for m, r in ev["methods"].items():
-                by = r.get("pixel_ap_by_kind")
+                by = r.get(key)
                 if by and own(m):
                     parts.append(f"| {m} | " + " | ".join(f(by.get(k)) for k in kinds) + " |")
+        if any(r.get("intensity_anomalies_only") for r in ev["methods"].values()):
+            parts.append("\nPooled over the intensity anomalies only (every kind but the sink/source deformations):\n")
+            parts.append("| score | pixel AP | slice AUROC |")
+            parts.append("|---|---|---|")
+            for m, r in ev["methods"].items():
+                only = r.get("intensity_anomalies_only")
+                if only and own(m):
+                    parts.append(f"| {m} | {f(only['pixel_ap'])} | {f(only['slice_auroc'])} |")
         losers = [m for m, r in ev["methods"].items() if r.get("beats_baseline") is False and own(m)]
         parts.append("\n`baseline_intensity` is the non-learned robust intensity outlier |x - median| / IQR; "
                      + (f"{', '.join(losers)} do(es) not beat it on pixel AP." if losers else
@@ -233,11 +243,15 @@ def write_card(package: ModelPackage, extra_sections: str = "") -> Path:
     return path
 
 
-def render_brainmask_card(package: ModelPackage, dice: dict[str, Any] | None) -> str:
-    """Model card of a brain extraction model, with its Dice on held-back subjects."""
+def render_brainmask_card(package: ModelPackage, dice: list[dict[str, Any]] | dict[str, Any] | None) -> str:
+    """Model card of a brain extraction model, with its Dice on held-back subjects (one
+    section per ``brainmask-dice`` JSON; one with tumour-like lesions says how much of each
+    lesion the mask kept)."""
     meta = package.meta
     subjects = meta.get("provenance", {}).get("subjects", {})
     cfg = meta.get("training", {}).get("config", {})
+    runs = [dice] if isinstance(dice, dict) else list(dice or [])
+    lesion_runs = [d for d in runs if d.get("lesions")]
     lines = [f"# {package.name}", "", meta.get("summary", ""), "",
              "Finds the brain in a whole-head T1-weighted MRI so that anomaly scoring works without a "
              "user-made brain mask. Used automatically by `anomaly-localizer score` and the Slicer module "
@@ -251,11 +265,23 @@ def render_brainmask_card(package: ModelPackage, dice: dict[str, Any] | None) ->
              f"schedule, left-right flips and contrast changes) on {len(subjects.get('train', []))} subjects; "
              f"{len(subjects.get('test', []))} held back (the same split as the anomaly model).",
              "", "## Training data", meta.get("data_statement", ""), "",
-             "## Not for", "- Contrasts other than T1, children, images with large lesions near the brain surface "
-             "(not evaluated here), non-brain images. Always look at `brainmask.nii.gz`.", ""]
-    if dice:
-        vals = list(dice["dice"].values())
-        lines += ["## Dice against the reference masks on held-back subjects",
-                  f"`{dice.get('command', 'anomaly-localizer brainmask-dice')}` ({dice.get('machine', '')}): "
-                  f"{len(vals)} subjects never used for training, mean {dice['mean']:.4f}, minimum {dice['min']:.4f}.", ""]
+             "## Not for", "- Contrasts other than T1, children, non-brain images. Images with real lesions "
+             + ("were not evaluated, only synthetic ones (below). " if lesion_runs
+                else "were not evaluated. ")
+             + "Always look at `brainmask.nii.gz`.", ""]
+    for d in runs:
+        vals = list(d["dice"].values())
+        les = d.get("lesions")
+        title = ("## Dice on held-back subjects, each with a synthetic tumour-like lesion" if les else
+                 "## Dice against the reference masks on held-back subjects")
+        lines += [title, f"`{d.get('command', 'anomaly-localizer brainmask-dice')}` ({d.get('machine', '')}): "
+                  f"{len(vals)} subjects never used for training, mean {d['mean']:.4f}, minimum {d['min']:.4f}."]
+        if les:
+            worst = sorted(les["per_subject"].items(), key=lambda kv: kv[1]["lesion_kept"])[:3]
+            lines.append(f"One seeded lesion per scan (radius {les['radius_mm'][0]:g}-{les['radius_mm'][1]:g} mm, "
+                         f"{', '.join(les['kinds'])}; seed {les['seed']}). Share of each lesion's voxels inside the "
+                         f"extracted mask: mean {100 * les['lesion_kept_mean']:.1f} %, minimum "
+                         f"{100 * les['lesion_kept_min']:.1f} %; lowest: "
+                         + ", ".join(f"{k} {100 * r['lesion_kept']:.1f} % ({r['kind']})" for k, r in worst) + ".")
+        lines.append("")
     return "\n".join(lines) + "\n"

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 KINDS = ("shift_up", "shift_down", "uniform", "noise", "moved", "sink", "source")
+# kinds that move tissue rather than change its intensity: a plausible-looking warp
+DEFORMATION_KINDS = ("sink", "source")
 LABEL_CHANGE = 0.05  # share of the brain IQR that counts as a change
 
 

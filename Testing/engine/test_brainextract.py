@@ -1,14 +1,16 @@
 """Built-in brain extraction: trained on scans with reference masks, used for whole heads."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from anomaly_localizer.brainextract import extract_brain, head_mask, postprocess
+from anomaly_localizer.brainextract import LESION_KINDS, _with_lesion, extract_brain, head_mask, postprocess
 from anomaly_localizer.cli import main
 from anomaly_localizer.errors import InputError
+from anomaly_localizer.package import load_package
 from anomaly_localizer.pipeline import score_volume
 
 from phantoms import head_phantom, image_from, make_tiny_package
@@ -84,6 +86,40 @@ def test_dice_command_reports_held_back_subjects(extractor, heads, tmp_path):
                  "--json", str(tmp_path / "d.json"), "-q"]) == 0
     result = json.loads((tmp_path / "d.json").read_text())
     assert len(result["dice"]) == 8 and 0 <= result["min"] <= result["mean"] <= 1
+
+
+def test_dice_command_with_tumour_like_lesions_reports_how_much_of_each_lesion_is_kept(extractor, heads, tmp_path):
+    args = ["brainmask-dice", str(extractor.path), str(heads), "--subjects", "all", "--with-lesion", "-q"]
+    assert main(args + ["--json", str(tmp_path / "a.json")]) == 0
+    assert main(args + ["--json", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["lesions"]["per_subject"] == b["lesions"]["per_subject"]  # seeded: the same lesions
+    records = a["lesions"]["per_subject"]
+    assert set(records) == set(a["dice"]) and len(records) == 8
+    for r in records.values():
+        assert r["kind"] in LESION_KINDS and r["lesion_voxels"] > 0 and 0.0 <= r["lesion_kept"] <= 1.0
+    assert a["lesions"]["lesion_kept_min"] <= a["lesions"]["lesion_kept_mean"] <= 1.0
+    assert main(args + ["--lesion-seed", "1", "--json", str(tmp_path / "c.json")]) == 0
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["lesions"]["per_subject"] != records
+    # the model card shows both measurements, the lesion one with how much of the lesions was kept
+    assert main(["brainmask-dice", str(extractor.path), str(heads), "--subjects", "all", "-q",
+                 "--json", str(tmp_path / "plain.json")]) == 0
+    copy = tmp_path / "bx-copy"
+    shutil.copytree(extractor.path, copy)
+    assert main(["card", str(copy), "--dice", str(tmp_path / "plain.json"), "--dice", str(tmp_path / "a.json")]) == 0
+    card = (copy / "README.md").read_text()
+    assert "## Dice against the reference masks" in card and "synthetic tumour-like lesion" in card
+    assert f"{100 * a['lesions']['lesion_kept_min']:.1f} %" in card
+    load_package(copy)  # the manifest was re-hashed: the package still verifies
+
+
+def test_lesion_is_inserted_inside_the_brain_only():
+    img, brain = head_phantom((29, 44, 38), seed=45)
+    image = image_from(img)
+    lesioned, label, kind = _with_lesion(image, brain, seed=3)
+    changed = sitk.GetArrayFromImage(lesioned) != sitk.GetArrayFromImage(image)
+    assert kind in LESION_KINDS and label.any() and not changed[~brain].any() and not label[~brain].any()
 
 
 def test_postprocess_keeps_the_largest_component_and_fills_holes():

@@ -106,3 +106,47 @@ def test_a_label_on_another_grid_is_refused(tmp_path, capsys):
     pkg = make_tiny_package(tmp_path / "tiny")
     assert main(["evaluate", str(pkg.path), "--cases", str(tmp_path / "cases"), "-q"]) == 2
     assert "not on the grid" in capsys.readouterr().err
+
+
+def test_per_kind_and_intensity_only_figures_pool_the_right_cases(monkeypatch):
+    """Three cases: two intensity anomalies and one deformation. The per-kind figures use only
+    that kind's cases; the intensity-only figures pool the two intensity cases and leave the
+    deformation out. A fake scorer makes every figure known in advance."""
+    from anomaly_localizer import evaluate as ev
+    from anomaly_localizer.evaluate import Case, INTENSITY_ONLY
+    from anomaly_localizer.pipeline import ScoreResult
+    shape = (4, 8, 8)
+    brain = np.ones(shape, bool)
+
+    def case(kind, lesion_slice, found):
+        label = np.zeros(shape, bool)
+        label[lesion_slice, :5, :5] = True  # 25 voxels: an abnormal slice
+        img = sitk.GetImageFromArray(np.where(label, 2.0, 1.0).astype(np.float32))
+        img.SetSpacing((1.0, 1.0, 1.0))
+        return Case(f"c:{kind}", img, None, label, kind), found
+
+    cases = [case("shift_up", 1, True), case("uniform", 2, True), case("sink", 3, False)]
+    found = {c.id: f for c, f in cases}
+
+    def fake_score(image, package, methods, mask=None, device=None, model=None):
+        arr = sitk.GetArrayFromImage(image)
+        lesion = arr > 1.5
+        cid = next(c.id for c, _ in cases if np.array_equal(lesion, c.label))
+        m = np.where(lesion, 5.0, 0.1).astype(np.float32) if found[cid] else np.full(shape, 0.1, np.float32)
+        return ScoreResult(maps={"rec": m}, brain_mask=brain, slice_scores={"x": np.zeros(4)},
+                           brain_voxels_per_slice=np.full(4, 64), volume_score=0.0, axial_axis=2, device="cpu")
+
+    class Pkg:
+        name, manifest_sha256, primary_slice_score = "fake", "0" * 64, "x"
+        methods = ("rec",)
+        def load_model(self, device): return None
+        def default_threshold(self, m): return (1.0, 0.001)
+
+    monkeypatch.setattr(ev, "score_volume", fake_score)
+    res = ev.evaluate([(Pkg(), ["rec"])], iter([c for c, _ in cases]), device="cpu")
+    rec = res["methods"]["rec"]
+    assert rec["pixel_ap_by_kind"] == {"shift_up": 1.0, "uniform": 1.0, "sink": pytest.approx(25 / 256)}
+    assert rec["slice_auroc_by_kind"]["shift_up"] == 1.0 and rec["slice_auroc_by_kind"]["sink"] == 0.5
+    assert rec["intensity_anomalies_only"] == {"pixel_ap": 1.0, "slice_auroc": 1.0}
+    assert rec["pixel_ap"] < 1.0 and rec["slice_auroc"] < 1.0  # the deformation costs the pooled figures
+    assert INTENSITY_ONLY in ev.format_table(res)

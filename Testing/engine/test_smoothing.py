@@ -144,6 +144,7 @@ def test_synthetic_evaluation_reports_pixel_ap_per_kind(tmp_path):
     assert sum(kinds.values()) == 3
     assert set(res["methods"]["rec"]["pixel_ap_by_kind"]) == set(kinds)
     assert set(res["methods"]["baseline_intensity"]["pixel_ap_by_kind"]) == set(kinds)
+    assert set(res["methods"]["rec"]["slice_auroc_by_kind"]) == set(kinds)
 
 
 def test_tune_smoothing_on_scans_that_are_not_the_models_leaves_no_half_made_model(tmp_path, capsys):
