@@ -508,6 +508,16 @@ class AnomalyLocalizerLogic:
         lvl = self.threshold if level is None else level
         return healthy_fpr(self._package.calibration, self.method, lvl * self.result.levelScale[self.method])
 
+    def broadFlagNote(self) -> str | None:
+        """A note when the current threshold flags far more of this brain than of healthy
+        brains (a large lesion, or a scan unlike the model's training scans); else None."""
+        from anomaly_localizer.calibrate import broad_flag_note
+
+        if self.result is None or self._mask is None:
+            return None
+        share = float(np.count_nonzero(self._mask)) / max(1, int(np.count_nonzero(self.result.brainMask)))
+        return broad_flag_note(share, self.healthyFalsePositiveRate())
+
     def _compositeNodes(self) -> list:
         nodes = []
         col = self.scene.GetNodesByClass("vtkMRMLSliceCompositeNode")

@@ -109,6 +109,29 @@ def healthy_fpr(calibration: dict[str, Any], method: str, threshold: float) -> f
     return float(10 ** np.interp(threshold, values, log_fpr[idx]))
 
 
+# A healthy scan like the model's training scans has about the calibrated share of its brain
+# above a threshold. Many times more is a large lesion, or a scan unlike the training scans
+# (another scanner, protocol or contrast; an average template), whose whole brain departs a
+# little from the model's healthy anatomy: worth saying, because the heatmap then shows the
+# difference in domain as much as any anomaly.
+BROAD_FLAG_FACTOR = 20.0
+BROAD_FLAG_MIN_SHARE = 0.01
+
+
+def broad_flag_note(flagged_share: float, healthy_rate: float | None) -> str | None:
+    """A note for the reader when a threshold flags far more of this brain than it flags of
+    healthy brains (``healthy_rate``, from the calibration); None otherwise or uncalibrated."""
+    if healthy_rate is None or healthy_rate <= 0:
+        return None
+    if flagged_share <= max(BROAD_FLAG_FACTOR * healthy_rate, BROAD_FLAG_MIN_SHARE):
+        return None
+    return (f"{100 * flagged_share:.1f} % of this brain is above the threshold, {flagged_share / healthy_rate:.0f} times "
+            f"the {100 * healthy_rate:.2g} % it flags in healthy scans like the model's training scans. A large lesion "
+            "does this; so does a scan unlike the training scans (another scanner, protocol or contrast, or an average "
+            "template), where the flags spread over much of the brain. For such scans, recalibrate the model on healthy "
+            "scans from the same source (anomaly-localizer calibrate) before reading the heatmap.")
+
+
 def flagged_fraction(results, package: ModelPackage, methods=None) -> dict[str, dict[str, float]]:
     """Share of healthy brain voxels above each calibrated threshold, per method."""
     methods = [m for m in (methods or package.methods) if m in package.calibration.get("pixel", {})]

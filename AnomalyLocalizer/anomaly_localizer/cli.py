@@ -100,7 +100,12 @@ def cmd_score(args: argparse.Namespace) -> int:
         "timings_s": {"read": t_read, **result.timings},
     }
     t_write = time.perf_counter()
-    write_results(out, image, result, threshold, summary, force=args.force)
+    from .calibrate import healthy_fpr
+    written = write_results(out, image, result, threshold, summary, force=args.force,
+                            healthy_rate=healthy_fpr(package.calibration, methods[0], threshold))
+    note = json.loads(next(p for p in written if p.name == "summary.json").read_text()).get("note")
+    if note:
+        print(f"note: {note}", file=sys.stderr)  # shown even with -q: it changes how to read the result
     if not args.quiet:
         print(f"PROGRESS 100.0 wrote {out} in {time.perf_counter() - t0:.1f} s "
               f"(writing {time.perf_counter() - t_write:.1f} s)", file=sys.stderr)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from .calibrate import broad_flag_note
 from .errors import InputError
 from .imageio import write_image
 from .pipeline import ScoreResult
@@ -50,8 +51,10 @@ def write_slice_scores(path: Path, result: ScoreResult) -> None:
 
 
 def write_results(out: Path, reference: sitk.Image, result: ScoreResult, threshold: float,
-                  summary: dict[str, Any], force: bool = False) -> list[Path]:
-    """Write heatmaps, segmentation, brain mask, slice scores and summary.json into ``out``."""
+                  summary: dict[str, Any], force: bool = False, healthy_rate: float | None = None) -> list[Path]:
+    """Write heatmaps, segmentation, brain mask, slice scores and summary.json into ``out``.
+    ``healthy_rate``: the share of healthy brain the threshold flags (calibration), for the
+    summary's ``note`` when this scan is flagged far more broadly (:func:`calibrate.broad_flag_note`)."""
     check_output_dir(out, force)
     parent = out.resolve().parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
@@ -64,8 +67,13 @@ def write_results(out: Path, reference: sitk.Image, result: ScoreResult, thresho
         write_image(image_like(result.brain_mask.astype(np.uint8), reference, sitk.sitkUInt8),
                     tmp / "brainmask.nii.gz")
         write_slice_scores(tmp / "slice_scores.csv", result)
+        share = float(seg.sum() / max(1, result.brain_mask.sum()))
         summary = {**summary, "segmented_voxels": int(seg.sum()),
-                   "segmented_ml": float(seg.sum() * np.prod(reference.GetSpacing()[:3]) / 1000.0)}
+                   "segmented_ml": float(seg.sum() * np.prod(reference.GetSpacing()[:3]) / 1000.0),
+                   "segmented_brain_share": share}
+        note = broad_flag_note(share, healthy_rate)
+        if note:
+            summary["note"] = note
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))

@@ -168,3 +168,31 @@ def test_installed_command_runs_and_is_deterministic(setup):
         b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp / "b" / f"{m}.nii.gz")))
         np.testing.assert_array_equal(a, b)
     assert (tmp / "a" / "slice_scores.csv").read_text() == (tmp / "b" / "slice_scores.csv").read_text()
+
+
+def test_a_scan_flagged_far_more_broadly_than_healthy_brains_gets_a_note(tmp_path, capsys):
+    """The calibration says this threshold flags 0.01 % of healthy brain; a threshold of 0 flags
+    most of this brain: summary.json and stderr (even with -q) say what that can mean."""
+    curve = {"fpr": [0.01, 0.001, 0.0001], "values": [-1e9, -5e8, -1e8]}
+    calib = {"default_fpr": 0.001, "pixel": {"rec": {"n_subjects": 3, "curve": curve,
+                                                     "thresholds": [{"fpr": 0.001, "value": -5e8}]}}}
+    pkg = make_tiny_package(tmp_path / "tiny", calibration=calib)
+    sitk.WriteImage(psr_image(phantom_array()), str(tmp_path / "scan.nii.gz"))
+    assert run("score", tmp_path / "scan.nii.gz", "--out", tmp_path / "broad", "--model", pkg.path,
+               "--method", "rec", "--threshold", "0", "-q") == 0
+    summary = json.loads((tmp_path / "broad" / "summary.json").read_text())
+    assert summary["segmented_brain_share"] > 0.5
+    assert "recalibrate" in summary["note"] and "note: " in capsys.readouterr().err
+    assert run("score", tmp_path / "scan.nii.gz", "--out", tmp_path / "narrow", "--model", pkg.path,
+               "--method", "rec", "--threshold", "1e9", "-q") == 0
+    summary = json.loads((tmp_path / "narrow" / "summary.json").read_text())
+    assert summary["segmented_brain_share"] == 0 and "note" not in summary
+    assert "note: " not in capsys.readouterr().err
+
+
+def test_broad_flag_note_fires_only_far_above_the_healthy_rate():
+    from anomaly_localizer.calibrate import broad_flag_note
+    assert broad_flag_note(0.115, 0.001) is not None and "115 times" in broad_flag_note(0.115, 0.001)
+    assert broad_flag_note(0.015, 0.001) is None  # 15 times: within what one scan can vary
+    assert broad_flag_note(0.009, 0.0001) is None  # under 1 % of the brain is never "broad"
+    assert broad_flag_note(0.5, None) is None  # uncalibrated: nothing to compare with

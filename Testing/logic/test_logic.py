@@ -107,6 +107,26 @@ def test_threshold_moves_the_segment(slicerApp, tmp_path, model):
     assert fpr is not None and 0 < fpr < 1
 
 
+def test_broad_flag_note_follows_the_threshold(slicerApp, tmp_path):
+    """Healthy brains put 0.01 % of their voxels above anomaly level 1 (tiny raw thresholds
+    here); this scan puts most of its brain there: the note says so, and goes away at a
+    threshold that flags nothing or one that flags as much of healthy brains."""
+    calib = {"default_fpr": 0.001, "pixel": {"rec": {"n_subjects": 3, "thresholds": [
+        {"fpr": 0.001, "value": 3e-9}, {"fpr": 0.0001, "value": 4e-9}],
+        "curve": {"fpr": [0.1, 0.01, 0.001, 0.0001], "values": [1e-9, 2e-9, 3e-9, 4e-9]}}}}
+    pkg = make_tiny_package(tmp_path / "models" / "low", calibration=calib)
+    _, scan = _load(slicerApp, tmp_path)
+    logic = AnomalyLocalizerLogic(slicerApp.app)
+    logic.run(scan, model=str(pkg.path), methods=["rec"])
+    flagged = logic.setThreshold(1.0)
+    assert flagged / logic.result.brainMask.sum() > 0.5
+    assert logic.healthyFalsePositiveRate() == pytest.approx(0.0001)
+    assert "recalibrate" in logic.broadFlagNote()
+    assert logic.setThreshold(1e12) == 0 and logic.broadFlagNote() is None
+    logic.setThreshold(-1.0)  # the whole brain, where healthy brains are flagged at 10 % (the curve's end)
+    assert logic.healthyFalsePositiveRate() == pytest.approx(0.1) and logic.broadFlagNote() is None
+
+
 def test_rerun_reuses_nodes(slicerApp, tmp_path, model):
     _, scan = _load(slicerApp, tmp_path)
     logic = AnomalyLocalizerLogic(slicerApp.app)
