@@ -103,7 +103,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .calibrate import healthy_fpr
     written = write_results(out, image, result, threshold, summary, force=args.force,
                             healthy_rate=healthy_fpr(package.calibration, methods[0], threshold))
-    note = json.loads(next(p for p in written if p.name == "summary.json").read_text()).get("note")
+    note = written.get("note")
     if note:
         print(f"note: {note}", file=sys.stderr)  # shown even with -q: it changes how to read the result
     if not args.quiet:

@@ -51,8 +51,9 @@ def write_slice_scores(path: Path, result: ScoreResult) -> None:
 
 
 def write_results(out: Path, reference: sitk.Image, result: ScoreResult, threshold: float,
-                  summary: dict[str, Any], force: bool = False, healthy_rate: float | None = None) -> list[Path]:
-    """Write heatmaps, segmentation, brain mask, slice scores and summary.json into ``out``.
+                  summary: dict[str, Any], force: bool = False, healthy_rate: float | None = None) -> dict[str, Any]:
+    """Write heatmaps, segmentation, brain mask, slice scores and summary.json into ``out``;
+    return the summary as written (``summary`` plus what the segmentation adds).
     ``healthy_rate``: the share of healthy brain the threshold flags (calibration), for the
     summary's ``note`` when this scan is flagged far more broadly (:func:`calibrate.broad_flag_note`)."""
     check_output_dir(out, force)
@@ -85,4 +86,4 @@ def write_results(out: Path, reference: sitk.Image, result: ScoreResult, thresho
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return sorted(out.iterdir())
+    return summary
