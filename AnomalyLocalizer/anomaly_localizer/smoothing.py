@@ -168,16 +168,28 @@ def choose_smoothing(raw_cases: list[dict[str, Any]], methods: list[str],
 
 
 def tune_package(package, subjects, per_subject: int = 2, device: str = "cpu",
-                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 progress: Callable[[str], None] | None = None, methods: list[str] | None = None) -> dict[str, Any]:
     """Score synthetic anomalies in healthy ``subjects`` without smoothing and return the
-    package's new ``map_smoothing`` block."""
+    package's new ``map_smoothing`` block. With ``methods``, only those are tuned (and
+    scored, which saves the restoration's minutes when it is not among them); the other
+    methods keep the widths and selection curves the package already has."""
     from .device import select_device
     from .evaluate import synthetic_cases
-    from .pipeline import score_volume
+    from .pipeline import check_methods, score_volume
 
     dev = select_device(device)
     model = package.load_model(dev)
-    methods = list(package.methods)
+    methods = check_methods(list(methods), package) if methods else list(package.methods)
+    # Methods not tuned now keep their widths, which must come from the same cases (checked
+    # before any scoring, so a refusal costs nothing).
+    old = package.meta.get("map_smoothing") or {}
+    kept = {m: v for m, v in old.items() if m != "selection" and m not in methods}
+    old_selection = old.get("selection", {})
+    here = {"subjects": [s.id for s in subjects], "per_subject": per_subject, "seed": TUNING_SEED}
+    if kept and any(old_selection.get(k) != v for k, v in here.items()):
+        from .errors import InputError
+        raise InputError("the methods not tuned now were tuned on other cases (subjects, per-subject or seed "
+                         "differ); tune every method together (leave out --method)")
     raw = []
     for case in synthetic_cases(subjects, per_subject=per_subject, seed=TUNING_SEED):
         res = score_volume(case.image, package, methods, mask=case.mask, device=str(dev), model=model,
@@ -187,8 +199,11 @@ def tune_package(package, subjects, per_subject: int = 2, device: str = "cpu",
         if progress:
             progress(f"scored {case.id}")
     block = choose_smoothing(raw, methods, progress=progress)
-    block["selection"].update({"subjects": [s.id for s in subjects], "cases": len(raw),
-                               "per_subject": per_subject, "seed": TUNING_SEED})
+    block["selection"].update({**here, "cases": len(raw)})
+    if kept:
+        block["selection"]["curves"] = {**{m: c for m, c in old_selection.get("curves", {}).items() if m in kept},
+                                        **block["selection"]["curves"]}
+        block = {**kept, **block}
     return block
 
 
@@ -199,6 +214,8 @@ def add_parser(sub) -> None:
     r.add_argument("model", help="model name or folder")
     add_tuning_arguments(r, limit=None)
     r.add_argument("--per-subject", type=int, default=2, help="synthetic anomalies per subject (default 2)")
+    r.add_argument("--method", action="append",
+                   help="tune only this method (repeatable); the others keep their widths. Default: every method")
     r.set_defaults(func=_cmd)
 
 
@@ -210,9 +227,9 @@ def _cmd(args) -> int:
         subjects = _subjects_of(package, args.data, args.subjects)
         if args.limit:
             subjects = subjects[: args.limit]
-        block = tune_package(package, subjects, args.per_subject, args.device, say)
+        block = tune_package(package, subjects, args.per_subject, args.device, say, methods=args.method)
         chosen = ", ".join(f"{m} {v['through_plane_mm']:g}/{v['in_plane_mm']:g} mm" for m, v in block.items()
-                           if m != "selection")
+                           if m != "selection" and (not args.method or m in args.method))
         store_and_recalibrate(package, "map_smoothing", block, args.data, args.device, say,
                               f"smoothing (through-plane/in-plane sigma) {chosen}")
     return 0

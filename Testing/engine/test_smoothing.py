@@ -117,6 +117,20 @@ def test_tune_smoothing_writes_a_choice_per_method_and_recalibrates(tmp_path):
     assert block["selection"]["subjects"] == ["h0"] and block["selection"]["cases"] == 1
     assert tuned.meta["calibration"]["subjects"] == ["h1", "h2"]  # thresholds of the smoothed maps
     assert "map_smoothing" not in load_package(pkg.path).meta  # the source model is untouched
+    # retune one method: the others keep their widths and curves; restoration is not scored
+    again = tmp_path / "retuned"
+    assert main(["tune-smoothing", str(out), str(data), "--per-subject", "1", "--method", "rec",
+                 "--out", str(again), "-q"]) == 0
+    retuned = load_package(again).meta["map_smoothing"]
+    for m in tuned.methods:
+        if m != "rec":
+            assert retuned[m] == block[m] and retuned["selection"]["curves"][m] == block["selection"]["curves"][m]
+    assert set(retuned) == set(block)
+    # on other cases than the kept widths were chosen on: refused, nothing written
+    refused = tmp_path / "refused"
+    assert main(["tune-smoothing", str(out), str(data), "--per-subject", "2", "--method", "rec",
+                 "--out", str(refused), "-q"]) == 2
+    assert not refused.exists()
 
 
 def test_slice_score_of_a_map_is_the_mean_of_its_highest_brain_values():
