@@ -243,14 +243,14 @@ def write_card(package: ModelPackage, extra_sections: str = "") -> Path:
     return path
 
 
-def render_brainmask_card(package: ModelPackage, dice: list[dict[str, Any]] | dict[str, Any] | None) -> str:
+def render_brainmask_card(package: ModelPackage, dice: list[dict[str, Any]]) -> str:
     """Model card of a brain extraction model, with its Dice on held-back subjects (one
     section per ``brainmask-dice`` JSON; one with tumour-like lesions says how much of each
     lesion the mask kept)."""
     meta = package.meta
     subjects = meta.get("provenance", {}).get("subjects", {})
     cfg = meta.get("training", {}).get("config", {})
-    runs = [dice] if isinstance(dice, dict) else list(dice or [])
+    runs = list(dice)
     lesion_runs = [d for d in runs if d.get("lesions")]
     lines = [f"# {package.name}", "", meta.get("summary", ""), "",
              "Finds the brain in a whole-head T1-weighted MRI so that anomaly scoring works without a "

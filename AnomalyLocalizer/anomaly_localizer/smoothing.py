@@ -221,7 +221,11 @@ def add_parser(sub) -> None:
 
 def _cmd(args) -> int:
     from .cli import _subjects_of, changed_copy, store_and_recalibrate
+    from .package import resolve_package
+    from .pipeline import check_methods
 
+    if args.method:  # refused before any copy is made, naming the model the user gave
+        check_methods(args.method, resolve_package(args.model))
     with changed_copy(args.model, args.out, args.in_place) as package:
         say = None if args.quiet else (lambda m: print(m, file=sys.stderr))
         subjects = _subjects_of(package, args.data, args.subjects)

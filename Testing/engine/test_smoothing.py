@@ -99,7 +99,7 @@ def test_the_pipeline_applies_the_package_smoothing(tmp_path):
     assert res.info["map_smoothing"] == {"rec": {"through_plane_mm": 8.0, "in_plane_mm": 4.0}}
 
 
-def test_tune_smoothing_writes_a_choice_per_method_and_recalibrates(tmp_path):
+def test_tune_smoothing_writes_a_choice_per_method_and_recalibrates(tmp_path, monkeypatch):
     data = tmp_path / "healthy"
     data.mkdir()
     for i in range(3):
@@ -117,10 +117,16 @@ def test_tune_smoothing_writes_a_choice_per_method_and_recalibrates(tmp_path):
     assert block["selection"]["subjects"] == ["h0"] and block["selection"]["cases"] == 1
     assert tuned.meta["calibration"]["subjects"] == ["h1", "h2"]  # thresholds of the smoothed maps
     assert "map_smoothing" not in load_package(pkg.path).meta  # the source model is untouched
-    # retune one method: the others keep their widths and curves; restoration is not scored
+    # retune one method: the others keep their widths and curves; only that method is scored
+    from anomaly_localizer import pipeline
+    scored, real = [], pipeline.score_volume
+    monkeypatch.setattr(pipeline, "score_volume",
+                        lambda image, package, methods, **kw: scored.append(list(methods)) or real(image, package,
+                                                                                               methods, **kw))
     again = tmp_path / "retuned"
     assert main(["tune-smoothing", str(out), str(data), "--per-subject", "1", "--method", "rec",
                  "--out", str(again), "-q"]) == 0
+    assert scored and all(m == ["rec"] for m in scored)  # tuning passes (calibration imports its own)
     retuned = load_package(again).meta["map_smoothing"]
     for m in tuned.methods:
         if m != "rec":
