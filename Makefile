@@ -19,7 +19,7 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
 
 demo: $(BIN)/.installed
-	$(BIN)/python -m anomaly_localizer.demo --out demo-output
+	$(BIN)/anomaly-localizer demo --out demo-output
 
 benchmark: $(BIN)/.installed
 	$(BIN)/anomaly-localizer benchmark --data $(DATA)/ixi_t1_2mm

@@ -6,22 +6,28 @@ in AnomalyLocalizerLib.logic (Qt-free, tested headless) or in the engine
 is installed on first use, with the user's consent.
 """
 
-import logging
 import os
 from typing import Annotated, Optional, Union
 
 import qt
 import slicer
 import vtk
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer import (
+    vtkMRMLLabelMapVolumeNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+)
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
-from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
-METHODS = ["combi", "elbo_grad", "rec_grad", "kl_grad", "rec", "restoration", "lsr"]
 DEVICES = ["auto", "cpu", "cuda", "mps"]
-PYTHON_REQUIREMENTS = ["torch>=2.1,<3", "safetensors>=0.4"]
+PYTHON_REQUIREMENTS = ["torch>=2.1,<3", "safetensors>=0.4", "pydantic>=2.7,<3"]
 
 
 #
@@ -53,7 +59,6 @@ class AnomalyLocalizer(ScriptedLoadableModule):
 class AnomalyLocalizerParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     brainMask: Optional[Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]]
-    method: Annotated[str, Choice(METHODS)] = "combi"
     device: Annotated[str, Choice(DEVICES)] = "auto"
     includeRestoration: bool = False
     threshold: Annotated[float, WithinRange(0.0, 2.0)] = 0.4
@@ -72,6 +77,7 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._run = None
+        self._needsInstall = False  # the engine's Python packages are missing (first use)
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self.onPollRun)
@@ -142,7 +148,12 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -------------------------------------------------------------------- models
     def populateModels(self) -> None:
         self.ui.modelSelector.clear()
-        models = self.logic.availableModels()
+        self._needsInstall = False
+        try:
+            models = self.logic.availableModels()
+        except ImportError:  # the engine's packages (e.g. pydantic) come with PyTorch on first use
+            self._needsInstall = True
+            models = []
         for m in models:
             self.ui.modelSelector.addItem(m["name"] + (" (default)" if m["default"] else ""), m["path"])
         defaultIndex = next((i for i, m in enumerate(models) if m["default"]), 0)
@@ -152,14 +163,18 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onModelChanged(self, index: int) -> None:
         models = getattr(self, "_models", [])
-        self.ui.modelSummaryLabel.text = models[index]["summary"] if 0 <= index < len(models) else \
-            "No model installed: see the README, 'Models'."
+        if self._needsInstall:
+            self.ui.modelSummaryLabel.text = "The engine's Python packages are not installed yet: press Apply to install them."
+        else:
+            self.ui.modelSummaryLabel.text = models[index]["summary"] if 0 <= index < len(models) else \
+                "No model installed: see the README, 'Models'."
         self.ui.restorationCheckBox.enabled = 0 <= index < len(models) and "restoration" in models[index]["offers"]
 
     # ----------------------------------------------------------------------- run
     def updateApplyButton(self, caller=None, event=None) -> None:
         running = self._run is not None
-        ready = bool(self._parameterNode and self._parameterNode.inputVolume and self.ui.modelSelector.count)
+        ready = bool(self._parameterNode and self._parameterNode.inputVolume
+                     and (self.ui.modelSelector.count or self._needsInstall))
         self.ui.applyButton.text = "Cancel" if running else "Apply"
         self.ui.applyButton.enabled = running or ready
         self.ui.applyButton.toolTip = "Stop the analysis" if running else (
@@ -171,6 +186,11 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if not self.ensurePythonPackages():
             return
+        if self._needsInstall:
+            self.populateModels()
+            if not self.ui.modelSelector.count:
+                self.updateApplyButton()
+                return
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Could not start the analysis.", waitCursor=True):
             model = self.ui.modelSelector.currentData
@@ -192,6 +212,7 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._timer.stop()
         self._run = None
+        self._needsInstall = False  # the engine's Python packages are missing (first use)
         self.ui.progressBar.setVisible(False)
         if run.state != "cancelled":
             with slicer.util.tryWithErrorDisplay("The analysis failed.", waitCursor=True):
@@ -205,20 +226,20 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def ensurePythonPackages(self) -> bool:
         """Install PyTorch and safetensors on first use, with the user's consent."""
         try:
-            import torch  # noqa: F401
             import safetensors  # noqa: F401
+            import torch  # noqa: F401
             return True
         except ImportError:
             pass
         if not slicer.util.confirmOkCancelDisplay(
-                "AnomalyLocalizer needs PyTorch and safetensors, which are not installed yet. "
+                "AnomalyLocalizer needs PyTorch, safetensors and pydantic, which are not installed yet. "
                 "Install them now? This downloads several hundred MB and may take a few minutes."):
             return False
         with slicer.util.tryWithErrorDisplay("Could not install PyTorch.", waitCursor=True):
             try:
                 import PyTorchUtils  # the PyTorch extension picks the right build for the GPU
                 PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
-                slicer.util.pip_install("safetensors")
+                slicer.util.pip_install("safetensors pydantic")
             except ImportError:
                 if hasattr(slicer, "packaging") and hasattr(slicer.packaging, "pip_ensure"):
                     slicer.packaging.pip_ensure(PYTHON_REQUIREMENTS)
@@ -234,7 +255,13 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                   self.ui.exportSegmentationButton, self.ui.exportTableButton):
             w.enabled = hasResult
         if hasResult:
-            self._parameterNode.method = self.logic.method  # the model's recommended method
+            # The maps of the last run (whatever detector made them), the recommended one selected.
+            wasBlocked = self.ui.methodSelector.blockSignals(True)
+            self.ui.methodSelector.clear()
+            for method in self.logic.result.maps:
+                self.ui.methodSelector.addItem(method)
+            self.ui.methodSelector.setCurrentText(self.logic.method)
+            self.ui.methodSelector.blockSignals(wasBlocked)
             self._parameterNode.threshold = self.logic.threshold
             self.onThresholdChanged(self.logic.threshold)
 
@@ -298,6 +325,7 @@ class AnomalyLocalizerTest(ScriptedLoadableModuleTest):
         """Load a brain tumour scan, score it with the default model, move the threshold,
         jump to the worst slice, export, and rerun without duplicating nodes."""
         import tempfile
+
         import numpy as np
         import SampleData
         from AnomalyLocalizerLib.logic import AnomalyLocalizerLogic

@@ -9,9 +9,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from anomaly_localizer.models import build_model
-from anomaly_localizer.package import save_package
-from anomaly_localizer.volume import NORMALISATION
+from anomaly_localizer.core.package import build_network as build_model
+from anomaly_localizer.core.package import save_package
+from anomaly_localizer.core.volume import NORMALISATION
 
 TINY_ARCH = {"type": "vae", "slice_size": 32, "feature_maps": [4, 8], "latent_size": 8, "likelihood_std": 1.0}
 TINY_CONTRACT = {"modality": "T1w", "orientation": "axial", "slice_size": 32, "spacing_mm": 6.0,

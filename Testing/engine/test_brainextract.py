@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from anomaly_localizer.brainextract import LESION_KINDS, _with_lesion, extract_brain, head_mask, postprocess
+from anomaly_localizer.core.brainextract import extract_brain, head_mask, postprocess
+from anomaly_localizer.tooling.brainmask import LESION_KINDS, _with_lesion
 from anomaly_localizer.cli import main
 from anomaly_localizer.errors import InputError
-from anomaly_localizer.package import load_package
-from anomaly_localizer.pipeline import score_volume
+from anomaly_localizer.core.package import load_package
+from anomaly_localizer.core.pipeline import score_volume
 
 from phantoms import head_phantom, image_from, make_tiny_package
 
@@ -32,7 +33,7 @@ def heads(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def extractor(heads, tmp_path_factory):
-    from anomaly_localizer.brainextract import train_brainmask
+    from anomaly_localizer.tooling.brainmask import train_brainmask
     out = tmp_path_factory.mktemp("bx") / "bx"
     return train_brainmask(heads, out, epochs=25, batch_size=8, learning_rate=3e-3, spacing=6.0,
                            arch={"slice_size": 32, "feature_maps": [4, 8, 16]}, progress=None, slice_step=1)

@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from anomaly_localizer.cli import main
-from anomaly_localizer.scores import PIXEL_METHODS
+from anomaly_localizer.core.scores import PIXEL_METHODS
 
 from phantoms import image_from, make_tiny_package, phantom_array, psr_image
 
@@ -191,7 +191,7 @@ def test_a_scan_flagged_far_more_broadly_than_healthy_brains_gets_a_note(tmp_pat
 
 
 def test_broad_flag_note_fires_only_far_above_the_healthy_rate():
-    from anomaly_localizer.calibrate import broad_flag_note
+    from anomaly_localizer.core.levels import broad_flag_note
     assert broad_flag_note(0.115, 0.001) is not None and "115 times" in broad_flag_note(0.115, 0.001)
     assert broad_flag_note(0.015, 0.001) is None  # 15 times: within what one scan can vary
     assert broad_flag_note(0.009, 0.0001) is None  # under 1 % of the brain is never "broad"

@@ -7,8 +7,8 @@ import pytest
 import SimpleITK as sitk
 
 from anomaly_localizer.cli import main
-from anomaly_localizer.metrics import auroc, average_precision, best_dice, dice_at
-from anomaly_localizer.synthetic import KINDS, insert_anomaly, make_case
+from anomaly_localizer.tooling.metrics import auroc, average_precision, best_dice, dice_at
+from anomaly_localizer.tooling.synthetic import KINDS, insert_anomaly, make_case
 
 from phantoms import image_from, make_tiny_package, phantom_array
 
@@ -112,9 +112,9 @@ def test_per_kind_and_intensity_only_figures_pool_the_right_cases(monkeypatch):
     """Three cases: two intensity anomalies and one deformation. The per-kind figures use only
     that kind's cases; the intensity-only figures pool the two intensity cases and leave the
     deformation out. A fake scorer makes every figure known in advance."""
-    from anomaly_localizer import evaluate as ev
-    from anomaly_localizer.evaluate import Case, INTENSITY_ONLY
-    from anomaly_localizer.pipeline import ScoreResult
+    from anomaly_localizer.tooling import evaluate as ev
+    from anomaly_localizer.tooling.evaluate import Case, INTENSITY_ONLY
+    from anomaly_localizer.core.pipeline import ScoreResult
     shape = (4, 8, 8)
     brain = np.ones(shape, bool)
 

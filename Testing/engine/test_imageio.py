@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 
 from anomaly_localizer.errors import InputError
-from anomaly_localizer.imageio import nifti_data_is_finite, read_image
+from anomaly_localizer.core.imageio import nifti_data_is_finite, read_image
 
 from phantoms import image_from, phantom_array
 

@@ -10,11 +10,11 @@ import torch
 
 from anomaly_localizer.cli import main
 from anomaly_localizer.errors import AnomalyLocalizerError
-from anomaly_localizer.lsr import (RESIDUAL_UNIT, code_nll, lsr_scores, pool, resample, slice_score,
+from anomaly_localizer.core.lsr import (RESIDUAL_UNIT, code_nll, lsr_scores, pool, resample, slice_score,
                                    weighted_residual)
-from anomaly_localizer.models import build_model
-from anomaly_localizer.package import load_package, resolve_package_for
-from anomaly_localizer.pipeline import score_volume
+from anomaly_localizer.core.package import build_network as build_model
+from anomaly_localizer.core.package import load_package, resolve_package_for
+from anomaly_localizer.core.pipeline import score_volume
 
 from phantoms import TINY_LSR_ARCH, TINY_LSR_SCORING, image_from, phantom_array
 
@@ -146,7 +146,7 @@ def test_cli_scores_lsr(tiny_lsr_package, tmp_path):
 
 
 def test_train_lsr_writes_a_calibrated_package(tmp_path):
-    from anomaly_localizer.train_lsr import LSRTrainConfig, train_lsr
+    from anomaly_localizer.tooling.train_lsr import LSRTrainConfig, train_lsr
     root = tmp_path / "healthy"
     (root / "t1").mkdir(parents=True)
     (root / "brainmask").mkdir()
@@ -163,7 +163,7 @@ def test_train_lsr_writes_a_calibrated_package(tmp_path):
     assert package.methods == ("lsr",)
     assert package.meta["lsr"]["lambda_s"] == TINY_LSR_SCORING["lambda_s"]
     assert package.meta["training"]["vqvae"]["epochs_run"] == 2 and package.meta["training"]["prior"]["epochs_run"] == 2
-    assert "lsr" in package.calibration["pixel"] and "lsr" in package.calibration["slice"]
+    assert "lsr" in package.calibration.pixel and "lsr" in package.calibration.slice
     assert package.default_threshold("lsr") is not None
     # a resumed run with nothing left to do reproduces the same package
     again = train_lsr(root, tmp_path / "lsr", cfg, resume=True)
@@ -179,7 +179,7 @@ def test_a_broken_model_is_named_when_no_model_offers_a_method(tiny_package, tmp
     lsr = make_tiny_lsr_package(folder / "lsr")
     (lsr.path / "model.json").write_text((lsr.path / "model.json").read_text() + " ")  # edited: hash mismatch
     monkeypatch.setenv("ANOMALY_LOCALIZER_MODELS", str(folder))
-    monkeypatch.setattr("anomaly_localizer.package.SHIPPED_MODELS_DIRS", ())
-    monkeypatch.setattr("anomaly_localizer.package.USER_MODELS_DIR", tmp_path / "none")
+    monkeypatch.setattr("anomaly_localizer.core.package.SHIPPED_MODELS_DIRS", ())
+    monkeypatch.setattr("anomaly_localizer.core.package.USER_MODELS_DIR", tmp_path / "none")
     with pytest.raises(AnomalyLocalizerError, match="unusable models: .*lsr.*SHA-256"):
         resolve_package_for(["lsr"])

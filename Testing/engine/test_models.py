@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from anomaly_localizer.models import build_model
+from anomaly_localizer.core.package import build_network as build_model
 
 
 @pytest.mark.parametrize("size", [64, 128])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from anomaly_localizer.errors import PackageError
-from anomaly_localizer.package import load_package, resolve_package, update_meta
+from anomaly_localizer.core.package import load_package, resolve_package, update_meta
 
 from phantoms import make_tiny_package
 
@@ -19,7 +19,7 @@ def pkg(tmp_path):
 
 def test_round_trip_gives_the_same_weights(pkg):
     torch.manual_seed(5)
-    from anomaly_localizer.models import build_model
+    from anomaly_localizer.core.package import build_network as build_model
     from phantoms import TINY_ARCH
     original = build_model(TINY_ARCH)
     loaded = load_package(pkg.path).load_model()

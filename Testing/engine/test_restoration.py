@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from anomaly_localizer.cli import default_methods, main
-from anomaly_localizer.models import build_model
-from anomaly_localizer.pipeline import score_volume
-from anomaly_localizer.restoration import (REFERENCE_RESTORATION, choose_lambda, objective, restoration_map,
-                                           restore, total_variation)
+from anomaly_localizer.cli import main
+from anomaly_localizer.core.package import build_network as build_model
+from anomaly_localizer.core.pipeline import score_volume
+from anomaly_localizer.core.restoration import (REFERENCE_RESTORATION, objective, restoration_map, restore,
+                                                total_variation)
+from anomaly_localizer.tooling.tune_restoration import choose_lambda
 
 from phantoms import TINY_ARCH, image_from, phantom_array
 
@@ -24,7 +25,7 @@ def model():
 @pytest.fixture(scope="module")
 def slices():
     """Six normalised axial slices of a phantom brain (with a bright lesion) and their masks."""
-    from anomaly_localizer.volume import brain_mask, prepare_volume
+    from anomaly_localizer.core.volume import brain_mask, prepare_volume
     from phantoms import TINY_CONTRACT
     img = image_from(phantom_array(lesion=True))
     prepared = prepare_volume(img, brain_mask(img, None), TINY_CONTRACT)
@@ -106,7 +107,7 @@ def test_engine_scores_restoration_on_the_input_grid(tiny_package):
 
 def test_restoration_is_offered_but_not_run_by_default(tiny_package):
     assert "restoration" in tiny_package.methods
-    assert "restoration" not in default_methods(tiny_package)
+    assert "restoration" not in tiny_package.default_methods()
 
 
 def test_cli_scores_restoration(tiny_package, tmp_path):

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from anomaly_localizer.models import build_model
-from anomaly_localizer.pipeline import compute_terms, score_volume
-from anomaly_localizer.scores import (PIXEL_METHODS, finalise_maps, kl_divergence, raw_terms, rec_nll, smooth)
+from anomaly_localizer.core.package import build_network as build_model
+from anomaly_localizer.core.detectors.vae import compute_terms
+from anomaly_localizer.core.pipeline import score_volume
+from anomaly_localizer.core.scores import (PIXEL_METHODS, finalise_maps, kl_divergence, raw_terms, rec_nll, smooth)
 
 from phantoms import TINY_ARCH, image_from, phantom_array
 
@@ -159,7 +160,7 @@ def test_other_errors_are_not_mistaken_for_out_of_memory(model64):
 
 
 def test_healthy_percentile_counts_tied_scores_at_their_highest_level():
-    from anomaly_localizer.calibrate import percentile_of
+    from anomaly_localizer.core.levels import percentile_of
     calib = {"slice": {"lsr": {"levels": [0.0, 25.0, 50.0, 75.0, 100.0], "values": [0.0, 0.0, 0.0, 10.0, 20.0]}}}
     assert percentile_of(calib, "lsr", 0.0) == 50.0  # half the healthy slices score exactly 0
     assert percentile_of(calib, "lsr", 15.0) == 87.5

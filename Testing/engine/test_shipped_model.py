@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomaly_localizer.package import SHIPPED_MODELS_DIRS, default_model_name, load_package, sha256_file
+from anomaly_localizer.core.package import SHIPPED_MODELS_DIRS, default_model_name, load_package, sha256_file
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
@@ -47,7 +47,7 @@ def test_an_edited_shipped_manifest_is_refused(tmp_path):
     shutil.copy(MODELS / "index.json", tmp_path / "index.json")
     meta = json.loads((tmp_path / name / "model.json").read_text())
     meta["summary"] = "edited"
-    from anomaly_localizer.package import update_meta
+    from anomaly_localizer.core.package import update_meta
     update_meta(tmp_path / name, meta)  # a consistent package, but not the one the index pins
     with pytest.raises(PackageError, match="index.json"):
         load_package(tmp_path / name)
@@ -56,9 +56,9 @@ def test_an_edited_shipped_manifest_is_refused(tmp_path):
 def test_demo_scores_a_real_brain_with_and_without_a_lesion(tmp_path):
     pytest.importorskip("nilearn")
     pytest.importorskip("matplotlib")
-    from anomaly_localizer.demo import main
+    from anomaly_localizer.cli import main
     out = tmp_path / "demo"
-    assert main(["--out", str(out)]) == 0
+    assert main(["demo", "--out", str(out)]) == 0
     for case in ("healthy", "lesion"):
         summary = json.loads((out / case / "summary.json").read_text())
         assert summary["threshold"]["source"] == "calibrated"
@@ -76,7 +76,7 @@ def test_shipped_brain_extraction_is_pinned_and_finds_a_head_phantoms_brain():
     name = index.get("brain_extraction")
     if name is None:
         pytest.skip("no brain extraction model shipped")
-    from anomaly_localizer.brainextract import default_extractor, extract_brain
+    from anomaly_localizer.core.brainextract import default_extractor, extract_brain
     from phantoms import head_phantom, image_from
     package = default_extractor()
     assert package.name == name and package.architecture["type"] == "unet-brainmask"
@@ -97,9 +97,9 @@ def test_a_pinned_model_is_not_recalibrated_in_place(capsys):
 
 
 def test_demo_does_not_replace_a_users_folder(tmp_path, capsys):
-    from anomaly_localizer.demo import main
+    from anomaly_localizer.cli import main
     (tmp_path / "mine.txt").write_text("keep")
-    assert main(["--out", str(tmp_path)]) == 2
+    assert main(["demo", "--out", str(tmp_path)]) == 2
     assert (tmp_path / "mine.txt").read_text() == "keep"
     assert "not an earlier demo output" in capsys.readouterr().err
 
@@ -107,13 +107,13 @@ def test_demo_does_not_replace_a_users_folder(tmp_path, capsys):
 def test_shipped_models_offer_restoration_and_lsr_calibrated():
     """The VAE carries a tuned restoration lambda and its threshold; the LSR model is small,
     calibrated, pinned, and found by method."""
-    from anomaly_localizer.package import resolve_package_for
+    from anomaly_localizer.core.package import resolve_package_for
     vae = load_package(MODELS / "brain-t1-vae")
     assert 0 < vae.meta["restoration"]["lambda"] and vae.meta["restoration"]["selection"]["curve"]
     assert vae.default_threshold("restoration")[0] > 0
     lsr = load_package(MODELS / "brain-t1-lsr")
     assert lsr.methods == ("lsr",) and (MODELS / "brain-t1-lsr" / "model.safetensors").stat().st_size < 10 * 2 ** 20
-    assert lsr.default_threshold("lsr")[0] > 0 and "lsr" in lsr.calibration["slice"]
+    assert lsr.default_threshold("lsr")[0] > 0 and "lsr" in lsr.calibration.slice
     assert lsr.meta["provenance"]["subjects"] == vae.meta["provenance"]["subjects"]  # same split, same held-back set
     assert resolve_package_for(["lsr"]).name == "brain-t1-lsr"
     assert resolve_package_for(["restoration"]).name == "brain-t1-vae"
@@ -122,7 +122,7 @@ def test_shipped_models_offer_restoration_and_lsr_calibrated():
 
 
 def test_shipped_lsr_model_scores_a_phantom_reproducibly():
-    from anomaly_localizer.pipeline import score_volume
+    from anomaly_localizer.core.pipeline import score_volume
     from phantoms import image_from, phantom_array
     img = image_from(phantom_array((30, 64, 56), lesion=True), spacing=(3.0, 3.0, 3.0))
     lsr = load_package(MODELS / "brain-t1-lsr")

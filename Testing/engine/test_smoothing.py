@@ -8,10 +8,11 @@ import pytest
 import SimpleITK as sitk
 
 from anomaly_localizer.cli import main
-from anomaly_localizer.evaluate import slice_top_mean
-from anomaly_localizer.package import load_package, update_meta
-from anomaly_localizer.pipeline import score_volume
-from anomaly_localizer.smoothing import choose_smoothing, smooth_map
+from anomaly_localizer.tooling.evaluate import slice_top_mean
+from anomaly_localizer.core.package import load_package, update_meta
+from anomaly_localizer.core.pipeline import score_volume
+from anomaly_localizer.core.smoothing import smooth_map
+from anomaly_localizer.tooling.tune_smoothing import choose_smoothing
 
 from phantoms import image_from, make_tiny_package, phantom_array
 
@@ -118,7 +119,7 @@ def test_tune_smoothing_writes_a_choice_per_method_and_recalibrates(tmp_path, mo
     assert tuned.meta["calibration"]["subjects"] == ["h1", "h2"]  # thresholds of the smoothed maps
     assert "map_smoothing" not in load_package(pkg.path).meta  # the source model is untouched
     # retune one method: the others keep their widths and curves; only that method is scored
-    from anomaly_localizer import pipeline
+    from anomaly_localizer.core import pipeline
     scored, real = [], pipeline.score_volume
     monkeypatch.setattr(pipeline, "score_volume",
                         lambda image, package, methods, **kw: scored.append(list(methods)) or real(image, package,

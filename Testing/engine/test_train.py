@@ -12,10 +12,10 @@ import pytest
 import SimpleITK as sitk
 
 from anomaly_localizer.cli import main
-from anomaly_localizer.data import find_subjects, split_subjects
+from anomaly_localizer.tooling.data import find_subjects, split_subjects
 from anomaly_localizer.errors import InputError
-from anomaly_localizer.package import load_package
-from anomaly_localizer.train import TrainConfig, train
+from anomaly_localizer.core.package import load_package
+from anomaly_localizer.tooling.train import TrainConfig, train
 
 from phantoms import image_from, phantom_array
 
@@ -83,7 +83,7 @@ def test_train_writes_a_calibrated_package_that_scores(healthy, config, tmp_path
         values = [t["value"] for t in entry["thresholds"]]
         assert values == sorted(values) and values[0] > 0  # rarer flags need higher thresholds
     assert len(calib["slice"]["elbo"]["values"]) == 201
-    from anomaly_localizer.calibrate import healthy_fpr
+    from anomaly_localizer.core.levels import healthy_fpr
     t01 = calib["pixel"]["combi"]["thresholds"][0]["value"]
     assert healthy_fpr(calib, "combi", t01) == pytest.approx(0.01, rel=0.3)
     assert healthy_fpr(calib, "combi", 0.5 * t01) > healthy_fpr(calib, "combi", 2 * t01)

@@ -6,8 +6,8 @@ import pytest
 import SimpleITK as sitk
 
 from anomaly_localizer.errors import InputError
-from anomaly_localizer.pipeline import score_volume
-from anomaly_localizer.volume import axial_layout, brain_mask, normalise_intensities, prepare_volume
+from anomaly_localizer.core.pipeline import score_volume
+from anomaly_localizer.core.volume import axial_layout, brain_mask, normalise_intensities, prepare_volume
 
 from phantoms import TINY_CONTRACT, image_from, phantom_array, psr_image, rotation
 
@@ -57,7 +57,7 @@ def test_outputs_are_on_the_inputs_exact_grid(tiny_package, direction, spacing, 
     arr = phantom_array(lesion=True)
     img = image_from(arr, spacing=spacing, direction=direction, origin=(-31.5, 12.25, 40.0))
     res = score_volume(img, tiny_package, ["combi"])
-    from anomaly_localizer.volume import image_like
+    from anomaly_localizer.core.volume import image_like
     out = image_like(res.maps["combi"], img)
     sitk.WriteImage(out, str(tmp_path / "m.nii.gz"))
     back = sitk.ReadImage(str(tmp_path / "m.nii.gz"))
@@ -136,7 +136,7 @@ def test_uniform_brain_is_refused():
 def test_a_z_scored_skull_stripped_scan_is_recognised_by_its_constant_background():
     """BraTS-style preprocessing z-scores a skull-stripped brain, so the background is a
     non-zero constant (-mean/std): it is still skull-stripped, not a whole head."""
-    from anomaly_localizer.volume import background_value, brain_mask
+    from anomaly_localizer.core.volume import background_value, brain_mask
     arr = phantom_array()
     brain = arr != 0
     z = np.where(brain, (arr - arr[brain].mean()) / arr[brain].std(), -arr[brain].mean() / arr[brain].std())

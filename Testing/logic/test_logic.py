@@ -10,7 +10,7 @@ from logic_helpers import engine, segmentArray, slicer, vtk
 from AnomalyLocalizerLib.logic import AnomalyLocalizerLogic, volumeNodeToImage
 
 from anomaly_localizer.errors import AnomalyLocalizerError
-from anomaly_localizer.scores import PIXEL_METHODS
+from anomaly_localizer.core.scores import PIXEL_METHODS
 
 make_tiny_package, image_from = engine.make_tiny_package, engine.image_from
 phantom_array, rotation = engine.phantom_array, engine.rotation

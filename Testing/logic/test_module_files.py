@@ -69,9 +69,9 @@ def test_models_are_installed_where_the_engine_looks_for_them():
     cmake = (MODULE / "CMakeLists.txt").read_text()
     assert re.search(r"install\(DIRECTORY \$\{MODELS_SOURCE_DIR\}/\s+DESTINATION \$\{Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR\}"
                      r"/Resources/Models", cmake)
-    from anomaly_localizer import package
-    # installed layout: <qt-scripted-modules>/anomaly_localizer/package.py -> <qt-scripted-modules>/Resources/Models
-    here = Path(package.__file__).resolve().parent
+    from anomaly_localizer.core import package
+    # installed layout: <qt-scripted-modules>/anomaly_localizer/core/package.py -> <qt-scripted-modules>/Resources/Models
+    here = Path(package.__file__).resolve().parent.parent
     assert here.parent / "Resources" / "Models" in package.SHIPPED_MODELS_DIRS
     assert ROOT / "models" in package.SHIPPED_MODELS_DIRS
 

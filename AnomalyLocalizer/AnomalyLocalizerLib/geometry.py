@@ -1,0 +1,43 @@
+"""Volume nodes and SimpleITK images on the same exact grid (RAS in Slicer, LPS in ITK)."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+import vtk
+from slicer import util as sutil
+
+
+def volumeNodeToImage(volumeNode) -> sitk.Image:
+    """A SimpleITK image (LPS) with the node's voxels and exact geometry (RAS in Slicer)."""
+    arr = sutil.arrayFromVolume(volumeNode)
+    if arr is None:
+        raise ValueError(f"volume {volumeNode.GetName()} has no image data; load a volume first")
+    image = sitk.GetImageFromArray(np.array(arr, copy=True))
+    image.SetSpacing(volumeNode.GetSpacing())
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+    origin = ras_to_lps @ np.array(volumeNode.GetOrigin())
+    m = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASDirectionMatrix(m)
+    direction = ras_to_lps @ np.array([[m.GetElement(r, c) for c in range(3)] for r in range(3)])
+    image.SetOrigin(tuple(origin))
+    image.SetDirection(tuple(direction.ravel()))
+    return image
+
+
+def copyGeometry(source, target) -> None:
+    """Give ``target`` the IJK-to-RAS geometry and parent transform of ``source``."""
+    m = vtk.vtkMatrix4x4()
+    source.GetIJKToRASMatrix(m)
+    target.SetIJKToRASMatrix(m)
+    target.SetAndObserveTransformNodeID(source.GetTransformNodeID())
+
+
+
+
+def sameLattice(orientedImage, volumeNode) -> bool:
+    """True when a segment's internal labelmap indexes the volume's own voxel lattice."""
+    a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    orientedImage.GetImageToWorldMatrix(a)
+    volumeNode.GetIJKToRASMatrix(b)
+    return all(abs(a.GetElement(r, c) - b.GetElement(r, c)) < 1e-6 for r in range(4) for c in range(4))

@@ -1,0 +1,135 @@
+"""``calibrate``, ``fpr`` and the tuning commands (``tune-restoration``, ``tune-smoothing``):
+they change or check a model's thresholds and settings on healthy scans."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import InputError
+from .common import (
+    EXIT_OK,
+    add_device,
+    add_quiet,
+    add_subjects,
+    command_line,
+    machine,
+    say,
+)
+
+
+def register(sub) -> None:
+    c = sub.add_parser("calibrate", help="recalibrate a model's thresholds on healthy scans")
+    c.add_argument("model", help="model name or folder")
+    c.add_argument("data", help="folder of healthy scans")
+    add_subjects(c, "all", "which scans of DATA: all, or the model's recorded subjects of that set")
+    c.add_argument("--out", help="write a recalibrated copy here")
+    c.add_argument("--in-place", action="store_true", help="overwrite the model's own calibration")
+    add_device(c)
+    add_quiet(c)
+    c.set_defaults(func=run_calibrate)
+
+    f = sub.add_parser("fpr", help="share of healthy brain voxels the calibrated thresholds flag")
+    f.add_argument("model", help="model name or folder")
+    f.add_argument("data", help="folder of healthy scans")
+    add_subjects(f, "test", "the model's held-back test subjects by default")
+    add_device(f)
+    f.add_argument("--json")
+    add_quiet(f)
+    f.set_defaults(func=run_fpr)
+
+    r = sub.add_parser("tune-restoration",
+                       help="choose the restoration method's lambda on healthy scans and store it in the model")
+    r.add_argument("model", help="VAE model name or folder")
+    _add_tuning_arguments(r, limit=5)
+    r.set_defaults(func=run_tune_restoration)
+
+    s = sub.add_parser("tune-smoothing",
+                       help="choose each method's 3D heatmap smoothing on synthetic anomalies in validation scans")
+    s.add_argument("model", help="model name or folder")
+    _add_tuning_arguments(s, limit=None)
+    s.add_argument("--per-subject", type=int, default=2, help="synthetic anomalies per subject (default 2)")
+    s.add_argument("--method", action="append",
+                   help="tune only this method (repeatable); the others keep their widths. Default: every method")
+    s.set_defaults(func=run_tune_smoothing)
+
+
+def _add_tuning_arguments(parser: argparse.ArgumentParser, limit: int | None) -> None:
+    """Arguments shared by the commands that tune a setting of a model on healthy scans and
+    recalibrate it."""
+    parser.add_argument("data", help="folder of healthy scans (with brain masks)")
+    add_subjects(parser, "val", "which scans of DATA (default: the model's validation subjects)")
+    parser.add_argument("--limit", type=int, default=limit,
+                        help="use the first N of them" + (f" (default {limit})" if limit else ""))
+    parser.add_argument("--out", help="write the tuned (and recalibrated) model here")
+    parser.add_argument("--in-place", action="store_true", help="change the model itself")
+    add_device(parser)
+    add_quiet(parser)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from ..tooling.calibrate import calibrate_package
+    from ..tooling.edit import changed_copy, subjects_of
+
+    with changed_copy(args.model, args.out, args.in_place) as package:
+        subjects = subjects_of(package, args.data, args.subjects)
+        calibrate_package(package, subjects, device=args.device, progress=say(args.quiet))
+    print(f"calibrated {package.path} on {len(subjects)} subjects")
+    return EXIT_OK
+
+
+def run_fpr(args: argparse.Namespace) -> int:
+    from ..core.package import resolve_package
+    from ..tooling.calibrate import flagged_fraction, score_subjects
+    from ..tooling.edit import subjects_of
+
+    package = resolve_package(args.model)
+    if not package.calibration.pixel:
+        raise InputError(f"model {package.name} is not calibrated; run anomaly-localizer calibrate first")
+    subjects = subjects_of(package, args.data, args.subjects)
+    results = list(score_subjects(package, subjects, device=args.device, progress=say(args.quiet)))
+    table = flagged_fraction(results, package)
+    print(f"Share of healthy brain voxels flagged by {package.name}'s calibrated thresholds "
+          f"on {len(subjects)} '{args.subjects}' subjects of {args.data}:")
+    print(f"{'method':<10} " + " ".join(f"{'target ' + k:>14}" for k in next(iter(table.values()))))
+    for m, row in table.items():
+        print(f"{m:<10} " + " ".join(f"{100 * v:13.3f}%" for v in row.values()))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": package.name, "subjects": [s.id for s in subjects],
+                                               "flagged_fraction": table, "command": command_line(),
+                                               "machine": machine()}, indent=2) + "\n")
+    return EXIT_OK
+
+
+def run_tune_restoration(args: argparse.Namespace) -> int:
+    from ..tooling.edit import changed_copy, store_and_recalibrate, subjects_of
+    from ..tooling.tune_restoration import tune_package
+
+    with changed_copy(args.model, args.out, args.in_place) as package:
+        if "restoration" not in package.methods:
+            raise InputError(f"model {package.name} is not a VAE; restoration needs a vae or cevae model")
+        block = tune_package(package, subjects_of(package, args.data, args.subjects), args.limit, args.device,
+                             say(args.quiet))
+        store_and_recalibrate(package, "restoration", block, args.data, args.device, say(args.quiet),
+                              f"restoration lambda {block['lambda']:g}")
+    return EXIT_OK
+
+
+def run_tune_smoothing(args: argparse.Namespace) -> int:
+    from ..core.package import check_methods, resolve_package
+    from ..tooling.edit import changed_copy, store_and_recalibrate, subjects_of
+    from ..tooling.tune_smoothing import tune_package
+
+    if args.method:  # refused before any copy is made, naming the model the user gave
+        check_methods(args.method, resolve_package(args.model))
+    with changed_copy(args.model, args.out, args.in_place) as package:
+        subjects = subjects_of(package, args.data, args.subjects)
+        if args.limit:
+            subjects = subjects[: args.limit]
+        block = tune_package(package, subjects, args.per_subject, args.device, say(args.quiet), methods=args.method)
+        chosen = ", ".join(f"{m} {v['through_plane_mm']:g}/{v['in_plane_mm']:g} mm" for m, v in block.items()
+                           if m != "selection" and (not args.method or m in args.method))
+        store_and_recalibrate(package, "map_smoothing", block, args.data, args.device, say(args.quiet),
+                              f"smoothing (through-plane/in-plane sigma) {chosen}")
+    return EXIT_OK

@@ -1,0 +1,55 @@
+"""What every command shares: exit codes, options, the progress printer, run records."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+from typing import Callable
+
+from ..core.device import DEVICES
+
+EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
+
+
+def progress_printer(quiet: bool) -> Callable[[float, str], None]:
+    """Progress as ``PROGRESS <percent> <message>`` lines on stderr (read by the Slicer module)."""
+    def report(fraction: float, message: str) -> None:
+        if not quiet:
+            print(f"PROGRESS {100 * fraction:5.1f} {message}", file=sys.stderr, flush=True)
+    return report
+
+
+def say(quiet: bool) -> Callable[[str], None] | None:
+    """A line printer for long commands' messages on stderr, None when quiet."""
+    return None if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+
+
+def add_device(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    parser.add_argument("--device", default=default, choices=DEVICES,
+                        help=f"compute device (default: {'the best available' if default == 'auto' else default})")
+
+
+def add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+
+
+def add_subjects(parser: argparse.ArgumentParser, default: str, help: str) -> None:
+    from ..tooling.edit import SUBJECT_SETS
+    parser.add_argument("--subjects", default=default, choices=SUBJECT_SETS, help=help)
+
+
+def command_line() -> str:
+    return "anomaly-localizer " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def machine() -> str:
+    import torch
+    try:
+        usable = len(os.sched_getaffinity(0))  # what this process may use (e.g. under taskset)
+    except AttributeError:
+        usable = os.cpu_count()
+    cores = f"{os.cpu_count()} cores" if usable == os.cpu_count() else f"{usable} of {os.cpu_count()} cores"
+    return f"{platform.machine()}, {cores}, torch {torch.__version__}"

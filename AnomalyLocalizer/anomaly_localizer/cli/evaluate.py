@@ -1,0 +1,203 @@
+"""``evaluate`` (accuracy on cases with ground truth), ``brainmask-dice``, ``benchmark``
+(speed) and ``paper-fmnist`` (the paper's sample-wise experiment): commands that print
+figures and record the command and machine that made them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import InputError
+from .common import (
+    EXIT_OK,
+    add_device,
+    add_quiet,
+    add_subjects,
+    command_line,
+    machine,
+    say,
+)
+
+
+def register(sub) -> None:
+    e = sub.add_parser("evaluate", help="pixel/slice AUROC, AP and Dice of every method on cases with ground truth")
+    e.add_argument("model", help="model name or folder")
+    e.add_argument("--synthetic", metavar="DATA", help="healthy scans to insert seeded synthetic anomalies into")
+    e.add_argument("--cases", metavar="DIR", help="real cases: one sub-folder per case with image and label")
+    e.add_argument("--image-name", default="image.nii.gz", help="image file in each case folder")
+    e.add_argument("--label-name", default="label.nii.gz", help="ground-truth file in each case folder (> 0 = anomaly)")
+    e.add_argument("--mask-name", help="brain mask file in each case folder (optional)")
+    e.add_argument("--title", help="title of this case set in reports")
+    add_subjects(e, "test", "which of DATA's subjects (default: the model's held-back test subjects)")
+    e.add_argument("--per-subject", type=int, default=2, help="synthetic cases per subject")
+    e.add_argument("--limit", type=int, help="use only the first N subjects")
+    e.add_argument("--seed", type=int, default=0)
+    add_device(e)
+    e.add_argument("--also", action="append", metavar="MODEL",
+                   help="another model whose methods join the table (repeatable), e.g. brain-t1-lsr")
+    e.add_argument("--method", action="append", metavar="M", help="evaluate only these methods (repeatable)")
+    e.add_argument("--restoration", choices=["package", "reference"], default="package",
+                   help="restoration optimiser: the package's fast one, or the reference 500 gradient steps")
+    e.add_argument("--json", help="also write the results as JSON")
+    add_quiet(e)
+    e.set_defaults(func=run_evaluate)
+
+    d = sub.add_parser("brainmask-dice", help="Dice of the brain extraction against reference masks")
+    d.add_argument("model", help="brain extraction model name or folder")
+    d.add_argument("data", help="folder of scans with reference brain masks (or of case folders, with --cases)")
+    add_subjects(d, "test", "which of DATA's subjects (default: the model's held-back test subjects)")
+    d.add_argument("--cases", action="store_true", help="DATA holds one sub-folder per case (e.g. BraTS)")
+    d.add_argument("--engine-rule", action="store_true",
+                   help="measure the mask the engine uses given the image alone (skull-stripped scans keep their "
+                        "non-background region; whole heads are brain-extracted)")
+    d.add_argument("--with-lesion", action="store_true",
+                   help="first insert one seeded tumour-like lesion (15-30 mm, brighter, darker or uniform) into "
+                        "each scan's brain, and also report how much of it the extracted mask keeps")
+    d.add_argument("--lesion-seed", type=int, default=0, help="with --with-lesion: seed of the lesions")
+    d.add_argument("--image-name", default="image.nii.gz", help="with --cases: the image in each case folder")
+    d.add_argument("--mask-name", default="brainmask.nii.gz", help="with --cases: the reference brain mask")
+    add_device(d, "cpu")
+    d.add_argument("--json")
+    add_quiet(d)
+    d.set_defaults(func=run_brainmask_dice)
+
+    b = sub.add_parser("benchmark", help="time scoring on a real 2 mm and a 1 mm volume (prints figures)")
+    b.add_argument("--data", default="../shared/data/ixi_t1_2mm", help="IXI-style folder (t1/, brainmask/)")
+    b.add_argument("--model", help="model name or folder (default: the default model)")
+    b.add_argument("--repeats", type=int, default=3)
+    add_device(b, "cpu")
+    b.add_argument("--no-reference", action="store_true", help="skip the reference-way comparison")
+    b.add_argument("--method", action="append", metavar="M",
+                   help="time these methods (repeatable; default the five VAE scores). Run restoration and lsr "
+                        "in their own invocations: peak memory is per process")
+    b.add_argument("--restoration", choices=["package", "reference"], default="package",
+                   help="restoration optimiser to time: the package's fast one or the reference 500 steps")
+    b.add_argument("--json", help="also write the figures to this JSON file")
+    b.set_defaults(func=run_benchmark)
+
+    from ..tooling.paper import DEFAULT_DATA
+    p = sub.add_parser("paper-fmnist", help="the paper's sample-wise FashionMNIST experiment (prints a table)")
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json")
+    add_quiet(p)
+    p.set_defaults(func=run_paper)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from ..core.package import check_methods, resolve_package
+    from ..core.restoration import REFERENCE_RESTORATION
+    from ..tooling.edit import subjects_of
+    from ..tooling.evaluate import evaluate, folder_cases, format_table, synthetic_cases
+
+    package = resolve_package(args.model)
+    runs = [(package, [m for m in (args.method or package.methods) if m in package.methods])]
+    for extra in args.also or []:
+        other = resolve_package(extra)
+        runs.append((other, [m for m in (args.method or other.methods) if m in other.methods]))
+    if args.method:
+        check_methods(args.method)
+        offered = {m for _, ms in runs for m in ms}
+        missing = [m for m in args.method if m not in offered]
+        if missing:
+            raise InputError(f"no given model offers {', '.join(missing)}; add one that does with --also MODEL")
+    if args.restoration == "reference":
+        for p, _ in runs:
+            if "restoration" in p.methods:
+                p.meta["restoration"] = {**p.settings("restoration"), **REFERENCE_RESTORATION}
+    runs = [(p, ms) for p, ms in runs if ms]
+    if bool(args.synthetic) == bool(args.cases):
+        raise InputError("give either --synthetic DATA (healthy scans) or --cases DIR (cases with ground truth)")
+    if args.synthetic:
+        subjects = subjects_of(package, args.synthetic, args.subjects)
+        if args.limit:
+            subjects = subjects[: args.limit]
+        cases = synthetic_cases(subjects, per_subject=args.per_subject, seed=args.seed)
+        case_set = {"kind": "synthetic", "data": str(args.synthetic), "subjects": args.subjects,
+                    "per_subject": args.per_subject, "seed": args.seed}
+        title = f"synthetic anomalies in the model's '{args.subjects}' subjects"
+    else:
+        cases = folder_cases(args.cases, args.image_name, args.label_name, args.mask_name)
+        case_set = {"kind": "folder", "data": str(args.cases), "image": args.image_name, "label": args.label_name}
+        title = args.title or f"cases in {args.cases} ({args.image_name})"
+    result = evaluate(runs, cases, device=args.device, progress=say(args.quiet))
+    result.update(restoration_optimiser=args.restoration, case_set=case_set, title=title, command=command_line(),
+                  machine=machine())
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return EXIT_OK
+
+
+def run_brainmask_dice(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..core.package import resolve_package
+    from ..tooling.brainmask import LESION_KINDS, LESION_RADIUS_MM, dice_on_subjects
+    from ..tooling.data import Subject
+    from ..tooling.edit import subjects_of
+
+    package = resolve_package(args.model)
+    if args.cases:
+        # Case folders (e.g. BraTS): one image and one reference brain mask per sub-folder.
+        root = Path(args.data)
+        subjects = [Subject(f.name, f / args.image_name, f / args.mask_name) for f in sorted(root.iterdir())
+                    if (f / args.image_name).is_file() and (f / args.mask_name).is_file()]
+        if not subjects:
+            raise InputError(f"no sub-folder of {root} holds both {args.image_name} and {args.mask_name}")
+        which = f"case folders ({args.image_name})"
+    else:
+        subjects = [s for s in subjects_of(package, args.data, args.subjects) if s.mask is not None]
+        which = f"'{args.subjects}' subjects"
+    if args.engine_rule:
+        which += ", the engine's own choice of brain mask"
+    if args.with_lesion:
+        if args.cases:
+            raise InputError("--with-lesion needs healthy scans with reference masks, not --cases")
+        which = f"{which} (each with a seeded tumour-like lesion)"
+    records = dice_on_subjects(package, subjects, device=args.device, progress=say(args.quiet),
+                               engine_rule=args.engine_rule, lesion_seed=args.lesion_seed if args.with_lesion else None)
+    values = np.array([r["dice"] for r in records.values()])
+    print(f"brain extraction {package.name} on {len(values)} {which}, {args.data}: "
+          f"Dice mean {values.mean():.4f}, median {np.median(values):.4f}, min {values.min():.4f}")
+    result = {"model": package.name, "dice": {k: r["dice"] for k, r in records.items()},
+              "mean": float(values.mean()), "min": float(values.min())}
+    if args.with_lesion:
+        kept = np.array([r["lesion_kept"] for r in records.values() if r["lesion_kept"] is not None])
+        print(f"share of each lesion's voxels inside the extracted mask: mean {100 * kept.mean():.2f} %, "
+              f"min {100 * kept.min():.2f} %")
+        result["lesions"] = {"seed": args.lesion_seed, "radius_mm": list(LESION_RADIUS_MM),
+                             "kinds": list(LESION_KINDS),
+                             "per_subject": {k: {f: r[f] for f in ("kind", "lesion_voxels", "lesion_kept")}
+                                             for k, r in records.items()},
+                             "lesion_kept_mean": float(kept.mean()), "lesion_kept_min": float(kept.min())}
+    if args.json:
+        Path(args.json).write_text(json.dumps({**result, "command": command_line(), "machine": machine()},
+                                              indent=2) + "\n")
+    return EXIT_OK
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    from ..tooling.benchmark import run_benchmark as bench
+
+    bench(args.data, args.model, args.method, args.repeats, args.device, args.no_reference, args.restoration, args.json)
+    return EXIT_OK
+
+
+def run_paper(args: argparse.Namespace) -> int:
+    from ..tooling.paper import SETTINGS, load_fashion_mnist, run_setting
+
+    data = load_fashion_mnist(args.data)
+    results = [run_setting(data, s["held_out"], s["log_c"], args.epochs, args.seed, say(args.quiet))
+               for s in SETTINGS]
+    print("Sample-wise anomaly detection on FashionMNIST (AUROC; held-out class = anomaly)")
+    print(f"{'held out':>8} {'log c':>6} {'Rec':>7} {'KL':>7} {'ELBO':>7}   paper")
+    for r in results:
+        a = r["auroc"]
+        paper = ", ".join(f"{k.upper()} {v:.2f}" for k, v in r["paper"].items()) or "see the paper's Fig. 1"
+        print(f"{r['held_out']:>8} {r['log_c']:>6g} {a['rec']:>7.3f} {a['kl']:>7.3f} {a['elbo']:>7.3f}   {paper}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "data": args.data}, indent=2) + "\n")
+    return EXIT_OK

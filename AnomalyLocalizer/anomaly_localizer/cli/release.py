@@ -1,0 +1,78 @@
+"""``release`` (a shippable package), ``card`` (its model card) and ``index`` (pin a folder)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .common import EXIT_OK, add_device, add_quiet, say
+
+
+def register(sub) -> None:
+    k = sub.add_parser("card", help="write a model package's model card from its model.json and measured figures")
+    k.add_argument("model", help="model package folder")
+    k.add_argument("--evaluation", action="append", help="JSON written by `evaluate --json` (repeatable)")
+    k.add_argument("--fpr", help="JSON written by `fpr --json`")
+    k.add_argument("--dice", action="append",
+                   help="JSON written by `brainmask-dice --json` (brain extraction models; repeatable)")
+    k.set_defaults(func=run_card)
+
+    r = sub.add_parser("release", help="make a shippable copy of a trained model (name, float16, metadata, calibration)")
+    r.add_argument("model", help="trained model package folder")
+    r.add_argument("--out", required=True, help="new package folder; its name becomes the model name")
+    r.add_argument("--data", required=True, help="the healthy data the model was trained on (for recalibration)")
+    r.add_argument("--meta", help="JSON merged into model.json (summary, description, data statement, ...)")
+    r.add_argument("--half", action="store_true", help="store weights as float16 (half the size)")
+    add_device(r, "cpu")
+    r.add_argument("--force", action="store_true")
+    add_quiet(r)
+    r.set_defaults(func=run_release)
+
+    i = sub.add_parser("index", help="pin the models of a folder in its index.json (after adding or changing one)")
+    i.add_argument("folder", help="a models folder, e.g. models/")
+    i.add_argument("--default", help="the default anomaly model")
+    i.add_argument("--brain-extraction", help="the default brain extraction model")
+    i.set_defaults(func=run_index)
+
+
+def run_card(args: argparse.Namespace) -> int:
+    from ..core.package import (
+        BRAIN_EXTRACTION_TYPES,
+        CARD_FILE,
+        load_package,
+        write_manifest,
+    )
+    from ..tooling.modelcard import render_brainmask_card, results_sections, write_card
+
+    package = load_package(args.model)
+    if package.arch_type in BRAIN_EXTRACTION_TYPES:
+        dice = [json.loads(Path(p).read_text()) for p in args.dice or []]
+        (package.path / CARD_FILE).write_text(render_brainmask_card(package, dice))
+        write_manifest(package.path)
+        print(f"wrote {package.path / CARD_FILE}")
+        return EXIT_OK
+    evaluations = [json.loads(Path(p).read_text()) for p in args.evaluation or []]
+    fpr = json.loads(Path(args.fpr).read_text()) if args.fpr else None
+    path = write_card(package, results_sections(evaluations, fpr, package))
+    print(f"wrote {path} and re-hashed {package.path / 'manifest.json'}")
+    return EXIT_OK
+
+
+def run_release(args: argparse.Namespace) -> int:
+    from ..tooling.edit import release_package
+
+    package, n = release_package(args.model, args.out, args.data, args.meta, args.half, args.force, args.device,
+                                 say(args.quiet))
+    calibrated = f", calibrated on {n} subjects" if n else ""
+    print(f"released {package.path} from {args.model} ({'float16' if args.half else 'float32'} weights){calibrated}")
+    return EXIT_OK
+
+
+def run_index(args: argparse.Namespace) -> int:
+    """Write DIR/index.json: the default models and each package's pinned manifest hash."""
+    from ..tooling.edit import write_index
+
+    index = write_index(args.folder, args.default, args.brain_extraction)
+    print(f"wrote {Path(args.folder) / 'index.json'} ({len(index['models'])} models)")
+    return EXIT_OK

@@ -1,0 +1,86 @@
+"""``train`` (VAE, ceVAE), ``train-lsr`` (VQ-VAE and prior) and ``train-brainmask``."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import EXIT_OK, add_device, add_quiet, say
+
+DATA_HELP = "folder of healthy scans (t1/ + brainmask/, or images with *_brainmask beside)"
+
+
+def register(sub) -> None:
+    t = sub.add_parser("train", help="train a VAE or ceVAE on a folder of healthy scans")
+    t.add_argument("data", help=DATA_HELP)
+    t.add_argument("--out", required=True, help="model package folder to create")
+    t.add_argument("--config", help="JSON training configuration (keys of TrainConfig), or a package's model.json")
+    t.add_argument("--type", choices=["vae", "cevae"])
+    t.add_argument("--slice-size", type=int)
+    t.add_argument("--spacing", type=float, help="model pixel spacing in mm")
+    t.add_argument("--latent-size", type=int)
+    t.add_argument("--c", type=float, help="standard deviation of the Gaussian likelihood")
+    t.add_argument("--epochs", type=int, help="maximum epochs")
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--seed", type=int)
+    add_device(t, "cpu")
+    _add_run_options(t)
+    t.set_defaults(func=run_train)
+
+    lsr = sub.add_parser("train-lsr", help="train the VQ-VAE and its prior for latent space restoration (method lsr)")
+    lsr.add_argument("data", help=DATA_HELP)
+    lsr.add_argument("--out", required=True, help="model package folder to create")
+    lsr.add_argument("--config", help="JSON training configuration (keys of LSRTrainConfig), or a package's model.json")
+    lsr.add_argument("--vqvae-epochs", type=int, help="maximum VQ-VAE epochs")
+    lsr.add_argument("--prior-epochs", type=int, help="maximum prior epochs")
+    lsr.add_argument("--seed", type=int)
+    add_device(lsr, "cpu")
+    _add_run_options(lsr)
+    lsr.set_defaults(func=run_train_lsr)
+
+    b = sub.add_parser("train-brainmask", help="train the brain extraction U-Net on scans with reference masks")
+    b.add_argument("data", help="folder of scans with brain masks (IXI layout or *_brainmask beside)")
+    b.add_argument("--out", required=True)
+    b.add_argument("--epochs", type=int, default=12)
+    b.add_argument("--slice-size", type=int)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--force", action="store_true")
+    add_quiet(b)
+    b.set_defaults(func=run_train_brainmask)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", help="folder for prepared slices (default OUT/.cache)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--force", action="store_true", help="start over in an existing OUT")
+    p.add_argument("--no-calibration", action="store_true")
+    add_quiet(p)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..tooling.train import TrainConfig, train
+
+    cfg = TrainConfig.from_json(args.config, type=args.type, slice_size=args.slice_size, latent_size=args.latent_size,
+                                likelihood_std=args.c, max_epochs=args.epochs, seed=args.seed,
+                                batch_size=args.batch_size, spacing_mm=args.spacing)
+    train(args.data, args.out, cfg, resume=args.resume, force=args.force, device=args.device,
+          cache_dir=args.cache, progress=not args.quiet, calibrate=not args.no_calibration)
+    return EXIT_OK
+
+
+def run_train_lsr(args: argparse.Namespace) -> int:
+    from ..tooling.train_lsr import LSRTrainConfig, train_lsr
+
+    cfg = LSRTrainConfig.from_json(args.config, vqvae_epochs=args.vqvae_epochs, prior_epochs=args.prior_epochs,
+                                   seed=args.seed)
+    train_lsr(args.data, args.out, cfg, resume=args.resume, force=args.force, device=args.device,
+              cache_dir=args.cache, progress=say(args.quiet), calibrate=not args.no_calibration)
+    return EXIT_OK
+
+
+def run_train_brainmask(args: argparse.Namespace) -> int:
+    from ..tooling.brainmask import train_brainmask
+
+    train_brainmask(args.data, args.out, epochs=args.epochs, seed=args.seed, force=args.force,
+                    arch={"slice_size": args.slice_size} if args.slice_size else None, progress=say(args.quiet))
+    print(f"wrote {args.out}")
+    return EXIT_OK

@@ -1,0 +1,100 @@
+"""Built-in brain extraction: a whole-head T1 becomes a brain mask without a user-made one.
+
+A small 2D U-Net (:class:`models.unet.UNet2D`) labels the brain on axial slices. Slices
+come from the same pipeline as the anomaly models (:func:`volume.prepare_volume`), with the
+head (not the brain) as the region that is normalised and centred; the probabilities are
+mapped back onto the input's grid, thresholded at 0.5, reduced to the largest connected
+component and hole-filled.
+
+Trained by ``anomaly-localizer train-brainmask`` (:mod:`anomaly_localizer.tooling.brainmask`)
+on scans with reference brain masks, split by subject like the anomaly models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ..errors import AnomalyLocalizerError, InputError
+from .package import (
+    BRAIN_EXTRACTION_TYPES,
+    ModelPackage,
+    list_packages,
+    load_package,
+    model_dirs,
+)
+from .volume import NORMALISATION, prepare_volume
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ARCH = {"type": "unet-brainmask", "slice_size": 128, "feature_maps": [8, 16, 32, 64]}
+DEFAULT_SPACING = 2.0  # 128 x 2 mm = 256 mm: a whole head fits
+
+
+def head_mask(image: sitk.Image) -> np.ndarray:
+    """The head (everything that is not background air), holes filled.
+
+    A low threshold (5 % of the 99th intensity percentile) keeps the dark skull and CSF,
+    which an Otsu threshold would drop, cutting the scalp off from the brain.
+    """
+    arr = sitk.GetArrayViewFromImage(image)
+    level = 0.05 * float(np.percentile(arr, 99))
+    fg = sitk.GetImageFromArray((arr > level).astype(np.uint8))
+    cc = sitk.RelabelComponent(sitk.ConnectedComponent(fg), sortByObjectSize=True)
+    largest = sitk.BinaryThreshold(cc, 1, 1, 1, 0)
+    closed = sitk.BinaryMorphologicalClosing(largest, [2, 2, 2])
+    head = sitk.GetArrayFromImage(sitk.BinaryFillhole(closed)) > 0
+    if not head.any():
+        raise InputError("no head found in the image (all background); check the image")
+    return head
+
+
+def contract(slice_size: int = 128, spacing: float = DEFAULT_SPACING) -> dict[str, Any]:
+    return {"modality": "T1w", "orientation": "axial", "slice_size": slice_size, "spacing_mm": spacing,
+            "normalisation": {**NORMALISATION, "region": "head"}}
+
+
+def postprocess(prob: np.ndarray) -> np.ndarray:
+    """Threshold at 0.5, keep the largest connected component, fill holes: bool mask."""
+    binary = sitk.GetImageFromArray((prob > 0.5).astype(np.uint8))
+    if not (prob > 0.5).any():
+        raise InputError("brain extraction found no brain; pass a brain mask with --mask")
+    cc = sitk.RelabelComponent(sitk.ConnectedComponent(binary), sortByObjectSize=True)
+    largest = sitk.BinaryThreshold(cc, 1, 1, 1, 0)
+    return sitk.GetArrayFromImage(sitk.BinaryFillhole(largest)) > 0
+
+
+def extract_brain(image: sitk.Image, package: ModelPackage, device: str = "cpu", model=None) -> np.ndarray:
+    """Brain mask (bool, the input's array order) of a whole-head scan."""
+    head = head_mask(image)
+    prepared = prepare_volume(image, head, package.contract)
+    net = model if model is not None else package.load_model(device)
+    probs = []
+    with torch.no_grad():
+        for s in range(0, prepared.slices.shape[0], 32):
+            probs.append(torch.sigmoid(net(prepared.slices[s:s + 32].to(device)))[:, 0].cpu())
+    prob = prepared.to_input_grid(torch.cat(probs))
+    return postprocess(prob)
+
+
+def default_extractor() -> ModelPackage | None:
+    """The installed brain extraction model named in a models index, else the first found."""
+    for d in model_dirs():
+        index = d / "index.json"
+        if index.is_file():
+            name = json.loads(index.read_text()).get("brain_extraction")
+            if name and (d / name).is_dir():
+                return load_package(d / name)
+    for path in list_packages():
+        try:
+            p = load_package(path)
+        except AnomalyLocalizerError:  # a broken package elsewhere must not block scoring
+            continue
+        if p.architecture.get("type") in BRAIN_EXTRACTION_TYPES:
+            return p
+    return None

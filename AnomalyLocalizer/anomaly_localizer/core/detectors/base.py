@@ -1,0 +1,85 @@
+"""The one interface every detector family implements.
+
+A detector family turns a trained network and a prepared volume (the model's axial slices,
+:class:`anomaly_localizer.core.volume.PreparedVolume`) into pixel maps and slice scores in
+model space. Everything around it is shared and needs no edit when a family is added: the
+volume pipeline (reorientation, normalisation, the exact way back to the input grid), the
+3D smoothing, calibration into healthy anomaly levels, the command line, evaluation, model
+cards and the Slicer module all ask the registry (:mod:`anomaly_localizer.core.detectors`)
+what a family offers.
+
+A family module must not import torch (or anything heavy) when it is imported: the
+registry is read to list models, e.g. in Slicer before PyTorch is installed. Import it
+inside :meth:`Detector.build_network` and :meth:`Detector.score`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+from pydantic import BaseModel
+
+ProgressFn = Callable[[float, str], None]
+
+
+@dataclass
+class ScoringContext:
+    """How to run: the torch device, an optional batch size, progress (fraction 0..1 of the
+    scoring work, message) and a cancel callback."""
+
+    device: Any
+    batch_size: int | None = None
+    progress: ProgressFn | None = None
+    cancel: Callable[[], bool] | None = None
+
+    def report(self, fraction: float, message: str) -> None:
+        if self.progress is not None:
+            self.progress(min(1.0, max(0.0, fraction)), message)
+
+
+@dataclass
+class DetectorOutput:
+    """Model-space results of one volume: maps (N,S,S) tensors per method, slice scores (N,)
+    tensors per name, and what the family wants recorded (``info``) and timed."""
+
+    maps: dict[str, Any]
+    slice_scores: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Detector:
+    """A detector family. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]
+    #: architecture "type" values in model.json this family scores
+    types: ClassVar[tuple[str, ...]]
+    #: pixel methods, in display order
+    methods: ClassVar[tuple[str, ...]]
+    #: methods offered but computed only when asked for (slow), unless recommended
+    opt_in: ClassVar[tuple[str, ...]] = ()
+    #: one line per method for help texts and model cards
+    method_help: ClassVar[dict[str, str]] = {}
+    #: slice scores the family yields; the first is the one slices are ranked by
+    slice_scores: ClassVar[tuple[str, ...]]
+    #: what the volume score (mean of the top 10 % of the primary slice score) means
+    volume_score_meaning: ClassVar[str]
+    #: pydantic model of the "architecture" block
+    architecture: ClassVar[type[BaseModel]]
+    #: pydantic models of the family's own top-level model.json blocks (e.g. "restoration")
+    settings: ClassVar[dict[str, type[BaseModel]]] = {}
+    #: the model kind a user needs for these methods, for advice in messages
+    example_model: ClassVar[str] = ""
+
+    @property
+    def primary_slice_score(self) -> str:
+        return self.slice_scores[0]
+
+    def build_network(self, architecture: dict[str, Any]):
+        """An untrained torch module for a validated architecture block."""
+        raise NotImplementedError
+
+    def score(self, net, prepared, package, methods: list[str], ctx: ScoringContext) -> DetectorOutput:
+        """Maps and slice scores of ``prepared`` (all brain slices of one volume) for ``methods``."""
+        raise NotImplementedError

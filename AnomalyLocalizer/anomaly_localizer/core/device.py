@@ -1,0 +1,67 @@
+"""Device choice and batch sizing."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import InputError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """CUDA, then Apple MPS, then CPU for "auto"; a forced device must exist."""
+    if name not in DEVICES:
+        raise InputError(f"unknown device {name!r}; use one of {', '.join(DEVICES)}")
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if name == "cuda" and not cuda:
+        raise InputError("--device cuda was asked but no CUDA GPU is available; use --device auto or cpu")
+    if name == "mps" and not mps:
+        raise InputError("--device mps was asked but Apple MPS is not available; use --device auto or cpu")
+    return torch.device(name)
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory on the device (CUDA) or available system memory (CPU, MPS)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def batch_size_for(device: torch.device, bytes_per_slice: int, n_slices: int, fraction: float = 0.25,
+                   cap: int = 512) -> int:
+    """Slices per batch so a batch takes at most ``fraction`` of the free memory."""
+    budget = available_memory_bytes(device) * fraction
+    return int(max(1, min(n_slices, cap, budget // max(1, bytes_per_slice))))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def configure_threads() -> None:
+    """Use every core the process may run on (torch sometimes picks fewer)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)

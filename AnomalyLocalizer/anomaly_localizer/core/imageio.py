@@ -1,0 +1,165 @@
+"""Reading images and masks, and checking what the files really hold.
+
+SimpleITK reads NIfTI, NRRD, MHA and DICOM series; its NIfTI reader silently turns NaN and
+Inf into 0, so for NIfTI files the raw voxel data are checked here as well.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import InputError
+
+# NIfTI datatype codes of floating-point voxels and their numpy types (little-endian base).
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8", 32: "c8", 1792: "c16"}
+GEOMETRY_TOLERANCE = 1e-4
+
+
+def read_image(path: str | os.PathLike, what: str = "INPUT") -> sitk.Image:
+    """Read a 3D scalar image from a file or a DICOM series folder, with one-line errors."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} {path} does not exist; check the path")
+    try:
+        if path.is_dir():
+            image = _read_dicom_series(path, what)
+        else:
+            image = sitk.ReadImage(str(path))
+    except InputError:
+        raise
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reader error"
+        raise InputError(f"cannot read {what} {path} ({first[:160]}); give a complete NIfTI, NRRD, MHA "
+                         "file or a DICOM series folder") from exc
+    check_image(image, path, what)
+    return image
+
+
+def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"{what} folder {folder} holds no DICOM series; give an image file or a DICOM folder")
+    if len(series) > 1:
+        raise InputError(f"{what} folder {folder} holds {len(series)} DICOM series ({', '.join(series[:3])}...); "
+                         "put the series to score in a folder of its own")
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    return reader.Execute()
+
+
+def check_image(image: sitk.Image, path: Path | None = None, what: str = "INPUT") -> None:
+    """Refuse images the engine cannot score: not 3D, not scalar, non-finite voxels."""
+    name = f"{what} {path}" if path is not None else what
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
+                         "(colour or vector image); give a single-channel MRI volume")
+    dim = image.GetDimension()
+    size = image.GetSize()
+    if dim == 4 and size[3] == 1:
+        dim = 3
+    if dim != 3:
+        raise InputError(f"{name} is {dim}D (size {'x'.join(map(str, size))}); give one 3D volume "
+                         "(extract a single time point or echo first)")
+    if min(size[:3]) < 2:
+        raise InputError(f"{name} is a single slice (size {'x'.join(map(str, size))}); give a 3D volume")
+    if path is not None and path.is_file() and _is_nifti(path):
+        complete, finite = inspect_nifti(path)
+        if not complete:
+            raise InputError(f"cannot read {name} (the file is shorter than its header says: truncated or "
+                             "corrupt); copy the file again")
+        if not finite:
+            raise InputError(f"{name} contains NaN or infinite voxel values; replace them (e.g. by 0) and retry")
+    arr = sitk.GetArrayViewFromImage(image)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InputError(f"{name} contains NaN or infinite voxel values; replace them (e.g. by 0) and retry")
+
+
+def _is_nifti(path: Path) -> bool:
+    n = path.name.lower()
+    return n.endswith(".nii") or n.endswith(".nii.gz") or n.endswith(".hdr")
+
+
+def nifti_data_is_finite(path: Path) -> bool:
+    """True unless the NIfTI file's raw voxels (read without SimpleITK) hold NaN or Inf."""
+    return inspect_nifti(path)[1]
+
+
+def inspect_nifti(path: Path) -> tuple[bool, bool]:
+    """(complete, finite) for a NIfTI-1/2 file, from its header and raw voxel bytes.
+
+    SimpleITK reads a truncated .nii without complaint and turns NaN/Inf into 0, so both
+    are checked here. Integer datatypes are always finite.
+    """
+    try:
+        opener = gzip.open if _is_gzip(path) else open
+        with opener(path, "rb") as f:
+            head = f.read(540)
+            if len(head) < 348:
+                return False, True
+            for endian in ("<", ">"):
+                sizeof_hdr = int(np.frombuffer(head[:4], dtype=endian + "i4")[0])
+                if sizeof_hdr in (348, 540):
+                    break
+            else:
+                return True, True  # not a NIfTI header we know; the reader decides
+            if sizeof_hdr == 348:
+                dims = np.frombuffer(head[40:56], dtype=endian + "i2").astype(np.int64)
+                datatype = int(np.frombuffer(head[70:72], dtype=endian + "i2")[0])
+                bitpix = int(np.frombuffer(head[72:74], dtype=endian + "i2")[0])
+                vox_offset = int(np.frombuffer(head[108:112], dtype=endian + "f4")[0])
+                scaling = np.frombuffer(head[112:120], dtype=endian + "f4")
+            else:
+                dims = np.frombuffer(head[16:80], dtype=endian + "i8")
+                datatype = int(np.frombuffer(head[12:14], dtype=endian + "i2")[0])
+                bitpix = int(np.frombuffer(head[14:16], dtype=endian + "i2")[0])
+                vox_offset = int(np.frombuffer(head[168:176], dtype=endian + "i8")[0])
+                scaling = np.frombuffer(head[176:192], dtype=endian + "f8")
+            ndim = int(dims[0])
+            count = int(np.prod(dims[1:1 + ndim])) if 0 < ndim <= 7 else 0
+            nbytes = count * max(bitpix, 0) // 8
+            if path.name.lower().endswith(".hdr"):
+                img = path.with_suffix(".img")
+                data = img.read_bytes() if img.is_file() else b""
+            else:
+                f.seek(vox_offset)  # gzip files emulate seeking by reading forward
+                data = f.read(nbytes)
+    except (OSError, EOFError, ValueError):
+        return False, True  # a broken gzip stream is an incomplete file
+    if len(data) < nbytes:
+        return False, True
+    finite = bool(np.isfinite(scaling).all())
+    if finite and datatype in _NIFTI_FLOAT_TYPES:
+        dtype = np.dtype(endian + _NIFTI_FLOAT_TYPES[datatype])
+        finite = bool(np.isfinite(np.frombuffer(data[:nbytes], dtype=dtype)).all())
+    return True, finite
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tol: float = GEOMETRY_TOLERANCE) -> bool:
+    """True when two images share size, spacing, origin and direction (within ``tol``)."""
+    return (a.GetSize()[:3] == b.GetSize()[:3]
+            and np.allclose(a.GetSpacing()[:3], b.GetSpacing()[:3], rtol=tol, atol=tol)
+            and np.allclose(a.GetOrigin()[:3], b.GetOrigin()[:3], rtol=tol, atol=tol * 10)
+            and np.allclose(np.array(a.GetDirection()).reshape(a.GetDimension(), -1)[:3, :3],
+                            np.array(b.GetDirection()).reshape(b.GetDimension(), -1)[:3, :3], atol=tol))
+
+
+def as_3d(image: sitk.Image) -> sitk.Image:
+    """Drop a trailing singleton 4th dimension (some NIfTI writers add one)."""
+    if image.GetDimension() == 4:
+        return image[:, :, :, 0]
+    return image
+
+
+def write_image(image: sitk.Image, path: Path, compression_level: int = 1) -> None:
+    """Write an image; gzip level 1 because the default level costs seconds per volume."""
+    sitk.WriteImage(image, str(path), True, compression_level)

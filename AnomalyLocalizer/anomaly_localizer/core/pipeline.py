@@ -1,0 +1,147 @@
+"""Score one volume: the engine's main entry point, shared by the command line and Slicer.
+
+The steps are the same for every detector family: find the brain, prepare the model's
+axial slices (:mod:`core.volume`), let the family score them
+(:mod:`core.detectors`), map the results back onto the input's exact grid, and apply each
+method's 3D smoothing (:mod:`core.smoothing`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import SimpleITK as sitk
+
+from .. import __version__
+from ..errors import InputError
+from .detectors import ScoringContext
+from .device import configure_threads, select_device
+from .package import ALL_METHODS, ModelPackage, check_methods
+from .volume import PreparedVolume, brain_mask, prepare_volume
+
+ProgressFn = Callable[[float, str], None]
+VOLUME_SCORE_TOP_FRACTION = 0.1
+# Shares of a run's progress: preparing (brain extraction included), scoring, mapping back.
+_SCORING_STARTS, _SCORING_ENDS = 0.1, 0.85
+
+
+@dataclass
+class ScoreResult:
+    """Everything one run produces; arrays are in the input's array order (z, y, x)."""
+
+    maps: dict[str, np.ndarray]  # method -> float32 heatmap on the input grid (raw score), 0 outside the brain
+    brain_mask: np.ndarray  # bool
+    slice_scores: dict[str, np.ndarray]  # name -> (n_axial,) along the input's axial axis, NaN without brain
+    brain_voxels_per_slice: np.ndarray
+    volume_score: float
+    axial_axis: int
+    device: str
+    timings: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def volume_score(per_slice: np.ndarray) -> float:
+    """Mean slice score of the most anomalous 10 % of brain slices (at least one)."""
+    v = np.sort(per_slice[np.isfinite(per_slice)])[::-1]
+    if v.size == 0:
+        return float("nan")
+    k = max(1, int(round(VOLUME_SCORE_TOP_FRACTION * v.size)))
+    return float(v[:k].mean())
+
+
+def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | tuple[str, ...] | None = None,
+                 mask: sitk.Image | None = None, device: str = "auto", batch_size: int | None = None,
+                 progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
+                 model=None, brain_extraction: str | None = "auto",
+                 smoothing: bool = True) -> ScoreResult:
+    """Heatmaps, slice scores and the volume score of one 3D image.
+
+    ``methods``: default, the model's default methods (:meth:`ModelPackage.default_methods`).
+    ``mask``: optional brain mask on the image's grid. Without it, a skull-stripped image's
+    non-zero region is the brain, and a whole-head image is brain-extracted by
+    ``brain_extraction``: "auto" (the installed brain extraction model), a model name or
+    folder, or None/"off" (refuse whole-head images). ``model`` may be given to reuse an
+    already loaded network of ``package``. ``smoothing``: apply the package's 3D heatmap
+    smoothing (:mod:`anomaly_localizer.core.smoothing`); off only to tune it.
+    """
+    detector = package.detector
+    if detector is None:
+        raise InputError(f"model {package.name} is a {package.arch_type} model, not an anomaly "
+                         "model; choose another --model")
+    methods = check_methods(list(methods) if methods else package.default_methods(), package)
+    timings: dict[str, float] = {}
+    configure_threads()
+    dev = select_device(device)
+    t0 = time.perf_counter()
+    if progress:
+        progress(0.0, "preparing volume")
+    source = {"value": "given" if mask is not None else "non-zero region of a skull-stripped input"}
+
+    def extractor(img: sitk.Image) -> np.ndarray:
+        from .brainextract import default_extractor, extract_brain
+        from .package import resolve_package
+        ext = default_extractor() if brain_extraction == "auto" else resolve_package(brain_extraction)
+        if ext is None:
+            raise InputError("the image does not look skull-stripped and no brain extraction model is installed; "
+                             "pass a brain mask with --mask")
+        if progress:
+            progress(0.02, f"extracting the brain ({ext.name})")
+        source["value"] = f"brain extraction ({ext.name}, manifest {ext.manifest_sha256[:12]})"
+        return extract_brain(img, ext, device=str(dev))
+
+    use_extractor = extractor if brain_extraction not in (None, "off") else None
+    mask_arr = brain_mask(image, mask, use_extractor)
+    prepared: PreparedVolume = prepare_volume(image, mask_arr, package.contract)
+    if prepared.slices.shape[0] == 0:
+        raise InputError("no axial slice contains brain; check the brain mask")
+    timings["prepare_s"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    net = model if model is not None else package.load_model(dev)
+    timings["load_model_s"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    if progress:
+        progress(_SCORING_STARTS, f"scoring {prepared.slices.shape[0]} slices on {dev.type}")
+    span = _SCORING_ENDS - _SCORING_STARTS
+    sub = (lambda f, msg: progress(_SCORING_STARTS + span * f, msg)) if progress else None  # noqa: E731
+    out = detector.score(net, prepared, package, methods, ScoringContext(dev, batch_size, sub, cancel))
+    timings.update(out.timings)
+    timings["score_s"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    if progress:
+        progress(_SCORING_ENDS, "mapping heatmaps back to the input grid")
+    maps = {m: prepared.to_input_grid(out.maps[m]) for m in methods}
+    smoothed = {}
+    t_smooth = time.perf_counter()
+    if smoothing:
+        from .smoothing import BrainSmoother, smoothing_for
+        smoother = BrainSmoother(mask_arr, image.GetSpacing()[::-1], 2 - prepared.layout.axial_axis)
+        for m in methods:
+            widths = smoothing_for(package, m)
+            if widths:
+                maps[m] = smoother.smooth(maps[m], *widths)
+                smoothed[m] = {"through_plane_mm": widths[0], "in_plane_mm": widths[1]}
+    timings["smoothing_s"] = time.perf_counter() - t_smooth
+    slice_scores = {name: prepared.to_input_slices(values) for name, values in out.slice_scores.items()}
+    brain_per_input = prepared.to_input_slices(canonical=prepared.brain_voxels).astype(np.int64)
+    timings["map_back_s"] = time.perf_counter() - t3
+    timings["total_s"] = time.perf_counter() - t0
+    if progress:
+        progress(1.0, "done")
+    primary = detector.primary_slice_score
+    return ScoreResult(maps=maps, brain_mask=mask_arr, slice_scores=slice_scores,
+                       brain_voxels_per_slice=brain_per_input, volume_score=volume_score(slice_scores[primary]),
+                       axial_axis=prepared.layout.axial_axis, device=str(dev), timings=timings,
+                       info={"scored_slices": int(prepared.slices.shape[0]), "fov_coverage": prepared.fov_coverage,
+                             "brain_mask_source": source["value"], "primary_slice_score": primary,
+                             "volume_score_meaning": detector.volume_score_meaning,
+                             "map_smoothing": smoothed,
+                             "engine_version": __version__, **out.info})
+
+
+__all__ = ["score_volume", "ScoreResult", "ALL_METHODS", "check_methods"]

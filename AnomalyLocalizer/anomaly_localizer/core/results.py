@@ -1,0 +1,200 @@
+"""A run's results folder: written all or nothing, and read back by one reader.
+
+Files are written into a hidden temporary folder beside DIR and moved into place only
+when every file is complete, so a failed or interrupted run leaves DIR as it was. The
+Slicer module's child run reads the same folder with :func:`read_results`.
+
+``summary.json`` says what the numbers mean: the threshold as a raw score and as an
+anomaly level (:mod:`core.levels`), and each map's raw score per anomaly level.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from .. import __version__
+from ..errors import InputError
+from . import levels
+from .imageio import write_image
+from .package import ModelPackage
+from .pipeline import ScoreResult
+from .volume import image_like
+
+
+@dataclass
+class Threshold:
+    """The segmentation's threshold: raw score of ``method``, and the same as an anomaly level."""
+
+    method: str
+    value: float
+    level: float
+    source: str  # "calibrated" | "user" (raw score) | "user level"
+    meaning: str
+    healthy_rate: float | None
+
+
+def check_threshold_options(package: ModelPackage, method: str, raw: float | None, level: float | None) -> None:
+    """Refuse, before any work, a threshold that cannot be used."""
+    for name, v in (("--threshold", raw), ("--threshold-level", level)):
+        if v is not None and not math.isfinite(v):
+            raise InputError(f"{name} {v} is not a finite number; give a number such as 0.5")
+    if raw is not None and level is not None:
+        raise InputError("give --threshold (a raw score) or --threshold-level (an anomaly level), not both")
+    if raw is None and level is None and package.default_threshold(method) is None:
+        raise InputError(f"model {package.name} has no calibrated threshold for {method}; pass --threshold or "
+                         "--threshold-level, or calibrate the model (anomaly-localizer calibrate)")
+
+
+def resolve_threshold(package: ModelPackage, result: ScoreResult, method: str, raw: float | None = None,
+                      level: float | None = None) -> Threshold:
+    """The threshold a run segments with: given as a raw score, as a level, or the model's
+    calibrated default; expressed in both units."""
+    scale, _ = levels.level_scale(package.calibration, method, result.maps[method], result.brain_mask)
+    if raw is not None:
+        value, source, meaning = float(raw), "user", "given with --threshold (raw score)"
+    elif level is not None:
+        value, source, meaning = float(level) * scale, "user level", "given with --threshold-level (anomaly level)"
+    else:
+        default = package.default_threshold(method)
+        if default is None:
+            raise InputError(f"model {package.name} has no calibrated threshold for {method}; pass --threshold")
+        value, meaning = default
+        source = "calibrated"
+    return Threshold(method, value, value / scale, source, meaning,
+                     levels.healthy_fpr(package.calibration, method, value))
+
+
+def level_block(package: ModelPackage, result: ScoreResult) -> dict[str, Any]:
+    """What an anomaly level is for each map of ``result``."""
+    scales = {m: levels.level_scale(package.calibration, m, v, result.brain_mask) for m, v in result.maps.items()}
+    return {"definition": levels.LEVEL_DEFINITION,
+            "raw_score_per_level": {m: s for m, (s, _) in scales.items()},
+            "uncalibrated": sorted(m for m, (_, ok) in scales.items() if not ok)}
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    """Refuse to touch an existing DIR unless --force; refuse a file in its place."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder; choose another output folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise InputError(f"output folder {out} already exists; pass --force to replace it or choose another folder")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise InputError(f"the folder {parent} that should hold {out.name} does not exist; create it first")
+
+
+def segmentation_from(heatmap: np.ndarray, mask: np.ndarray, threshold: float) -> np.ndarray:
+    """uint8 label: 1 where the heatmap exceeds the threshold inside the brain."""
+    return levels.segmentation_from(heatmap, mask, threshold)
+
+
+def write_slice_scores(path: Path, result: ScoreResult) -> None:
+    names = list(result.slice_scores)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["slice", "brain_voxels", *names])
+        for i in range(len(result.brain_voxels_per_slice)):
+            vals = [result.slice_scores[n][i] for n in names]
+            w.writerow([i, int(result.brain_voxels_per_slice[i]),
+                        *("" if not np.isfinite(v) else f"{v:.6g}" for v in vals)])
+
+
+def run_summary(package: ModelPackage, result: ScoreResult, threshold: Threshold, **extra: Any) -> dict[str, Any]:
+    """The summary of a run: model, methods, threshold in both units, scores, timings."""
+    model = {"name": package.name, "path": str(package.path.resolve()), "manifest_sha256": package.manifest_sha256}
+    if package.shadows:
+        model["shadows"] = package.shadows
+    return {
+        "engine_version": __version__,
+        **extra,
+        "brain_mask_source": result.info["brain_mask_source"],
+        "model": model,
+        "methods": list(result.maps),
+        "threshold": {"method": threshold.method, "value": threshold.value, "level": threshold.level,
+                      "source": threshold.source, "meaning": threshold.meaning,
+                      "healthy_false_positive_rate": threshold.healthy_rate},
+        "anomaly_levels": level_block(package, result),
+        "volume_score": {"value": result.volume_score, "meaning": result.info["volume_score_meaning"]},
+        "primary_slice_score": result.info["primary_slice_score"],
+        "map_smoothing_mm": result.info["map_smoothing"],
+        "axial_axis": result.axial_axis,
+        "scored_slices": result.info["scored_slices"],
+        "brain_fraction_in_field_of_view": result.info["fov_coverage"],
+        "device": result.device,
+        "timings_s": dict(result.timings),
+    }
+
+
+def write_results(out: Path, reference: sitk.Image, result: ScoreResult, threshold: Threshold,
+                  summary: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    """Write heatmaps, segmentation, brain mask, slice scores and summary.json into ``out``;
+    return the summary as written (``summary`` plus what the segmentation adds, and a
+    ``note`` when this scan is flagged far more broadly than healthy brains)."""
+    check_output_dir(out, force)
+    parent = out.resolve().parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    try:
+        for method, arr in result.maps.items():
+            write_image(image_like(arr.astype(np.float32), reference), tmp / f"{method}.nii.gz")
+        seg = segmentation_from(result.maps[threshold.method], result.brain_mask, threshold.value)
+        write_image(image_like(seg, reference, sitk.sitkUInt8), tmp / "segmentation.nii.gz")
+        write_image(image_like(result.brain_mask.astype(np.uint8), reference, sitk.sitkUInt8),
+                    tmp / "brainmask.nii.gz")
+        write_slice_scores(tmp / "slice_scores.csv", result)
+        share = float(seg.sum() / max(1, result.brain_mask.sum()))
+        summary = {**summary, "segmented_voxels": int(seg.sum()),
+                   "segmented_ml": float(seg.sum() * np.prod(reference.GetSpacing()[:3]) / 1000.0),
+                   "segmented_brain_share": share}
+        note = levels.broad_flag_note(share, threshold.healthy_rate)
+        if note:
+            summary["note"] = note
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            out.rename(old / out.name)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+@dataclass
+class SavedResult:
+    """A results folder read back: raw maps, brain mask and slice scores in the input's
+    array order, and the summary."""
+
+    maps: dict[str, np.ndarray]
+    brain_mask: np.ndarray
+    slice_scores: dict[str, np.ndarray]
+    axial_axis: int
+    summary: dict[str, Any]
+
+
+def read_slice_scores(path: Path) -> dict[str, np.ndarray]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = [k for k in (rows[0].keys() if rows else []) if k not in ("slice", "brain_voxels")]
+    return {k: np.array([float(r[k]) if r[k] else np.nan for r in rows]) for k in names}
+
+
+def read_results(folder: str | Path) -> SavedResult:
+    """Read a folder written by :func:`write_results`."""
+    folder = Path(folder)
+    summary = json.loads((folder / "summary.json").read_text())
+    maps = {m: sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{m}.nii.gz"))) for m in summary["methods"]}
+    brain = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "brainmask.nii.gz"))) > 0
+    return SavedResult(maps, brain, read_slice_scores(folder / "slice_scores.csv"), int(summary["axial_axis"]), summary)

@@ -1,0 +1,97 @@
+"""Calibration on healthy subjects: thresholds with known false-positive rates.
+
+For each pixel score, the thresholds at which 1 %, 0.1 % and 0.01 % of healthy brain
+voxels are flagged; for each slice score (and the volume score), the healthy distribution
+as quantiles, so a score can be shown as a percentile of healthy slices. The default
+threshold of the engine is the 0.1 % one (``default_fpr``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from ..core.imageio import as_3d, read_image
+from ..core.package import ModelPackage, load_package, update_meta
+from ..core.pipeline import score_volume
+from .data import Subject
+
+FPRS = (0.01, 0.001, 0.0001)
+DEFAULT_FPR = 0.001
+QUANTILE_LEVELS = np.linspace(0.0, 100.0, 201)  # every half percentile
+# A finer curve of threshold against healthy false-positive rate, for showing the rate of
+# any threshold (e.g. under a slider): log-spaced from 50 % down to 0.001 %.
+CURVE_FPRS = tuple(float(f) for f in np.logspace(np.log10(0.5), -5, 40))
+
+
+def score_subjects(package: ModelPackage, subjects: list[Subject], methods=None, device: str = "cpu",
+                   progress: Callable[[str], None] | None = None):
+    """Yield (subject, ScoreResult) for healthy subjects, the model loaded once (all the
+    model's methods by default)."""
+    from ..core.device import select_device
+    methods = methods or package.methods
+    model = package.load_model(select_device(device))
+    for i, s in enumerate(subjects):
+        image = as_3d(read_image(s.image))
+        mask = as_3d(read_image(s.mask, "MASK")) if s.mask else None
+        t0 = time.perf_counter()
+        res = score_volume(image, package, methods, mask=mask, device=device, model=model)
+        if progress:
+            progress(f"scored {s.id} ({i + 1}/{len(subjects)}) in {time.perf_counter() - t0:.1f} s")
+        yield s, res
+
+
+def compute_calibration(results) -> dict[str, Any]:
+    """Calibration block of model.json from scored healthy subjects (every map and slice
+    score the results hold)."""
+    voxels: dict[str, list] = {}
+    slices: dict[str, list] = {}
+    volume_scores, ids = [], []
+    for s, res in results:
+        ids.append(s.id)
+        for m, v in res.maps.items():
+            voxels.setdefault(m, []).append(v[res.brain_mask].astype(np.float32))
+        for k, v in res.slice_scores.items():
+            slices.setdefault(k, []).append(v[np.isfinite(v)])
+        volume_scores.append(res.volume_score)
+    pixel = {}
+    for m in voxels:
+        v = np.concatenate(voxels[m])
+        pixel[m] = {"n_subjects": len(ids), "n_voxels": int(v.size),
+                    "thresholds": [{"fpr": f, "value": float(np.quantile(v, 1 - f, method="higher"))} for f in FPRS],
+                    "curve": {"fpr": list(CURVE_FPRS),
+                              "values": [float(x) for x in np.quantile(v, [1 - f for f in CURVE_FPRS], method="higher")]}}
+    slice_block = {k: {"levels": QUANTILE_LEVELS.tolist(),
+                       "values": np.percentile(np.concatenate(v), QUANTILE_LEVELS).tolist()} for k, v in slices.items()}
+    return {"default_fpr": DEFAULT_FPR, "subjects": ids, "pixel": pixel, "slice": slice_block,
+            "volume": {"values": sorted(float(x) for x in volume_scores)},
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def calibrate_package(package: ModelPackage, subjects: list[Subject], device: str = "cpu",
+                      progress: Callable[[str], None] | None = None) -> ModelPackage:
+    """Score healthy subjects, store the calibration in the package and re-hash it."""
+    calib = compute_calibration(score_subjects(package, subjects, device=device, progress=progress))
+    meta = dict(package.meta)
+    meta["calibration"] = calib
+    update_meta(package.path, meta)
+    if progress:
+        rec = calib["pixel"].get("combi") or next(iter(calib["pixel"].values()))
+        progress(f"calibrated on {len(subjects)} healthy subjects ({rec['n_voxels']} brain voxels)")
+    return load_package(package.path)
+
+
+def flagged_fraction(results, package: ModelPackage, methods=None) -> dict[str, dict[str, float]]:
+    """Share of healthy brain voxels above each calibrated threshold, per method."""
+    methods = [m for m in (methods or package.methods) if m in package.calibration.pixel]
+    counts = {m: np.zeros(len(FPRS)) for m in methods}
+    total = 0
+    for _, res in results:
+        total += int(res.brain_mask.sum())
+        for m in methods:
+            v = res.maps[m][res.brain_mask]
+            ts = [t.value for t in package.calibration.pixel[m].thresholds]
+            counts[m] += [(v > t).sum() for t in ts]
+    return {m: {f"{f:g}": float(c / max(total, 1)) for f, c in zip(FPRS, counts[m])} for m in methods}

@@ -1,0 +1,287 @@
+"""Model cards: the README.md of a model package, written from its model.json and the
+figures of the commands that measured it (evaluation, healthy false-positive rate)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..core.package import ALL_METHODS, CARD_FILE, ModelPackage, write_manifest
+
+INTENDED = """## Intended use
+Research and second-reader support: it shows where an adult brain T1-weighted MRI departs from
+the healthy brains it was trained on. It does not diagnose, and a flagged region is not a
+lesion until a radiologist says so; a region it does not flag is not proof of health.
+
+## Not for
+- Other contrasts (T2, FLAIR, contrast-enhanced T1, DWI): the model has not seen them and
+  will flag normal anatomy.
+- Children and adolescents (training subjects were adults, 20-82 years), non-brain images,
+  scans with large resection cavities or heavy motion.
+- Scans whose brain mask is wrong: whole-head scans are brain-extracted by the built-in model
+  when no mask is given; always check `brainmask.nii.gz`, and pass `--mask` when it is off.
+"""
+
+
+def _fmt_thresholds(calib: dict[str, Any]) -> str:
+    if not calib.get("pixel"):
+        return "Not calibrated.\n"
+    lines = ["| pixel score | 1 % FPR | 0.1 % FPR (default) | 0.01 % FPR |", "|---|---|---|---|"]
+    for m, e in calib["pixel"].items():
+        t = {f"{x['fpr']:g}": x["value"] for x in e["thresholds"]}
+        lines.append(f"| {m} | {t.get('0.01', float('nan')):.4g} | {t.get('0.001', float('nan')):.4g} | "
+                     f"{t.get('0.0001', float('nan')):.4g} |")
+    return "\n".join(lines) + "\n"
+
+
+def _limitations(meta: dict[str, Any]) -> str:
+    items = meta.get("limitations") or []
+    if not items:
+        return ""
+    return "## Known limitations\n" + "\n".join(f"- {x}" for x in items) + "\n\n"
+
+
+def _architecture_lines(meta: dict[str, Any]) -> str:
+    arch = meta["architecture"]
+    if arch["type"] == "vqvae-lsr":
+        vq, pr = arch["vqvae"], arch["prior"]
+        grid = arch["slice_size"] // 2 ** len(vq["feature_maps"])
+        sc = meta.get("lsr", {})
+        return (f"- Architecture: VQ-VAE (feature maps {vq['feature_maps']}, {vq['residual_blocks']} residual blocks, "
+                f"codebook of {vq['codebook_size']} vectors of {vq['embedding_dim']}, code grid {grid}x{grid}; L1 "
+                f"reconstruction, commitment {vq['commitment']:g}) and a PixelSNAIL-style autoregressive prior over its "
+                f"codes ({pr['blocks']} gated residual blocks of {pr['channels']} channels, causal self-attention with "
+                f"{pr['attention_heads']} heads), conditioned on the slice's position in the brain "
+                "(Naval Marimont & Tarroni 2021).\n"
+                f"- Scoring (`lsr` in `model.json`): slice score = sum of code NLLs above lambda_s = {sc.get('lambda_s')}; "
+                f"pixel score from {sc.get('samples')} restorations resampling codes with NLL above lambda_p = "
+                f"{sc.get('lambda_p')}, weighted with temperature k = {sc.get('temperature')}, "
+                f"{sc.get('min_pool')}x{sc.get('min_pool')} min-pool, {sc.get('avg_pool')}x{sc.get('avg_pool')} "
+                f"average-pool, seed {sc.get('seed')}.")
+    return (f"- Architecture: {arch['type'].upper()} (Zimmerer et al. 2019"
+            f"{', context-encoding' if arch['type'] == 'cevae' else ''}),\n"
+            f"  feature maps {arch['feature_maps']}, latent size {arch['latent_size']}, Gaussian likelihood "
+            f"c = {arch['likelihood_std']:g}.")
+
+
+def _restoration_lines(meta: dict[str, Any]) -> str:
+    r = meta.get("restoration")
+    if not r:
+        return ""
+    sel = r.get("selection", {})
+    curve = ", ".join(f"{c['lambda']:g}: {c['healthy_mean_change']:.4f}" for c in sel.get("curve", []))
+    return (f"- `restoration` (Chen et al. 2019): lambda = {r['lambda']:g}, chosen without labels on "
+            f"{len(sel.get('subjects', []))} healthy validation subjects as the smallest lambda whose restoration changes "
+            f"a healthy brain by at most {sel.get('tolerance', '?')} on average (lambda: mean change {curve}); "
+            f"optimiser {r.get('optimizer')}, at most {r.get('steps')} steps, step {r.get('learning_rate')}.\n")
+
+
+def _smoothing_lines(meta: dict[str, Any]) -> str:
+    block = meta.get("map_smoothing")
+    if not block:
+        return ""
+    sel = block.get("selection", {})
+    curves = sel.get("curves", {})
+
+    def edge(m: str, v: dict) -> str:
+        # A width at the top of the searched grid may not be the best one: say so.
+        c = curves.get(m) or []
+        top = [k for k in ("through_plane_mm", "in_plane_mm") if c and v[k] > 0 and v[k] >= max(r[k] for r in c)]
+        return " (largest on the grid)" if top else ""
+
+    widths = "; ".join(f"`{m}` {v['through_plane_mm']:g} / {v['in_plane_mm']:g} mm{edge(m, v)}"
+                       for m, v in block.items() if m != "selection")
+    return (f"- Heatmap smoothing (Gaussian sigma across slices / in-plane, normalised inside the brain): {widths}; "
+            f"chosen per method for the highest pixel AP on {sel.get('cases', '?')} synthetic anomalies (seed "
+            f"{sel.get('seed', '?')}) in {len(sel.get('subjects', []))} validation subjects "
+            "(`anomaly-localizer tune-smoothing`; every curve in `model.json`, `map_smoothing`). "
+            "Thresholds are calibrated on the smoothed maps.\n")
+
+
+def _schedule_lines(meta: dict[str, Any]) -> str:
+    training = meta.get("training", {})
+    cfg = training.get("config", {})
+    if meta["architecture"]["type"] == "vqvae-lsr":
+        vq, pr = training.get("vqvae", {}), training.get("prior", {})
+        return (f"- Schedule: Adam (VQ-VAE {cfg.get('vqvae_learning_rate')}, prior {cfg.get('prior_learning_rate')}), "
+                f"divided by 10 on a validation plateau, early stop after {cfg.get('early_stop_patience')} epochs "
+                f"without improvement; VQ-VAE best epoch {vq.get('best_epoch')} of {vq.get('epochs_run')} (validation L1 "
+                f"{vq.get('best_val_loss', float('nan')):.4f}), prior best epoch {pr.get('best_epoch')} of "
+                f"{pr.get('epochs_run')} (validation NLL {pr.get('best_val_loss', float('nan')):.3f} nats per code); "
+                f"{training.get('codebook_entries_used', '?')} codebook entries in use; batch {cfg.get('batch_size')}; "
+                "VQ-VAE augmentation as the VAE's, prior trained on the code grids and their mirror images.")
+    return (f"- Schedule: Adam, learning rate {cfg.get('learning_rate', '?')}, divided by 10 on a validation plateau, "
+            f"early stop\n  after {cfg.get('early_stop_patience', '?')} epochs without improvement; best epoch "
+            f"{training.get('best_epoch', '?')}\n  of {training.get('epochs_run', '?')}; batch {cfg.get('batch_size', '?')}; "
+            f"augmentation: left-right flips, rotations\n  up to {cfg.get('rotate_deg', '?')} degrees, scaling "
+            f"+-{cfg.get('scale_range', '?')}, brightness, noise.")
+
+
+def render_card(package: ModelPackage, extra_sections: str = "") -> str:
+    meta = package.meta
+    contract, calib = meta["input_contract"], meta.get("calibration") or {}
+    prov, training = meta.get("provenance", {}), meta.get("training", {})
+    subjects = prov.get("subjects", {})
+    cfg = training.get("config", {})
+    return f"""# {package.name}
+
+{meta.get('summary', '')}
+
+{meta.get('description', '')}
+
+## Model
+{_architecture_lines(meta)}
+- Input contract: {contract['modality']} brain MRI, {contract['orientation']} slices of
+  {contract['slice_size']}x{contract['slice_size']} pixels at {contract['spacing_mm']:g} mm
+  (field of view {contract['slice_size'] * contract['spacing_mm']:g} mm, centred on the brain), intensities normalised per
+  volume inside the brain ({contract['normalisation']['method']}: median to {contract['normalisation'].get('median_to')},
+  inter-quartile range to {contract['normalisation'].get('iqr_to')}, no clipping, 0 outside the brain).
+  Any orientation and voxel size are accepted; the engine reorients and resamples, and maps
+  results back onto the input's grid.
+- Recommended pixel score: `{meta.get('recommended_method', 'combi')}`; methods offered: {', '.join(f'`{m}`' for m in package.methods)}.
+{_restoration_lines(meta)}{_smoothing_lines(meta)}
+## Training data
+{meta.get('data_statement', '')}
+- Split by subject (seed {cfg.get('seed', '?')}): {len(subjects.get('train', []))} training,
+  {len(subjects.get('val', []))} validation, {len(subjects.get('calibration', []))} calibration,
+  {len(subjects.get('test', []))} held-back test subjects (lists in `model.json`, `provenance.subjects`).
+{_schedule_lines(meta)}
+- Reproduce: `{meta.get('reproduce', 'anomaly-localizer train DATA --out DIR --config config.json')}`
+
+{INTENDED}
+## Calibration
+Thresholds at which the stated share of healthy brain voxels is flagged, from
+{len(calib.get('subjects', []))} calibration subjects (never used for training):
+
+{_fmt_thresholds(calib)}
+The engine's default threshold is the 0.1 % one. Slice scores ({', '.join(calib.get('slice', {}) or ['none'])}) come with
+their healthy distribution (`model.json`, `calibration.slice`), so a slice can be shown as a
+percentile of healthy slices.
+
+{_limitations(meta)}{extra_sections}"""
+
+
+def results_sections(evaluations: list[dict[str, Any]], fpr: dict[str, Any] | None,
+                     package: ModelPackage | None = None) -> str:
+    """Markdown for measured figures: evaluation tables and the healthy false-positive check.
+    With ``package``, an evaluation that joined several models shows only this model's rows
+    (its methods, its slice scores) and the baseline."""
+    def own(name: str) -> bool:
+        if package is None:
+            return True
+        slice_names = {f"slice_{k}" for k in package.calibration.slice}
+        return name in package.methods or name in slice_names or not (name in ALL_METHODS or name.startswith("slice_"))
+
+    parts = []
+    if fpr:
+        parts.append(f"## Healthy false-positive rate on held-back subjects\n`{fpr.get('command', 'anomaly-localizer fpr')}` "
+                     f"({len(fpr['subjects'])} subjects never used for training or calibration; "
+                     f"{fpr.get('machine', '')}):\n")
+        levels = list(next(iter(fpr["flagged_fraction"].values())))
+        parts.append("| pixel score | " + " | ".join(f"target {100 * float(k):g} %" for k in levels) + " |")
+        parts.append("|---|" + "---|" * len(levels))
+        for m, row in fpr["flagged_fraction"].items():
+            parts.append(f"| {m} | " + " | ".join(f"{100 * v:.3f} %" for v in row.values()) + " |")
+        parts.append("")
+    for ev in evaluations:
+        cs = ev.get("case_set", {})
+        what = ("Seeded synthetic anomalies (local intensity shifts up and down, uniform and noise patches, "
+                "patches moved from elsewhere in the brain, sink/source deformations; radius 8-20 mm) inserted "
+                "into healthy subjects the model never saw.\n") if cs.get("kind") == "synthetic" else \
+            "Cases with manual ground truth.\n"
+        parts.append(f"## Evaluation: {ev.get('title', cs.get('kind', 'cases'))}\n{what}"
+                     f"`{ev.get('command', '')}`: "
+                     f"{ev['cases']} cases, {ev['lesion_voxels']} lesion voxels, {ev['abnormal_slices']} abnormal and "
+                     f"{ev['normal_slices']} normal slices; {_seconds(ev, package)} ({ev.get('machine', '')}).\n")
+        parts.append("| score | pixel AUROC | pixel AP | best Dice | Dice at 0.1 % FPR threshold | slice AUROC | slice AP |")
+        parts.append("|---|---|---|---|---|---|---|")
+        f = lambda v: "-" if v is None else f"{v:.3f}"
+        for m, r in ev["methods"].items():
+            if not own(m):
+                continue
+            parts.append(f"| {m} | {f(r.get('pixel_auroc'))} | {f(r.get('pixel_ap'))} | {f(r.get('best_dice'))} | "
+                         f"{f(r.get('dice_at_calibrated'))} | {f(r.get('slice_auroc'))} | {f(r.get('slice_ap'))} |")
+        kinds = ev.get("cases_by_kind") or {}
+        for key, what in (("pixel_ap_by_kind", "Pixel AP"), ("slice_auroc_by_kind", "Slice AUROC")):
+            if not kinds or not any(r.get(key) for r in ev["methods"].values()):
+                continue
+            parts.append(f"\n{what} by anomaly kind (number of cases):\n")
+            parts.append("| score | " + " | ".join(f"{k} ({n})" for k, n in kinds.items()) + " |")
+            parts.append("|---|" + "---|" * len(kinds))
+            for m, r in ev["methods"].items():
+                by = r.get(key)
+                if by and own(m):
+                    parts.append(f"| {m} | " + " | ".join(f(by.get(k)) for k in kinds) + " |")
+        if any(r.get("intensity_anomalies_only") for r in ev["methods"].values()):
+            parts.append("\nPooled over the intensity anomalies only (every kind but the sink/source deformations):\n")
+            parts.append("| score | pixel AP | slice AUROC |")
+            parts.append("|---|---|---|")
+            for m, r in ev["methods"].items():
+                only = r.get("intensity_anomalies_only")
+                if only and own(m):
+                    parts.append(f"| {m} | {f(only['pixel_ap'])} | {f(only['slice_auroc'])} |")
+        losers = [m for m, r in ev["methods"].items() if r.get("beats_baseline") is False and own(m)]
+        parts.append("\n`baseline_intensity` is the non-learned robust intensity outlier |x - median| / IQR; "
+                     + (f"{', '.join(losers)} do(es) not beat it on pixel AP." if losers else
+                        "every learned pixel score beats it on pixel AP.")
+                     + " Slice AUROC and AP of a pixel score rank slices by the mean of the slice's 20 highest values; "
+                       "`slice_*` rows rank them by the model's slice scores.\n")
+    return "\n".join(parts)
+
+
+def _seconds(ev: dict[str, Any], package: ModelPackage | None) -> str:
+    models = ev.get("models") or {}
+    if package is not None and package.name in models and models[package.name].get("seconds_per_case") is not None:
+        return f"{models[package.name]['seconds_per_case']:.2f} s per case for this model"
+    return f"{ev['seconds_per_case']:.2f} s per case"
+
+
+def write_card(package: ModelPackage, extra_sections: str = "") -> Path:
+    path = package.path / CARD_FILE
+    path.write_text(render_card(package, extra_sections))
+    write_manifest(package.path)
+    return path
+
+
+def render_brainmask_card(package: ModelPackage, dice: list[dict[str, Any]]) -> str:
+    """Model card of a brain extraction model, with its Dice on held-back subjects (one
+    section per ``brainmask-dice`` JSON; one with tumour-like lesions says how much of each
+    lesion the mask kept)."""
+    meta = package.meta
+    subjects = meta.get("provenance", {}).get("subjects", {})
+    cfg = meta.get("training", {}).get("config", {})
+    runs = list(dice)
+    lesion_runs = [d for d in runs if d.get("lesions")]
+    lines = [f"# {package.name}", "", meta.get("summary", ""), "",
+             "Finds the brain in a whole-head T1-weighted MRI so that anomaly scoring works without a "
+             "user-made brain mask. Used automatically by `anomaly-localizer score` and the Slicer module "
+             "when no mask is given and the scan is not skull-stripped (`--brain-extraction off` disables it).",
+             "", "## Model",
+             f"- 2D U-Net, feature maps {meta['architecture']['feature_maps']}, axial slices of "
+             f"{meta['input_contract']['slice_size']}x{meta['input_contract']['slice_size']} pixels at "
+             f"{meta['input_contract']['spacing_mm']:g} mm centred on the head; intensities normalised inside the head "
+             "(median to 0.5, inter-quartile range to 0.25); probability > 0.5, largest connected component, holes filled.",
+             f"- Trained {cfg.get('epochs', '?')} epochs (Adam, learning rate {cfg.get('learning_rate', '?')}, cosine "
+             f"schedule, left-right flips and contrast changes) on {len(subjects.get('train', []))} subjects; "
+             f"{len(subjects.get('test', []))} held back (the same split as the anomaly model).",
+             "", "## Training data", meta.get("data_statement", ""), "",
+             "## Not for", "- Contrasts other than T1, children, non-brain images. Images with real lesions "
+             + ("were not evaluated, only synthetic ones (below). " if lesion_runs
+                else "were not evaluated. ")
+             + "Always look at `brainmask.nii.gz`.", ""]
+    for d in runs:
+        vals = list(d["dice"].values())
+        les = d.get("lesions")
+        title = ("## Dice on held-back subjects, each with a synthetic tumour-like lesion" if les else
+                 "## Dice against the reference masks on held-back subjects")
+        lines += [title, f"`{d.get('command', 'anomaly-localizer brainmask-dice')}` ({d.get('machine', '')}): "
+                  f"{len(vals)} subjects never used for training, mean {d['mean']:.4f}, minimum {d['min']:.4f}."]
+        if les:
+            worst = sorted(les["per_subject"].items(), key=lambda kv: kv[1]["lesion_kept"])[:3]
+            lines.append(f"One seeded lesion per scan (radius {les['radius_mm'][0]:g}-{les['radius_mm'][1]:g} mm, "
+                         f"{', '.join(les['kinds'])}; seed {les['seed']}). Share of each lesion's voxels inside the "
+                         f"extracted mask: mean {100 * les['lesion_kept_mean']:.1f} %, minimum "
+                         f"{100 * les['lesion_kept_min']:.1f} %; lowest: "
+                         + ", ".join(f"{k} {100 * r['lesion_kept']:.1f} % ({r['kind']})" for k, r in worst) + ".")
+        lines.append("")
+    return "\n".join(lines) + "\n"

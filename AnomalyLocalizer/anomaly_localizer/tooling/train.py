@@ -1,0 +1,389 @@
+"""``anomaly-localizer train``: from a folder of healthy scans to a model package.
+
+The paper's schedule: Adam at 1e-4, learning rate divided by 10 when the validation loss
+plateaus, early stop after ``early_stop_patience`` epochs without improvement. Subjects are
+split into train / validation / held-back test (healthy) sets, recorded in the package;
+the test subjects calibrate the thresholds (:mod:`anomaly_localizer.calibrate`).
+
+Runs on one process or under ``torchrun`` (DistributedDataParallel; gloo on CPU, NCCL on
+GPU): every rank draws the same shuffled order and takes its own share of each batch, so
+the effective batch is ``batch_size`` whatever the number of processes.
+
+Checkpoints (``OUT/checkpoint/``) are safetensors + JSON like everything else; ``--resume``
+continues an interrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import __version__
+from ..core.device import configure_threads, select_device
+from ..core.models.vae import DEFAULT_ARCHITECTURE
+from ..core.package import build_network, save_package
+from ..core.scores import kl_divergence, rec_nll
+from ..core.volume import NORMALISATION
+from ..errors import InputError
+from .data import SliceSet, find_subjects, load_slices, split_subjects
+
+log = logging.getLogger(__name__)
+
+
+def read_config_values(path: str | Path | None, known: set[str]) -> dict[str, Any]:
+    """Keys of a JSON training configuration, or of a package's model.json (its recorded
+    config, to retrain from it); unknown keys are refused."""
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read the training config {path} ({exc}); give a JSON file") from exc
+    if isinstance(values.get("training"), dict) and "config" in values["training"]:
+        values = values["training"]["config"]  # a package's model.json: retrain from its record
+    unknown = set(values) - known
+    if unknown:
+        raise InputError(f"unknown training config keys {sorted(unknown)} in {path}")
+    return values
+
+
+@dataclass
+class TrainConfig:
+    architecture: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ARCHITECTURE))
+    spacing_mm: float = 3.0  # model pixel spacing; slice_size * spacing_mm is the field of view
+    modality: str = "T1w"
+    seed: int = 0
+    batch_size: int = 64
+    learning_rate: float = 1e-4
+    max_epochs: int = 100
+    plateau_patience: int = 1  # epochs without improvement before the learning rate drops
+    early_stop_patience: int = 3
+    val_fraction: float = 0.1
+    calibration_fraction: float = 0.15
+    test_fraction: float = 0.15
+    # augmentation (reference code: flips, rotations, scaling, brightness, noise)
+    flip_lr: bool = True
+    rotate_deg: float = 10.0
+    scale_range: float = 0.1
+    brightness: float = 0.1
+    noise_std: float = 0.02
+    # ceVAE in-painting task
+    ce_weight: float = 0.5
+    ce_squares: int = 2
+    ce_square_frac: tuple[float, float] = (0.1, 0.3)
+
+    @classmethod
+    def from_json(cls, path: str | Path | None, **overrides: Any) -> "TrainConfig":
+        values = read_config_values(path, set(cls.__dataclass_fields__))
+        cfg = cls(**{k: v for k, v in values.items() if k != "architecture"})
+        cfg.architecture = {**DEFAULT_ARCHITECTURE, **values.get("architecture", {})}
+        for k, v in overrides.items():
+            if v is None:
+                continue
+            if k in cfg.architecture or k == "type":
+                cfg.architecture[k] = v
+            else:
+                setattr(cfg, k, v)
+        cfg.ce_square_frac = tuple(cfg.ce_square_frac)
+        return cfg
+
+    @property
+    def contract(self) -> dict[str, Any]:
+        return {"modality": self.modality, "orientation": "axial", "slice_size": int(self.architecture["slice_size"]),
+                "spacing_mm": float(self.spacing_mm), "normalisation": NORMALISATION}
+
+
+# ---------------------------------------------------------------------------- augmentation
+
+def augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """Random LR flips, rotations, scaling, brightness and noise; background stays 0."""
+    n = x.shape[0]
+    u = lambda *shape: torch.rand(*shape, generator=gen)
+    if cfg.flip_lr:
+        flip = u(n) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    angle = (u(n) * 2 - 1) * math.radians(cfg.rotate_deg)
+    scale = 1 + (u(n) * 2 - 1) * cfg.scale_range
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    brain = x != 0
+    gain = 1 + (u(n, 1, 1, 1) * 2 - 1) * cfg.brightness
+    shift = (u(n, 1, 1, 1) * 2 - 1) * cfg.brightness * 0.5
+    noise = torch.randn(x.shape, generator=gen) * (u(n, 1, 1, 1) * cfg.noise_std)
+    return torch.where(brain, x * gain + shift + noise, x)
+
+
+def square_masks(n: int, size: int, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """(n,1,S,S) bool: ``ce_squares`` random squares per slice for the in-painting task."""
+    masks = torch.zeros(n, 1, size, size, dtype=torch.bool)
+    lo, hi = cfg.ce_square_frac
+    for i in range(n):
+        for _ in range(cfg.ce_squares):
+            side = int(size * (lo + (hi - lo) * torch.rand(1, generator=gen).item()))
+            r, c = (torch.randint(0, size - side + 1, (2,), generator=gen)).tolist()
+            masks[i, 0, r:r + side, c:c + side] = True
+    return masks
+
+
+# ------------------------------------------------------------------------------- losses
+
+def vae_loss(model, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean negative ELBO of a batch and its mean reconstruction and KL terms."""
+    mu, logvar = model.encode(x)
+    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
+    _, rec = rec_nll(x, model.decode(z), model)
+    kl = kl_divergence(mu, logvar)
+    return (rec + kl).mean(), rec.mean(), kl.mean()
+
+
+def cevae_loss(model, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """In-painting term: reconstruct the full slice from an input with squares blanked out."""
+    mu, _ = model.encode(torch.where(masks, torch.zeros_like(x), x))
+    _, rec = rec_nll(x, model.decode(mu), model)
+    return rec.mean()
+
+
+class Objective(torch.nn.Module):
+    """The training loss as a module, so DistributedDataParallel can wrap it.
+
+    forward(x, ce_masks) -> (loss, rec, kl): the mean negative ELBO (z sampled), plus for
+    the ceVAE the in-painting term, weighted ``ce_weight``.
+    """
+
+    def __init__(self, model, ce_weight: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.ce_weight = ce_weight
+
+    def forward(self, x: torch.Tensor, ce_masks: torch.Tensor | None = None):
+        loss, rec, kl = vae_loss(self.model, x)
+        if ce_masks is not None:
+            loss = (1 - self.ce_weight) * loss + self.ce_weight * cevae_loss(self.model, x, ce_masks)
+        return loss, rec, kl
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def _save_checkpoint(path: Path, model, optimizer, sched, state: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for pid, st in opt["state"].items():
+        for k, v in st.items():
+            tensors[f"optim.{pid}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    tmp = path / "checkpoint.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    meta = {**state, "param_groups": opt["param_groups"], "scheduler": sched.state_dict()}
+    (path / "checkpoint.json.tmp").write_text(json.dumps(meta, default=float))
+    tmp.replace(path / "checkpoint.safetensors")
+    (path / "checkpoint.json.tmp").replace(path / "checkpoint.json")
+
+
+def _load_checkpoint(path: Path, model, optimizer, sched) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "checkpoint.safetensors"))
+    meta = json.loads((path / "checkpoint.json").read_text())
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, pid, name = k.split(".", 2)
+            opt_state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta.pop("param_groups")})
+    sched.load_state_dict(meta.pop("scheduler"))
+    torch.set_rng_state(tensors["rng.torch"])
+    return meta
+
+
+# ------------------------------------------------------------------------------ training
+
+class _Progress:
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+
+    def update(self, epoch: int, max_epochs: int, done: int, total: int, loss: float, rec: float, kl: float,
+               epoch_t0: float) -> None:
+        if not self.enabled:
+            return
+        frac = done / max(total, 1)
+        elapsed = time.perf_counter() - epoch_t0
+        left = elapsed / max(frac, 1e-9) * (1 - frac)
+        bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+        print(f"\repoch {epoch}/{max_epochs} [{bar}] {100 * frac:3.0f}% loss {loss:.1f} (rec {rec:.1f}, kl {kl:.1f}) "
+              f"epoch left {left:4.0f}s", end="", file=sys.stderr, flush=True)
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            print(("\r" + text).ljust(100), file=sys.stderr, flush=True)
+
+
+def _state_hash(model) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _dist_info() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def evaluate_loss(model, data: SliceSet, batch: int = 256) -> float:
+    """Mean negative ELBO (z = mean) on validation slices: deterministic."""
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(data), batch):
+            x = data.x[s:s + batch]
+            loss, _, _ = vae_loss(model, x, sample=False)
+            total += loss.item() * x.shape[0]
+            n += x.shape[0]
+    model.train()
+    return total / max(n, 1)
+
+
+def train(data: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = False, force: bool = False,
+          device: str = "cpu", cache_dir: str | Path | None = None, progress: bool = True,
+          calibrate: bool = True) -> Path:
+    """Train a VAE or ceVAE and write a model package into ``out``. Returns ``out``."""
+    rank, world = _dist_info()
+    out = Path(out)
+    ckpt_dir = out / "checkpoint"
+    if out.exists() and any(out.iterdir()) and not (resume or force):
+        raise InputError(f"{out} already exists; pass --resume to continue its training or --force to start over")
+    if resume and not (ckpt_dir / "checkpoint.json").is_file():
+        raise InputError(f"nothing to resume in {out} (no checkpoint); start without --resume")
+    configure_threads()
+    if world > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    dev = select_device(device)
+
+    subjects = find_subjects(data)
+    split = split_subjects([s.id for s in subjects], cfg.seed, cfg.val_fraction, cfg.calibration_fraction,
+                           cfg.test_fraction)
+    by_id = {s.id: s for s in subjects}
+    cache = Path(cache_dir) if cache_dir else Path(out) / ".cache"
+    pr = _Progress(progress and rank == 0)
+    pr.line(f"subjects: {len(split['train'])} train, {len(split['val'])} validation, "
+            f"{len(split['calibration'])} calibration, {len(split['test'])} held-back test")
+    train_set = load_slices([by_id[i] for i in split["train"]], cfg.contract, cache)
+    val_set = load_slices([by_id[i] for i in split["val"]], cfg.contract, cache) if split["val"] else train_set
+    pr.line(f"slices: {len(train_set)} train, {len(val_set)} validation (cached in {cache})")
+
+    torch.manual_seed(cfg.seed)
+    model = build_network(cfg.architecture).to(dev)
+    ce = cfg.architecture["type"] == "cevae"
+    objective = Objective(model, cfg.ce_weight if ce else 0.0)
+    net = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=cfg.plateau_patience)
+    state: dict[str, Any] = {"epoch": 0, "best_val": None, "best_epoch": 0, "history": [], "config": asdict(cfg)}
+    if resume:
+        state = _load_checkpoint(ckpt_dir, model, optimizer, sched)
+        now = json.loads(json.dumps(asdict(cfg)))
+        # max_epochs may grow on resume ("--resume --epochs N"); everything else must match.
+        if {**state["config"], "max_epochs": None} != {**now, "max_epochs": None}:
+            raise InputError(f"the configuration differs from the one {out} was trained with; "
+                             "resume with the same options or start over with --force")
+        state["config"] = now
+        pr.line(f"resuming after epoch {state['epoch']}")
+
+    S = int(cfg.architecture["slice_size"])
+    best_path = ckpt_dir / "best.safetensors"
+    t_start = time.perf_counter()
+    while state["epoch"] < cfg.max_epochs:
+        epoch = state["epoch"] + 1
+        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+        order = torch.randperm(len(train_set), generator=gen)
+        rank_gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch * 7919 + rank)
+        n_batches = len(order) // cfg.batch_size
+        sums = np.zeros(3)
+        epoch_t0 = time.perf_counter()
+        for b in range(n_batches):
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank::world]
+            x = augment(train_set.x[idx], cfg, rank_gen).to(dev)
+            masks = square_masks(x.shape[0], S, cfg, rank_gen).to(dev) if ce else None
+            loss, rec, kl = net(x, masks)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums += (loss.item(), rec.item(), kl.item())
+            if b % 5 == 0 or b == n_batches - 1:
+                m = sums / (b + 1)
+                pr.update(epoch, cfg.max_epochs, b + 1, n_batches, *m, epoch_t0)
+        val = evaluate_loss(model, val_set)
+        sched.step(val)
+        improved = state["best_val"] is None or val < state["best_val"]
+        if improved:
+            state["best_val"], state["best_epoch"] = val, epoch
+        state["epoch"] = epoch
+        state["history"].append({"epoch": epoch, "train_loss": sums[0] / max(n_batches, 1), "val_loss": val,
+                                 "lr": optimizer.param_groups[0]["lr"],
+                                 "seconds": time.perf_counter() - epoch_t0})
+        if rank == 0:
+            if improved:
+                from safetensors.torch import save_file
+                ckpt_dir.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(best_path))
+            _save_checkpoint(ckpt_dir, model, optimizer, sched, state)
+        pr.line(f"epoch {epoch}: train {sums[0] / max(n_batches, 1):.2f}, validation {val:.2f}"
+                f"{' (best)' if improved else ''}, lr {optimizer.param_groups[0]['lr']:.0e}, "
+                f"{time.perf_counter() - epoch_t0:.0f} s")
+        if epoch - state["best_epoch"] >= cfg.early_stop_patience:
+            pr.line(f"stopping: no improvement for {cfg.early_stop_patience} epochs")
+            break
+    train_seconds = time.perf_counter() - t_start
+
+    if world > 1:
+        import torch.distributed as dist
+        # Each rank records a hash of its final weights: DDP must keep them identical.
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (ckpt_dir / f"weights-rank{rank}.sha256").write_text(_state_hash(model) + "\n")
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank != 0:
+        return out
+    from safetensors.torch import load_file
+    model.load_state_dict(load_file(str(best_path)))
+    meta = {
+        "name": out.name,
+        "summary": f"{cfg.architecture['type'].upper()} {S}x{S} at {cfg.spacing_mm:g} mm, "
+                   f"latent {cfg.architecture['latent_size']}, c={cfg.architecture['likelihood_std']:g}",
+        "architecture": cfg.architecture,
+        "input_contract": cfg.contract,
+        "calibration": {},
+        "provenance": {"engine_version": __version__, "data": str(Path(data)), "subjects": split,
+                       "trained": time.strftime("%Y-%m-%d"), "torch": torch.__version__},
+        "training": {"config": asdict(cfg), "best_epoch": state["best_epoch"], "best_val_loss": state["best_val"],
+                     "epochs_run": state["epoch"], "history": state["history"], "processes": world,
+                     "threads_per_process": torch.get_num_threads(),
+                     "seconds_this_run": train_seconds},
+    }
+    package = save_package(model, meta, out)
+    pr.line(f"wrote {out} (best epoch {state['best_epoch']}, validation loss {state['best_val']:.2f})")
+    if calibrate and split["calibration"]:
+        from .calibrate import calibrate_package
+        calibrate_package(package, [by_id[i] for i in split["calibration"]], device=str(dev), progress=pr.line)
+    return out

@@ -1,0 +1,266 @@
+"""``anomaly-localizer train-lsr``: the VQ-VAE and its code prior for latent space restoration.
+
+Two stages on the same subject split as :mod:`anomaly_localizer.train` (train / validation /
+calibration / held-back test, by subject):
+
+1. the VQ-VAE (L1 reconstruction + codebook + commitment terms), with the VAE's
+   augmentation; codebook entries are initialised from encoder outputs and an entry no
+   slice used in an epoch is restarted on a random encoder output (dead codes waste the
+   codebook);
+2. the prior, on the code grids of the training slices (and their left-right mirror
+   images) with each slice's position in the brain as the condition.
+
+Each stage: Adam, learning rate divided by 10 on a validation plateau, early stop, best
+validation weights kept. A checkpoint after every epoch (safetensors + JSON) lets
+``--resume`` continue an interrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..core.device import configure_threads, select_device
+from ..core.lsr import DEFAULT_LSR_SCORING
+from ..core.models.lsr import DEFAULT_LSR, full_lsr_architecture
+from ..core.package import build_network, save_package
+from ..core.volume import NORMALISATION
+from ..errors import InputError
+from .data import SliceSet, find_subjects, load_slices, split_subjects
+from .train import (
+    TrainConfig,
+    _load_checkpoint,
+    _save_checkpoint,
+    augment,
+    read_config_values,
+)
+
+
+@dataclass
+class LSRTrainConfig:
+    architecture: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_LSR)))
+    spacing_mm: float = 3.0  # 64 x 3 mm: the VAE's field of view; codes of 12 mm as in the paper
+    modality: str = "T1w"
+    seed: int = 0
+    batch_size: int = 64
+    vqvae_learning_rate: float = 3e-4
+    prior_learning_rate: float = 3e-4
+    vqvae_epochs: int = 20
+    prior_epochs: int = 20
+    plateau_patience: int = 1
+    early_stop_patience: int = 3
+    val_fraction: float = 0.1
+    calibration_fraction: float = 0.15
+    test_fraction: float = 0.15
+    scoring: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_LSR_SCORING))
+
+    @classmethod
+    def from_json(cls, path: str | Path | None, **overrides: Any) -> "LSRTrainConfig":
+        cfg = cls(**read_config_values(path, set(cls.__dataclass_fields__)))
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(cfg, k, v)
+        cfg.architecture = full_lsr_architecture(cfg.architecture)
+        cfg.scoring = {**DEFAULT_LSR_SCORING, **cfg.scoring}
+        return cfg
+
+    @property
+    def contract(self) -> dict[str, Any]:
+        return {"modality": self.modality, "orientation": "axial", "slice_size": int(self.architecture["slice_size"]),
+                "spacing_mm": float(self.spacing_mm), "normalisation": NORMALISATION}
+
+
+def _augmentation(seed: int) -> TrainConfig:
+    """The VAE's augmentation settings (flips, small rotations and scaling, brightness, noise)."""
+    return TrainConfig(seed=seed)
+
+
+def _restart_dead_codes(vq, usage: torch.Tensor, z_e: torch.Tensor, gen: torch.Generator) -> int:
+    dead = torch.nonzero(usage == 0).flatten()
+    if dead.numel() == 0:
+        return 0
+    flat = z_e.detach().permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
+    pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=gen)
+    with torch.no_grad():
+        vq.codebook.weight[dead] = flat[pick]
+    return int(dead.numel())
+
+
+def _run_stage(name: str, module: torch.nn.Module, params, lr: float, max_epochs: int, cfg: LSRTrainConfig,
+               epoch_fn: Callable[[int], float], val_fn: Callable[[], float], ckpt_dir: Path, resume: bool,
+               say: Callable[[str], None]) -> dict[str, Any]:
+    """Generic epoch loop with plateau schedule, early stop, best weights and checkpoints."""
+    from safetensors.torch import load_file, save_file
+
+    optimizer = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=cfg.plateau_patience)
+    state: dict[str, Any] = {"epoch": 0, "best_val": None, "best_epoch": 0, "history": [], "done": False}
+    stage_dir = ckpt_dir / name
+    best = stage_dir / "best.safetensors"
+    if resume and (stage_dir / "checkpoint.json").is_file():
+        state = _load_checkpoint(stage_dir, module, optimizer, sched)
+        say(f"{name}: resuming after epoch {state['epoch']}")
+    module.optimizer = optimizer  # epoch_fn steps it
+    while not state["done"] and state["epoch"] < max_epochs:
+        epoch = state["epoch"] + 1
+        t0 = time.perf_counter()
+        module.train()
+        train_loss = epoch_fn(epoch)
+        module.eval()
+        with torch.no_grad():
+            val = val_fn()
+        sched.step(val)
+        improved = state["best_val"] is None or val < state["best_val"]
+        if improved:
+            state["best_val"], state["best_epoch"] = val, epoch
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(best))
+        state["epoch"] = epoch
+        state["history"].append({"epoch": epoch, "train_loss": train_loss, "val_loss": val,
+                                 "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
+        state["done"] = epoch - state["best_epoch"] >= cfg.early_stop_patience
+        _save_checkpoint(stage_dir, module, optimizer, sched, state)
+        say(f"{name} epoch {epoch}: train {train_loss:.4f}, validation {val:.4f}{' (best)' if improved else ''}, "
+            f"lr {optimizer.param_groups[0]['lr']:.0e}, {time.perf_counter() - t0:.0f} s")
+    del module.optimizer
+    module.load_state_dict(load_file(str(best)))
+    module.eval()
+    return {"best_epoch": state["best_epoch"], "best_val_loss": state["best_val"], "epochs_run": state["epoch"],
+            "history": state["history"]}
+
+
+def encode_codes(vq, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([vq.encode(x[s:s + batch]) for s in range(0, x.shape[0], batch)])
+
+
+def train_lsr(data: str | Path, out: str | Path, cfg: LSRTrainConfig, resume: bool = False, force: bool = False,
+              device: str = "cpu", cache_dir: str | Path | None = None,
+              progress: Callable[[str], None] | None = None, calibrate: bool = True) -> Path:
+    """Train the VQ-VAE, then the prior, and write a ``vqvae-lsr`` package into ``out``."""
+    say = progress or (lambda m: None)
+    out = Path(out)
+    ckpt_dir = out / "checkpoint"
+    if out.exists() and any(out.iterdir()) and not (resume or force):
+        raise InputError(f"{out} already exists; pass --resume to continue its training or --force to start over")
+    if resume and not ckpt_dir.is_dir():
+        raise InputError(f"nothing to resume in {out} (no checkpoint); start without --resume")
+    if resume and (ckpt_dir / "config.json").is_file():
+        # The epoch limits may change on resume (to stop a stage early or extend it).
+        free = {"vqvae_epochs": None, "prior_epochs": None}
+        if {**json.loads((ckpt_dir / "config.json").read_text()), **free} != {**json.loads(json.dumps(asdict(cfg))), **free}:
+            raise InputError(f"the configuration differs from the one {out} was trained with; "
+                             "resume with the same options or start over with --force")
+    configure_threads()
+    dev = select_device(device)
+    subjects = find_subjects(data)
+    split = split_subjects([s.id for s in subjects], cfg.seed, cfg.val_fraction, cfg.calibration_fraction,
+                           cfg.test_fraction)
+    by_id = {s.id: s for s in subjects}
+    cache = Path(cache_dir) if cache_dir else out / ".cache"
+    train_set = load_slices([by_id[i] for i in split["train"]], cfg.contract, cache)
+    val_set: SliceSet = load_slices([by_id[i] for i in split["val"]], cfg.contract, cache) if split["val"] else train_set
+    say(f"slices: {len(train_set)} train, {len(val_set)} validation")
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (ckpt_dir / "config.json").write_text(json.dumps(asdict(cfg)))
+
+    torch.manual_seed(cfg.seed)
+    model = build_network(cfg.architecture).to(dev)
+    vq, prior = model.vqvae, model.prior
+    aug = _augmentation(cfg.seed)
+    t_start = time.perf_counter()
+
+    # ---- stage 1: VQ-VAE
+    if not resume or not (ckpt_dir / "vqvae" / "checkpoint.json").is_file():
+        with torch.no_grad():  # codebook from encoder outputs of random training slices
+            g = torch.Generator().manual_seed(cfg.seed)
+            idx = torch.randperm(len(train_set), generator=g)[:256]
+            z = vq.encode_continuous(train_set.x[idx].to(dev)).permute(0, 2, 3, 1).reshape(-1, vq.codebook.weight.shape[1])
+            vq.codebook.weight.copy_(z[torch.randperm(z.shape[0], generator=g)[:vq.codebook_size]])
+
+    def vq_epoch(epoch: int) -> float:
+        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+        order = torch.randperm(len(train_set), generator=gen)
+        usage = torch.zeros(vq.codebook_size, dtype=torch.long)
+        total, n = 0.0, 0
+        z_e = None
+        for b in range(len(order) // cfg.batch_size):
+            x = augment(train_set.x[order[b * cfg.batch_size:(b + 1) * cfg.batch_size]], aug, gen).to(dev)
+            loss, _, _ = vq.loss(x)
+            vq.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            vq.optimizer.step()
+            with torch.no_grad():
+                z_e = vq.encode_continuous(x)
+                usage += torch.bincount(vq.quantise(z_e).flatten().cpu(), minlength=vq.codebook_size)
+            total += loss.item()
+            n += 1
+        if z_e is not None and epoch <= cfg.vqvae_epochs // 2:  # restarts only early, then let it settle
+            restarted = _restart_dead_codes(vq, usage, z_e, gen)
+            if restarted:
+                say(f"vqvae epoch {epoch}: restarted {restarted} unused codebook entries")
+        return total / max(n, 1)
+
+    def vq_val() -> float:
+        return float(np.mean([vq.loss(val_set.x[s:s + 256].to(dev))[1].item() for s in range(0, len(val_set), 256)]))
+
+    vq_record = _run_stage("vqvae", vq, vq.parameters(), cfg.vqvae_learning_rate, cfg.vqvae_epochs, cfg,
+                           vq_epoch, vq_val, ckpt_dir, resume, say)
+
+    # ---- stage 2: the prior on the code grids (and their mirror images)
+    train_codes = torch.cat([encode_codes(vq, train_set.x.to(dev)), encode_codes(vq, train_set.x.flip(-1).to(dev))])
+    train_pos = torch.cat([train_set.position, train_set.position]).to(dev)
+    val_codes = encode_codes(vq, val_set.x.to(dev))
+    val_pos = val_set.position.to(dev)
+    used = int(torch.unique(train_codes).numel())
+    say(f"codebook: {used} of {vq.codebook_size} entries used by the training slices")
+
+    def prior_epoch(epoch: int) -> float:
+        gen = torch.Generator().manual_seed(cfg.seed * 100003 + 50000 + epoch)
+        order = torch.randperm(train_codes.shape[0], generator=gen)
+        total, n = 0.0, 0
+        for b in range(len(order) // cfg.batch_size):
+            i = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            loss = prior.nll(train_codes[i], train_pos[i]).mean()
+            prior.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            prior.optimizer.step()
+            total += loss.item()
+            n += 1
+        return total / max(n, 1)
+
+    def prior_val() -> float:
+        return float(torch.cat([prior.nll(val_codes[s:s + 256], val_pos[s:s + 256]).flatten()
+                                for s in range(0, val_codes.shape[0], 256)]).mean())
+
+    prior_record = _run_stage("prior", prior, prior.parameters(), cfg.prior_learning_rate, cfg.prior_epochs, cfg,
+                              prior_epoch, prior_val, ckpt_dir, resume, say)
+    S = int(cfg.architecture["slice_size"])
+    meta = {
+        "name": out.name,
+        "summary": f"VQ-VAE + PixelSNAIL-style prior (latent space restoration), {S}x{S} at {cfg.spacing_mm:g} mm, "
+                   f"codebook {cfg.architecture['vqvae']['codebook_size']}, code grid {vq.grid_size}x{vq.grid_size}",
+        "architecture": cfg.architecture,
+        "input_contract": cfg.contract,
+        "lsr": dict(cfg.scoring),
+        "recommended_method": "lsr",
+        "calibration": {},
+        "provenance": {"engine_version": __version__, "data": str(Path(data)), "subjects": split,
+                       "trained": time.strftime("%Y-%m-%d"), "torch": torch.__version__},
+        "training": {"config": asdict(cfg), "vqvae": vq_record, "prior": prior_record,
+                     "codebook_entries_used": used, "threads_per_process": torch.get_num_threads(),
+                     "seconds_this_run": time.perf_counter() - t_start},
+    }
+    package = save_package(model, meta, out)
+    say(f"wrote {out}")
+    if calibrate and split["calibration"]:
+        from .calibrate import calibrate_package
+        calibrate_package(package, [by_id[i] for i in split["calibration"]], device=str(dev), progress=say)
+    return out
