@@ -129,11 +129,20 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(AnomalyLocalizerParameterNode(ScriptedLoadableModuleLogic().getParameterNode()))
+        self.setParameterNode(AnomalyLocalizerParameterNode(self._moduleLogic().getParameterNode()))
         if not self._parameterNode.inputVolume:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first:
                 self._parameterNode.inputVolume = first
+
+    @staticmethod
+    def _moduleLogic() -> ScriptedLoadableModuleLogic:
+        """Slicer's module logic for the parameter node, tagged with this module's name (a bare
+        ScriptedLoadableModuleLogic would tag it "ScriptedLoadableModule", shared with every
+        module that does the same). The scriptable logic is AnomalyLocalizerLib.logic."""
+        moduleLogic = ScriptedLoadableModuleLogic()
+        moduleLogic.moduleName = "AnomalyLocalizer"
+        return moduleLogic
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:

@@ -24,31 +24,37 @@ class NodesMixin:
     """Building, reusing and showing the output nodes of :class:`AnomalyLocalizerLogic`."""
 
     def _applyResult(self, inputVolume, result: RunResult, package) -> None:
-        """Create or update every output node; on failure remove what this call added."""
+        """Create or update every output node. Every array is prepared first; only then are
+        nodes written. On a failure, nodes this call added are removed and reused nodes get
+        their previous content back, so the scene still matches the last good run."""
+        calib = as_calibration(package.calibration)
+        levels = {}
+        for m, arr in result.maps.items():
+            result.levelScale[m], _ = level_scale(calib, m, arr, result.brainMask)
+            levels[m] = (arr / result.levelScale[m]).astype(np.float32)
+        columns = self._tableColumns(result, calib)
         added: list = []
+        backups: list = []  # (reused node, copy of its content before this call)
         previous = (self.result, self.method, self.threshold, self._package)
         try:
             self._package = package
-            calib = as_calibration(package.calibration)
-            for m, arr in result.maps.items():
-                scale, _ = level_scale(calib, m, arr, result.brainMask)
-                result.levelScale[m] = scale
+            for m, level in levels.items():
                 node = self._outputNode(inputVolume, f"heatmap.{m}", "vtkMRMLScalarVolumeNode",
-                                        f"{inputVolume.GetName()} anomaly {m}", added)
+                                        f"{inputVolume.GetName()} anomaly {m}", added, backups)
                 copyGeometry(inputVolume, node)
-                sutil.updateVolumeFromArray(node, (arr / scale).astype(np.float32))
+                sutil.updateVolumeFromArray(node, level)
                 self._styleHeatmap(node)
             labelmap = self._outputNode(inputVolume, "labelmap", "vtkMRMLLabelMapVolumeNode",
-                                        f"{inputVolume.GetName()} anomaly label", added)
+                                        f"{inputVolume.GetName()} anomaly label", added, backups)
             copyGeometry(inputVolume, labelmap)
             segmentation = self._outputNode(inputVolume, "segmentation", "vtkMRMLSegmentationNode",
-                                            f"{inputVolume.GetName()} anomaly segmentation", added)
+                                            f"{inputVolume.GetName()} anomaly segmentation", added, backups)
             segmentation.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
             segmentation.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
             table = self._outputNode(inputVolume, "table", "vtkMRMLTableNode",
-                                     f"{inputVolume.GetName()} slice scores", added)
-            self._fillTable(table, result, calib)
-            self._plot(inputVolume, table, added, primarySliceScore(result))
+                                     f"{inputVolume.GetName()} slice scores", added, backups)
+            self._fillTable(table, result, columns)
+            self._plot(inputVolume, table, added, primarySliceScore(result), backups)
             self.result = result
             self.method = next(iter(result.maps))
             default = package.default_threshold(self.method)
@@ -60,7 +66,10 @@ class NodesMixin:
         except BaseException:
             for node in added:
                 self.scene.RemoveNode(node)
+            for node, backup in backups:
+                node.CopyContent(backup, True)
             self.result, self.method, self.threshold, self._package = previous
+            self._mask = None
             raise
         self._removeStaleHeatmaps(inputVolume, set(result.maps))
 
@@ -78,13 +87,20 @@ class NodesMixin:
                 if node is not None and self.scene.GetNodeByID(node.GetID()) is not None:
                     self.scene.RemoveNode(node)
 
-    def _outputNode(self, inputVolume, role: str, className: str, name: str, added: list):
+    def _outputNode(self, inputVolume, role: str, className: str, name: str, added: list,
+                    backups: list | None = None):
+        """The node of ``role``: reused from the last run (its content copied into ``backups``
+        first), or new (listed in ``added``)."""
         ref = f"{REF_PREFIX}.{role}"
         node = inputVolume.GetNodeReference(ref)
         if node is None or not node.IsA(className) or self.scene.GetNodeByID(node.GetID()) is None:
             node = self.scene.AddNewNodeByClass(className, name)
             added.append(node)
             inputVolume.SetNodeReferenceID(ref, node.GetID())
+        elif backups is not None:
+            backup = node.CreateNodeInstance()
+            backup.CopyContent(node, True)
+            backups.append((node, backup))
         return node
 
     def outputNode(self, inputVolume, role: str):
@@ -120,14 +136,19 @@ class NodesMixin:
         display.SetApplyThreshold(True)
         display.SetInterpolate(False)
 
-    def _fillTable(self, table, result: RunResult, calib: dict) -> None:
+    def _tableColumns(self, result: RunResult, calib) -> dict[str, np.ndarray]:
+        """The slice-score table's columns: slice index, each slice score and, where the model
+        is calibrated, its healthy percentile."""
         n = len(next(iter(result.sliceScores.values())))
         cols = {"slice": np.arange(n, dtype=float)}
-        for k in result.sliceScores:  # elbo, kl, rec of a VAE; lsr of an LSR model
+        for k in result.sliceScores:  # elbo, kl, rec of a VAE; the family's own otherwise
             cols[k] = np.asarray(result.sliceScores[k], dtype=float)
             if k in calib.slice:
                 cols[f"{k}_healthy_percentile"] = np.array(
                     [percentile_of(calib, k, v) if np.isfinite(v) else np.nan for v in cols[k]])
+        return cols
+
+    def _fillTable(self, table, result: RunResult, cols: dict[str, np.ndarray]) -> None:
         table.RemoveAllColumns()
         for name, values in cols.items():
             arr = vtk.vtkDoubleArray()
@@ -138,19 +159,19 @@ class NodesMixin:
         table.SetAttribute(f"{REF_PREFIX}.model", result.summary.get("model", {}).get("name", ""))
         table.SetAttribute(f"{REF_PREFIX}.axialAxis", str(result.axialAxis))
 
-    def _plot(self, inputVolume, table, added: list, primary: str = "elbo") -> None:
+    def _plot(self, inputVolume, table, added: list, primary: str = "elbo", backups: list | None = None) -> None:
         label = SLICE_SCORE_LABELS.get(primary, primary)
         yColumn = f"{primary}_healthy_percentile" if table.GetTable().GetColumnByName(
             f"{primary}_healthy_percentile") else primary
         series = self._outputNode(inputVolume, "plotSeries", "vtkMRMLPlotSeriesNode",
-                                  f"{inputVolume.GetName()} slice {label}", added)
+                                  f"{inputVolume.GetName()} slice {label}", added, backups)
         series.SetAndObserveTableNodeID(table.GetID())
         series.SetXColumnName("slice")
         series.SetYColumnName(yColumn)
         series.SetPlotType(series.PlotTypeScatter)
         series.SetMarkerStyle(series.MarkerStyleNone)
         chart = self._outputNode(inputVolume, "plot", "vtkMRMLPlotChartNode",
-                                 f"{inputVolume.GetName()} slice scores", added)
+                                 f"{inputVolume.GetName()} slice scores", added, backups)
         chart.RemoveAllPlotSeriesNodeIDs()
         chart.AddAndObservePlotSeriesNodeID(series.GetID())
         chart.SetTitle("Slice anomaly score")

@@ -53,9 +53,10 @@ class ChildRun:
         for line in self.process.stderr:
             line = line.rstrip()
             if line.startswith("PROGRESS "):
-                parts = line.split(" ", 2)
+                # "PROGRESS  10.0 message": the percent is right-aligned, so split on runs of spaces
+                parts = line.split(None, 2)
                 try:
-                    self.progress = float(parts[1]) / 100.0
+                    self.progress = min(1.0, max(self.progress, float(parts[1]) / 100.0))
                 except (IndexError, ValueError):
                     pass
                 self.message = parts[2] if len(parts) > 2 else ""

@@ -121,3 +121,16 @@ def head_phantom(shape_zyx=(30, 48, 40), seed: int = 0) -> tuple[np.ndarray, np.
     img[brain] = np.where(inner[brain] > 0, inner[brain], 600)
     img[r < 1] += rng.normal(0, 15, size=int((r < 1).sum())).astype(np.float32)
     return img, brain
+
+
+TINY_DAE_ARCH = {"type": "unet-dae", "slice_size": 32, "in_channels": 3, "feature_maps": [4, 8], "groups": 2}
+TINY_DAE_CONTRACT = {**TINY_CONTRACT, "context_slices": 3}
+
+
+def make_tiny_dae_package(path, seed: int = 0, calibration: dict | None = None):
+    torch.manual_seed(seed)
+    model = build_model(TINY_DAE_ARCH)
+    meta = {"name": path.name, "architecture": TINY_DAE_ARCH, "input_contract": TINY_DAE_CONTRACT,
+            "dae": {"erode_px": 1, "median_px": 3, "slice_top_k": 5}, "recommended_method": "dae",
+            "calibration": calibration or {}, "provenance": {"trained_on": "nothing (random weights, tests only)"}}
+    return save_package(model, meta, path, card="# tiny DAE test model\n")

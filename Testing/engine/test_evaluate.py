@@ -150,3 +150,44 @@ def test_per_kind_and_intensity_only_figures_pool_the_right_cases(monkeypatch):
     assert rec["intensity_anomalies_only"] == {"pixel_ap": 1.0, "slice_auroc": 1.0}
     assert rec["pixel_ap"] < 1.0 and rec["slice_auroc"] < 1.0  # the deformation costs the pooled figures
     assert INTENSITY_ONLY in ev.format_table(res)
+
+
+def test_the_hard_case_set_holds_small_subtle_soft_anomalies_labelled_where_the_image_changed():
+    from anomaly_localizer.tooling.hard_cases import CHANGE_LABEL, SEMI_AXIS_MM, make_hard_case
+    arr = phantom_array((40, 56, 48), seed=3)
+    brain = arr != 0
+    iqr = np.subtract(*np.percentile(arr[brain], [75, 25]))
+    counts, soft, contrasts, kinds = [], 0, [], set()
+    for seed in range(14):
+        img, ids, anomalies = make_hard_case(arr, brain, (2.0, 2.0, 2.0), seed)
+        assert 1 <= len(anomalies) <= 3 and ids.max() <= len(anomalies)
+        changed = np.abs(img - arr) > CHANGE_LABEL * iqr
+        assert not ((ids > 0) & ~brain).any() and not (changed & ~brain).any()
+        assert ((ids > 0) == changed).mean() > 0.999  # labelled where the image changed, not beyond
+        for a in anomalies:
+            assert all(SEMI_AXIS_MM[0] <= s <= SEMI_AXIS_MM[1] for s in a.semi_axes_mm)
+            soft += a.soft
+            contrasts.append(a.contrast)
+            kinds.add(a.kind)
+        counts.append(len(anomalies))
+    assert set(counts) == {1, 2, 3} and soft > 5 and len(kinds) >= 5
+    assert min(contrasts) < 0.4 and max(contrasts) > 1.5  # barely visible to strong
+    a, ids_a, _ = make_hard_case(arr, brain, (2.0, 2.0, 2.0), 7)
+    b, ids_b, _ = make_hard_case(arr, brain, (2.0, 2.0, 2.0), 7)
+    assert np.array_equal(a, b) and np.array_equal(ids_a, ids_b)  # seeded
+
+
+def test_evaluate_reports_figures_per_kind_and_per_size_on_the_hard_set(tiny_package, tmp_path):
+    from anomaly_localizer.tooling.data import Subject
+    from anomaly_localizer.tooling.evaluate import case_set, evaluate, format_table
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"h{i}.nii.gz"
+        sitk.WriteImage(image_from(phantom_array((30, 48, 40), seed=i), spacing=(3.0, 3.0, 3.0)), str(p))
+        paths.append(Subject(f"h{i}", p, None))
+    res = evaluate(tiny_package, case_set("hard", paths, per_subject=2, seed=0), device="cpu")
+    rec = res["methods"]["rec"]
+    assert res["cases"] == 4 and res["cases_by_kind"] and res["cases_by_size"]
+    assert set(rec["pixel_ap_by_size"]) == set(res["cases_by_size"]) and set(rec["pixel_ap_by_kind"]) == set(
+        res["cases_by_kind"])
+    assert "anomaly size" in format_table(res)

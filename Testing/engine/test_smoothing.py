@@ -158,7 +158,7 @@ def test_synthetic_evaluation_reports_pixel_ap_per_kind(tmp_path):
     root.mkdir(parents=True)
     sitk.WriteImage(image_from(phantom_array(seed=0)), str(root / "H0_T1.nii.gz"))
     pkg = make_tiny_package(tmp_path / "tiny")
-    assert main(["evaluate", str(pkg.path), "--synthetic", str(root.parent), "--subjects", "all", "--per-subject", "3",
+    assert main(["evaluate", str(pkg.path), "--synthetic", str(root.parent), "--subjects", "all", "--per-subject", "3", "--case-set", "balls",
                  "--method", "rec", "--json", str(tmp_path / "e.json"), "-q"]) == 0
     res = json.loads((tmp_path / "e.json").read_text())
     kinds = res["cases_by_kind"]

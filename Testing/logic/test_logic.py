@@ -300,3 +300,65 @@ def test_restoration_is_added_on_request_for_models_that_offer_it(slicerApp, tmp
     result = logic.run(scan, model=str(model.path), methods=["rec", "restoration"])
     assert set(result.maps) == {"rec", "restoration"}
     assert logic.outputNode(scan, "heatmap.restoration") is not None
+
+
+def test_the_progress_of_a_child_run_rises_through_intermediate_values(slicerApp, tmp_path, model):
+    import time
+    _, scan = _load(slicerApp, tmp_path)
+    logic = AnomalyLocalizerLogic(slicerApp.app)
+    run = logic.startRun(scan, model=str(model.path), methods=["rec", "restoration"])
+    seen = []
+    while run.poll() == "running":
+        seen.append(run.progress)
+        time.sleep(0.01)
+    logic.finishRun(run)
+    middle = sorted({p for p in seen if 0.0 < p < 1.0})
+    assert len(middle) >= 3, seen[-5:]  # the bar moves during the run, not only at its end
+    assert seen == sorted(seen)  # and only forward
+
+
+def test_a_rerun_failing_while_building_nodes_restores_the_reused_ones(slicerApp, tmp_path, model, monkeypatch):
+    _, scan = _load(slicerApp, tmp_path)
+    logic = AnomalyLocalizerLogic(slicerApp.app)
+    logic.run(scan, model=str(model.path), methods=["rec", "combi"])
+    heat = {m: np.array(slicer.util.arrayFromVolume(logic.outputNode(scan, f"heatmap.{m}")), copy=True)
+            for m in ("rec", "combi")}
+    label = np.array(slicer.util.arrayFromVolume(logic.outputNode(scan, "labelmap")), copy=True)
+    rows = logic.outputNode(scan, "table").GetNumberOfRows()
+    threshold, before = logic.threshold, slicerApp.nodeCount()
+    calls = []
+
+    def fail_on_second(self, node):
+        calls.append(node)
+        if len(calls) == 2:  # after the first heatmap's voxels were overwritten
+            raise RuntimeError("VTK failed")
+    monkeypatch.setattr(type(logic), "_styleHeatmap", fail_on_second)
+    other = make_tiny_package(tmp_path / "models" / "other", seed=5, calibration=CALIBRATION)
+    with pytest.raises(RuntimeError):
+        logic.run(scan, model=str(other.path), methods=["rec", "combi"])
+    for m in heat:
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(logic.outputNode(scan, f"heatmap.{m}")), heat[m])
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(logic.outputNode(scan, "labelmap")), label)
+    assert logic.outputNode(scan, "table").GetNumberOfRows() == rows
+    assert logic.threshold == threshold and slicerApp.nodeCount() == before
+
+
+def test_a_broken_model_is_skipped_in_the_model_list(tmp_path, model, monkeypatch):
+    from anomaly_localizer.core.package import write_manifest
+    bad = make_tiny_package(tmp_path / "models" / "bad")
+    (bad.path / "model.json").write_text("{broken")
+    write_manifest(bad.path)
+    monkeypatch.setenv("ANOMALY_LOCALIZER_MODELS", str(tmp_path / "models"))
+    names = [m["name"] for m in AnomalyLocalizerLogic.availableModels()]
+    assert "tiny" in names and "bad" not in names
+
+
+def test_a_new_detector_family_reaches_the_scene_without_edits(slicerApp, tmp_path):
+    dae = engine.make_tiny_dae_package(tmp_path / "models" / "tiny-dae")
+    _, scan = _load(slicerApp, tmp_path)
+    logic = AnomalyLocalizerLogic(slicerApp.app)
+    result = logic.run(scan, model=str(dae.path))
+    assert set(result.maps) == {"dae"} and logic.method == "dae"
+    assert logic.outputNode(scan, "heatmap.dae") is not None and logic.worstSlice() is not None
+    table = logic.outputNode(scan, "table")
+    assert table.GetTable().GetColumnByName("dae") is not None

@@ -108,3 +108,12 @@ def test_widget_and_in_app_test_call_only_logic_methods_that_exist():
     attributes = {"result", "method", "threshold", "opacity"}  # set in __init__
     missing = {u for u in used if not hasattr(AnomalyLocalizerLogic, u)} - attributes
     assert not missing, f"the widget calls logic methods that do not exist: {sorted(missing)}"
+
+
+def test_the_parameter_node_is_tagged_with_this_module_and_methods_come_from_the_run():
+    text = SCRIPT.read_text()
+    assert "ScriptedLoadableModuleLogic().getParameterNode()" not in text  # would tag it "ScriptedLoadableModule"
+    assert '.moduleName = "AnomalyLocalizer"' in text
+    _, bound = _ui_widgets()
+    assert "methodSelector" not in bound  # filled from the run's maps, the recommended one selected
+    assert "self.ui.methodSelector.setCurrentText(self.logic.method)" in text

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from .. import __version__
@@ -34,12 +35,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s: %(message)s", stream=sys.stderr)
+    # SIGTERM (a job scheduler, the Slicer module's Cancel) and SIGHUP (a closed terminal) stop
+    # the run like Ctrl-C: what was half written is removed, and the exit code is 3.
+    previous = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            try:
+                previous[sig] = signal.signal(sig, _stop)
+            except ValueError:  # not the main thread (e.g. called from a worker): leave them be
+                pass
     try:
+        parser = build_parser()  # imports torch and the engine: Ctrl-C here is a cancel too
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                            format="%(levelname)s: %(message)s", stream=sys.stderr)
         return args.func(args)
     except CancelledError as exc:
         print(f"cancelled: {exc}", file=sys.stderr)
@@ -47,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except AnomalyLocalizerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    except KeyboardInterrupt:
-        print("cancelled: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"cancelled: {'interrupted' if not exc.args else f'stopped by {exc.args[0]}'}", file=sys.stderr)
         return EXIT_CANCELLED
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

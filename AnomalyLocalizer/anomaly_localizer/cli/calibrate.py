@@ -49,7 +49,9 @@ def register(sub) -> None:
                        help="choose each method's 3D heatmap smoothing on synthetic anomalies in validation scans")
     s.add_argument("model", help="model name or folder")
     _add_tuning_arguments(s, limit=None)
-    s.add_argument("--per-subject", type=int, default=2, help="synthetic anomalies per subject (default 2)")
+    s.add_argument("--per-subject", type=int, default=2, help="synthetic cases per subject (default 2)")
+    s.add_argument("--case-set", default="hard", choices=["hard", "balls"],
+                   help="synthetic case set to tune on (default hard; see evaluate)")
     s.add_argument("--method", action="append",
                    help="tune only this method (repeatable); the others keep their widths. Default: every method")
     s.set_defaults(func=run_tune_smoothing)
@@ -127,7 +129,8 @@ def run_tune_smoothing(args: argparse.Namespace) -> int:
         subjects = subjects_of(package, args.data, args.subjects)
         if args.limit:
             subjects = subjects[: args.limit]
-        block = tune_package(package, subjects, args.per_subject, args.device, say(args.quiet), methods=args.method)
+        block = tune_package(package, subjects, args.per_subject, args.device, say(args.quiet), methods=args.method,
+                             cases=args.case_set)
         chosen = ", ".join(f"{m} {v['through_plane_mm']:g}/{v['in_plane_mm']:g} mm" for m, v in block.items()
                            if m != "selection" and (not args.method or m in args.method))
         store_and_recalibrate(package, "map_smoothing", block, args.data, args.device, say(args.quiet),

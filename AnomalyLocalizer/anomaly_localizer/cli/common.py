@@ -9,8 +9,6 @@ import shlex
 import sys
 from typing import Callable
 
-from ..core.device import DEVICES
-
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
 
 
@@ -28,6 +26,7 @@ def say(quiet: bool) -> Callable[[str], None] | None:
 
 
 def add_device(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    from ..core.device import DEVICES
     parser.add_argument("--device", default=default, choices=DEVICES,
                         help=f"compute device (default: {'the best available' if default == 'auto' else default})")
 

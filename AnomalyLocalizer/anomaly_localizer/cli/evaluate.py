@@ -30,6 +30,9 @@ def register(sub) -> None:
     e.add_argument("--mask-name", help="brain mask file in each case folder (optional)")
     e.add_argument("--title", help="title of this case set in reports")
     add_subjects(e, "test", "which of DATA's subjects (default: the model's held-back test subjects)")
+    e.add_argument("--case-set", default="hard", choices=["hard", "balls"],
+                   help="synthetic case set: hard (default: 1-3 ellipsoids of 6-20 mm per case, subtle to strong, "
+                        "soft or hard edges) or balls (one hard-edged ball per case, the set of version 0.1)")
     e.add_argument("--per-subject", type=int, default=2, help="synthetic cases per subject")
     e.add_argument("--limit", type=int, help="use only the first N subjects")
     e.add_argument("--seed", type=int, default=0)
@@ -90,7 +93,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from ..core.package import check_methods, resolve_package
     from ..core.restoration import REFERENCE_RESTORATION
     from ..tooling.edit import subjects_of
-    from ..tooling.evaluate import evaluate, folder_cases, format_table, synthetic_cases
+    from ..tooling.evaluate import case_set, evaluate, folder_cases, format_table
 
     package = resolve_package(args.model)
     runs = [(package, [m for m in (args.method or package.methods) if m in package.methods])]
@@ -114,16 +117,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
         subjects = subjects_of(package, args.synthetic, args.subjects)
         if args.limit:
             subjects = subjects[: args.limit]
-        cases = synthetic_cases(subjects, per_subject=args.per_subject, seed=args.seed)
-        case_set = {"kind": "synthetic", "data": str(args.synthetic), "subjects": args.subjects,
-                    "per_subject": args.per_subject, "seed": args.seed}
-        title = f"synthetic anomalies in the model's '{args.subjects}' subjects"
+        cases = case_set(args.case_set, subjects, per_subject=args.per_subject, seed=args.seed)
+        record = {"kind": "synthetic", "set": args.case_set, "data": str(args.synthetic), "subjects": args.subjects,
+                  "per_subject": args.per_subject, "seed": args.seed}
+        title = f"synthetic anomalies ({args.case_set} set) in the model's '{args.subjects}' subjects"
     else:
         cases = folder_cases(args.cases, args.image_name, args.label_name, args.mask_name)
-        case_set = {"kind": "folder", "data": str(args.cases), "image": args.image_name, "label": args.label_name}
+        record = {"kind": "folder", "data": str(args.cases), "image": args.image_name, "label": args.label_name}
         title = args.title or f"cases in {args.cases} ({args.image_name})"
     result = evaluate(runs, cases, device=args.device, progress=say(args.quiet))
-    result.update(restoration_optimiser=args.restoration, case_set=case_set, title=title, command=command_line(),
+    result.update(restoration_optimiser=args.restoration, case_set=record, title=title, command=command_line(),
                   machine=machine())
     print(format_table(result))
     if args.json:

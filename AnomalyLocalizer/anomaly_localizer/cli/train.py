@@ -1,4 +1,4 @@
-"""``train`` (VAE, ceVAE), ``train-lsr`` (VQ-VAE and prior) and ``train-brainmask``."""
+"""``train`` (VAE, ceVAE), ``train-lsr`` (VQ-VAE and prior), ``train-dae`` and ``train-brainmask``."""
 
 from __future__ import annotations
 
@@ -37,6 +37,24 @@ def register(sub) -> None:
     _add_run_options(lsr)
     lsr.set_defaults(func=run_train_lsr)
 
+    d = sub.add_parser("train-dae", help="train the coarse-noise denoising autoencoder (method dae)")
+    d.add_argument("data", help=DATA_HELP)
+    d.add_argument("--out", required=True, help="model package folder to create")
+    d.add_argument("--config", help="JSON training configuration (keys of DAETrainConfig), or a package's model.json")
+    d.add_argument("--steps", type=int, help="training steps (batches)")
+    d.add_argument("--batch-size", type=int)
+    d.add_argument("--noise-std", type=float, help="coarse noise standard deviation (normalised intensity; "
+                   "the brain's inter-quartile range is 0.25)")
+    d.add_argument("--noise-res", type=int, help="side of the coarse noise grid")
+    d.add_argument("--seed", type=int)
+    d.add_argument("--stop-after", type=int, metavar="STEPS",
+                   help="stop after this many steps of this run, at a checkpoint (continue later with --resume)")
+    d.add_argument("--bf16", dest="bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: where the CPU has bf16 matrix instructions, else float32)")
+    add_device(d, "cpu")
+    _add_run_options(d)
+    d.set_defaults(func=run_train_dae)
+
     b = sub.add_parser("train-brainmask", help="train the brain extraction U-Net on scans with reference masks")
     b.add_argument("data", help="folder of scans with brain masks (IXI layout or *_brainmask beside)")
     b.add_argument("--out", required=True)
@@ -74,6 +92,17 @@ def run_train_lsr(args: argparse.Namespace) -> int:
                                    seed=args.seed)
     train_lsr(args.data, args.out, cfg, resume=args.resume, force=args.force, device=args.device,
               cache_dir=args.cache, progress=say(args.quiet), calibrate=not args.no_calibration)
+    return EXIT_OK
+
+
+def run_train_dae(args: argparse.Namespace) -> int:
+    from ..tooling.train_dae import DAETrainConfig, train_dae
+
+    cfg = DAETrainConfig.from_json(args.config, steps=args.steps, batch_size=args.batch_size, noise_std=args.noise_std,
+                                   noise_res=args.noise_res, seed=args.seed, bf16=args.bf16)
+    train_dae(args.data, args.out, cfg, resume=args.resume, force=args.force, device=args.device,
+              cache_dir=args.cache, progress=say(args.quiet), calibrate=not args.no_calibration,
+              stop_after=args.stop_after)
     return EXIT_OK
 
 

@@ -65,3 +65,15 @@ def configure_threads() -> None:
         n = os.cpu_count() or 1
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX). Without
+    them, PyTorch emulates bf16 and a U-Net training step is about ten times slower than in
+    float32 (measured on an AVX2 machine), so bf16 is used only where it is fast."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -24,7 +24,16 @@ def read_image(path: str | os.PathLike, what: str = "INPUT") -> sitk.Image:
     """Read a 3D scalar image from a file or a DICOM series folder, with one-line errors."""
     path = Path(path)
     if not path.exists():
+        blocked = next((p for p in path.absolute().parents if p.exists() and not os.access(p, os.X_OK)), None)
+        if blocked is not None:
+            raise InputError(f"cannot reach {what} {path}: the folder {blocked} cannot be opened (permission denied)")
         raise InputError(f"{what} {path} does not exist; check the path")
+    if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
+        raise InputError(f"cannot read {what} {path}: permission denied; make it readable or copy it")
+    if path.is_file() and _is_nifti(path):
+        problem = nifti_sform_problem(path)
+        if problem:
+            raise InputError(f"{what} {path}: {problem}")
     try:
         if path.is_dir():
             image = _read_dicom_series(path, what)
@@ -33,11 +42,47 @@ def read_image(path: str | os.PathLike, what: str = "INPUT") -> sitk.Image:
     except InputError:
         raise
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reader error"
-        raise InputError(f"cannot read {what} {path} ({first[:160]}); give a complete NIfTI, NRRD, MHA "
-                         "file or a DICOM series folder") from exc
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        # ITK reports a file it could not finish reading with a stale system error ("No such
+        # file or directory") although the file is there: say what it is instead.
+        lines = [ln for ln in lines if "No such file or directory" not in ln] or ["the file is incomplete or corrupt"]
+        reason = lines[-1].removeprefix("ITK ERROR: ")
+        raise InputError(f"cannot read {what} {path} ({reason[:160]}): the file is incomplete, corrupt or not an "
+                         "image; copy it again, or give a complete NIfTI, NRRD, MHA file or a DICOM series folder") \
+            from exc
     check_image(image, path, what)
     return image
+
+
+def nifti_sform_problem(path: Path) -> str | None:
+    """Why a NIfTI-1 file's sform cannot be honoured, or None. ITK represents only orthogonal
+    voxel axes; given a sheared sform it silently reads the qform instead, and every output
+    would then land on another grid than the one the file states."""
+    try:
+        opener = gzip.open if _is_gzip(path) else open
+        with opener(path, "rb") as f:
+            head = f.read(348)
+    except (OSError, EOFError):
+        return None  # the reader says what is wrong with the file
+    if len(head) < 348:
+        return None
+    endian = "<" if int(np.frombuffer(head[:4], "<i4")[0]) == 348 else ">"
+    if int(np.frombuffer(head[:4], endian + "i4")[0]) != 348:
+        return None
+    sform_code = int(np.frombuffer(head[254:256], endian + "i2")[0])
+    if sform_code <= 0:
+        return None
+    m = np.frombuffer(head[280:328], endian + "f4").reshape(3, 4)[:, :3].astype(float)
+    norms = np.linalg.norm(m, axis=0)
+    if not np.all(np.isfinite(m)) or np.any(norms == 0):
+        return "its sform (voxel-to-world matrix) is degenerate; fix the header"
+    cos = m / norms
+    off = np.abs(cos.T @ cos - np.eye(3)).max()
+    if off > 1e-3:
+        return (f"its sform (voxel-to-world matrix) has non-orthogonal axes (a shear of {np.degrees(np.arcsin(min(1.0, off))):.1f} "
+                "degrees); ITK would read the image on another grid and the results would be shifted. Resample it onto "
+                "an orthogonal grid (e.g. with the tool that wrote it) and try again")
+    return None
 
 
 def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
@@ -151,6 +196,24 @@ def same_grid(a: sitk.Image, b: sitk.Image, tol: float = GEOMETRY_TOLERANCE) -> 
             and np.allclose(a.GetOrigin()[:3], b.GetOrigin()[:3], rtol=tol, atol=tol * 10)
             and np.allclose(np.array(a.GetDirection()).reshape(a.GetDimension(), -1)[:3, :3],
                             np.array(b.GetDirection()).reshape(b.GetDimension(), -1)[:3, :3], atol=tol))
+
+
+def grid_difference(a: sitk.Image, b: sitk.Image, tol: float = GEOMETRY_TOLERANCE) -> str:
+    """What differs between the grids of ``a`` and ``b`` (size, spacing, origin, direction)."""
+    def fmt(values) -> str:
+        return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+    parts = []
+    if a.GetSize()[:3] != b.GetSize()[:3]:
+        parts.append(f"size {fmt(a.GetSize()[:3])} vs {fmt(b.GetSize()[:3])}")
+    if not np.allclose(a.GetSpacing()[:3], b.GetSpacing()[:3], rtol=tol, atol=tol):
+        parts.append(f"spacing {fmt(a.GetSpacing()[:3])} vs {fmt(b.GetSpacing()[:3])} mm")
+    if not np.allclose(a.GetOrigin()[:3], b.GetOrigin()[:3], rtol=tol, atol=tol * 10):
+        parts.append(f"origin {fmt(np.round(a.GetOrigin()[:3], 3))} vs {fmt(np.round(b.GetOrigin()[:3], 3))} mm")
+    da = np.array(a.GetDirection()).reshape(a.GetDimension(), -1)[:3, :3]
+    db = np.array(b.GetDirection()).reshape(b.GetDimension(), -1)[:3, :3]
+    if not np.allclose(da, db, atol=tol):
+        parts.append(f"direction {fmt(np.round(da.ravel(), 3))} vs {fmt(np.round(db.ravel(), 3))}")
+    return "; ".join(parts)
 
 
 def as_3d(image: sitk.Image) -> sitk.Image:

@@ -216,20 +216,22 @@ def validate_meta(meta: Any, path: Path | str = "model") -> ModelMeta:
     where = f"{path}: {META_FILE}"
     if not isinstance(meta, dict):
         raise PackageError(f"{where} is not a JSON object; reinstall the model")
-    try:
-        spec = ModelMeta.model_validate(meta)
-        arch_type = spec.architecture.type
-        detector = detectors.detector_for(arch_type)
-        if detector is None and arch_type not in BRAIN_EXTRACTION_TYPES:
-            raise PackageError(f"{path}: unknown architecture {arch_type!r}; this engine knows "
-                               f"{', '.join(ARCHITECTURE_TYPES)}. Update AnomalyLocalizer")
-        arch_model = detector.architecture if detector else UNetArchitecture
-        arch = arch_model.model_validate(meta["architecture"])
-        for key, model in (detector.settings if detector else {}).items():
-            if key in meta:
-                model.model_validate(meta[key])
-    except ValidationError as exc:
-        raise PackageError(f"{where}: {validation_message(exc)}; fix or re-export the model") from None
+    def check(model, value, prefix: str = ""):
+        try:
+            return model.model_validate(value)
+        except ValidationError as exc:
+            raise PackageError(f"{where}: {validation_message(exc, prefix)}; fix or re-export the model") from None
+
+    spec = check(ModelMeta, meta)
+    arch_type = spec.architecture.type
+    detector = detectors.detector_for(arch_type)
+    if detector is None and arch_type not in BRAIN_EXTRACTION_TYPES:
+        raise PackageError(f"{path}: unknown architecture {arch_type!r}; this engine knows "
+                           f"{', '.join(ARCHITECTURE_TYPES)}. Update AnomalyLocalizer")
+    arch = check(detector.architecture if detector else UNetArchitecture, meta["architecture"], "architecture")
+    for key, model in (detector.settings if detector else {}).items():
+        if key in meta:
+            check(model, meta[key], key)
     if arch.slice_size != spec.input_contract.slice_size:
         raise PackageError(f"{where}: architecture.slice_size {arch.slice_size} differs from input_contract.slice_size "
                            f"{spec.input_contract.slice_size}; re-export the model")

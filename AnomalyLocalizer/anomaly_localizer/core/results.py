@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -83,14 +84,60 @@ def level_block(package: ModelPackage, result: ScoreResult) -> dict[str, Any]:
 
 
 def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse to touch an existing DIR unless --force; refuse a file in its place."""
+    """Refuse, before any work, an output folder that cannot be written or replaced: an
+    existing DIR without --force, a file in its place, the current folder or one above it,
+    a parent folder that is missing or not writable."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder; choose another output folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise InputError(f"output folder {out} already exists; pass --force to replace it or choose another folder")
-    parent = out.resolve().parent
+    resolved = out.resolve()
+    cwd = Path.cwd().resolve()
+    if out.exists() and (resolved == cwd or resolved in cwd.parents):
+        raise InputError(f"--out {out} is the current folder or holds it; it cannot be replaced. Choose a new folder")
+    parent = resolved.parent
     if not parent.is_dir():
         raise InputError(f"the folder {parent} that should hold {out.name} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write into {parent} (permission denied); choose an --out folder you can write")
+    if out.exists() and any(out.iterdir()) and not os.access(resolved, os.W_OK | os.X_OK):
+        raise InputError(f"--force cannot replace {out}: its contents cannot be removed (permission denied); "
+                         "choose another --out folder")
+
+
+def _user_mode_dir(path: Path) -> None:
+    """Give a folder made by mkdtemp (mode 0700) the mode the user's umask gives new folders."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+
+
+def _publish(tmp: Path, out: Path, force: bool) -> None:
+    """Move the finished folder ``tmp`` to ``out``. Without ``force`` this never replaces a
+    folder that is not empty, so of two runs into one new folder exactly one succeeds. With
+    ``force`` the old folder is moved aside first and put back if the move fails."""
+    try:
+        os.rename(tmp, out)  # atomic; onto an empty folder it replaces it, onto a full one it fails
+        return
+    except OSError:
+        if not out.exists() or not force:
+            if out.exists():
+                raise InputError(f"output folder {out} was created by someone else while this run worked; "
+                                 "nothing was written. Choose another --out or pass --force") from None
+            raise
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+    try:
+        os.rename(out, old / out.name)
+    except OSError as exc:
+        old.rmdir()
+        raise InputError(f"--force could not replace {out} ({exc.strerror}); nothing was written") from None
+    try:
+        os.rename(tmp, out)
+    except OSError as exc:
+        os.rename(old / out.name, out)  # put the user's folder back
+        shutil.rmtree(old, ignore_errors=True)
+        raise InputError(f"could not replace {out} ({exc.strerror}); it was left as it was") from None
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def segmentation_from(heatmap: np.ndarray, mask: np.ndarray, threshold: float) -> np.ndarray:
@@ -144,6 +191,7 @@ def write_results(out: Path, reference: sitk.Image, result: ScoreResult, thresho
     parent = out.resolve().parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
     try:
+        _user_mode_dir(tmp)
         for method, arr in result.maps.items():
             write_image(image_like(arr.astype(np.float32), reference), tmp / f"{method}.nii.gz")
         seg = segmentation_from(result.maps[threshold.method], result.brain_mask, threshold.value)
@@ -159,13 +207,12 @@ def write_results(out: Path, reference: sitk.Image, result: ScoreResult, thresho
         if note:
             summary["note"] = note
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            out.rename(old / out.name)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        _publish(tmp, out, force)
+    except (OSError, RuntimeError) as exc:  # a full disk, a vanished folder, an ITK writer error
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1][:160]
+        raise InputError(f"could not write the results into {out} ({reason}); nothing was written. "
+                         "Free some space or choose another --out") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -205,10 +205,10 @@ class ModelMeta(Open):
     training: dict[str, Any] = {}
 
 
-def validation_message(exc: ValidationError) -> str:
-    """The first problem of a pydantic error as 'field a.b.0: what is wrong'."""
+def validation_message(exc: ValidationError, prefix: str = "") -> str:
+    """The first problem of a pydantic error as 'field a.b.0: what is wrong' (under ``prefix``)."""
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    where = ".".join([prefix] * bool(prefix) + [str(p) for p in err["loc"]]) or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     return f"field {where}: {msg}{more}"

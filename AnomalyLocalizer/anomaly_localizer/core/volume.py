@@ -31,7 +31,7 @@ import SimpleITK as sitk
 import torch
 
 from ..errors import InputError
-from .imageio import as_3d, same_grid
+from .imageio import as_3d, grid_difference, same_grid
 from .schema import InputContract, Normalisation
 
 log = logging.getLogger(__name__)
@@ -111,9 +111,8 @@ def brain_mask(image: sitk.Image, mask: sitk.Image | None,
     if mask is not None:
         mask = as_3d(mask)
         if not same_grid(image, mask):
-            raise InputError(
-                f"the mask is on another grid than the image (size {_fmt(mask.GetSize())} vs {_fmt(image.GetSize())}, "
-                f"spacing {_fmt(mask.GetSpacing())} vs {_fmt(image.GetSpacing())}); resample the mask onto the image")
+            raise InputError(f"the mask is on another grid than the image ({grid_difference(mask, image)}, mask vs "
+                             "image); resample the mask onto the image")
         m = sitk.GetArrayFromImage(mask) > 0
         if not m.any():
             raise InputError("the brain mask is empty (no voxel > 0); give a mask that covers the brain")
@@ -334,7 +333,3 @@ def image_like(arr: np.ndarray, reference: sitk.Image, pixel_type: int | None = 
         img = sitk.Cast(img, pixel_type)
     img.CopyInformation(as_3d(reference))
     return img
-
-
-def _fmt(values) -> str:
-    return "x".join(f"{v:g}" for v in values[:3])

@@ -100,7 +100,8 @@ def split_subjects(ids: list[str], seed: int, val_fraction: float, calibration_f
 
 @dataclass
 class SliceSet:
-    """Model slices of several subjects: x (N,1,S,S) float32, mask (N,1,S,S) bool."""
+    """Model slices of several subjects: x (N,C,S,S) float32 (C = the contract's context
+    slices, the slice itself in the middle), mask (N,1,S,S) bool of the middle slice."""
 
     x: torch.Tensor
     mask: torch.Tensor
@@ -129,7 +130,9 @@ def load_volume_slices(subject: Subject, contract: dict[str, Any]) -> tuple[np.n
     image = as_3d(read_image(subject.image))
     mask = as_3d(read_image(subject.mask, "MASK")) if subject.mask else None
     prepared = prepare_volume(image, brain_mask(image, mask), contract)
-    x = prepared.slices.numpy()
+    # 2.5D models see each slice with its neighbours as channels (the contract says how many).
+    context = int(contract.get("context_slices", 1)) if isinstance(contract, dict) else contract.context_slices
+    x = prepared.with_context(context).numpy()
     m = prepared.mask.numpy()
     pos = prepared.slice_positions().numpy()
     keep = m.reshape(len(m), -1).mean(1) >= MIN_BRAIN_FRACTION

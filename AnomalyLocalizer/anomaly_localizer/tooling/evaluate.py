@@ -34,6 +34,7 @@ from ..core.pipeline import score_volume
 from ..errors import InputError
 from .data import Subject
 from .metrics import auroc, average_precision, best_dice, dice_at
+from .hard_cases import SIZE_BINS
 from .synthetic import DEFORMATION_KINDS, make_case
 
 BASELINE = "baseline_intensity"
@@ -48,6 +49,45 @@ class Case:
     mask: sitk.Image | None
     label: np.ndarray  # bool, input array order
     group: str | None = None  # e.g. the synthetic anomaly's kind, for a per-kind breakdown
+    # bool maps (input array order) of the label's parts by kind and by size, for figures per
+    # group; None: the whole label belongs to ``group``
+    parts: dict[str, np.ndarray] | None = None
+    sizes: dict[str, np.ndarray] | None = None
+
+
+CASE_SETS = ("hard", "balls")  # hard: the default since 0.2; balls: one hard-edged ball per case (0.1's set)
+
+
+def hard_cases(subjects: list[Subject], per_subject: int = 2, seed: int = 0) -> Iterator[Case]:
+    """The harder set (:mod:`.hard_cases`): 1-3 ellipsoids of 6-20 mm per case, any contrast,
+    soft or hard edges, labelled where the image changed at all."""
+    from .hard_cases import make_hard_case
+    for i, s in enumerate(subjects):
+        image = as_3d(read_image(s.image))
+        mask_img = as_3d(read_image(s.mask, "MASK")) if s.mask else None
+        arr = sitk.GetArrayFromImage(image).astype(np.float32)
+        mask = sitk.GetArrayFromImage(mask_img) > 0 if mask_img is not None else arr != 0
+        for k in range(per_subject):
+            img, ids, anomalies = make_hard_case(arr, mask, image.GetSpacing()[::-1], seed=seed * 1000003 + i * 101 + k)
+            out = sitk.GetImageFromArray(img)
+            out.CopyInformation(image)
+            parts: dict[str, np.ndarray] = {}
+            sizes: dict[str, np.ndarray] = {}
+            for j, a in enumerate(anomalies):
+                if a.voxels:
+                    parts[a.kind] = parts.get(a.kind, np.zeros(ids.shape, bool)) | (ids == j + 1)
+                    sizes[a.size_bin] = sizes.get(a.size_bin, np.zeros(ids.shape, bool)) | (ids == j + 1)
+            kinds = "+".join(a.kind for a in anomalies)
+            yield Case(f"{s.id}#{k}:{kinds}", out, mask_img, ids > 0, anomalies[0].kind, parts, sizes)
+
+
+def case_set(name: str, subjects: list[Subject], per_subject: int = 2, seed: int = 0) -> Iterator[Case]:
+    """Synthetic cases of a named set (:data:`CASE_SETS`)."""
+    if name == "hard":
+        return hard_cases(subjects, per_subject, seed)
+    if name == "balls":
+        return synthetic_cases(subjects, per_subject, seed)
+    raise InputError(f"unknown case set {name!r}; choose from {', '.join(CASE_SETS)}")
 
 
 def synthetic_cases(subjects: list[Subject], per_subject: int = 2, seed: int = 0) -> Iterator[Case]:
@@ -102,6 +142,10 @@ def slice_top_mean(values: np.ndarray, brain: np.ndarray, axis: int, k: int = SL
     return np.where(finite, top, 0).sum(1) / np.maximum(finite.sum(1), 1)
 
 
+def _slice_counts(mask: np.ndarray, ax: int) -> np.ndarray:
+    return np.moveaxis(mask, ax, 0).reshape(mask.shape[ax], -1).sum(1)
+
+
 def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None) -> dict:
     """Metrics of every method over ``cases``. ``runs``: a package, or a list of
     (package, methods) whose methods join one table (e.g. the VAE and the LSR model)."""
@@ -112,12 +156,9 @@ def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None) ->
     methods = [m for _, ms, _ in loaded for m in ms]
     source = {m: p for p, ms, _ in loaded for m in ms}
     names = methods + [BASELINE]
-    pix = {m: [] for m in names}
-    labels, slice_labels, groups = [], [], []
+    records = []  # per case: brain voxel labels and scores, per-slice scores and counts
     slice_names: list[str] = []  # the models' own slice scores, as their results name them
-    slice_scores: dict[str, list] = {m: [] for m in names}
     seconds = {p.name: [] for p, _, _ in loaded}
-    n_cases = 0
     for case in cases:
         brain = None
         maps: dict[str, np.ndarray] = {}
@@ -130,75 +171,112 @@ def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None) ->
                 brain, axial_axis = res.brain_mask, res.axial_axis
             maps.update(res.maps)
             case_slice_scores.update({f"slice_{k}": v for k, v in res.slice_scores.items()})
+        slice_names = slice_names or list(case_slice_scores)
         maps[BASELINE] = baseline_map(case.image, brain)
         label = case.label & brain
-        labels.append(label[brain])
-        groups.append(case.group)
-        for m in names:
-            pix[m].append(maps[m][brain].astype(np.float32))
-        # slices along the input's axial axis
         ax = 2 - axial_axis  # numpy axis of the axial index
-        lesion_per_slice = np.moveaxis(label, ax, 0).reshape(label.shape[ax], -1).sum(1)
-        brain_per_slice = np.moveaxis(brain, ax, 0).reshape(label.shape[ax], -1).sum(1)
-        keep = (brain_per_slice > 0) & ((lesion_per_slice >= SLICE_MIN_LESION) | (lesion_per_slice == 0))
-        slice_labels.append(lesion_per_slice[keep] >= SLICE_MIN_LESION)
-        for m in names:
-            slice_scores[m].append(slice_top_mean(maps[m], brain, ax)[keep])
-        if not slice_names:
-            slice_names = list(case_slice_scores)
-            slice_scores.update({k: [] for k in slice_names})
-        for k in slice_names:
-            slice_scores[k].append(case_slice_scores[k][keep])
-        n_cases += 1
+        parts = case.parts if case.parts is not None else ({case.group: label} if case.group else {})
+        records.append({
+            "label": label[brain], "lesion_per_slice": _slice_counts(label, ax),
+            "brain_per_slice": _slice_counts(brain, ax),
+            "pix": {m: maps[m][brain].astype(np.float32) for m in names},
+            "slice": {**{m: slice_top_mean(maps[m], brain, ax) for m in names},
+                      **{k: case_slice_scores[k] for k in slice_names}},
+            "groups": {g: ((part & brain)[brain], _slice_counts(part & brain, ax))
+                       for g, part in {**parts, **(case.sizes or {})}.items()},
+            "kinds": list(parts), "sizes": list(case.sizes or {})})
         if progress:
             took = ", ".join(f"{n} {v[-1]:.1f} s" for n, v in seconds.items())
             progress(f"{case.id}: {took}, {int(label.sum())} lesion voxels")
-    y = np.concatenate(labels)
-    ys = np.concatenate(slice_labels)
+    if not records:
+        raise InputError("no cases to evaluate")
+    y = np.concatenate([r["label"] for r in records])
     table = {}
     for m in names:
-        s = np.concatenate(pix[m])
+        s = np.concatenate([r["pix"][m] for r in records])
         row = {"pixel_auroc": auroc(s, y), "pixel_ap": average_precision(s, y)}
         row["best_dice"], row["best_dice_threshold"] = best_dice(s, y)
         calibrated = source[m].default_threshold(m) if m != BASELINE else None
         row["dice_at_calibrated"] = dice_at(s, y, calibrated[0]) if calibrated else None
         row["healthy_voxels_flagged_at_calibrated"] = float((s[~y] > calibrated[0]).mean()) if calibrated else None
-        ss = np.concatenate(slice_scores[m])
-        row["slice_auroc"], row["slice_ap"] = auroc(ss, ys), average_precision(ss, ys)
+        row["slice_auroc"], row["slice_ap"] = _slice_metrics(records, m, None)
         if m != BASELINE:
             row["model"] = source[m].name
         table[m] = row
     for k in slice_names:
-        ss = np.concatenate(slice_scores[k])
-        table[k] = {"slice_auroc": auroc(ss, ys), "slice_ap": average_precision(ss, ys)}
-    kinds = sorted({g for g in groups if g})
-    subsets = [(g, [i for i, gi in enumerate(groups) if gi == g]) for g in kinds]
-    if any(g in DEFORMATION_KINDS for g in kinds) and any(g not in DEFORMATION_KINDS for g in kinds):
-        subsets.append((INTENSITY_ONLY, [i for i, gi in enumerate(groups) if gi and gi not in DEFORMATION_KINDS]))
-    for g, idx in subsets:
-        yg = np.concatenate([labels[i] for i in idx])
-        ysg = np.concatenate([slice_labels[i] for i in idx])
-        for m in names:
-            ap = average_precision(np.concatenate([pix[m][i] for i in idx]), yg) if yg.any() else None
-            sa = auroc(np.concatenate([slice_scores[m][i] for i in idx]), ysg) if 0 < ysg.sum() < ysg.size else None
-            if g == INTENSITY_ONLY:
-                table[m]["intensity_anomalies_only"] = {"pixel_ap": ap, "slice_auroc": sa}
-            else:
-                table[m].setdefault("pixel_ap_by_kind", {})[g] = ap
-                table[m].setdefault("slice_auroc_by_kind", {})[g] = sa
+        table[k] = dict(zip(("slice_auroc", "slice_ap"), _slice_metrics(records, k, None)))
+    kinds = sorted({g for r in records for g in r["kinds"]})
+    sizes = [name for name, _, _ in SIZE_BINS if any(name in r["sizes"] for r in records)]
+    intensity = [g for g in kinds if g not in DEFORMATION_KINDS]
+    for m in names:
+        for key, groups in (("by_kind", kinds), ("by_size", sizes)):
+            for g in groups:
+                table[m].setdefault(f"pixel_ap_{key}", {})[g] = _group_ap(records, m, [g])
+                table[m].setdefault(f"slice_auroc_{key}", {})[g] = _slice_metrics(records, m, [g])[0]
+        if intensity and len(intensity) < len(kinds):
+            table[m]["intensity_anomalies_only"] = {"pixel_ap": _group_ap(records, m, intensity),
+                                                    "slice_auroc": _slice_metrics(records, m, intensity)[0]}
     base_ap = table[BASELINE]["pixel_ap"]
     for m in methods:
         table[m]["beats_baseline"] = bool(table[m]["pixel_ap"] > base_ap)
     first = loaded[0][0]
+    normal = sum(int(((r["brain_per_slice"] > 0) & (r["lesion_per_slice"] == 0)).sum()) for r in records)
+    abnormal = sum(int((r["lesion_per_slice"] >= SLICE_MIN_LESION).sum()) for r in records)
     return {"model": " + ".join(p.name for p, _, _ in loaded), "model_manifest_sha256": first.manifest_sha256,
             "models": {p.name: {"manifest_sha256": p.manifest_sha256, "methods": ms,
                                 "seconds_per_case": float(np.mean(seconds[p.name])) if seconds[p.name] else None}
                        for p, ms, _ in loaded},
-            "cases": n_cases, "lesion_voxels": int(y.sum()), "brain_voxels": int(y.size),
-            "cases_by_kind": {g: groups.count(g) for g in sorted({g for g in groups if g})},
-            "abnormal_slices": int(ys.sum()), "normal_slices": int((~ys).sum()),
-            "seconds_per_case": float(sum(np.mean(v) for v in seconds.values() if v)) if n_cases else None,
+            "cases": len(records), "lesion_voxels": int(y.sum()), "brain_voxels": int(y.size),
+            "cases_by_kind": {g: sum(g in r["kinds"] for r in records) for g in kinds},
+            "cases_by_size": {g: sum(g in r["sizes"] for r in records) for g in sizes},
+            "abnormal_slices": abnormal, "normal_slices": normal,
+            "seconds_per_case": float(sum(np.mean(v) for v in seconds.values() if v)),
             "methods": table}
+
+
+def _with_groups(records: list[dict], groups: list[str] | None) -> list[dict]:
+    """The cases that hold an anomaly of ``groups`` (all cases for None)."""
+    return records if groups is None else [r for r in records if any(g in r["groups"] for g in groups)]
+
+
+def _group_ap(records: list[dict], m: str, groups: list[str]) -> float | None:
+    """Pixel AP over the cases holding anomalies of ``groups``: their voxels are the
+    positives, the normal brain voxels of those cases the negatives, and other anomalies'
+    voxels are left out."""
+    ys, ss = [], []
+    for r in _with_groups(records, groups):
+        pos = np.zeros_like(r["label"])
+        for g in groups:
+            if g in r["groups"]:
+                pos |= r["groups"][g][0]
+        keep = ~r["label"] | pos
+        ys.append(pos[keep])
+        ss.append(r["pix"][m][keep])
+    if not ys:
+        return None
+    y = np.concatenate(ys)
+    return average_precision(np.concatenate(ss), y) if y.any() else None
+
+
+def _slice_metrics(records: list[dict], m: str, groups: list[str] | None) -> tuple[float | None, float | None]:
+    """Slice AUROC and AP: a slice is abnormal with at least SLICE_MIN_LESION lesion voxels
+    (of ``groups``, when given, over the cases that hold such anomalies), normal with none;
+    others are left out."""
+    ys, ss = [], []
+    for r in _with_groups(records, groups):
+        lesion = r["lesion_per_slice"]
+        pos_count = lesion if groups is None else sum((r["groups"][g][1] for g in groups if g in r["groups"]),
+                                                      np.zeros_like(lesion))
+        pos = pos_count >= SLICE_MIN_LESION
+        keep = (r["brain_per_slice"] > 0) & (pos | (lesion == 0))
+        ys.append(pos[keep])
+        ss.append(np.asarray(r["slice"][m])[keep])
+    if not ys:
+        return None, None
+    y, s = np.concatenate(ys), np.concatenate(ss)
+    if not 0 < y.sum() < y.size:
+        return None, None
+    return auroc(s, y), average_precision(s, y)
 
 
 def format_table(result: dict) -> str:
@@ -214,15 +292,17 @@ def format_table(result: dict) -> str:
             cells.append(f"{'-' if v is None else f'{v:.3f}':>20}")
         note = "" if row.get("beats_baseline", True) else "   (does not beat the baseline)"
         lines.append(f"{m:<20}" + "".join(cells) + note)
-    kinds = result.get("cases_by_kind") or {}
-    fmt = lambda v: f"{'-' if v is None else f'{v:.3f}':>16}"
-    for key, what in (("pixel_ap_by_kind", "pixel AP"), ("slice_auroc_by_kind", "slice AUROC")):
-        if kinds and any(row.get(key) for row in result["methods"].values()):
-            lines.append(f"{what} by anomaly kind (cases):")
-            lines.append(f"{'method':<20}" + "".join(f"{f'{k} ({n})':>16}" for k, n in kinds.items()))
-            for m, row in result["methods"].items():
-                if row.get(key):
-                    lines.append(f"{m:<20}" + "".join(fmt(row[key].get(k)) for k in kinds))
+    fmt = lambda v: f"{'-' if v is None else f'{v:.3f}':>16}"  # noqa: E731
+    for group, title in (("kind", "anomaly kind"), ("size", "anomaly size")):
+        counts = result.get(f"cases_by_{group}") or {}
+        for key, what in ((f"pixel_ap_by_{group}", "pixel AP"), (f"slice_auroc_by_{group}", "slice AUROC")):
+            if counts and any(row.get(key) for row in result["methods"].values()):
+                lines.append(f"{what} by {title} (cases):")
+                heads = [f"{k.split(' (')[0]} ({n})" for k, n in counts.items()]
+                lines.append(f"{'method':<20}" + "".join(f"{h:>16}" for h in heads))
+                for m, row in result["methods"].items():
+                    if row.get(key):
+                        lines.append(f"{m:<20}" + "".join(fmt(row[key].get(k)) for k in counts))
     if any(row.get("intensity_anomalies_only") for row in result["methods"].values()):
         lines.append(f"{INTENSITY_ONLY}:")
         lines.append(f"{'method':<20}{'pixel AP':>16}{'slice AUROC':>16}")

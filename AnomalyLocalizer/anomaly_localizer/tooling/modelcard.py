@@ -41,29 +41,6 @@ def _limitations(meta: dict[str, Any]) -> str:
     return "## Known limitations\n" + "\n".join(f"- {x}" for x in items) + "\n\n"
 
 
-def _architecture_lines(meta: dict[str, Any]) -> str:
-    arch = meta["architecture"]
-    if arch["type"] == "vqvae-lsr":
-        vq, pr = arch["vqvae"], arch["prior"]
-        grid = arch["slice_size"] // 2 ** len(vq["feature_maps"])
-        sc = meta.get("lsr", {})
-        return (f"- Architecture: VQ-VAE (feature maps {vq['feature_maps']}, {vq['residual_blocks']} residual blocks, "
-                f"codebook of {vq['codebook_size']} vectors of {vq['embedding_dim']}, code grid {grid}x{grid}; L1 "
-                f"reconstruction, commitment {vq['commitment']:g}) and a PixelSNAIL-style autoregressive prior over its "
-                f"codes ({pr['blocks']} gated residual blocks of {pr['channels']} channels, causal self-attention with "
-                f"{pr['attention_heads']} heads), conditioned on the slice's position in the brain "
-                "(Naval Marimont & Tarroni 2021).\n"
-                f"- Scoring (`lsr` in `model.json`): slice score = sum of code NLLs above lambda_s = {sc.get('lambda_s')}; "
-                f"pixel score from {sc.get('samples')} restorations resampling codes with NLL above lambda_p = "
-                f"{sc.get('lambda_p')}, weighted with temperature k = {sc.get('temperature')}, "
-                f"{sc.get('min_pool')}x{sc.get('min_pool')} min-pool, {sc.get('avg_pool')}x{sc.get('avg_pool')} "
-                f"average-pool, seed {sc.get('seed')}.")
-    return (f"- Architecture: {arch['type'].upper()} (Zimmerer et al. 2019"
-            f"{', context-encoding' if arch['type'] == 'cevae' else ''}),\n"
-            f"  feature maps {arch['feature_maps']}, latent size {arch['latent_size']}, Gaussian likelihood "
-            f"c = {arch['likelihood_std']:g}.")
-
-
 def _restoration_lines(meta: dict[str, Any]) -> str:
     r = meta.get("restoration")
     if not r:
@@ -98,23 +75,9 @@ def _smoothing_lines(meta: dict[str, Any]) -> str:
             "Thresholds are calibrated on the smoothed maps.\n")
 
 
-def _schedule_lines(meta: dict[str, Any]) -> str:
-    training = meta.get("training", {})
-    cfg = training.get("config", {})
-    if meta["architecture"]["type"] == "vqvae-lsr":
-        vq, pr = training.get("vqvae", {}), training.get("prior", {})
-        return (f"- Schedule: Adam (VQ-VAE {cfg.get('vqvae_learning_rate')}, prior {cfg.get('prior_learning_rate')}), "
-                f"divided by 10 on a validation plateau, early stop after {cfg.get('early_stop_patience')} epochs "
-                f"without improvement; VQ-VAE best epoch {vq.get('best_epoch')} of {vq.get('epochs_run')} (validation L1 "
-                f"{vq.get('best_val_loss', float('nan')):.4f}), prior best epoch {pr.get('best_epoch')} of "
-                f"{pr.get('epochs_run')} (validation NLL {pr.get('best_val_loss', float('nan')):.3f} nats per code); "
-                f"{training.get('codebook_entries_used', '?')} codebook entries in use; batch {cfg.get('batch_size')}; "
-                "VQ-VAE augmentation as the VAE's, prior trained on the code grids and their mirror images.")
-    return (f"- Schedule: Adam, learning rate {cfg.get('learning_rate', '?')}, divided by 10 on a validation plateau, "
-            f"early stop\n  after {cfg.get('early_stop_patience', '?')} epochs without improvement; best epoch "
-            f"{training.get('best_epoch', '?')}\n  of {training.get('epochs_run', '?')}; batch {cfg.get('batch_size', '?')}; "
-            f"augmentation: left-right flips, rotations\n  up to {cfg.get('rotate_deg', '?')} degrees, scaling "
-            f"+-{cfg.get('scale_range', '?')}, brightness, noise.")
+def _family_lines(package: ModelPackage) -> str:
+    """Architecture, scoring and training schedule, as the model's detector family describes them."""
+    return "\n".join(package.detector.describe(package.meta))
 
 
 def render_card(package: ModelPackage, extra_sections: str = "") -> str:
@@ -130,7 +93,7 @@ def render_card(package: ModelPackage, extra_sections: str = "") -> str:
 {meta.get('description', '')}
 
 ## Model
-{_architecture_lines(meta)}
+{_family_lines(package)}
 - Input contract: {contract['modality']} brain MRI, {contract['orientation']} slices of
   {contract['slice_size']}x{contract['slice_size']} pixels at {contract['spacing_mm']:g} mm
   (field of view {contract['slice_size'] * contract['spacing_mm']:g} mm, centred on the brain), intensities normalised per
@@ -145,7 +108,6 @@ def render_card(package: ModelPackage, extra_sections: str = "") -> str:
 - Split by subject (seed {cfg.get('seed', '?')}): {len(subjects.get('train', []))} training,
   {len(subjects.get('val', []))} validation, {len(subjects.get('calibration', []))} calibration,
   {len(subjects.get('test', []))} held-back test subjects (lists in `model.json`, `provenance.subjects`).
-{_schedule_lines(meta)}
 - Reproduce: `{meta.get('reproduce', 'anomaly-localizer train DATA --out DIR --config config.json')}`
 
 {INTENDED}

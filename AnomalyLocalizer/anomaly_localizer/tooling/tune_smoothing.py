@@ -53,14 +53,15 @@ def choose_smoothing(raw_cases: list[dict[str, Any]], methods: list[str],
 
 
 def tune_package(package, subjects, per_subject: int = 2, device: str = "cpu",
-                 progress: Callable[[str], None] | None = None, methods: list[str] | None = None) -> dict[str, Any]:
+                 progress: Callable[[str], None] | None = None, methods: list[str] | None = None,
+                 cases: str = "hard") -> dict[str, Any]:
     """Score synthetic anomalies in healthy ``subjects`` without smoothing and return the
     package's new ``map_smoothing`` block. With ``methods``, only those are tuned (and
     scored, which saves the restoration's minutes when it is not among them); the other
     methods keep the widths and selection curves the package already has."""
     from ..core.device import select_device
     from ..core.pipeline import check_methods, score_volume
-    from .evaluate import synthetic_cases
+    from .evaluate import case_set
 
     dev = select_device(device)
     model = package.load_model(dev)
@@ -71,11 +72,13 @@ def tune_package(package, subjects, per_subject: int = 2, device: str = "cpu",
     kept = {m: v for m, v in old.items() if m != "selection" and m not in methods}
     old_selection = old.get("selection", {})
     here = {"subjects": [s.id for s in subjects], "per_subject": per_subject, "seed": TUNING_SEED}
+    if cases != "balls":  # packages tuned before the hard set record no case set: balls
+        here["case_set"] = cases
     if kept and any(old_selection.get(k) != v for k, v in here.items()):
         raise InputError("the methods not tuned now were tuned on other cases (subjects, per-subject or seed "
                          "differ); tune every method together (leave out --method)")
     raw = []
-    for case in synthetic_cases(subjects, per_subject=per_subject, seed=TUNING_SEED):
+    for case in case_set(cases, subjects, per_subject=per_subject, seed=TUNING_SEED):
         res = score_volume(case.image, package, methods, mask=case.mask, device=str(dev), model=model,
                            smoothing=False)
         raw.append({"maps": res.maps, "brain": res.brain_mask, "label": case.label & res.brain_mask,

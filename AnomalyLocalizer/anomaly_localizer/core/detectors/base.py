@@ -83,3 +83,10 @@ class Detector:
     def score(self, net, prepared, package, methods: list[str], ctx: ScoringContext) -> DetectorOutput:
         """Maps and slice scores of ``prepared`` (all brain slices of one volume) for ``methods``."""
         raise NotImplementedError
+
+    def describe(self, meta: dict[str, Any]) -> list[str]:
+        """Markdown bullets for the model card: architecture, scoring settings, training schedule."""
+        arch = {k: v for k, v in meta["architecture"].items() if k != "type"}
+        training = meta.get("training", {})
+        return [f"- Architecture: {meta['architecture']['type']} {arch}.",
+                f"- Training: {', '.join(f'{k} {v}' for k, v in training.items() if not isinstance(v, (dict, list)))}."]

@@ -59,6 +59,34 @@ class LSRDetector(Detector):
     settings = {"lsr": LSRScoring}
     example_model = "an LSR model (e.g. brain-t1-lsr)"
 
+    def describe(self, meta: dict[str, Any]) -> list[str]:
+        arch = meta["architecture"]
+        vq, pr = arch["vqvae"], arch["prior"]
+        grid = arch["slice_size"] // 2 ** len(vq["feature_maps"])
+        sc = meta.get("lsr", {})
+        training = meta.get("training", {})
+        cfg = training.get("config", {})
+        tv, tp = training.get("vqvae", {}), training.get("prior", {})
+        return [
+            f"- Architecture: VQ-VAE (feature maps {vq['feature_maps']}, {vq['residual_blocks']} residual blocks, "
+            f"codebook of {vq['codebook_size']} vectors of {vq['embedding_dim']}, code grid {grid}x{grid}; L1 "
+            f"reconstruction, commitment {vq['commitment']:g}) and a PixelSNAIL-style autoregressive prior over its "
+            f"codes ({pr['blocks']} gated residual blocks of {pr['channels']} channels, causal self-attention with "
+            f"{pr['attention_heads']} heads), conditioned on the slice's position in the brain "
+            "(Naval Marimont & Tarroni 2021).",
+            f"- Scoring (`lsr` in `model.json`): slice score = sum of code NLLs above lambda_s = {sc.get('lambda_s')}; "
+            f"pixel score from {sc.get('samples')} restorations resampling codes with NLL above lambda_p = "
+            f"{sc.get('lambda_p')}, weighted with temperature k = {sc.get('temperature')}, "
+            f"{sc.get('min_pool')}x{sc.get('min_pool')} min-pool, {sc.get('avg_pool')}x{sc.get('avg_pool')} "
+            f"average-pool, seed {sc.get('seed')}.",
+            f"- Schedule: Adam (VQ-VAE {cfg.get('vqvae_learning_rate')}, prior {cfg.get('prior_learning_rate')}), "
+            f"divided by 10 on a validation plateau, early stop after {cfg.get('early_stop_patience')} epochs "
+            f"without improvement; VQ-VAE best epoch {tv.get('best_epoch')} of {tv.get('epochs_run')} (validation L1 "
+            f"{tv.get('best_val_loss', float('nan')):.4f}), prior best epoch {tp.get('best_epoch')} of "
+            f"{tp.get('epochs_run')} (validation NLL {tp.get('best_val_loss', float('nan')):.3f} nats per code); "
+            f"{training.get('codebook_entries_used', '?')} codebook entries in use; batch {cfg.get('batch_size')}; "
+            "VQ-VAE augmentation as the VAE's, prior trained on the code grids and their mirror images."]
+
     def build_network(self, architecture: dict[str, Any]):
         from ..models.lsr import build_lsr
         return build_lsr(LSRArchitecture.model_validate(architecture).model_dump())

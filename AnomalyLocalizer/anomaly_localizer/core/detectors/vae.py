@@ -70,6 +70,21 @@ class VAEDetector(Detector):
     settings = {"restoration": RestorationSettings}
     example_model = "a VAE model (e.g. brain-t1-vae)"
 
+    def describe(self, meta: dict[str, Any]) -> list[str]:
+        arch = meta["architecture"]
+        training = meta.get("training", {})
+        cfg = training.get("config", {})
+        return [
+            f"- Architecture: {arch['type'].upper()} (Zimmerer et al. 2019"
+            f"{', context-encoding' if arch['type'] == 'cevae' else ''}),\n"
+            f"  feature maps {arch['feature_maps']}, latent size {arch['latent_size']}, Gaussian likelihood "
+            f"c = {arch['likelihood_std']:g}.",
+            f"- Schedule: Adam, learning rate {cfg.get('learning_rate', '?')}, divided by 10 on a validation plateau, "
+            f"early stop\n  after {cfg.get('early_stop_patience', '?')} epochs without improvement; best epoch "
+            f"{training.get('best_epoch', '?')}\n  of {training.get('epochs_run', '?')}; batch {cfg.get('batch_size', '?')}; "
+            f"augmentation: left-right flips, rotations\n  up to {cfg.get('rotate_deg', '?')} degrees, scaling "
+            f"+-{cfg.get('scale_range', '?')}, brightness, noise."]
+
     def build_network(self, architecture: dict[str, Any]):
         from ..models.vae import ConvVAE
         arch = VAEArchitecture.model_validate(architecture)

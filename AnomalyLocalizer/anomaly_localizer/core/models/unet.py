@@ -1,4 +1,10 @@
-"""A small 2D U-Net for brain extraction on axial slices (one logit per pixel: brain)."""
+"""A 2D U-Net on axial slices: brain extraction (one logit per pixel) and the denoising
+autoencoder of :mod:`anomaly_localizer.core.detectors.dae` (the middle slice, restored).
+
+``in_channels`` > 1 takes neighbouring slices as channels (2.5D). ``norm`` is "batch"
+(brain extraction, as trained) or "group" (GroupNorm: independent of the batch, so a slice
+scores the same alone or with others).
+"""
 
 from __future__ import annotations
 
@@ -6,32 +12,39 @@ import torch
 from torch import nn
 
 
-def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.01),
-                         nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.01))
+def _norm(kind: str, channels: int, groups: int) -> nn.Module:
+    if kind == "group":
+        return nn.GroupNorm(min(groups, channels), channels)
+    return nn.BatchNorm2d(channels)
+
+
+def _block(cin: int, cout: int, norm: str = "batch", groups: int = 8) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), _norm(norm, cout, groups), nn.LeakyReLU(0.01),
+                         nn.Conv2d(cout, cout, 3, padding=1), _norm(norm, cout, groups), nn.LeakyReLU(0.01))
 
 
 class UNet2D(nn.Module):
     """U-Net with ``len(feature_maps)`` resolution levels; slice_size must divide by 2**(levels-1)."""
 
-    def __init__(self, slice_size: int = 128, feature_maps=(16, 32, 64, 128), **_):
+    def __init__(self, slice_size: int = 128, feature_maps=(16, 32, 64, 128), in_channels: int = 1,
+                 norm: str = "batch", groups: int = 8, **_):
         super().__init__()
         self.slice_size = int(slice_size)
         maps = [int(m) for m in feature_maps]
         self.down = nn.ModuleList()
-        cin = 1
+        cin = int(in_channels)
         for m in maps:
-            self.down.append(_block(cin, m))
+            self.down.append(_block(cin, m, norm, groups))
             cin = m
         self.up = nn.ModuleList()
         self.merge = nn.ModuleList()
         for m_hi, m_lo in zip(maps[-2::-1], maps[:0:-1]):
             self.up.append(nn.ConvTranspose2d(m_lo, m_hi, 2, stride=2))
-            self.merge.append(_block(2 * m_hi, m_hi))
+            self.merge.append(_block(2 * m_hi, m_hi, norm, groups))
         self.head = nn.Conv2d(maps[0], 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N,1,S,S) -> brain logits (N,1,S,S)."""
+        """x (N,C,S,S) -> (N,1,S,S): brain logits, or the restored middle slice."""
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else nn.functional.max_pool2d(x, 2))

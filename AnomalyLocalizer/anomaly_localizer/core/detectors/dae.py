@@ -1,0 +1,142 @@
+"""The coarse-noise denoising autoencoder (Kascenas, Pugeault, O'Neil, MIDL 2022).
+
+A U-Net learned to remove coarse noise (Gaussian noise drawn on a coarse grid, upsampled,
+added inside the brain) from healthy slices, so it maps a slice onto a healthy one; what it
+changes is the anomaly. Here it works at the data's 2 mm in-plane and sees the slice with
+its neighbours (``context_slices`` channels, 2.5D); it restores the middle slice.
+
+Pixel score ``dae``: |x - x_hat| inside the brain mask eroded by ``erode_px`` model pixels (the
+brain's edge is where every reconstruction errs), median filtered (``median_px``), then the
+package's 3D smoothing like every map. Slice score ``dae``: the mean of the slice's
+``slice_top_k`` highest pixel scores. Training: :mod:`anomaly_localizer.tooling.train_dae`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from ..schema import Channels, SliceSize, Strict
+from .base import Detector, DetectorOutput, ScoringContext
+
+BATCH_SLICES = 32
+
+
+class DAEArchitecture(Strict):
+    type: Literal["unet-dae"] = "unet-dae"
+    slice_size: SliceSize = 112
+    in_channels: Annotated[int, Field(ge=1, le=9)] = 3
+    feature_maps: Annotated[list[Channels], Field(min_length=2, max_length=7)] = [16, 32, 64, 128]
+    groups: Annotated[int, Field(ge=1, le=64)] = 8
+
+    @model_validator(mode="after")
+    def _divisible(self) -> "DAEArchitecture":
+        if self.slice_size % (2 ** (len(self.feature_maps) - 1)):
+            raise ValueError(f"slice_size {self.slice_size} is not divisible by 2**{len(self.feature_maps) - 1}")
+        return self
+
+
+class DAEScoring(Strict):
+    """The ``dae`` block of model.json; keys left out take :data:`DEFAULT_DAE_SCORING`."""
+
+    erode_px: Annotated[int, Field(ge=0, le=10)] | None = None
+    median_px: Annotated[int, Field(ge=1, le=15)] | None = None
+    slice_top_k: Annotated[int, Field(ge=1, le=10000)] | None = None
+
+
+DEFAULT_DAE_SCORING: dict[str, Any] = {"erode_px": 2, "median_px": 5, "slice_top_k": 20}
+
+
+class DAEDetector(Detector):
+    name = "dae"
+    order = 20
+    types = ("unet-dae",)
+    methods = ("dae",)
+    method_help = {"dae": "coarse-noise denoising autoencoder (Kascenas et al.): |x - x_hat| of a U-Net that removes "
+                          "coarse noise from healthy slices, 2 mm, neighbouring slices as input"}
+    slice_scores = ("dae",)
+    volume_score_meaning = "mean dae slice score (its top pixel scores) of the 10 % most anomalous brain slices"
+    architecture = DAEArchitecture
+    settings = {"dae": DAEScoring}
+    example_model = "a denoising autoencoder model (e.g. brain-t1-dae)"
+
+    def describe(self, meta: dict[str, Any]) -> list[str]:
+        arch, sc = meta["architecture"], {**DEFAULT_DAE_SCORING, **meta.get("dae", {})}
+        training = meta.get("training", {})
+        cfg = training.get("config", {})
+        return [
+            f"- Architecture: 2D U-Net (feature maps {arch['feature_maps']}, GroupNorm in groups of up to "
+            f"{arch['groups']}), input the slice and its neighbours ({arch['in_channels']} channels, 2.5D), output the "
+            "restored middle slice (Kascenas et al. 2022).",
+            f"- Training: coarse noise of standard deviation {cfg.get('noise_std')} (normalised intensity; the brain's "
+            f"inter-quartile range is 0.25) drawn on a {cfg.get('noise_res')}x{cfg.get('noise_res')} grid, upsampled, "
+            "rolled and added inside the brain; squared error inside the brain; augmentation: left-right flips, "
+            f"contrast +-{cfg.get('contrast')}, gamma exp(+-{cfg.get('gamma')}), bias field +-{cfg.get('bias_field')}; "
+            f"AdamW {cfg.get('learning_rate')}, cosine schedule, {training.get('steps_run')} steps of "
+            f"{cfg.get('batch_size')} slices, best validation loss at step {training.get('best_step')} "
+            f"({'bf16' if training.get('bf16') else 'float32'}).",
+            f"- Scoring (`dae` in `model.json`): |x - x_hat| inside the brain eroded by {sc['erode_px']} pixels, "
+            f"{sc['median_px']}x{sc['median_px']} median filter; slice score = mean of the slice's "
+            f"{sc['slice_top_k']} highest pixel scores."]
+
+    def build_network(self, architecture: dict[str, Any]):
+        from ..models.unet import UNet2D
+        arch = DAEArchitecture.model_validate(architecture)
+        return UNet2D(slice_size=arch.slice_size, feature_maps=arch.feature_maps, in_channels=arch.in_channels,
+                      norm="group", groups=arch.groups)
+
+    def score(self, net, prepared, package, methods: list[str], ctx: ScoringContext) -> DetectorOutput:
+        import torch
+
+        from ...errors import CancelledError
+
+        params = {**DEFAULT_DAE_SCORING, **package.settings("dae")}
+        x = prepared.with_context(package.contract.context_slices)
+        n = x.shape[0]
+        restored = []
+        with torch.no_grad():
+            for s in range(0, n, BATCH_SLICES):
+                if ctx.cancel is not None and ctx.cancel():
+                    raise CancelledError("cancelled by the user")
+                restored.append(net(x[s:s + BATCH_SLICES].to(ctx.device)).float().cpu())
+                ctx.report(min(n, s + BATCH_SLICES) / n, f"restored {min(n, s + BATCH_SLICES)}/{n} slices")
+        middle = x[:, x.shape[1] // 2: x.shape[1] // 2 + 1]
+        pixel = residual_map(middle, torch.cat(restored), prepared.mask, int(params["erode_px"]),
+                             int(params["median_px"]))
+        return DetectorOutput(maps={"dae": pixel}, slice_scores={"dae": top_k_mean(pixel, int(params["slice_top_k"]))})
+
+
+def erode(mask, radius: int):
+    """(N,1,S,S) bool mask eroded by a square of side 2 * radius + 1."""
+    import torch.nn.functional as F
+    if radius <= 0:
+        return mask
+    k = 2 * radius + 1
+    return -F.max_pool2d(-mask.float(), k, stride=1, padding=radius) > 0.5
+
+
+def median_filter(maps, size: int):
+    """(N,S,S) maps, median over size x size neighbourhoods (zero padding), same size."""
+    import torch.nn.functional as F
+    if size <= 1:
+        return maps
+    n, h, w = maps.shape
+    patches = F.unfold(maps[:, None], size, padding=size // 2)  # (N, size*size, H*W)
+    return patches.median(dim=1).values.view(n, h, w)
+
+
+def residual_map(x, x_hat, mask, erode_px: int, median_px: int):
+    """|x - x_hat| (N,S,S) inside the eroded brain, median filtered; 0 outside the brain."""
+    inner = erode(mask, erode_px)[:, 0]
+    resid = (x - x_hat).abs()[:, 0] * inner
+    return median_filter(resid, median_px) * mask[:, 0]
+
+
+def top_k_mean(maps, k: int):
+    """Per slice (N,): the mean of its k highest values."""
+    flat = maps.flatten(1)
+    return flat.topk(min(k, flat.shape[1]), dim=1).values.mean(1)
+
+
+DETECTOR = DAEDetector()

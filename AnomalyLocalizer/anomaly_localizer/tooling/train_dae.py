@@ -1,0 +1,263 @@
+"""``anomaly-localizer train-dae``: the coarse-noise denoising autoencoder
+(:mod:`anomaly_localizer.core.detectors.dae`; Kascenas et al., MIDL 2022).
+
+Healthy 2.5D slices (the slice and its neighbours as channels, 2 mm in-plane) get coarse
+noise: Gaussian noise drawn on a ``noise_res`` x ``noise_res`` grid, upsampled bilinearly
+to the slice, randomly rolled, and added inside the brain (the same field on every channel,
+as a 3D structure would span neighbouring slices). The U-Net learns to return the clean
+middle slice; the loss is the squared error inside its brain. Too weak a noise and the
+skip connections learn to copy anomalies through; the noise scale is chosen on validation
+cases (README, "Results").
+
+Against scanner differences, each training slice also gets a random contrast, gamma and
+smooth multiplicative bias field inside the brain (all channels alike).
+
+Steps, not epochs: AdamW with a cosine schedule, a validation loss (fixed noise on the
+validation subjects' slices) every ``validate_every`` steps, the best weights kept, a
+checkpoint (safetensors + JSON) at each validation that ``--resume`` continues from. The
+random draws of a step depend only on the seed and the step, so a resumed run makes the
+same draws as an uninterrupted one. bf16 autocast with channels-last tensors on CPUs that
+have bf16 matrix instructions; elsewhere float32, because emulated bf16 made a step ten
+times slower on an AVX2 machine (the validation loss is always computed in float32).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import __version__
+from ..core.detectors.dae import DEFAULT_DAE_SCORING, DAEArchitecture
+from ..core.device import configure_threads, cpu_has_bf16, select_device
+from ..core.package import build_network, save_package
+from ..core.volume import NORMALISATION
+from ..errors import InputError
+from .data import SliceSet, find_subjects, load_slices, split_subjects
+from .train import _load_checkpoint, _save_checkpoint, read_config_values
+
+VALIDATION_SLICES = 384
+
+
+@dataclass
+class DAETrainConfig:
+    architecture: dict[str, Any] = field(default_factory=lambda: DAEArchitecture().model_dump(exclude={"type"}))
+    spacing_mm: float = 2.0  # the data's native resolution: a 6 mm anomaly is three pixels
+    modality: str = "T1w"
+    seed: int = 0  # also the subject split: the same seed splits as the other models do
+    batch_size: int = 16
+    learning_rate: float = 2e-4
+    weight_decay: float = 1e-4
+    steps: int = 4000
+    validate_every: int = 200
+    noise_std: float = 0.1  # in normalised intensity (the brain's IQR is 0.25)
+    noise_res: int = 14  # coarse noise grid side (Kascenas: 16 for 128 px)
+    bf16: bool | None = None  # None: where the CPU has bf16 matrix instructions (core.device.cpu_has_bf16)
+    flip_lr: bool = True
+    contrast: float = 0.15  # gain 1 +- this
+    gamma: float = 0.2  # exponent exp(+- this)
+    bias_field: float = 0.15  # smooth multiplicative field 1 +- this
+    val_fraction: float = 0.1
+    calibration_fraction: float = 0.15
+    test_fraction: float = 0.15
+    scoring: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_DAE_SCORING))
+
+    @classmethod
+    def from_json(cls, path: str | Path | None, **overrides: Any) -> "DAETrainConfig":
+        values = read_config_values(path, set(cls.__dataclass_fields__))
+        cfg = cls(**{k: v for k, v in values.items() if k != "architecture"})
+        cfg.architecture = DAEArchitecture.model_validate({**cfg.architecture, **values.get("architecture", {})}) \
+            .model_dump(exclude={"type"})
+        for k, v in overrides.items():
+            if v is not None:
+                if k in ("slice_size", "in_channels", "feature_maps"):
+                    cfg.architecture[k] = v
+                else:
+                    setattr(cfg, k, v)
+        cfg.scoring = {**DEFAULT_DAE_SCORING, **cfg.scoring}
+        return cfg
+
+    @property
+    def contract(self) -> dict[str, Any]:
+        return {"modality": self.modality, "orientation": "axial", "slice_size": int(self.architecture["slice_size"]),
+                "spacing_mm": float(self.spacing_mm), "normalisation": NORMALISATION,
+                "context_slices": int(self.architecture["in_channels"])}
+
+
+def coarse_noise(n: int, size: int, res: int, std: float, gen: torch.Generator) -> torch.Tensor:
+    """(n,1,size,size) Gaussian noise drawn at res x res, upsampled and randomly rolled."""
+    coarse = torch.randn(n, 1, res, res, generator=gen) * std
+    noise = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    shifts = torch.randint(0, size, (n, 2), generator=gen)
+    return torch.stack([torch.roll(noise[i], (int(shifts[i, 0]), int(shifts[i, 1])), dims=(-2, -1))
+                        for i in range(n)])
+
+
+def augment(x: torch.Tensor, cfg: DAETrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """Left-right flips and intensity changes inside the brain (x != 0), the same on every
+    channel of a slice: contrast, gamma on the positive part, a smooth bias field."""
+    n, _, s, _ = x.shape
+    u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+    if cfg.flip_lr:
+        x = torch.where((u(n) < 0.5)[:, None, None, None], x.flip(-1), x)
+    brain = x != 0
+    gain = 1 + (u(n, 1, 1, 1) * 2 - 1) * cfg.contrast
+    gamma = torch.exp((u(n, 1, 1, 1) * 2 - 1) * cfg.gamma)
+    field_ = 1 + F.interpolate((u(n, 1, 3, 3) * 2 - 1) * cfg.bias_field, size=(s, s), mode="bicubic",
+                               align_corners=False)
+    y = torch.where(x > 0, x.clamp_min(0) ** gamma, x) * gain * field_
+    return torch.where(brain, y, x)
+
+
+def noisy_input(x: torch.Tensor, cfg: DAETrainConfig, gen: torch.Generator) -> torch.Tensor:
+    noise = coarse_noise(x.shape[0], x.shape[-1], cfg.noise_res, cfg.noise_std, gen)
+    return x + noise * (x != 0)
+
+
+def masked_mse(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.float()
+    return ((out.float() - target) ** 2 * m).sum() / m.sum().clamp_min(1.0)
+
+
+def validation_loss(net, data: SliceSet, cfg: DAETrainConfig) -> float:
+    """Masked MSE of restoring fixed-noise validation slices (float32, deterministic)."""
+    gen = torch.Generator().manual_seed(cfg.seed * 7 + 12345)
+    idx = torch.randperm(len(data), generator=gen)[:VALIDATION_SLICES]
+    mid = data.x.shape[1] // 2
+    total, weight = 0.0, 0.0
+    net.eval()
+    with torch.no_grad():
+        for s in range(0, len(idx), 64):
+            b = idx[s:s + 64]
+            x, m = data.x[b], data.mask[b]
+            out = net(noisy_input(x, cfg, gen))
+            w = float(m.sum())
+            total += float(masked_mse(out, x[:, mid:mid + 1], m)) * w
+            weight += w
+    net.train()
+    return total / max(weight, 1.0)
+
+
+def _lr_at(step: int, cfg: DAETrainConfig) -> float:
+    warm = min(1.0, (step + 1) / 100)
+    return cfg.learning_rate * warm * 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
+
+
+def train_dae(data: str | Path, out: str | Path, cfg: DAETrainConfig, resume: bool = False, force: bool = False,
+              device: str = "cpu", cache_dir: str | Path | None = None,
+              progress: Callable[[str], None] | None = None, calibrate: bool = True,
+              stop_after: int | None = None) -> Path:
+    """Train the denoising U-Net and write a ``unet-dae`` package into ``out``. With
+    ``stop_after``, stop after that many steps of this run, at a checkpoint, without writing
+    the package: ``resume`` continues exactly (for runs longer than a session)."""
+    from safetensors.torch import load_file, save_file
+
+    say = progress or (lambda m: None)
+    out = Path(out)
+    ckpt_dir = out / "checkpoint"
+    if out.exists() and any(out.iterdir()) and not (resume or force):
+        raise InputError(f"{out} already exists; pass --resume to continue its training or --force to start over")
+    if resume and not (ckpt_dir / "checkpoint.json").is_file():
+        raise InputError(f"nothing to resume in {out} (no checkpoint); start without --resume")
+    configure_threads()
+    dev = select_device(device)
+    subjects = find_subjects(data)
+    split = split_subjects([s.id for s in subjects], cfg.seed, cfg.val_fraction, cfg.calibration_fraction,
+                           cfg.test_fraction)
+    by_id = {s.id: s for s in subjects}
+    cache = Path(cache_dir) if cache_dir else out / ".cache"
+    train_set = load_slices([by_id[i] for i in split["train"]], cfg.contract, cache)
+    val_set = load_slices([by_id[i] for i in split["val"]], cfg.contract, cache) if split["val"] else train_set
+    say(f"{len(split['train'])} training subjects ({len(train_set)} slices), {len(split['val'])} validation "
+        f"({len(val_set)} slices); {cfg.steps} steps of {cfg.batch_size}, noise {cfg.noise_std:g} at "
+        f"{cfg.noise_res}x{cfg.noise_res}")
+
+    use_bf16 = dev.type == "cpu" and (cpu_has_bf16() if cfg.bf16 is None else cfg.bf16)
+    torch.manual_seed(cfg.seed)
+    net = build_network({"type": "unet-dae", **cfg.architecture}).to(dev)
+    memory = torch.channels_last if use_bf16 else torch.contiguous_format  # channels-last helps bf16 only
+    net = net.to(memory_format=memory)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # the rate is set per step below
+    state: dict[str, Any] = {"step": 0, "best_val": None, "best_step": 0, "history": [], "config": asdict(cfg)}
+    if resume:
+        state = _load_checkpoint(ckpt_dir, net, optimizer, sched)
+        if {**state["config"], "steps": None} != {**json.loads(json.dumps(asdict(cfg))), "steps": None}:
+            raise InputError(f"the configuration differs from the one {out} was trained with; "
+                             "resume with the same options or start over with --force")
+        state["config"] = asdict(cfg)
+        say(f"resuming after step {state['step']}")
+    mid = cfg.architecture["in_channels"] // 2
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16)
+    t_start, t_window, window_loss = time.perf_counter(), time.perf_counter(), []
+    first_step = state["step"]
+    net.train()
+    while state["step"] < cfg.steps:
+        if stop_after is not None and state["step"] - first_step >= stop_after:
+            _save_checkpoint(ckpt_dir, net, optimizer, sched, state)
+            say(f"stopped after step {state['step']} as asked; continue with --resume")
+            return out
+        step = state["step"]
+        gen = torch.Generator().manual_seed(cfg.seed * 1000003 + step)
+        idx = torch.randint(0, len(train_set), (cfg.batch_size,), generator=gen)
+        x = augment(train_set.x[idx], cfg, gen)
+        target, mask = x[:, mid:mid + 1], train_set.mask[idx]
+        noisy = noisy_input(x, cfg, gen).to(dev).contiguous(memory_format=memory)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        with autocast:
+            restored = net(noisy)
+        loss = masked_mse(restored, target.to(dev), mask.to(dev))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        window_loss.append(float(loss.detach()))
+        state["step"] = step + 1
+        if state["step"] % cfg.validate_every == 0 or state["step"] == cfg.steps:
+            val = validation_loss(net, val_set, cfg)
+            improved = state["best_val"] is None or val < state["best_val"]
+            if improved:
+                state["best_val"], state["best_step"] = val, state["step"]
+                ckpt_dir.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+                          str(ckpt_dir / "best.safetensors"))
+            seconds = time.perf_counter() - t_window
+            state["history"].append({"step": state["step"], "train_loss": sum(window_loss) / len(window_loss),
+                                     "val_loss": val, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds})
+            _save_checkpoint(ckpt_dir, net, optimizer, sched, state)
+            left = seconds / len(window_loss) * (cfg.steps - state["step"])
+            say(f"step {state['step']}/{cfg.steps}: train {state['history'][-1]['train_loss']:.5f}, validation "
+                f"{val:.5f}{' (best)' if improved else ''}, {seconds / len(window_loss):.2f} s/step, "
+                f"{left / 60:.0f} min left")
+            t_window, window_loss = time.perf_counter(), []
+    net.load_state_dict(load_file(str(ckpt_dir / "best.safetensors")))
+    net = net.to(memory_format=torch.contiguous_format).eval()
+    S = int(cfg.architecture["slice_size"])
+    meta = {
+        "name": out.name,
+        "summary": f"Coarse-noise denoising autoencoder (Kascenas et al. 2022), {S}x{S} axial slices at "
+                   f"{cfg.spacing_mm:g} mm with {cfg.architecture['in_channels']} neighbouring slices as input",
+        "architecture": {"type": "unet-dae", **cfg.architecture},
+        "input_contract": cfg.contract,
+        "dae": dict(cfg.scoring),
+        "recommended_method": "dae",
+        "calibration": {},
+        "provenance": {"engine_version": __version__, "data": str(Path(data)), "subjects": split,
+                       "trained": time.strftime("%Y-%m-%d"), "torch": torch.__version__},
+        "training": {"config": asdict(cfg), "best_step": state["best_step"], "best_val_loss": state["best_val"],
+                     "steps_run": state["step"], "history": state["history"],
+                     "threads_per_process": torch.get_num_threads(), "bf16": use_bf16,
+                     "seconds_this_run": time.perf_counter() - t_start},
+    }
+    package = save_package(net, meta, out)
+    say(f"wrote {out} (best step {state['best_step']}, validation loss {state['best_val']:.5f})")
+    if calibrate and split["calibration"]:
+        from .calibrate import calibrate_package
+        calibrate_package(package, [by_id[i] for i in split["calibration"]], device=str(dev), progress=say)
+    return out
