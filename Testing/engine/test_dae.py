@@ -120,3 +120,14 @@ def test_a_dae_package_with_a_bad_setting_is_refused_naming_the_field(tmp_path):
     with pytest.raises(PackageError, match="dae.median_px"):
         load_package(pkg.path)
     assert make_tiny_package(tmp_path / "vae").methods != ("dae",)
+
+
+def test_the_slices_a_model_sees_must_match_its_input_channels(tmp_path):
+    from anomaly_localizer.core.package import update_meta
+    from anomaly_localizer.errors import PackageError
+    pkg = make_tiny_dae_package(tmp_path / "dae")
+    meta = dict(pkg.meta)
+    meta["input_contract"] = {**meta["input_contract"], "context_slices": 5}
+    update_meta(pkg.path, meta)
+    with pytest.raises(PackageError, match="in_channels 3 differs from input_contract.context_slices 5"):
+        load_package(pkg.path)

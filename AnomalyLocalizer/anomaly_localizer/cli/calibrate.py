@@ -50,7 +50,7 @@ def register(sub) -> None:
     s.add_argument("model", help="model name or folder")
     _add_tuning_arguments(s, limit=None)
     s.add_argument("--per-subject", type=int, default=2, help="synthetic cases per subject (default 2)")
-    s.add_argument("--case-set", default="hard", choices=["hard", "balls"],
+    s.add_argument("--case-set", default="hard", choices=("hard", "balls"),
                    help="synthetic case set to tune on (default hard; see evaluate)")
     s.add_argument("--method", action="append",
                    help="tune only this method (repeatable); the others keep their widths. Default: every method")

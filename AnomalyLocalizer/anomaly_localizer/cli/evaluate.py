@@ -21,6 +21,7 @@ from .common import (
 
 
 def register(sub) -> None:
+    from ..tooling.evaluate import CASE_SETS
     e = sub.add_parser("evaluate", help="pixel/slice AUROC, AP and Dice of every method on cases with ground truth")
     e.add_argument("model", help="model name or folder")
     e.add_argument("--synthetic", metavar="DATA", help="healthy scans to insert seeded synthetic anomalies into")
@@ -30,7 +31,7 @@ def register(sub) -> None:
     e.add_argument("--mask-name", help="brain mask file in each case folder (optional)")
     e.add_argument("--title", help="title of this case set in reports")
     add_subjects(e, "test", "which of DATA's subjects (default: the model's held-back test subjects)")
-    e.add_argument("--case-set", default="hard", choices=["hard", "balls"],
+    e.add_argument("--case-set", default="hard", choices=CASE_SETS,
                    help="synthetic case set: hard (default: 1-3 ellipsoids of 6-20 mm per case, subtle to strong, "
                         "soft or hard edges) or balls (one hard-edged ball per case, the set of version 0.1)")
     e.add_argument("--per-subject", type=int, default=2, help="synthetic cases per subject")

@@ -216,6 +216,7 @@ def validate_meta(meta: Any, path: Path | str = "model") -> ModelMeta:
     where = f"{path}: {META_FILE}"
     if not isinstance(meta, dict):
         raise PackageError(f"{where} is not a JSON object; reinstall the model")
+
     def check(model, value, prefix: str = ""):
         try:
             return model.model_validate(value)
@@ -235,6 +236,10 @@ def validate_meta(meta: Any, path: Path | str = "model") -> ModelMeta:
     if arch.slice_size != spec.input_contract.slice_size:
         raise PackageError(f"{where}: architecture.slice_size {arch.slice_size} differs from input_contract.slice_size "
                            f"{spec.input_contract.slice_size}; re-export the model")
+    channels = getattr(arch, "in_channels", 1)
+    if channels != spec.input_contract.context_slices:
+        raise PackageError(f"{where}: architecture.in_channels {channels} differs from input_contract.context_slices "
+                           f"{spec.input_contract.context_slices} (the slices a model sees); re-export the model")
     offered = detector.methods if detector else ()
     if spec.recommended_method is not None and spec.recommended_method not in offered:
         raise PackageError(f"{where}: recommended_method {spec.recommended_method!r} is not one of the model's "

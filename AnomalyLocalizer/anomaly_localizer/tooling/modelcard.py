@@ -75,6 +75,11 @@ def _smoothing_lines(meta: dict[str, Any]) -> str:
             "Thresholds are calibrated on the smoothed maps.\n")
 
 
+def _context(contract: dict[str, Any]) -> str:
+    n = int(contract.get("context_slices", 1))
+    return f", each with its {n - 1} nearest neighbouring slices as input channels" if n > 1 else ""
+
+
 def _family_lines(package: ModelPackage) -> str:
     """Architecture, scoring and training schedule, as the model's detector family describes them."""
     return "\n".join(package.detector.describe(package.meta))
@@ -95,7 +100,7 @@ def render_card(package: ModelPackage, extra_sections: str = "") -> str:
 ## Model
 {_family_lines(package)}
 - Input contract: {contract['modality']} brain MRI, {contract['orientation']} slices of
-  {contract['slice_size']}x{contract['slice_size']} pixels at {contract['spacing_mm']:g} mm
+  {contract['slice_size']}x{contract['slice_size']} pixels at {contract['spacing_mm']:g} mm{_context(contract)}
   (field of view {contract['slice_size'] * contract['spacing_mm']:g} mm, centred on the brain), intensities normalised per
   volume inside the brain ({contract['normalisation']['method']}: median to {contract['normalisation'].get('median_to')},
   inter-quartile range to {contract['normalisation'].get('iqr_to')}, no clipping, 0 outside the brain).
