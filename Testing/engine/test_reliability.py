@@ -304,3 +304,13 @@ def test_a_package_shadowing_another_of_the_same_name_says_so(setup, monkeypatch
     assert json.loads((tmp / "out" / "summary.json").read_text())["model"]["shadows"] == [str(pkg.path)]
     assert main(["models"]) == 0
     assert "shadows" in capsys.readouterr().out
+
+
+def test_ctrl_c_while_the_command_starts_is_a_cancel_without_a_traceback(monkeypatch, capsys):
+    import anomaly_localizer.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt()  # as if Ctrl-C arrived while torch and the engine were imported
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["models"]) == 3
+    assert "cancelled" in capsys.readouterr().err
