@@ -168,3 +168,26 @@ def load_slices(subjects: list[Subject], contract: dict[str, Any], cache_dir: Pa
         np.savez(tmp, x=x, mask=m, subject=subject, ids=np.array(ids), position=pos)
         tmp.replace(cache)
     return SliceSet(torch.from_numpy(x), torch.from_numpy(m), subject, ids, torch.from_numpy(pos))
+
+
+def check_run_folder(out: Path, resume: bool, force: bool, checkpoint: Path) -> None:
+    """A training's output folder: refuse to touch a used one unless resuming or forced, and a
+    resume without ``checkpoint`` (a file or folder that an interrupted run leaves)."""
+    if out.exists() and any(out.iterdir()) and not (resume or force):
+        raise InputError(f"{out} already exists; pass --resume to continue its training or --force to start over")
+    if resume and not checkpoint.exists():
+        raise InputError(f"nothing to resume in {out} (no checkpoint); start without --resume")
+
+
+def split_slices(data: str | Path, cfg: Any, cache: Path) -> tuple[dict[str, list[str]], dict[str, Subject], SliceSet,
+                                                                   SliceSet]:
+    """The subject split every model family uses (``cfg``: seed and fractions) and the model
+    slices (``cfg.contract``) of its training and validation subjects: (split, subjects by
+    id, training slices, validation slices)."""
+    subjects = find_subjects(data)
+    split = split_subjects([s.id for s in subjects], cfg.seed, cfg.val_fraction, cfg.calibration_fraction,
+                           cfg.test_fraction)
+    by_id = {s.id: s for s in subjects}
+    train_set = load_slices([by_id[i] for i in split["train"]], cfg.contract, cache)
+    val_set = load_slices([by_id[i] for i in split["val"]], cfg.contract, cache) if split["val"] else train_set
+    return split, by_id, train_set, val_set

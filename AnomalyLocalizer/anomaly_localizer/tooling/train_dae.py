@@ -39,7 +39,7 @@ from ..core.device import configure_threads, cpu_has_bf16, select_device
 from ..core.package import build_network, save_package
 from ..core.volume import NORMALISATION
 from ..errors import InputError
-from .data import SliceSet, find_subjects, load_slices, split_subjects
+from .data import SliceSet, check_run_folder, split_slices
 from .train import _load_checkpoint, _save_checkpoint, read_config_values
 
 VALIDATION_SLICES = 384
@@ -161,19 +161,10 @@ def train_dae(data: str | Path, out: str | Path, cfg: DAETrainConfig, resume: bo
     say = progress or (lambda m: None)
     out = Path(out)
     ckpt_dir = out / "checkpoint"
-    if out.exists() and any(out.iterdir()) and not (resume or force):
-        raise InputError(f"{out} already exists; pass --resume to continue its training or --force to start over")
-    if resume and not (ckpt_dir / "checkpoint.json").is_file():
-        raise InputError(f"nothing to resume in {out} (no checkpoint); start without --resume")
+    check_run_folder(out, resume, force, ckpt_dir / "checkpoint.json")
     configure_threads()
     dev = select_device(device)
-    subjects = find_subjects(data)
-    split = split_subjects([s.id for s in subjects], cfg.seed, cfg.val_fraction, cfg.calibration_fraction,
-                           cfg.test_fraction)
-    by_id = {s.id: s for s in subjects}
-    cache = Path(cache_dir) if cache_dir else out / ".cache"
-    train_set = load_slices([by_id[i] for i in split["train"]], cfg.contract, cache)
-    val_set = load_slices([by_id[i] for i in split["val"]], cfg.contract, cache) if split["val"] else train_set
+    split, by_id, train_set, val_set = split_slices(data, cfg, Path(cache_dir) if cache_dir else out / ".cache")
     say(f"{len(split['train'])} training subjects ({len(train_set)} slices), {len(split['val'])} validation "
         f"({len(val_set)} slices); {cfg.steps} steps of {cfg.batch_size}, noise {cfg.noise_std:g} at "
         f"{cfg.noise_res}x{cfg.noise_res}")

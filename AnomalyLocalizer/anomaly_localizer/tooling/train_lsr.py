@@ -33,7 +33,7 @@ from ..core.models.lsr import DEFAULT_LSR, full_lsr_architecture
 from ..core.package import build_network, save_package
 from ..core.volume import NORMALISATION
 from ..errors import InputError
-from .data import SliceSet, find_subjects, load_slices, split_subjects
+from .data import check_run_folder, split_slices
 from .train import (
     TrainConfig,
     _load_checkpoint,
@@ -148,10 +148,7 @@ def train_lsr(data: str | Path, out: str | Path, cfg: LSRTrainConfig, resume: bo
     say = progress or (lambda m: None)
     out = Path(out)
     ckpt_dir = out / "checkpoint"
-    if out.exists() and any(out.iterdir()) and not (resume or force):
-        raise InputError(f"{out} already exists; pass --resume to continue its training or --force to start over")
-    if resume and not ckpt_dir.is_dir():
-        raise InputError(f"nothing to resume in {out} (no checkpoint); start without --resume")
+    check_run_folder(out, resume, force, ckpt_dir)
     if resume and (ckpt_dir / "config.json").is_file():
         # The epoch limits may change on resume (to stop a stage early or extend it).
         free = {"vqvae_epochs": None, "prior_epochs": None}
@@ -160,13 +157,7 @@ def train_lsr(data: str | Path, out: str | Path, cfg: LSRTrainConfig, resume: bo
                              "resume with the same options or start over with --force")
     configure_threads()
     dev = select_device(device)
-    subjects = find_subjects(data)
-    split = split_subjects([s.id for s in subjects], cfg.seed, cfg.val_fraction, cfg.calibration_fraction,
-                           cfg.test_fraction)
-    by_id = {s.id: s for s in subjects}
-    cache = Path(cache_dir) if cache_dir else out / ".cache"
-    train_set = load_slices([by_id[i] for i in split["train"]], cfg.contract, cache)
-    val_set: SliceSet = load_slices([by_id[i] for i in split["val"]], cfg.contract, cache) if split["val"] else train_set
+    split, by_id, train_set, val_set = split_slices(data, cfg, Path(cache_dir) if cache_dir else out / ".cache")
     say(f"slices: {len(train_set)} train, {len(val_set)} validation")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     (ckpt_dir / "config.json").write_text(json.dumps(asdict(cfg)))
