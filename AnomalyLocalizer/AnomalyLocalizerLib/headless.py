@@ -7,6 +7,7 @@ Slicer use ``slicer.app.applicationLogic()`` instead.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import slicer
@@ -23,6 +24,13 @@ class SlicerApp:
         self.scene = slicer.vtkMRMLScene()
         self.app = slicer.vtkSlicerApplicationLogic()
         self.app.SetMRMLScene(self.scene)
+        # Slicer's colour logic reads colour files from HOME/SHARE/ColorFiles; without a Slicer
+        # installation there are none, so point it at an empty folder of our own: the
+        # built-in colour tables are used, without VTK's red "HomeDirectory is not set" error.
+        home = Path(tempfile.gettempdir()) / "anomaly-localizer-slicer-home"
+        (home / "share" / "ColorFiles").mkdir(parents=True, exist_ok=True)
+        self.app.SetHomeDirectory(str(home))
+        self.app.SetShareDirectory("share")
         self.app.SetSliceLogics(vtk.vtkCollection())
         self.app.SetViewLogics(vtk.vtkCollection())
         self.colors = slicer.vtkSlicerColorLogic()

@@ -134,3 +134,26 @@ def make_tiny_dae_package(path, seed: int = 0, calibration: dict | None = None):
             "dae": {"erode_px": 1, "median_px": 3, "slice_top_k": 5}, "recommended_method": "dae",
             "calibration": calibration or {}, "provenance": {"trained_on": "nothing (random weights, tests only)"}}
     return save_package(model, meta, path, card="# tiny DAE test model\n")
+
+
+TINY_SSL_ARCH = {**TINY_DAE_ARCH, "type": "unet-ssl"}
+
+
+def make_tiny_ssl_package(path, seed: int = 0, calibration: dict | None = None):
+    torch.manual_seed(seed)
+    model = build_model(TINY_SSL_ARCH)
+    meta = {"name": path.name, "architecture": TINY_SSL_ARCH, "input_contract": TINY_DAE_CONTRACT,
+            "ssl": {"flip": True, "slice_top_k": 5}, "recommended_method": "ssl",
+            "calibration": calibration or {}, "provenance": {"trained_on": "nothing (random weights, tests only)"}}
+    return save_package(model, meta, path, card="# tiny SSL test model\n")
+
+
+def healthy_folder(root, n=8, shape=(24, 40, 34)):
+    """An IXI-style folder of n healthy phantoms (t1/ and brainmask/)."""
+    (root / "t1").mkdir(parents=True)
+    (root / "brainmask").mkdir()
+    for i in range(n):
+        arr = phantom_array(shape, seed=i) * (1 + 0.1 * i)
+        sitk.WriteImage(image_from(arr), str(root / "t1" / f"S{i:02d}_T1.nii.gz"))
+        sitk.WriteImage(image_from((arr != 0).astype(np.uint8)), str(root / "brainmask" / f"S{i:02d}_brainmask.nii.gz"))
+    return root

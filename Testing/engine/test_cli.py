@@ -196,3 +196,10 @@ def test_broad_flag_note_fires_only_far_above_the_healthy_rate():
     assert broad_flag_note(0.015, 0.001) is None  # 15 times: within what one scan can vary
     assert broad_flag_note(0.009, 0.0001) is None  # under 1 % of the brain is never "broad"
     assert broad_flag_note(0.5, None) is None  # uncalibrated: nothing to compare with
+
+
+def test_progress_estimates_the_time_left_once_there_is_enough_to_go_on():
+    from anomaly_localizer.cli.common import time_left
+    assert time_left(0.01, 10.0) == "" and time_left(0.5, 1.0) == "" and time_left(1.0, 50.0) == ""
+    assert time_left(0.5, 10.0) == " (about 10 s left)"
+    assert time_left(0.1, 60.0) == " (about 9 min left)"

@@ -314,3 +314,30 @@ def test_ctrl_c_while_the_command_starts_is_a_cancel_without_a_traceback(monkeyp
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert cli.main(["models"]) == 3
     assert "cancelled" in capsys.readouterr().err
+
+
+def test_a_whole_head_image_given_as_its_own_mask_is_refused(tmp_path):
+    from anomaly_localizer.core.volume import brain_mask
+    from anomaly_localizer.errors import InputError
+    head = sitk.GetImageFromArray(np.ones((90, 120, 120), np.float32))
+    head.SetSpacing((2.0, 2.0, 2.0))
+    with pytest.raises(InputError, match="not a brain mask"):
+        brain_mask(head, head)
+    brain = np.zeros((90, 120, 120), np.uint8)
+    brain[20:70, 20:100, 20:100] = 1  # 2560 mL: too large for a brain
+    m = sitk.GetImageFromArray(brain)
+    m.CopyInformation(head)
+    with pytest.raises(InputError, match="2560 mL"):
+        brain_mask(head, m)
+    brain[:] = 0
+    brain[30:70, 30:90, 30:90] = 1  # 1152 mL
+    m = sitk.GetImageFromArray(brain)
+    m.CopyInformation(head)
+    assert brain_mask(head, m).sum() == brain.sum()
+
+
+def test_an_empty_folder_is_refused_in_one_line_without_itks_warning(tmp_path, capfd):
+    (tmp_path / "empty").mkdir()
+    assert main(["score", str(tmp_path / "empty"), "--out", str(tmp_path / "out"), "-q"]) == 2
+    err = capfd.readouterr().err
+    assert "holds no DICOM series" in err and "WARNING" not in err and len(err.strip().splitlines()) == 1

@@ -362,3 +362,22 @@ def test_a_new_detector_family_reaches_the_scene_without_edits(slicerApp, tmp_pa
     assert logic.outputNode(scan, "heatmap.dae") is not None and logic.worstSlice() is not None
     table = logic.outputNode(scan, "table")
     assert table.GetTable().GetColumnByName("dae") is not None
+
+
+def test_a_fused_model_shows_its_map_first_with_every_component_one_click_away(slicerApp, tmp_path, monkeypatch):
+    from anomaly_localizer.tooling.fusion import make_fused
+    calib = {"default_fpr": 0.001, "pixel": {m: CALIBRATION["pixel"]["rec"] for m in ("dae", "ssl")}}
+    engine.make_tiny_dae_package(tmp_path / "models" / "tiny-dae", calibration=calib)
+    engine.make_tiny_ssl_package(tmp_path / "models" / "tiny-ssl", calibration=calib)
+    monkeypatch.setenv("ANOMALY_LOCALIZER_MODELS", str(tmp_path / "models"))
+    fused = make_fused(["tiny-dae:dae", "tiny-ssl:ssl"], tmp_path / "models" / "tiny-fused", None, rule="mean")
+    _, scan = _load(slicerApp, tmp_path)
+    logic = AnomalyLocalizerLogic(slicerApp.app)
+    assert logic.methodsFor(str(fused.path)) == ["fused", "dae", "ssl"]
+    result = logic.run(scan, model=str(fused.path))
+    assert list(result.maps) == ["fused", "dae", "ssl"] and logic.method == "fused"
+    assert result.summary["fusion"]["rule"] == "mean"
+    for m in ("fused", "dae", "ssl"):
+        assert logic.outputNode(scan, f"heatmap.{m}") is not None
+    logic.setMethod("dae")
+    assert logic.method == "dae" and logic.worstSlice() is not None

@@ -12,11 +12,24 @@ from typing import Callable
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
 
 
+def time_left(fraction: float, elapsed: float) -> str:
+    """The suffix " (about N s left)" from the share done so far, once there is enough to go on."""
+    if fraction < 0.05 or fraction >= 1.0 or elapsed < 2.0:
+        return ""
+    left = elapsed * (1 - fraction) / fraction
+    return f" (about {left:.0f} s left)" if left < 120 else f" (about {left / 60:.0f} min left)"
+
+
 def progress_printer(quiet: bool) -> Callable[[float, str], None]:
-    """Progress as ``PROGRESS <percent> <message>`` lines on stderr (read by the Slicer module)."""
+    """Progress as ``PROGRESS <percent> <message>`` lines on stderr (read by the Slicer
+    module), with the time left estimated from the share of the work done."""
+    import time
+    start = time.perf_counter()
+
     def report(fraction: float, message: str) -> None:
         if not quiet:
-            print(f"PROGRESS {100 * fraction:5.1f} {message}", file=sys.stderr, flush=True)
+            eta = time_left(fraction, time.perf_counter() - start)
+            print(f"PROGRESS {100 * fraction:5.1f} {message}{eta}", file=sys.stderr, flush=True)
     return report
 
 

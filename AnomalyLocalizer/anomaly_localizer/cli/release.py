@@ -1,4 +1,5 @@
-"""``release`` (a shippable package), ``card`` (its model card) and ``index`` (pin a folder)."""
+"""``release`` (a shippable package), ``fuse`` (a fused default map), ``card`` (its model card)
+and ``index`` (pin a folder)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,21 @@ def register(sub) -> None:
     r.add_argument("--force", action="store_true")
     add_quiet(r)
     r.set_defaults(func=run_release)
+
+    f = sub.add_parser("fuse", help="make a fused model: several calibrated maps combined in healthy anomaly levels")
+    f.add_argument("components", nargs="+", metavar="MODEL:METHOD",
+                   help="candidate component maps, e.g. brain-t1-dae:dae brain-t1-ssl:ssl brain-t1-vae:elbo_grad")
+    f.add_argument("--out", required=True, help="new package folder; its name becomes the model name")
+    f.add_argument("--data", help="the components' healthy data: to choose the rule (validation subjects) and "
+                   "calibrate (calibration subjects)")
+    f.add_argument("--rule", default="auto", choices=("auto", "mean", "max"),
+                   help="auto: choose the components and rule with the best pixel AP on validation cases (default)")
+    f.add_argument("--per-subject", type=int, default=2, help="synthetic validation cases per subject (auto)")
+    f.add_argument("--meta", help="JSON merged into model.json (summary, description, data statement, ...)")
+    add_device(f, "cpu")
+    f.add_argument("--force", action="store_true")
+    add_quiet(f)
+    f.set_defaults(func=run_fuse)
 
     i = sub.add_parser("index", help="pin the models of a folder in its index.json (after adding or changing one)")
     i.add_argument("folder", help="a models folder, e.g. models/")
@@ -66,6 +82,17 @@ def run_release(args: argparse.Namespace) -> int:
                                  say(args.quiet))
     calibrated = f", calibrated on {n} subjects" if n else ""
     print(f"released {package.path} from {args.model} ({'float16' if args.half else 'float32'} weights){calibrated}")
+    return EXIT_OK
+
+
+def run_fuse(args: argparse.Namespace) -> int:
+    from ..tooling.fusion import make_fused
+
+    package = make_fused(args.components, args.out, args.data, args.rule, args.per_subject, args.device, args.force,
+                         say(args.quiet), meta_file=args.meta)
+    arch = package.architecture
+    print(f"wrote {package.path}: {arch['rule']} of {', '.join(c['method'] for c in arch['components'])}"
+          f"{'' if package.calibration.pixel else ' (uncalibrated: pass --data to calibrate)'}")
     return EXIT_OK
 
 

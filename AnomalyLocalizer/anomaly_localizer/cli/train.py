@@ -1,4 +1,4 @@
-"""``train`` (VAE, ceVAE), ``train-lsr`` (VQ-VAE and prior), ``train-dae`` and ``train-brainmask``."""
+"""``train`` (VAE, ceVAE), ``train-lsr`` (VQ-VAE and prior), ``train-dae``, ``train-ssl`` and ``train-brainmask``."""
 
 from __future__ import annotations
 
@@ -55,6 +55,25 @@ def register(sub) -> None:
     _add_run_options(d)
     d.set_defaults(func=run_train_dae)
 
+    ssl = sub.add_parser("train-ssl", help="train the self-supervised anomaly segmentation U-Net (method ssl)")
+    ssl.add_argument("data", help=DATA_HELP)
+    ssl.add_argument("--out", required=True, help="model package folder to create")
+    ssl.add_argument("--config", help="JSON training configuration (keys of SSLTrainConfig), or a package's model.json")
+    ssl.add_argument("--steps", type=int, help="training steps (batches)")
+    ssl.add_argument("--batch-size", type=int)
+    ssl.add_argument("--tasks", type=lambda v: v.split(","), metavar="T1,T2",
+                     help="training tasks (default foreign,intensity,blur,sink,bend)")
+    ssl.add_argument("--held-out", type=lambda v: v.split(","), metavar="T1,T2",
+                     help="tasks held out of training that choose the checkpoint (default poisson,source)")
+    ssl.add_argument("--seed", type=int)
+    ssl.add_argument("--stop-after", type=int, metavar="STEPS",
+                     help="stop after this many steps of this run, at a checkpoint (continue later with --resume)")
+    ssl.add_argument("--bf16", dest="bf16", action=argparse.BooleanOptionalAction, default=None,
+                     help="bf16 autocast (default: where the CPU has bf16 matrix instructions, else float32)")
+    add_device(ssl, "cpu")
+    _add_run_options(ssl)
+    ssl.set_defaults(func=run_train_ssl)
+
     b = sub.add_parser("train-brainmask", help="train the brain extraction U-Net on scans with reference masks")
     b.add_argument("data", help="folder of scans with brain masks (IXI layout or *_brainmask beside)")
     b.add_argument("--out", required=True)
@@ -101,6 +120,17 @@ def run_train_dae(args: argparse.Namespace) -> int:
     cfg = DAETrainConfig.from_json(args.config, steps=args.steps, batch_size=args.batch_size, noise_std=args.noise_std,
                                    noise_res=args.noise_res, seed=args.seed, bf16=args.bf16)
     train_dae(args.data, args.out, cfg, resume=args.resume, force=args.force, device=args.device,
+              cache_dir=args.cache, progress=say(args.quiet), calibrate=not args.no_calibration,
+              stop_after=args.stop_after)
+    return EXIT_OK
+
+
+def run_train_ssl(args: argparse.Namespace) -> int:
+    from ..tooling.train_ssl import SSLTrainConfig, train_ssl
+
+    cfg = SSLTrainConfig.from_json(args.config, steps=args.steps, batch_size=args.batch_size, tasks=args.tasks,
+                                   held_out=args.held_out, seed=args.seed, bf16=args.bf16)
+    train_ssl(args.data, args.out, cfg, resume=args.resume, force=args.force, device=args.device,
               cache_dir=args.cache, progress=say(args.quiet), calibrate=not args.no_calibration,
               stop_after=args.stop_after)
     return EXIT_OK

@@ -87,7 +87,14 @@ def nifti_sform_problem(path: Path) -> str | None:
 
 def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
+    # ITK warns on stderr, over several lines, when a folder holds no series; the message
+    # below says it in one line, so ITK's warning is silenced for this call.
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        series = reader.GetGDCMSeriesIDs(str(folder))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     if not series:
         raise InputError(f"{what} folder {folder} holds no DICOM series; give an image file or a DICOM folder")
     if len(series) > 1:

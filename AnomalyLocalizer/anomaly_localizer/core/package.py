@@ -141,7 +141,7 @@ class ModelPackage:
     @property
     def methods(self) -> tuple[str, ...]:
         """The pixel methods this model offers (none for a brain extraction model)."""
-        return self.detector.methods if self.detector else ()
+        return self.detector.methods_of(self.meta) if self.detector else ()
 
     @property
     def primary_slice_score(self) -> str | None:
@@ -189,8 +189,13 @@ class ModelPackage:
 
     def load_model(self, device: "torch.device | str" = "cpu") -> "torch.nn.Module":
         """Build the network and load its weights, hashed again as they are read (a file
-        changed since the package was resolved is refused) and checked against the architecture."""
+        changed since the package was resolved is refused) and checked against the architecture.
+        A fused package loads its component models instead (:func:`.fusion.load_components`)."""
         from safetensors.torch import load as load_bytes
+
+        if self.detector is not None and self.detector.composite:
+            from .fusion import load_components
+            return load_components(self, device, resolve_package)
 
         model = build_network(self.architecture)
         data = _read_inside(self.path, WEIGHTS_FILE)
@@ -233,14 +238,14 @@ def validate_meta(meta: Any, path: Path | str = "model") -> ModelMeta:
     for key, model in (detector.settings if detector else {}).items():
         if key in meta:
             check(model, meta[key], key)
-    if arch.slice_size != spec.input_contract.slice_size:
+    if getattr(arch, "slice_size", spec.input_contract.slice_size) != spec.input_contract.slice_size:
         raise PackageError(f"{where}: architecture.slice_size {arch.slice_size} differs from input_contract.slice_size "
                            f"{spec.input_contract.slice_size}; re-export the model")
-    channels = getattr(arch, "in_channels", 1)
+    channels = getattr(arch, "in_channels", spec.input_contract.context_slices)
     if channels != spec.input_contract.context_slices:
         raise PackageError(f"{where}: architecture.in_channels {channels} differs from input_contract.context_slices "
                            f"{spec.input_contract.context_slices} (the slices a model sees); re-export the model")
-    offered = detector.methods if detector else ()
+    offered = detector.methods_of(meta) if detector else ()
     if spec.recommended_method is not None and spec.recommended_method not in offered:
         raise PackageError(f"{where}: recommended_method {spec.recommended_method!r} is not one of the model's "
                            f"methods ({', '.join(offered) or 'none'})")
@@ -270,6 +275,18 @@ def _inside(path: Path, name: str) -> Path:
     return f
 
 
+def _weightless(files: dict[str, str], path: Path) -> bool:
+    """Whether the package's family holds no weights (a fused map); model.json decides."""
+    if META_FILE not in files:
+        return False
+    try:
+        arch_type = read_json(_inside(path, META_FILE), "model description").get("architecture", {}).get("type")
+    except (PackageError, AttributeError):
+        return False
+    detector = detectors.detector_for(arch_type)
+    return detector is not None and not detector.has_weights
+
+
 def load_package(path: str | os.PathLike) -> ModelPackage:
     """Read and verify a package folder: manifest, every file's SHA-256, format and schema."""
     path = Path(path)
@@ -286,7 +303,7 @@ def load_package(path: str | os.PathLike) -> ModelPackage:
     except ValidationError as exc:
         raise PackageError(f"{manifest_path}: {validation_message(exc)}; reinstall the model") from None
     for required in (WEIGHTS_FILE, META_FILE):
-        if required not in manifest.files:
+        if required not in manifest.files and not (required == WEIGHTS_FILE and _weightless(manifest.files, path)):
             raise PackageError(f"{path}: manifest does not list {required}; the package is incomplete, reinstall it")
     for name, digest in manifest.files.items():
         if sha256_file(_inside(path, name)) != digest:
@@ -320,7 +337,7 @@ def write_manifest(path: Path) -> None:
     (path / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def save_package(model: "torch.nn.Module", meta: dict[str, Any], path: str | os.PathLike,
+def save_package(model: "torch.nn.Module | None", meta: dict[str, Any], path: str | os.PathLike,
                  card: str | None = None) -> ModelPackage:
     """Write weights, description, optional model card and manifest into ``path``."""
     from safetensors.torch import save_file
@@ -328,8 +345,9 @@ def save_package(model: "torch.nn.Module", meta: dict[str, Any], path: str | os.
     path = Path(path)
     validate_meta(meta, path)  # nothing is written for a description the engine would refuse
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path / WEIGHTS_FILE))
+    if model is not None:  # None: a family without weights (a fused map)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_FILE))
     update_meta(path, meta, write_hashes=False)
     if card is not None:
         (path / CARD_FILE).write_text(card)

@@ -78,22 +78,10 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
     t0 = time.perf_counter()
     if progress:
         progress(0.0, "preparing volume")
-    source = {"value": "given" if mask is not None else "non-zero region of a skull-stripped input"}
-
-    def extractor(img: sitk.Image) -> np.ndarray:
-        from .brainextract import default_extractor, extract_brain
-        from .package import resolve_package
-        ext = default_extractor() if brain_extraction == "auto" else resolve_package(brain_extraction)
-        if ext is None:
-            raise InputError("the image does not look skull-stripped and no brain extraction model is installed; "
-                             "pass a brain mask with --mask")
-        if progress:
-            progress(0.02, f"extracting the brain ({ext.name})")
-        source["value"] = f"brain extraction ({ext.name}, manifest {ext.manifest_sha256[:12]})"
-        return extract_brain(img, ext, device=str(dev))
-
-    use_extractor = extractor if brain_extraction not in (None, "off") else None
-    mask_arr = brain_mask(image, mask, use_extractor)
+    mask_arr, source = find_brain(image, mask, brain_extraction, dev, progress)
+    if detector.composite:
+        return _score_fused(image, package, methods, mask_arr, source, dev, batch_size, progress, cancel, model,
+                            t0)
     prepared: PreparedVolume = prepare_volume(image, mask_arr, package.contract)
     if prepared.slices.shape[0] == 0:
         raise InputError("no axial slice contains brain; check the brain mask")
@@ -138,10 +126,106 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
                        brain_voxels_per_slice=brain_per_input, volume_score=volume_score(slice_scores[primary]),
                        axial_axis=prepared.layout.axial_axis, device=str(dev), timings=timings,
                        info={"scored_slices": int(prepared.slices.shape[0]), "fov_coverage": prepared.fov_coverage,
-                             "brain_mask_source": source["value"], "primary_slice_score": primary,
+                             "brain_mask_source": source, "primary_slice_score": primary,
                              "volume_score_meaning": detector.volume_score_meaning,
                              "map_smoothing": smoothed,
                              "engine_version": __version__, **out.info})
+
+
+def find_brain(image: sitk.Image, mask: sitk.Image | None, brain_extraction: str | None, dev,
+               progress: ProgressFn | None) -> tuple[np.ndarray, str]:
+    """The brain mask (bool, array order) and where it came from: ``mask`` when given, the
+    non-zero region of a skull-stripped image, or brain extraction (see :func:`score_volume`)."""
+    source = {"value": "given" if mask is not None else "non-zero region of a skull-stripped input"}
+
+    def extractor(img: sitk.Image) -> np.ndarray:
+        from .brainextract import default_extractor, extract_brain
+        from .package import resolve_package
+        ext = default_extractor() if brain_extraction == "auto" else resolve_package(brain_extraction)
+        if ext is None:
+            raise InputError("the image does not look skull-stripped and no brain extraction model is installed; "
+                             "pass a brain mask with --mask")
+        if progress:
+            progress(0.02, f"extracting the brain ({ext.name})")
+        source["value"] = f"brain extraction ({ext.name}, manifest {ext.manifest_sha256[:12]})"
+        return extract_brain(img, ext, device=str(dev))
+
+    use_extractor = extractor if brain_extraction not in (None, "off") else None
+    mask_arr = brain_mask(image, mask, use_extractor)
+    return mask_arr, source["value"]
+
+
+def _score_fused(image: sitk.Image, package: ModelPackage, methods: list[str], mask_arr: np.ndarray, source: str,
+                 dev, batch_size: int | None, progress: ProgressFn | None, cancel: Callable[[], bool] | None,
+                 model, t0: float) -> ScoreResult:
+    """A fused package (:mod:`.fusion`): each component model scores the volume with the
+    brain mask found once; the fused map combines their maps in healthy anomaly levels."""
+    from .fusion import fuse_levels, top_area_slice_scores
+    from .levels import level_scale
+
+    arch = package.architecture
+    comps = arch["components"]
+    wanted = [c for c in comps if "fused" in methods or c["method"] in methods]
+    loaded = model if model is not None else package.load_model(dev)
+    mask_img = sitk.GetImageFromArray(mask_arr.astype(np.uint8))
+    mask_img.CopyInformation(image)
+    by_model: dict[str, list[str]] = {}
+    for c in wanted:
+        by_model.setdefault(c["model"], []).append(c["method"])
+    maps: dict[str, np.ndarray] = {}
+    slice_scores: dict[str, np.ndarray] = {}
+    timings: dict[str, float] = {"prepare_s": time.perf_counter() - t0}
+    parts = []
+    for i, (name, ms) in enumerate(by_model.items()):
+        comp, net = loaded[name]
+        lo, hi = _SCORING_STARTS + (_SCORING_ENDS - _SCORING_STARTS) * i / len(by_model), \
+            _SCORING_STARTS + (_SCORING_ENDS - _SCORING_STARTS) * (i + 1) / len(by_model)
+        sub = (lambda f, msg, lo=lo, hi=hi, name=name: progress(lo + (hi - lo) * f, f"{name}: {msg}")) \
+            if progress else None
+        t = time.perf_counter()
+        res = score_volume(image, comp, ms, mask=mask_img, device=str(dev), batch_size=batch_size, progress=sub,
+                           cancel=cancel, model=net)
+        timings[f"{name}_s"] = time.perf_counter() - t
+        for m in ms:
+            maps[m] = res.maps[m]
+        slice_scores.update(res.slice_scores)
+        parts.append({"model": name, "manifest_sha256": comp.manifest_sha256[:12], "methods": ms,
+                      "map_smoothing": res.info.get("map_smoothing", {})})
+        axial_axis = res.axial_axis
+    info: dict[str, Any] = {"components": parts, "rule": arch["rule"]}
+    if "fused" in methods:
+        levels, scales = [], {}
+        for c in comps:
+            scale, calibrated = level_scale(comp_calibration(loaded, c), c["method"])
+            if not calibrated:
+                raise InputError(f"model {package.name}: component {c['method']} of {c['model']} has no calibration; "
+                                 "calibrate it (anomaly-localizer calibrate) and rebuild the fused model")
+            levels.append(maps[c["method"]] / scale)
+            scales[c["method"]] = scale
+        fused = fuse_levels(levels, arch["rule"], [c.get("weight", 1.0) for c in comps])
+        maps = {"fused": np.where(mask_arr, fused, 0).astype(np.float32), **maps}
+        slice_scores = {"fused": top_area_slice_scores(maps["fused"], mask_arr, axial_axis, image.GetSpacing()[::-1]),
+                        **slice_scores}
+        info["level_scales"] = scales
+    primary = "fused" if "fused" in slice_scores else next(iter(slice_scores))
+    timings["total_s"] = time.perf_counter() - t0
+    if progress:
+        progress(1.0, "done")
+    return ScoreResult(maps={m: maps[m] for m in methods}, brain_mask=mask_arr, slice_scores=slice_scores,
+                       brain_voxels_per_slice=res.brain_voxels_per_slice,
+                       volume_score=volume_score(slice_scores[primary]), axial_axis=axial_axis, device=str(dev),
+                       timings=timings,
+                       info={"scored_slices": res.info["scored_slices"], "fov_coverage": res.info["fov_coverage"],
+                             "brain_mask_source": source, "primary_slice_score": primary,
+                             "volume_score_meaning": package.detector.volume_score_meaning if primary == "fused"
+                             else res.info["volume_score_meaning"],
+                             "map_smoothing": {k: v for p in parts for k, v in p["map_smoothing"].items()},
+                             "engine_version": __version__, "fusion": info})
+
+
+def comp_calibration(loaded: dict[str, Any], component: dict[str, Any]):
+    """The calibration of a component's own package (its levels' scale)."""
+    return loaded[component["model"]][0].calibration
 
 
 __all__ = ["score_volume", "ScoreResult", "ALL_METHODS", "check_methods"]

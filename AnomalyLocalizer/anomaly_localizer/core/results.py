@@ -174,12 +174,25 @@ def run_summary(package: ModelPackage, result: ScoreResult, threshold: Threshold
         "volume_score": {"value": result.volume_score, "meaning": result.info["volume_score_meaning"]},
         "primary_slice_score": result.info["primary_slice_score"],
         "map_smoothing_mm": result.info["map_smoothing"],
+        **({"fusion": fusion_block(package, result)} if "fusion" in result.info else {}),
         "axial_axis": result.axial_axis,
         "scored_slices": result.info["scored_slices"],
         "brain_fraction_in_field_of_view": result.info["fov_coverage"],
         "device": result.device,
         "timings_s": dict(result.timings),
     }
+
+
+def fusion_block(package: ModelPackage, result: ScoreResult) -> dict[str, Any]:
+    """What a fused map combines: rule, components (model, manifest, method, level scale)."""
+    info = result.info["fusion"]
+    scales = info.get("level_scales", {})
+    return {"rule": info["rule"], "meaning": f"the {info['rule']} of the component maps' healthy anomaly levels "
+                                             "(each map divided by its model's 0.01 % healthy threshold)",
+            "components": [{"model": c["model"], "method": c["method"], "weight": c.get("weight", 1.0),
+                            "raw_score_per_level": scales.get(c["method"])}
+                           for c in package.architecture["components"]],
+            "component_models": info["components"]}
 
 
 def write_results(out: Path, reference: sitk.Image, result: ScoreResult, threshold: Threshold,

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 # A whole head's non-zero region is several litres; a brain is about 1.0-1.8 litres.
 SKULL_STRIPPED_MAX_ML = 2500.0
+MASK_CHECK_MIN_ML = 500.0  # a mask filling its whole image is refused only above this (tiny test images)
 # Robust statistics: a lesion can take a large share of the brain (a glioma often more than
 # 5 %), which would move a 1st/99th percentile, but not the median or the quartiles. The
 # defaults of what a package's input contract records (schema.Normalisation).
@@ -116,6 +117,12 @@ def brain_mask(image: sitk.Image, mask: sitk.Image | None,
         m = sitk.GetArrayFromImage(mask) > 0
         if not m.any():
             raise InputError("the brain mask is empty (no voxel > 0); give a mask that covers the brain")
+        mask_ml = m.sum() * float(np.prod(image.GetSpacing()[:3])) / 1000.0
+        if mask_ml > SKULL_STRIPPED_MAX_ML or (m.mean() > 0.95 and mask_ml > MASK_CHECK_MIN_ML):
+            # e.g. the whole-head image given as its own mask: every voxel would be "brain"
+            raise InputError(f"the brain mask covers {mask_ml:.0f} mL, {100 * m.mean():.0f} % of the image (a brain is "
+                             "1000-1800 mL); it is not a brain mask. Give a mask of the brain only, or leave --mask "
+                             "out to extract the brain")
         return m
     arr = sitk.GetArrayViewFromImage(image)
     background = background_value(arr)

@@ -98,6 +98,9 @@ def release_package(source: str | Path, out: str | Path, data: str, meta_file: s
     from .calibrate import calibrate_package
 
     src = load_package(source)
+    if src.detector is not None and src.detector.composite:
+        raise InputError(f"{src.name} is a fused model (no weights of its own); make it with anomaly-localizer fuse "
+                         "from released components")
     out = Path(out)
     if out.exists() and not force:
         raise InputError(f"{out} already exists; pass --force to replace it")

@@ -230,8 +230,39 @@ def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None) ->
             "cases_by_kind": {g: sum(g in r["kinds"] for r in records) for g in kinds},
             "cases_by_size": {g: sum(g in r["sizes"] for r in records) for g in sizes},
             "abnormal_slices": abnormal, "normal_slices": normal,
+            "kinds_vs_training": {p.name: rel for p in _member_packages(loaded)
+                                  if (rel := kinds_vs_training(p, kinds)) is not None},
             "seconds_per_case": float(sum(np.mean(v) for v in seconds.values() if v)),
             "methods": table}
+
+
+# The self-supervised detector's training task nearest to each evaluation kind (None: no
+# task makes that kind of change). With a model's held-out tasks this says, per kind,
+# whether the evaluation tests a change the model trained on, one held out, or neither.
+NEAREST_TRAINING_TASK = {"shift_up": "intensity", "shift_down": "intensity", "uniform": "intensity", "noise": None,
+                         "moved": "foreign", "sink": "sink", "source": "source"}
+
+
+def kinds_vs_training(package: ModelPackage, kinds: list[str]) -> dict[str, str] | None:
+    """Per evaluation kind: "trained (task)", "held out (task)" or "no such task", for a
+    model trained on synthetic tasks; None for other models."""
+    cfg = package.meta.get("training", {}).get("config", {})
+    if "held_out" not in cfg:
+        return None
+    out = {}
+    for k in kinds:
+        task = NEAREST_TRAINING_TASK.get(k)
+        out[k] = ("no such task" if task is None else f"held out ({task})" if task in cfg["held_out"]
+                  else f"trained ({task})" if task in cfg.get("tasks", []) else "no such task")
+    return out
+
+
+def _member_packages(loaded) -> list[ModelPackage]:
+    """The packages evaluated, a fused package's components in its place."""
+    out = []
+    for p, _, model in loaded:
+        out += [comp for comp, _ in model.values()] if p.detector and p.detector.composite else [p]
+    return out
 
 
 def _with_groups(records: list[dict], groups: list[str] | None) -> list[dict]:
@@ -303,6 +334,9 @@ def format_table(result: dict) -> str:
                 for m, row in result["methods"].items():
                     if row.get(key):
                         lines.append(f"{m:<20}" + "".join(fmt(row[key].get(k)) for k in counts))
+    for name, rel in (result.get("kinds_vs_training") or {}).items():
+        lines.append(f"{name}, evaluation kinds against its training tasks: "
+                     + "; ".join(f"{k} {v}" for k, v in rel.items()))
     if any(row.get("intensity_anomalies_only") for row in result["methods"].values()):
         lines.append(f"{INTENSITY_ONLY}:")
         lines.append(f"{'method':<20}{'pixel AP':>16}{'slice AUROC':>16}")

@@ -38,13 +38,14 @@ def write_overview(cases: list[tuple[str, Path, Path]], png: Path, method: str |
         seg, _ = _axial_stack(out_dir / "segmentation.nii.gz", layout)
         spacing = layout.spacing[0]
         rows = list(csv.DictReader(open(out_dir / "slice_scores.csv")))
-        elbo = np.array([float(r["elbo"]) if r["elbo"] else np.nan for r in rows])
-        canon_elbo = elbo[layout.input_slice_index(np.arange(len(elbo)))]
+        score = summary.get("primary_slice_score") or "elbo"  # the score slices are ranked by
+        per_slice = np.array([float(r[score]) if r.get(score) else np.nan for r in rows])
+        canon_scores = per_slice[layout.input_slice_index(np.arange(len(per_slice)))]
         if truth and title in truth:
             lab, _ = _axial_stack(truth[title], layout)
             centre = int(np.round(np.mean(np.nonzero(lab.any(axis=(1, 2)))[0])))
         else:
-            centre = int(np.nanargmax(canon_elbo)) if np.isfinite(canon_elbo).any() else img.shape[0] // 2
+            centre = int(np.nanargmax(canon_scores)) if np.isfinite(canon_scores).any() else img.shape[0] // 2
         thr = summary["threshold"]["value"]
         vmax = max(thr * 3, float(np.percentile(heat[heat > 0], 99.9)) if (heat > 0).any() else 1.0)
         brain = img[img != 0]
@@ -63,11 +64,11 @@ def write_overview(cases: list[tuple[str, Path, Path]], png: Path, method: str |
             for ax in (a, b):
                 ax.axis("off")
         p = axes[row, -1]
-        p.plot(np.arange(len(canon_elbo)) * spacing, canon_elbo, lw=1)
+        p.plot(np.arange(len(canon_scores)) * spacing, canon_scores, lw=1)
         p.axvline(centre * spacing, color="r", lw=0.8, ls="--")
         p.set_xlabel("inferior -> superior (mm)", fontsize=8)
-        p.set_ylabel("-ELBO per slice", fontsize=8)
-        p.set_title(f"slice scores; volume score {summary['volume_score']['value']:.0f}", fontsize=8)
+        p.set_ylabel(f"{score} slice score" if score != "elbo" else "-ELBO per slice", fontsize=8)
+        p.set_title(f"slice scores; volume score {summary['volume_score']['value']:.3g}", fontsize=8)
         p.tick_params(labelsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=90)

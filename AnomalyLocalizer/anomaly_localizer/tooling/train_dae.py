@@ -12,19 +12,15 @@ cases (README, "Results").
 Against scanner differences, each training slice also gets a random contrast, gamma and
 smooth multiplicative bias field inside the brain (all channels alike).
 
-Steps, not epochs: AdamW with a cosine schedule, a validation loss (fixed noise on the
-validation subjects' slices) every ``validate_every`` steps, the best weights kept, a
-checkpoint (safetensors + JSON) at each validation that ``--resume`` continues from. The
-random draws of a step depend only on the seed and the step, so a resumed run makes the
-same draws as an uninterrupted one. bf16 autocast with channels-last tensors on CPUs that
-have bf16 matrix instructions; elsewhere float32, because emulated bf16 made a step ten
-times slower on an AVX2 machine (the validation loss is always computed in float32).
+The loop (AdamW, cosine schedule, validation loss every ``validate_every`` steps, best
+weights kept, checkpoints that ``--resume`` continues exactly) is :mod:`.steps`'s. bf16
+autocast with channels-last tensors on CPUs that have bf16 matrix instructions; elsewhere
+float32, because emulated bf16 made a step ten times slower on an AVX2 machine (the
+validation loss is always computed in float32).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,9 +34,9 @@ from ..core.detectors.dae import DEFAULT_DAE_SCORING, DAEArchitecture
 from ..core.device import configure_threads, cpu_has_bf16, select_device
 from ..core.package import build_network, save_package
 from ..core.volume import NORMALISATION
-from ..errors import InputError
 from .data import SliceSet, check_run_folder, split_slices
-from .train import _load_checkpoint, _save_checkpoint, read_config_values
+from .steps import load_best, run_steps, start_run
+from .train import read_config_values
 
 VALIDATION_SLICES = 384
 
@@ -144,11 +140,6 @@ def validation_loss(net, data: SliceSet, cfg: DAETrainConfig) -> float:
     return total / max(weight, 1.0)
 
 
-def _lr_at(step: int, cfg: DAETrainConfig) -> float:
-    warm = min(1.0, (step + 1) / 100)
-    return cfg.learning_rate * warm * 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
-
-
 def train_dae(data: str | Path, out: str | Path, cfg: DAETrainConfig, resume: bool = False, force: bool = False,
               device: str = "cpu", cache_dir: str | Path | None = None,
               progress: Callable[[str], None] | None = None, calibrate: bool = True,
@@ -156,8 +147,6 @@ def train_dae(data: str | Path, out: str | Path, cfg: DAETrainConfig, resume: bo
     """Train the denoising U-Net and write a ``unet-dae`` package into ``out``. With
     ``stop_after``, stop after that many steps of this run, at a checkpoint, without writing
     the package: ``resume`` continues exactly (for runs longer than a session)."""
-    from safetensors.torch import load_file, save_file
-
     say = progress or (lambda m: None)
     out = Path(out)
     ckpt_dir = out / "checkpoint"
@@ -173,62 +162,25 @@ def train_dae(data: str | Path, out: str | Path, cfg: DAETrainConfig, resume: bo
     torch.manual_seed(cfg.seed)
     net = build_network({"type": "unet-dae", **cfg.architecture}).to(dev)
     memory = torch.channels_last if use_bf16 else torch.contiguous_format  # channels-last helps bf16 only
-    net = net.to(memory_format=memory)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # the rate is set per step below
-    state: dict[str, Any] = {"step": 0, "best_val": None, "best_step": 0, "history": [], "config": asdict(cfg)}
-    if resume:
-        state = _load_checkpoint(ckpt_dir, net, optimizer, sched)
-        if {**state["config"], "steps": None} != {**json.loads(json.dumps(asdict(cfg))), "steps": None}:
-            raise InputError(f"the configuration differs from the one {out} was trained with; "
-                             "resume with the same options or start over with --force")
-        state["config"] = asdict(cfg)
-        say(f"resuming after step {state['step']}")
+    run = start_run(net.to(memory_format=memory), cfg, out, resume, say)
     mid = cfg.architecture["in_channels"] // 2
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16)
-    t_start, t_window, window_loss = time.perf_counter(), time.perf_counter(), []
-    first_step = state["step"]
-    net.train()
-    while state["step"] < cfg.steps:
-        if stop_after is not None and state["step"] - first_step >= stop_after:
-            _save_checkpoint(ckpt_dir, net, optimizer, sched, state)
-            say(f"stopped after step {state['step']} as asked; continue with --resume")
-            return out
-        step = state["step"]
-        gen = torch.Generator().manual_seed(cfg.seed * 1000003 + step)
+
+    def batch_loss(step: int, gen: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(train_set), (cfg.batch_size,), generator=gen)
         x = augment(train_set.x[idx], cfg, gen)
-        target, mask = x[:, mid:mid + 1], train_set.mask[idx]
+        target = x[:, mid:mid + 1]
+        mask = target != 0  # the brain after augmentation (a flip moves it; the cached mask does not)
         noisy = noisy_input(x, cfg, gen).to(dev).contiguous(memory_format=memory)
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, cfg)
         with autocast:
-            restored = net(noisy)
-        loss = masked_mse(restored, target.to(dev), mask.to(dev))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        window_loss.append(float(loss.detach()))
-        state["step"] = step + 1
-        if state["step"] % cfg.validate_every == 0 or state["step"] == cfg.steps:
-            val = validation_loss(net, val_set, cfg)
-            improved = state["best_val"] is None or val < state["best_val"]
-            if improved:
-                state["best_val"], state["best_step"] = val, state["step"]
-                ckpt_dir.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
-                          str(ckpt_dir / "best.safetensors"))
-            seconds = time.perf_counter() - t_window
-            state["history"].append({"step": state["step"], "train_loss": sum(window_loss) / len(window_loss),
-                                     "val_loss": val, "lr": optimizer.param_groups[0]["lr"], "seconds": seconds})
-            _save_checkpoint(ckpt_dir, net, optimizer, sched, state)
-            left = seconds / len(window_loss) * (cfg.steps - state["step"])
-            say(f"step {state['step']}/{cfg.steps}: train {state['history'][-1]['train_loss']:.5f}, validation "
-                f"{val:.5f}{' (best)' if improved else ''}, {seconds / len(window_loss):.2f} s/step, "
-                f"{left / 60:.0f} min left")
-            t_window, window_loss = time.perf_counter(), []
-    net.load_state_dict(load_file(str(ckpt_dir / "best.safetensors")))
-    net = net.to(memory_format=torch.contiguous_format).eval()
+            restored = run.net(noisy)
+        return masked_mse(restored, target.to(dev), mask.to(dev))
+
+    t_start = time.perf_counter()
+    if not run_steps(run, cfg, batch_loss, lambda: (validation_loss(run.net, val_set, cfg), {}), say, stop_after):
+        return out
+    state = run.state
+    net = load_best(run)
     S = int(cfg.architecture["slice_size"])
     meta = {
         "name": out.name,

@@ -63,6 +63,9 @@ def tune_package(package, subjects, per_subject: int = 2, device: str = "cpu",
     from ..core.pipeline import check_methods, score_volume
     from .evaluate import case_set
 
+    if package.detector is not None and package.detector.composite:
+        raise InputError(f"{package.name} is a fused model: its components' maps carry their own smoothing; tune "
+                         "the components and make the fused model again (anomaly-localizer fuse)")
     dev = select_device(device)
     model = package.load_model(dev)
     methods = check_methods(list(methods), package) if methods else list(package.methods)

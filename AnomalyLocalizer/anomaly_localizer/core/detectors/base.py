@@ -71,6 +71,14 @@ class Detector:
     settings: ClassVar[dict[str, type[BaseModel]]] = {}
     #: the model kind a user needs for these methods, for advice in messages
     example_model: ClassVar[str] = ""
+    #: a family that combines other packages' maps on the input grid (no network of its own)
+    composite: ClassVar[bool] = False
+    #: whether the package holds weights (model.safetensors)
+    has_weights: ClassVar[bool] = True
+
+    def methods_of(self, meta: dict[str, Any]) -> tuple[str, ...]:
+        """The pixel methods a package of this family offers (by default the family's)."""
+        return self.methods
 
     @property
     def primary_slice_score(self) -> str:

@@ -1,0 +1,87 @@
+"""One fused map from several detectors, each in its healthy anomaly levels.
+
+A fused model package holds no network: it names component maps of other installed
+packages (a model and one of its methods each, pinned by the SHA-256 of the component's
+manifest) and a rule. Each component scores the volume on its own terms (its resolution,
+its 3D smoothing, the exact way back to the input grid); its map is divided by its own
+0.01 % healthy threshold (:mod:`anomaly_localizer.core.levels`), so every component is in
+the same unit, "times the rarest healthy level"; the rule combines them voxel by voxel:
+
+- ``mean``: the mean of the component levels (a voxel must look anomalous to several);
+- ``max``: the highest level (any one detector suffices);
+- ``weighted``: a weighted mean, the weights chosen on validation.
+
+The fused package is calibrated on healthy subjects like any other, so its threshold and
+levels mean what every other map's mean. Every component map is kept in the results (one
+click away in Slicer). Slice score ``fused``: the mean of the slice's highest fused values
+over about 80 mm^2 (20 pixels at 2 mm), whatever the input's resolution. Built and chosen by
+``anomaly-localizer fuse`` (:mod:`anomaly_localizer.tooling.fusion`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from ..schema import Strict
+from ..fusion import TOP_AREA_MM2
+from .base import Detector
+
+
+
+class Component(Strict):
+    model: Annotated[str, Field(min_length=1, max_length=500)]
+    method: Annotated[str, Field(min_length=1, max_length=50)]
+    manifest_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    weight: Annotated[float, Field(gt=0, le=100)] = 1.0
+
+
+class FusionArchitecture(Strict):
+    type: Literal["fusion"] = "fusion"
+    rule: Literal["mean", "max", "weighted"] = "mean"
+    components: Annotated[list[Component], Field(min_length=1, max_length=12)]
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "FusionArchitecture":
+        methods = [c.method for c in self.components]
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"a method may appear once among the components (got {', '.join(methods)})")
+        if "fused" in methods:
+            raise ValueError("a fused map cannot be its own component")
+        return self
+
+
+class FusedDetector(Detector):
+    name = "fused"
+    order = 5  # listed first: it is the default map
+    types = ("fusion",)
+    methods = ("fused",)
+    composite = True
+    has_weights = False
+    method_help = {"fused": "the default map: several detectors' maps, each in healthy anomaly levels, combined "
+                            "by the model's rule (summary.json says which)"}
+    slice_scores = ("fused",)
+    volume_score_meaning = "mean fused slice score (its top fused levels) of the 10 % most anomalous brain slices"
+    architecture = FusionArchitecture
+    example_model = "a fused model (e.g. brain-t1-fused)"
+
+    def methods_of(self, meta: dict[str, Any]) -> tuple[str, ...]:
+        comps = meta.get("architecture", {}).get("components", [])
+        return ("fused",) + tuple(c.get("method") for c in comps if isinstance(c, dict))
+
+    def describe(self, meta: dict[str, Any]) -> list[str]:
+        arch = meta["architecture"]
+        parts = ", ".join(f"`{c['method']}` of {c['model']}" + (f" (weight {c['weight']:g})" if arch["rule"] ==
+                                                                 "weighted" else "") for c in arch["components"])
+        chosen = meta.get("training", {}).get("selection", "")
+        return [f"- Components, each in its healthy anomaly levels (raw score / its 0.01 % healthy threshold): "
+                f"{parts}.",
+                f"- Rule: {arch['rule']} of the component levels, voxel by voxel. {chosen}".rstrip(),
+                f"- Slice score: the mean of the slice's highest fused values over {TOP_AREA_MM2:g} mm^2."]
+
+    def build_network(self, architecture: dict[str, Any]):
+        raise ValueError("a fused model has no network of its own")
+
+
+DETECTOR = FusedDetector()

@@ -1,0 +1,61 @@
+"""Fusing component maps (the ``fused`` family, :mod:`.detectors.fused`): the voxel-wise
+rules, the fused slice score, and loading the components a fused package names (checked to
+be the ones it was made and calibrated with). numpy only at import.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..errors import PackageError
+
+TOP_AREA_MM2 = 80.0
+
+
+def load_components(package: Any, device: Any, resolve: Callable[[str], Any]) -> dict[str, Any]:
+    """{model name: (its ModelPackage, its loaded network)} for every component model of a
+    fused package (found by ``resolve``, a model name to a package), each verified against
+    the manifest hash the fused package pins."""
+    loaded: dict[str, Any] = {}
+    for c in package.architecture["components"]:
+        if c["model"] in loaded:
+            continue
+        try:
+            comp = resolve(c["model"])
+        except PackageError as exc:
+            raise PackageError(f"model {package.name} combines {c['model']}, which cannot be used: {exc}") from None
+        if comp.manifest_sha256 != c["manifest_sha256"]:
+            raise PackageError(f"model {package.name} was made and calibrated with another version of {c['model']} "
+                               f"(manifest {c['manifest_sha256'][:12]}, installed {comp.manifest_sha256[:12]}); "
+                               "rebuild it with anomaly-localizer fuse, or reinstall the models it names")
+        if comp.detector is None or comp.detector.composite or c["method"] not in comp.methods:
+            raise PackageError(f"model {package.name}: component {c['model']} does not offer {c['method']}")
+        loaded[c["model"]] = (comp, comp.load_model(device))
+    return loaded
+
+
+def fuse_levels(levels: list[Any], rule: str, weights: list[float]) -> Any:
+    """Voxel-wise combination of component level maps (numpy arrays of one shape)."""
+    import numpy as np
+    stack = np.stack(levels).astype(np.float32)
+    if rule == "max":
+        return stack.max(0)
+    w = np.asarray(weights if rule == "weighted" else [1.0] * len(levels), np.float32)
+    return np.tensordot(w / w.sum(), stack, axes=1).astype(np.float32)
+
+
+def top_area_slice_scores(fused: Any, brain: Any, axial_axis: int, spacing_zyx: tuple[float, ...]) -> Any:
+    """(n_axial,) mean of each axial slice's highest values over :data:`TOP_AREA_MM2` inside
+    the brain; NaN for slices without brain."""
+    import numpy as np
+    plane = [s for i, s in enumerate(spacing_zyx) if i != axial_axis]
+    k = max(1, int(round(TOP_AREA_MM2 / (plane[0] * plane[1]))))
+    v = np.moveaxis(np.where(brain, fused, -np.inf), axial_axis, 0).reshape(fused.shape[axial_axis], -1)
+    k = min(k, v.shape[1])
+    top = -np.partition(-v, k - 1, axis=1)[:, :k]
+    counts = np.moveaxis(brain, axial_axis, 0).reshape(len(v), -1).sum(1)
+    out = np.full(len(v), np.nan, np.float32)
+    for i in np.nonzero(counts)[0]:
+        row = top[i][np.isfinite(top[i])]
+        out[i] = row.mean()
+    return out

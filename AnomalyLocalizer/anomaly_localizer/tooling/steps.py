@@ -1,0 +1,126 @@
+"""The step loop shared by the 2.5D U-Net trainings (``train-dae``, ``train-ssl``).
+
+Steps, not epochs: AdamW with a warm-up and a cosine schedule, a validation every
+``validate_every`` steps whose figure picks the best weights, a checkpoint (safetensors +
+JSON, no pickle) at each validation that a resumed run continues from. The random draws of
+a step depend only on the seed and the step (the trainer makes its batch from the generator
+it is handed), so a resumed run makes the same draws as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import InputError
+from .train import _load_checkpoint, _save_checkpoint
+
+BatchLoss = Callable[[int, torch.Generator], torch.Tensor]  # (step, generator) -> loss of one batch
+Validate = Callable[[], tuple[float, dict[str, float]]]  # -> (figure that picks the best, other figures)
+
+
+@dataclass
+class StepRun:
+    """A step training in ``out``: the network, its optimiser and the loop's state."""
+
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    sched: Any
+    state: dict[str, Any]
+    ckpt_dir: Path
+
+    @property
+    def first_step(self) -> int:
+        return int(self.state.get("_first_step", 0))
+
+
+def start_run(net: torch.nn.Module, cfg: Any, out: Path, resume: bool, say: Callable[[str], None]) -> StepRun:
+    """AdamW for ``net`` (cfg.learning_rate, cfg.weight_decay) and a fresh state, or the
+    checkpoint's when resuming (refused when the configuration differs but for ``steps``)."""
+    ckpt_dir = out / "checkpoint"
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # the rate is set per step
+    state: dict[str, Any] = {"step": 0, "best_val": None, "best_step": 0, "history": [], "config": asdict(cfg)}
+    if resume:
+        state = _load_checkpoint(ckpt_dir, net, optimizer, sched)
+        if {**state["config"], "steps": None} != {**json.loads(json.dumps(asdict(cfg))), "steps": None}:
+            raise InputError(f"the configuration differs from the one {out} was trained with; "
+                             "resume with the same options or start over with --force")
+        state["config"] = asdict(cfg)
+        say(f"resuming after step {state['step']}")
+    state["_first_step"] = state["step"]
+    return StepRun(net, optimizer, sched, state, ckpt_dir)
+
+
+def lr_at(step: int, cfg: Any) -> float:
+    """Linear warm-up over 100 steps, then cosine decay to 0 at cfg.steps."""
+    warm = min(1.0, (step + 1) / 100)
+    return cfg.learning_rate * warm * 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
+
+
+def run_steps(run: StepRun, cfg: Any, batch_loss: BatchLoss, validate: Validate, say: Callable[[str], None],
+              stop_after: int | None = None, higher_is_better: bool = False, figure_name: str = "validation") -> bool:
+    """Train until cfg.steps (True), or until ``stop_after`` steps of this run (False, at a
+    checkpoint). ``best.safetensors`` in the checkpoint folder holds the best weights."""
+    from safetensors.torch import save_file
+
+    state, net, optimizer = run.state, run.net, run.optimizer
+    t_window, window_loss = time.perf_counter(), []
+    net.train()
+    while state["step"] < cfg.steps:
+        if stop_after is not None and state["step"] - run.first_step >= stop_after:
+            _save(run)
+            say(f"stopped after step {state['step']} as asked; continue with --resume")
+            return False
+        step = state["step"]
+        gen = torch.Generator().manual_seed(cfg.seed * 1000003 + step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        loss = batch_loss(step, gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        window_loss.append(float(loss.detach()))
+        state["step"] = step + 1
+        if state["step"] % cfg.validate_every == 0 or state["step"] == cfg.steps:
+            net.eval()
+            with torch.no_grad():
+                figure, extra = validate()
+            net.train()
+            best = state["best_val"]
+            improved = best is None or (figure > best if higher_is_better else figure < best)
+            if improved:
+                state["best_val"], state["best_step"] = figure, state["step"]
+                run.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+                          str(run.ckpt_dir / "best.safetensors"))
+            seconds = time.perf_counter() - t_window
+            state["history"].append({"step": state["step"], "train_loss": sum(window_loss) / len(window_loss),
+                                     "val_loss" if not higher_is_better else "val_figure": figure, **extra,
+                                     "lr": optimizer.param_groups[0]["lr"], "seconds": seconds})
+            _save(run)
+            per_step = seconds / len(window_loss)
+            others = "".join(f", {k} {v:.4f}" for k, v in extra.items())
+            say(f"step {state['step']}/{cfg.steps}: train {state['history'][-1]['train_loss']:.5f}, {figure_name} "
+                f"{figure:.5f}{' (best)' if improved else ''}{others}, {per_step:.2f} s/step, "
+                f"{per_step * (cfg.steps - state['step']) / 60:.0f} min left")
+            t_window, window_loss = time.perf_counter(), []
+    return True
+
+
+def _save(run: StepRun) -> None:
+    state = {k: v for k, v in run.state.items() if not k.startswith("_")}
+    _save_checkpoint(run.ckpt_dir, run.net, run.optimizer, run.sched, state)
+
+
+def load_best(run: StepRun) -> torch.nn.Module:
+    """The best weights into the network, contiguous and in eval mode."""
+    from safetensors.torch import load_file
+    run.net.load_state_dict(load_file(str(run.ckpt_dir / "best.safetensors")))
+    return run.net.to(memory_format=torch.contiguous_format).eval()

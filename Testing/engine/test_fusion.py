@@ -1,0 +1,170 @@
+"""The fused default map: component maps of other packages, each in its healthy anomaly
+levels, combined by a rule chosen on validation cases, calibrated like any map."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from phantoms import healthy_folder, image_from, make_tiny_dae_package, make_tiny_ssl_package, phantom_array
+
+from anomaly_localizer.cli import main
+from anomaly_localizer.core.fusion import fuse_levels, top_area_slice_scores
+from anomaly_localizer.core.levels import level_scale
+from anomaly_localizer.core.package import load_package, resolve_package
+from anomaly_localizer.core.pipeline import score_volume
+from anomaly_localizer.errors import InputError, PackageError
+from anomaly_localizer.tooling.calibrate import calibrate_package
+from anomaly_localizer.tooling.data import find_subjects
+from anomaly_localizer.tooling.fusion import choose_rule, make_fused
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Two calibrated tiny component models in a models folder, and healthy phantoms."""
+    root = tmp_path_factory.mktemp("fusion")
+    data = healthy_folder(root / "healthy", n=6)
+    subjects = find_subjects(data)
+    split = {"train": [], "val": [s.id for s in subjects[:2]], "calibration": [s.id for s in subjects[2:4]],
+             "test": [s.id for s in subjects[4:]]}
+    models = root / "models"
+    comps = []
+    for make, name in ((make_tiny_dae_package, "tiny-dae"), (make_tiny_ssl_package, "tiny-ssl")):
+        pkg = make(models / name)
+        meta = dict(pkg.meta)
+        meta["provenance"] = {"subjects": split}
+        from anomaly_localizer.core.package import update_meta
+        update_meta(pkg.path, meta)
+        comps.append(calibrate_package(load_package(pkg.path), subjects[2:4]))
+    old = os.environ.get("ANOMALY_LOCALIZER_MODELS")
+    os.environ["ANOMALY_LOCALIZER_MODELS"] = str(models)
+    yield {"root": root, "data": data, "models": models, "comps": comps}
+    if old is None:
+        os.environ.pop("ANOMALY_LOCALIZER_MODELS")
+    else:
+        os.environ["ANOMALY_LOCALIZER_MODELS"] = old
+
+
+@pytest.fixture(scope="module")
+def fused(world):
+    return make_fused(["tiny-dae:dae", "tiny-ssl:ssl"], world["models"] / "tiny-fused", str(world["data"]),
+                      rule="mean")
+
+
+def test_a_fused_package_offers_its_map_first_and_every_component(fused):
+    assert fused.methods == ("fused", "dae", "ssl") and fused.default_methods()[0] == "fused"
+    assert fused.primary_slice_score == "fused" and not (fused.path / "model.safetensors").exists()
+    assert {"fused", "dae", "ssl"} <= set(fused.calibration.pixel)  # calibrated like any model
+    assert fused.meta["provenance"]["subjects"]["calibration"] == fused.calibration.subjects
+
+
+def test_the_fused_map_is_the_rule_applied_to_the_component_levels(fused, world):
+    image = image_from(phantom_array(lesion=True))
+    res = score_volume(image, fused, device="cpu")
+    assert list(res.maps) == ["fused", "dae", "ssl"]
+    dae, ssl = (resolve_package(n) for n in ("tiny-dae", "tiny-ssl"))
+    expected = 0.5 * (res.maps["dae"] / level_scale(dae.calibration, "dae")[0] +
+                      res.maps["ssl"] / level_scale(ssl.calibration, "ssl")[0])
+    brain = res.brain_mask
+    assert np.allclose(res.maps["fused"][brain], expected[brain], rtol=1e-5, atol=1e-6)
+    assert (res.maps["fused"][~brain] == 0).all()
+    # each component as it scores alone (the same brain mask, the same smoothing)
+    alone = score_volume(image, dae, ["dae"], device="cpu")
+    assert np.allclose(alone.maps["dae"], res.maps["dae"], atol=1e-6)
+    assert res.info["fusion"]["rule"] == "mean" and {c["model"] for c in res.info["fusion"]["components"]} == \
+        {"tiny-dae", "tiny-ssl"}
+    assert np.isfinite(res.volume_score) and res.info["primary_slice_score"] == "fused"
+
+
+def test_rules_combine_levels_voxel_by_voxel():
+    a, b = np.array([1.0, 4.0]), np.array([3.0, 0.0])
+    assert np.allclose(fuse_levels([a, b], "mean", [1, 1]), [2.0, 2.0])
+    assert np.allclose(fuse_levels([a, b], "max", [1, 1]), [3.0, 4.0])
+    assert np.allclose(fuse_levels([a, b], "weighted", [3, 1]), [1.5, 3.0])
+
+
+def test_slice_scores_use_the_same_area_whatever_the_resolution():
+    brain = np.ones((2, 10, 10), bool)
+    fused = np.zeros((2, 10, 10), np.float32)
+    fused[1, :2, :] = 5.0  # 20 voxels of 4 mm^2 = 80 mm^2
+    s = top_area_slice_scores(fused, brain, 0, (2.0, 2.0, 2.0))
+    assert s[0] == 0 and s[1] == pytest.approx(5.0)
+    s1 = top_area_slice_scores(fused, brain, 0, (1.0, 1.0, 1.0))  # 80 voxels: a quarter at 5
+    assert s1[1] == pytest.approx(5.0 * 20 / 80)
+
+
+def test_the_rule_is_chosen_on_validation_cases():
+    rng = np.random.default_rng(0)
+    label = np.zeros(2000, bool)
+    label[:100] = True
+    good = rng.normal(size=2000) + 3 * label
+    noise = rng.normal(size=2000)
+    cases = [{"levels": {"good": good, "noise": noise}, "brain": np.ones(2000, bool), "label": label}]
+    sel = choose_rule(cases, ["good", "noise"])
+    assert sel["chosen"]["methods"] == ["good"] and len(sel["table"]) == 1 + 1 + 2
+    assert "validation" in sel["rule"]
+
+
+def test_the_command_line_writes_the_fused_map_first_and_says_what_it_combines(fused, world):
+    out = world["root"] / "out"
+    assert main(["score", str(world["data"] / "t1" / "S05_T1.nii.gz"), "--model", "tiny-fused", "--out", str(out),
+                 "-q"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["methods"][0] == "fused" and summary["threshold"]["method"] == "fused"
+    assert summary["threshold"]["source"] == "calibrated" and summary["fusion"]["rule"] == "mean"
+    assert [c["method"] for c in summary["fusion"]["components"]] == ["dae", "ssl"]
+    assert all(c["raw_score_per_level"] > 0 for c in summary["fusion"]["components"])
+    assert all((out / f"{m}.nii.gz").is_file() for m in ("fused", "dae", "ssl"))
+
+
+def test_a_changed_component_is_refused_naming_it(world, tmp_path):
+    pkg = make_fused(["tiny-dae:dae", "tiny-ssl:ssl"], tmp_path / "f", None, rule="max")
+    meta = dict(pkg.meta)
+    meta["architecture"]["components"][0]["manifest_sha256"] = "0" * 64
+    from anomaly_localizer.core.package import update_meta
+    update_meta(pkg.path, meta)
+    with pytest.raises(PackageError, match="another version of tiny-dae"):
+        score_volume(image_from(phantom_array()), load_package(pkg.path), device="cpu")
+
+
+def test_bad_component_lists_are_refused_before_anything_is_written(world, tmp_path):
+    with pytest.raises(InputError, match="MODEL:METHOD"):
+        make_fused(["tiny-dae"], tmp_path / "a", None, rule="mean")
+    with pytest.raises(InputError, match="does not offer"):
+        make_fused(["tiny-dae:ssl"], tmp_path / "b", None, rule="mean")
+    with pytest.raises(InputError, match="once"):
+        make_fused(["tiny-dae:dae", "tiny-dae:dae"], tmp_path / "c", None, rule="mean")
+    uncalibrated = make_tiny_dae_package(world["models"] / "raw-dae")
+    with pytest.raises(InputError, match="no calibration"):
+        make_fused([f"{uncalibrated.path}:dae"], tmp_path / "d", None, rule="mean")
+    assert not any((tmp_path / n).exists() for n in "abcd")
+    with pytest.raises(PackageError, match="own component|once"):
+        from anomaly_localizer.core.detectors.fused import FusionArchitecture
+        try:
+            FusionArchitecture.model_validate({"rule": "mean", "components": [
+                {"model": "x", "method": "fused", "manifest_sha256": "0" * 64}]})
+        except ValueError as exc:
+            raise PackageError(str(exc)) from None
+    import shutil
+    shutil.rmtree(uncalibrated.path)
+
+
+def test_rule_auto_scores_validation_cases_and_records_the_choice(world, tmp_path):
+    pkg = make_fused(["tiny-dae:dae", "tiny-ssl:ssl"], tmp_path / "auto", str(world["data"]), per_subject=1)
+    record = pkg.meta["training"]["selection_record"]
+    assert record["chosen"] in record["table"] and len(record["table"]) == 4
+    assert pkg.architecture["rule"] in ("mean", "max") and pkg.calibration.pixel
+    assert sitk.Image  # the package is usable
+    res = score_volume(image_from(phantom_array()), pkg, device="cpu")
+    assert "fused" in res.maps
+
+
+def test_commands_that_need_weights_or_own_maps_refuse_a_fused_model_with_advice(fused, world, tmp_path):
+    from anomaly_localizer.tooling.edit import release_package
+    from anomaly_localizer.tooling.tune_smoothing import tune_package
+    with pytest.raises(InputError, match="fused model.*fuse"):
+        release_package(fused.path, tmp_path / "r", str(world["data"]))
+    with pytest.raises(InputError, match="fused model.*fuse"):
+        tune_package(fused, [])
+    assert not (tmp_path / "r").exists()
