@@ -139,15 +139,24 @@ def test_bad_component_lists_are_refused_before_anything_is_written(world, tmp_p
     with pytest.raises(InputError, match="no calibration"):
         make_fused([f"{uncalibrated.path}:dae"], tmp_path / "d", None, rule="mean")
     assert not any((tmp_path / n).exists() for n in "abcd")
-    with pytest.raises(PackageError, match="own component|once"):
-        from anomaly_localizer.core.detectors.fused import FusionArchitecture
-        try:
-            FusionArchitecture.model_validate({"rule": "mean", "components": [
-                {"model": "x", "method": "fused", "manifest_sha256": "0" * 64}]})
-        except ValueError as exc:
-            raise PackageError(str(exc)) from None
     import shutil
     shutil.rmtree(uncalibrated.path)
+
+
+def test_a_fused_model_json_is_validated_like_any_other(fused, tmp_path):
+    import shutil
+    from anomaly_localizer.core.package import update_meta
+    copy = tmp_path / "copy"
+    shutil.copytree(fused.path, copy)
+    for bad, field in (({"rule": "median"}, "architecture.rule"),
+                       ({"components": [{"model": "x", "method": "fused", "manifest_sha256": "0" * 64}]},
+                        "own component"),
+                       ({"components": []}, "architecture.components")):
+        meta = json.loads(json.dumps(fused.meta))
+        meta["architecture"].update(bad)
+        update_meta(copy, meta)
+        with pytest.raises(PackageError, match=field):
+            load_package(copy)
 
 
 def test_rule_auto_scores_validation_cases_and_records_the_choice(world, tmp_path):
@@ -168,3 +177,17 @@ def test_commands_that_need_weights_or_own_maps_refuse_a_fused_model_with_advice
     with pytest.raises(InputError, match="fused model.*fuse"):
         tune_package(fused, [])
     assert not (tmp_path / "r").exists()
+
+
+def test_the_model_card_says_what_is_fused_and_which_kinds_the_tasks_held_out(fused):
+    from anomaly_localizer.tooling.modelcard import render_card, results_sections
+    ev = {"case_set": {"kind": "synthetic", "set": "hard"}, "title": "hard", "command": "anomaly-localizer evaluate",
+          "cases": 2, "lesion_voxels": 10, "abnormal_slices": 2, "normal_slices": 5, "seconds_per_case": 1.0,
+          "cases_by_kind": {"source": 1, "noise": 1}, "cases_by_size": {"small (mean semi-axis < 10 mm)": 2},
+          "kinds_vs_training": {"tiny-ssl": {"source": "held out (source)", "noise": "no such task"}},
+          "methods": {"fused": {"pixel_ap": 0.5, "pixel_ap_by_kind": {"source": 0.4, "noise": 0.6},
+                                "pixel_ap_by_size": {"small (mean semi-axis < 10 mm)": 0.5}},
+                      "dae": {"pixel_ap": 0.3}}}
+    card = render_card(fused, results_sections([ev], None, fused))
+    assert "`dae` of tiny-dae" in card and "Rule: mean" in card and "harder synthetic set" in card
+    assert "source: held out (source)" in card and "by anomaly size" in card and "| fused | 0.400 | 0.600 |" in card

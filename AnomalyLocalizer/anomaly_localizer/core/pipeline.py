@@ -169,6 +169,13 @@ def _score_fused(image: sitk.Image, package: ModelPackage, methods: list[str], m
     loaded = model if model is not None else package.load_model(dev)
     mask_img = sitk.GetImageFromArray(mask_arr.astype(np.uint8))
     mask_img.CopyInformation(image)
+    scales: dict[str, float] = {}
+    for c in comps if "fused" in methods else []:  # refused before any scoring
+        scale, calibrated = level_scale(comp_calibration(loaded, c), c["method"])
+        if not calibrated:
+            raise InputError(f"model {package.name}: component {c['method']} of {c['model']} has no calibration; "
+                             "calibrate it (anomaly-localizer calibrate) and rebuild the fused model")
+        scales[c["method"]] = scale
     by_model: dict[str, list[str]] = {}
     for c in wanted:
         by_model.setdefault(c["model"], []).append(c["method"])
@@ -194,14 +201,7 @@ def _score_fused(image: sitk.Image, package: ModelPackage, methods: list[str], m
         axial_axis = res.axial_axis
     info: dict[str, Any] = {"components": parts, "rule": arch["rule"]}
     if "fused" in methods:
-        levels, scales = [], {}
-        for c in comps:
-            scale, calibrated = level_scale(comp_calibration(loaded, c), c["method"])
-            if not calibrated:
-                raise InputError(f"model {package.name}: component {c['method']} of {c['model']} has no calibration; "
-                                 "calibrate it (anomaly-localizer calibrate) and rebuild the fused model")
-            levels.append(maps[c["method"]] / scale)
-            scales[c["method"]] = scale
+        levels = [maps[c["method"]] / scales[c["method"]] for c in comps]
         fused = fuse_levels(levels, arch["rule"], [c.get("weight", 1.0) for c in comps])
         maps = {"fused": np.where(mask_arr, fused, 0).astype(np.float32), **maps}
         slice_scores = {"fused": top_area_slice_scores(maps["fused"], mask_arr, axial_axis, image.GetSpacing()[::-1]),

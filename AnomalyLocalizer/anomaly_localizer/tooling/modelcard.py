@@ -152,10 +152,18 @@ def results_sections(evaluations: list[dict[str, Any]], fpr: dict[str, Any] | No
         parts.append("")
     for ev in evaluations:
         cs = ev.get("case_set", {})
-        what = ("Seeded synthetic anomalies (local intensity shifts up and down, uniform and noise patches, "
-                "patches moved from elsewhere in the brain, sink/source deformations; radius 8-20 mm) inserted "
-                "into healthy subjects the model never saw.\n") if cs.get("kind") == "synthetic" else \
-            "Cases with manual ground truth.\n"
+        if cs.get("kind") != "synthetic":
+            what = "Cases with manual ground truth.\n"
+        elif cs.get("set") == "hard":
+            what = ("The harder synthetic set: 1-3 seeded anomalies per case (ellipsoids with independent semi-axes "
+                    "of 6-20 mm; intensity shifts up and down, uniform and noise patches, tissue moved from elsewhere, "
+                    "sink/source deformations; contrasts from barely visible to strong; hard or soft edges, the faint "
+                    "rim labelled) in healthy subjects the model never saw (`tooling/hard_cases.py`, a generator "
+                    "that never trains a model).\n")
+        else:
+            what = ("Seeded synthetic anomalies (local intensity shifts up and down, uniform and noise patches, "
+                    "patches moved from elsewhere in the brain, sink/source deformations; one ball of radius 8-20 "
+                    "mm, hard edge) inserted into healthy subjects the model never saw.\n")
         parts.append(f"## Evaluation: {ev.get('title', cs.get('kind', 'cases'))}\n{what}"
                      f"`{ev.get('command', '')}`: "
                      f"{ev['cases']} cases, {ev['lesion_voxels']} lesion voxels, {ev['abnormal_slices']} abnormal and "
@@ -168,17 +176,23 @@ def results_sections(evaluations: list[dict[str, Any]], fpr: dict[str, Any] | No
                 continue
             parts.append(f"| {m} | {f(r.get('pixel_auroc'))} | {f(r.get('pixel_ap'))} | {f(r.get('best_dice'))} | "
                          f"{f(r.get('dice_at_calibrated'))} | {f(r.get('slice_auroc'))} | {f(r.get('slice_ap'))} |")
-        kinds = ev.get("cases_by_kind") or {}
-        for key, what in (("pixel_ap_by_kind", "Pixel AP"), ("slice_auroc_by_kind", "Slice AUROC")):
-            if not kinds or not any(r.get(key) for r in ev["methods"].values()):
-                continue
-            parts.append(f"\n{what} by anomaly kind (number of cases):\n")
-            parts.append("| score | " + " | ".join(f"{k} ({n})" for k, n in kinds.items()) + " |")
-            parts.append("|---|" + "---|" * len(kinds))
-            for m, r in ev["methods"].items():
-                by = r.get(key)
-                if by and own(m):
-                    parts.append(f"| {m} | " + " | ".join(f(by.get(k)) for k in kinds) + " |")
+        for group in ("kind", "size"):
+            counts = ev.get(f"cases_by_{group}") or {}
+            for key, what in ((f"pixel_ap_by_{group}", "Pixel AP"), (f"slice_auroc_by_{group}", "Slice AUROC")):
+                if not counts or not any(r.get(key) for r in ev["methods"].values()):
+                    continue
+                parts.append(f"\n{what} by anomaly {group} (number of cases):\n")
+                parts.append("| score | " + " | ".join(f"{k} ({n})" for k, n in counts.items()) + " |")
+                parts.append("|---|" + "---|" * len(counts))
+                for m, r in ev["methods"].items():
+                    by = r.get(key)
+                    if by and own(m):
+                        parts.append(f"| {m} | " + " | ".join(f(by.get(k)) for k in counts) + " |")
+        for name, rel in (ev.get("kinds_vs_training") or {}).items():
+            parts.append(f"\nThe kinds against the training tasks of {name}, which learned synthetic anomalies: "
+                         + "; ".join(f"{k}: {v}" for k, v in rel.items())
+                         + ". A kind whose nearest task was held out, or that no task makes, tests a change the "
+                           "model never trained on.")
         if any(r.get("intensity_anomalies_only") for r in ev["methods"].values()):
             parts.append("\nPooled over the intensity anomalies only (every kind but the sink/source deformations):\n")
             parts.append("| score | pixel AP | slice AUROC |")
