@@ -121,7 +121,7 @@ def test_the_command_line_writes_the_fused_map_first_and_says_what_it_combines(f
 def test_a_changed_component_is_refused_naming_it(world, tmp_path):
     pkg = make_fused(["tiny-dae:dae", "tiny-ssl:ssl"], tmp_path / "f", None, rule="max")
     meta = dict(pkg.meta)
-    meta["architecture"]["components"][0]["manifest_sha256"] = "0" * 64
+    meta["architecture"]["components"][0]["content_sha256"] = "0" * 64
     from anomaly_localizer.core.package import update_meta
     update_meta(pkg.path, meta)
     with pytest.raises(PackageError, match="another version of tiny-dae"):
@@ -149,7 +149,7 @@ def test_a_fused_model_json_is_validated_like_any_other(fused, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(fused.path, copy)
     for bad, field in (({"rule": "median"}, "architecture.rule"),
-                       ({"components": [{"model": "x", "method": "fused", "manifest_sha256": "0" * 64}]},
+                       ({"components": [{"model": "x", "method": "fused", "content_sha256": "0" * 64}]},
                         "own component"),
                        ({"components": []}, "architecture.components")):
         meta = json.loads(json.dumps(fused.meta))
@@ -191,3 +191,17 @@ def test_the_model_card_says_what_is_fused_and_which_kinds_the_tasks_held_out(fu
     card = render_card(fused, results_sections([ev], None, fused))
     assert "`dae` of tiny-dae" in card and "Rule: mean" in card and "harder synthetic set" in card
     assert "source: held out (source)" in card and "by anomaly size" in card and "| fused | 0.400 | 0.600 |" in card
+
+
+def test_a_components_new_model_card_does_not_invalidate_the_fused_model_but_new_weights_do(fused, world):
+    from anomaly_localizer.core.package import write_manifest
+    dae = resolve_package("tiny-dae")
+    card = dae.path / "README.md"
+    old = card.read_text()
+    try:
+        card.write_text(old + "\nmore figures\n")
+        write_manifest(dae.path)
+        assert "fused" in score_volume(image_from(phantom_array()), load_package(fused.path), device="cpu").maps
+    finally:
+        card.write_text(old)
+        write_manifest(dae.path)

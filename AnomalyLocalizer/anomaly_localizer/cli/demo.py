@@ -71,15 +71,17 @@ def run_demo(args: argparse.Namespace) -> int:
     for name, path in (("healthy", image_path), ("lesion", lesion_path)):
         print(f"scoring {path.name} -> {out / name}", file=sys.stderr)
         score_file(str(path), str(out / name), model=args.model, mask=str(mask_path), quiet=True)
+    from ..core.package import resolve_package
     png = write_overview([("healthy", image_path, out / "healthy"), ("lesion", lesion_path, out / "lesion")],
-                         out / "overview.png", truth={"lesion": label_path, "healthy": label_path})
+                         out / "overview.png", truth={"lesion": label_path}, centre_on=label_path,
+                         package=resolve_package(args.model))
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "lesion" / "segmentation.nii.gz"))) > 0
     seg_h = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "healthy" / "segmentation.nii.gz"))) > 0
     truth = label > 0
     dice = 2 * (seg & truth).sum() / max(1, seg.sum() + truth.sum())
     s = json.loads((out / "lesion" / "summary.json").read_text())
-    print(f"lesion: {int(truth.sum())} voxels inserted; segmentation ({s['threshold']['method']} > "
-          f"{s['threshold']['value']:.3g}, {s['threshold']['meaning']}) flags {int(seg.sum())} voxels, "
+    print(f"lesion: {int(truth.sum())} voxels inserted; segmentation ({s['threshold']['method']} above anomaly level "
+          f"{s['threshold']['level']:.3g}, {s['threshold']['meaning']}) flags {int(seg.sum())} voxels, "
           f"{int((seg & truth).sum())} of them in the lesion (Dice {dice:.2f}); "
           f"healthy scan: {int(seg_h.sum())} voxels flagged ({100 * seg_h.sum() / brain.sum():.2f} % of the brain)")
     print(f"wrote {out}/ (healthy/, lesion/, inputs/) and {png}")

@@ -10,12 +10,21 @@ from typing import Any, Callable
 from ..errors import PackageError
 
 TOP_AREA_MM2 = 80.0
+SCORED_FILES = ("model.safetensors", "model.json")  # what a component's maps depend on (not its card)
+
+
+def content_sha256(files: dict[str, str]) -> str:
+    """One SHA-256 over a package's weights and model.json digests (from its verified
+    manifest): what a fused package pins, so a component's rewritten model card does not
+    invalidate it while any change to its weights, settings or calibration does."""
+    import hashlib
+    return hashlib.sha256("".join(f"{n}:{files.get(n, '')};" for n in SCORED_FILES).encode()).hexdigest()
 
 
 def load_components(package: Any, device: Any, resolve: Callable[[str], Any]) -> dict[str, Any]:
     """{model name: (its ModelPackage, its loaded network)} for every component model of a
     fused package (found by ``resolve``, a model name to a package), each verified against
-    the manifest hash the fused package pins."""
+    the content hash (:func:`content_sha256`) the fused package pins."""
     loaded: dict[str, Any] = {}
     for c in package.architecture["components"]:
         if c["model"] in loaded:
@@ -24,9 +33,10 @@ def load_components(package: Any, device: Any, resolve: Callable[[str], Any]) ->
             comp = resolve(c["model"])
         except PackageError as exc:
             raise PackageError(f"model {package.name} combines {c['model']}, which cannot be used: {exc}") from None
-        if comp.manifest_sha256 != c["manifest_sha256"]:
+        if content_sha256(comp.files) != c["content_sha256"]:
             raise PackageError(f"model {package.name} was made and calibrated with another version of {c['model']} "
-                               f"(manifest {c['manifest_sha256'][:12]}, installed {comp.manifest_sha256[:12]}); "
+                               f"(weights and model.json {c['content_sha256'][:12]}, installed "
+                               f"{content_sha256(comp.files)[:12]}); "
                                "rebuild it with anomaly-localizer fuse, or reinstall the models it names")
         if comp.detector is None or comp.detector.composite or c["method"] not in comp.methods:
             raise PackageError(f"model {package.name}: component {c['model']} does not offer {c['method']}")

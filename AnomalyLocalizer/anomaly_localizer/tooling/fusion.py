@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.detectors.fused import FusionArchitecture
+from ..core.fusion import content_sha256
 from ..core.levels import level_scale
 from ..core.package import ModelPackage, resolve_package, save_package
 from ..errors import InputError
@@ -68,7 +69,7 @@ def fused_meta(components: list[tuple[ModelPackage, str]], rule: str, name: str,
     finest = min((p for p, _ in components), key=lambda p: p.contract.spacing_mm)
     arch = FusionArchitecture.model_validate({
         "type": "fusion", "rule": rule,
-        "components": [{"model": p.name, "method": m, "manifest_sha256": p.manifest_sha256,
+        "components": [{"model": p.name, "method": m, "content_sha256": content_sha256(p.files),
                         **({"weight": w} if weights else {})}
                        for (p, m), w in zip(components, weights or [1.0] * len(components))]})
     methods = ", ".join(m for _, m in components)

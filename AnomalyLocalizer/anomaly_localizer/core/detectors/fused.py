@@ -1,8 +1,8 @@
 """One fused map from several detectors, each in its healthy anomaly levels.
 
 A fused model package holds no network: it names component maps of other installed
-packages (a model and one of its methods each, pinned by the SHA-256 of the component's
-manifest) and a rule. Each component scores the volume on its own terms (its resolution,
+packages (a model and one of its methods each, pinned by one SHA-256 over the component's
+weights and model.json) and a rule. Each component scores the volume on its own terms (its resolution,
 its 3D smoothing, the exact way back to the input grid); its map is divided by its own
 0.01 % healthy threshold (:mod:`anomaly_localizer.core.levels`), so every component is in
 the same unit, "times the rarest healthy level"; the rule combines them voxel by voxel:
@@ -33,7 +33,7 @@ from .base import Detector
 class Component(Strict):
     model: Annotated[str, Field(min_length=1, max_length=500)]
     method: Annotated[str, Field(min_length=1, max_length=50)]
-    manifest_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    content_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # core.fusion.content_sha256
     weight: Annotated[float, Field(gt=0, le=100)] = 1.0
 
 
