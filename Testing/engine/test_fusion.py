@@ -205,3 +205,13 @@ def test_a_components_new_model_card_does_not_invalidate_the_fused_model_but_new
     finally:
         card.write_text(old)
         write_manifest(dae.path)
+
+
+def test_fused_slice_scores_follow_the_axial_axis_of_any_orientation(fused):
+    from phantoms import psr_image
+    arr = phantom_array(lesion=True)
+    for image in (image_from(arr), psr_image(arr)):  # axial along numpy axis 0, and along another axis
+        res = score_volume(image, fused, device="cpu")
+        n_axial = image.GetSize()[res.axial_axis]
+        assert res.slice_scores["fused"].shape == (n_axial,) == res.brain_voxels_per_slice.shape
+        assert all(v.shape == (n_axial,) for v in res.slice_scores.values())

@@ -24,8 +24,11 @@ def test_default_model_loads_checks_and_is_calibrated():
     assert default_model_name() == name
     package = load_package(MODELS / name)
     model = package.load_model()
-    assert next(model.parameters()).dtype.is_floating_point
-    assert (MODELS / name / "model.safetensors").stat().st_size < 10 * 2 ** 20  # a few MB
+    # A fused default loads its component models (each pinned and verified) instead of weights.
+    networks = [net for _, net in model.values()] if package.detector.composite else [model]
+    assert all(next(net.parameters()).dtype.is_floating_point for net in networks)
+    for pkg in [comp for comp, _ in model.values()] if package.detector.composite else [package]:
+        assert (pkg.path / "model.safetensors").stat().st_size < 10 * 2 ** 20  # a few MB
     calib = package.calibration
     assert len(calib["subjects"]) > 10
     method = package.meta["recommended_method"]

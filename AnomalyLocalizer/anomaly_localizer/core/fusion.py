@@ -56,7 +56,8 @@ def fuse_levels(levels: list[Any], rule: str, weights: list[float]) -> Any:
 
 def top_area_slice_scores(fused: Any, brain: Any, axial_axis: int, spacing_zyx: tuple[float, ...]) -> Any:
     """(n_axial,) mean of each axial slice's highest values over :data:`TOP_AREA_MM2` inside
-    the brain; NaN for slices without brain."""
+    the brain; NaN for slices without brain. ``axial_axis`` is the numpy axis of the arrays
+    (z, y, x order) and ``spacing_zyx`` their spacing in that order."""
     import numpy as np
     plane = [s for i, s in enumerate(spacing_zyx) if i != axial_axis]
     k = max(1, int(round(TOP_AREA_MM2 / (plane[0] * plane[1]))))

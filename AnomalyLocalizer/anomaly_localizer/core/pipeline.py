@@ -193,6 +193,7 @@ def _score_fused(image: sitk.Image, package: ModelPackage, methods: list[str], m
         res = score_volume(image, comp, ms, mask=mask_img, device=str(dev), batch_size=batch_size, progress=sub,
                            cancel=cancel, model=net)
         timings[f"{name}_s"] = time.perf_counter() - t
+        timings["smoothing_s"] = timings.get("smoothing_s", 0.0) + res.timings.get("smoothing_s", 0.0)
         for m in ms:
             maps[m] = res.maps[m]
         slice_scores.update(res.slice_scores)
@@ -204,8 +205,9 @@ def _score_fused(image: sitk.Image, package: ModelPackage, methods: list[str], m
         levels = [maps[c["method"]] / scales[c["method"]] for c in comps]
         fused = fuse_levels(levels, arch["rule"], [c.get("weight", 1.0) for c in comps])
         maps = {"fused": np.where(mask_arr, fused, 0).astype(np.float32), **maps}
-        slice_scores = {"fused": top_area_slice_scores(maps["fused"], mask_arr, axial_axis, image.GetSpacing()[::-1]),
-                        **slice_scores}
+        # axial_axis is SimpleITK's index axis; the arrays are in numpy (z, y, x) order.
+        slice_scores = {"fused": top_area_slice_scores(maps["fused"], mask_arr, 2 - axial_axis,
+                                                       image.GetSpacing()[::-1]), **slice_scores}
         info["level_scales"] = scales
     primary = "fused" if "fused" in slice_scores else next(iter(slice_scores))
     timings["total_s"] = time.perf_counter() - t0

@@ -84,7 +84,9 @@ def fused_meta(components: list[tuple[ModelPackage, str]], rule: str, name: str,
         "provenance": {"engine_version": __version__, "subjects": _splits_agree(components),
                        "components": {p.name: p.manifest_sha256 for p, _ in components},
                        "made": time.strftime("%Y-%m-%d")},
-        "training": {"selection": (selection or {}).get("rule", "components and rule given by hand"),
+        # The subject split's seed (the components share it), for the model card.
+        "training": {"config": {"seed": components[0][0].meta.get("training", {}).get("config", {}).get("seed")},
+                     "selection": (selection or {}).get("rule", "components and rule given by hand"),
                      **({"selection_record": selection} if selection else {})},
     }
 

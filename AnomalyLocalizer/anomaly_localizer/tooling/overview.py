@@ -17,7 +17,7 @@ from ..core.volume import axial_layout
 
 SEGMENTATION_COLOUR = "#00ff66"
 TRUTH_COLOUR = "#33ccff"
-DISPLAY_FLOOR = 0.5  # share of the threshold's level below which the map is transparent
+DISPLAY_FLOOR = 0.8  # share of the threshold's level below which the map is transparent
 
 
 def _axial_stack(path: Path, layout=None):

@@ -77,7 +77,8 @@ class FusedDetector(Detector):
         chosen = meta.get("training", {}).get("selection", "")
         return [f"- Components, each in its healthy anomaly levels (raw score / its 0.01 % healthy threshold): "
                 f"{parts}.",
-                f"- Rule: {arch['rule']} of the component levels, voxel by voxel. {chosen}".rstrip(),
+                f"- Rule: {arch['rule']} of the component levels, voxel by voxel. {chosen[:1].upper()}{chosen[1:]}."
+                if chosen else f"- Rule: {arch['rule']} of the component levels, voxel by voxel.",
                 f"- Slice score: the mean of the slice's highest fused values over {TOP_AREA_MM2:g} mm^2."]
 
     def build_network(self, architecture: dict[str, Any]):
