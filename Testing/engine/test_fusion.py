@@ -215,3 +215,15 @@ def test_fused_slice_scores_follow_the_axial_axis_of_any_orientation(fused):
         n_axial = image.GetSize()[res.axial_axis]
         assert res.slice_scores["fused"].shape == (n_axial,) == res.brain_voxels_per_slice.shape
         assert all(v.shape == (n_axial,) for v in res.slice_scores.values())
+
+
+def test_a_component_map_asked_for_alone_comes_from_its_own_model(fused, world, monkeypatch):
+    from anomaly_localizer.core.package import resolve_package_for
+    (world["models"] / "index.json").write_text(json.dumps({"default": "tiny-fused"}))
+    try:
+        assert resolve_package_for(None).name == "tiny-fused"
+        assert resolve_package_for(["fused"]).name == "tiny-fused"
+        assert resolve_package_for(["dae"]).name == "tiny-dae" and resolve_package_for(["ssl"]).name == "tiny-ssl"
+        assert resolve_package_for(["dae"], "tiny-fused").name == "tiny-fused"  # asked for by name: as asked
+    finally:
+        (world["models"] / "index.json").unlink()

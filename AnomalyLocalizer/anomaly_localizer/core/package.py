@@ -450,6 +450,9 @@ def resolve_package_for(methods: list[str] | tuple[str, ...] | None, model: str 
         except PackageError as exc:
             broken.append(str(exc))  # say so below: a broken model may be the one that was wanted
             continue
+        composite = package.detector is not None and package.detector.composite
+        if composite and not any(m in package.detector.methods for m in wanted):
+            continue  # a fused model's component maps, asked for alone, come from their own models
         if all(m in package.methods for m in wanted):
             return package
     unusable = f" (unusable models: {'; '.join(broken)})" if broken else ""

@@ -124,3 +124,51 @@ def load_best(run: StepRun) -> torch.nn.Module:
     from safetensors.torch import load_file
     run.net.load_state_dict(load_file(str(run.ckpt_dir / "best.safetensors")))
     return run.net.to(memory_format=torch.contiguous_format).eval()
+
+
+class SliceContract:
+    """The input contract of a 2.5D U-Net training config (fields ``modality``,
+    ``spacing_mm`` and ``architecture`` with ``slice_size`` and ``in_channels``)."""
+
+    @property
+    def contract(self) -> dict[str, Any]:
+        from ..core.volume import NORMALISATION
+        arch = self.architecture  # type: ignore[attr-defined]
+        return {"modality": self.modality, "orientation": "axial",  # type: ignore[attr-defined]
+                "slice_size": int(arch["slice_size"]), "spacing_mm": float(self.spacing_mm),  # type: ignore[attr-defined]
+                "normalisation": NORMALISATION, "context_slices": int(arch["in_channels"])}
+
+
+def write_trained_package(run: StepRun, cfg: Any, out: Path, data: str | Path, arch_type: str, method: str,
+                          summary: str, split: dict[str, list[str]], by_id: dict[str, Any], dev: torch.device,
+                          use_bf16: bool, t_start: float, best_key: str, calibrate: bool,
+                          say: Callable[[str], None], training_extra: dict[str, Any] | None = None) -> Path:
+    """The best weights of a finished step run as a package of ``arch_type`` offering
+    ``method`` (its scoring block is ``cfg.scoring`` under the method's name), calibrated on
+    the split's calibration subjects unless ``calibrate`` is False."""
+    from .. import __version__
+    from ..core.package import save_package
+
+    state = run.state
+    net = load_best(run)
+    meta = {
+        "name": out.name,
+        "summary": summary,
+        "architecture": {"type": arch_type, **cfg.architecture},
+        "input_contract": cfg.contract,
+        method: dict(cfg.scoring),
+        "recommended_method": method,
+        "calibration": {},
+        "provenance": {"engine_version": __version__, "data": str(Path(data)), "subjects": split,
+                       "trained": time.strftime("%Y-%m-%d"), "torch": torch.__version__},
+        "training": {"config": asdict(cfg), "best_step": state["best_step"], best_key: state["best_val"],
+                     **(training_extra or {}), "steps_run": state["step"], "history": state["history"],
+                     "threads_per_process": torch.get_num_threads(), "bf16": use_bf16,
+                     "seconds_this_run": time.perf_counter() - t_start},
+    }
+    package = save_package(net, meta, out)
+    say(f"wrote {out} (best step {state['best_step']}, {best_key.replace('_', ' ')} {state['best_val']:.5f})")
+    if calibrate and split["calibration"]:
+        from .calibrate import calibrate_package
+        calibrate_package(package, [by_id[i] for i in split["calibration"]], device=str(dev), progress=say)
+    return out

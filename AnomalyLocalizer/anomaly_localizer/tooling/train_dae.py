@@ -22,27 +22,25 @@ validation loss is always computed in float32).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
 from ..core.detectors.dae import DEFAULT_DAE_SCORING, DAEArchitecture
 from ..core.device import configure_threads, cpu_has_bf16, select_device
-from ..core.package import build_network, save_package
-from ..core.volume import NORMALISATION
+from ..core.package import build_network
 from .data import SliceSet, check_run_folder, split_slices
-from .steps import load_best, run_steps, start_run
+from .steps import SliceContract, run_steps, start_run, write_trained_package
 from .train import read_config_values
 
 VALIDATION_SLICES = 384
 
 
 @dataclass
-class DAETrainConfig:
+class DAETrainConfig(SliceContract):
     architecture: dict[str, Any] = field(default_factory=lambda: DAEArchitecture().model_dump(exclude={"type"}))
     spacing_mm: float = 2.0  # the data's native resolution: a 6 mm anomaly is three pixels
     modality: str = "T1w"
@@ -78,12 +76,6 @@ class DAETrainConfig:
                     setattr(cfg, k, v)
         cfg.scoring = {**DEFAULT_DAE_SCORING, **cfg.scoring}
         return cfg
-
-    @property
-    def contract(self) -> dict[str, Any]:
-        return {"modality": self.modality, "orientation": "axial", "slice_size": int(self.architecture["slice_size"]),
-                "spacing_mm": float(self.spacing_mm), "normalisation": NORMALISATION,
-                "context_slices": int(self.architecture["in_channels"])}
 
 
 def coarse_noise(n: int, size: int, res: int, std: float, gen: torch.Generator) -> torch.Tensor:
@@ -179,28 +171,9 @@ def train_dae(data: str | Path, out: str | Path, cfg: DAETrainConfig, resume: bo
     t_start = time.perf_counter()
     if not run_steps(run, cfg, batch_loss, lambda: (validation_loss(run.net, val_set, cfg), {}), say, stop_after):
         return out
-    state = run.state
-    net = load_best(run)
     S = int(cfg.architecture["slice_size"])
-    meta = {
-        "name": out.name,
-        "summary": f"Coarse-noise denoising autoencoder (Kascenas et al. 2022), {S}x{S} axial slices at "
-                   f"{cfg.spacing_mm:g} mm with {cfg.architecture['in_channels']} neighbouring slices as input",
-        "architecture": {"type": "unet-dae", **cfg.architecture},
-        "input_contract": cfg.contract,
-        "dae": dict(cfg.scoring),
-        "recommended_method": "dae",
-        "calibration": {},
-        "provenance": {"engine_version": __version__, "data": str(Path(data)), "subjects": split,
-                       "trained": time.strftime("%Y-%m-%d"), "torch": torch.__version__},
-        "training": {"config": asdict(cfg), "best_step": state["best_step"], "best_val_loss": state["best_val"],
-                     "steps_run": state["step"], "history": state["history"],
-                     "threads_per_process": torch.get_num_threads(), "bf16": use_bf16,
-                     "seconds_this_run": time.perf_counter() - t_start},
-    }
-    package = save_package(net, meta, out)
-    say(f"wrote {out} (best step {state['best_step']}, validation loss {state['best_val']:.5f})")
-    if calibrate and split["calibration"]:
-        from .calibrate import calibrate_package
-        calibrate_package(package, [by_id[i] for i in split["calibration"]], device=str(dev), progress=say)
-    return out
+    return write_trained_package(
+        run, cfg, out, data, "unet-dae", "dae",
+        f"Coarse-noise denoising autoencoder (Kascenas et al. 2022), {S}x{S} axial slices at {cfg.spacing_mm:g} mm "
+        f"with {cfg.architecture['in_channels']} neighbouring slices as input",
+        split, by_id, dev, use_bf16, t_start, "best_val_loss", calibrate, say)

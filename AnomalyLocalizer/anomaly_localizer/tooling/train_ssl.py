@@ -21,7 +21,7 @@ calibration or tumour case is used. The loop, checkpoints and resume are
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,15 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
 from ..core.detectors.ssl import DEFAULT_SSL_SCORING, SSLArchitecture
 from ..core.device import configure_threads, cpu_has_bf16, select_device
-from ..core.package import build_network, save_package
-from ..core.volume import NORMALISATION
+from ..core.package import build_network
 from .data import SliceSet, check_run_folder, split_slices
 from .metrics import average_precision
 from .ssl_tasks import HELD_OUT_TASKS, TRAIN_TASKS, make_batch
-from .steps import load_best, run_steps, start_run
+from .steps import SliceContract, run_steps, start_run, write_trained_package
 from .train import read_config_values
 from .train_dae import augment
 
@@ -46,7 +44,7 @@ DONOR_HEIGHT = 0.04  # a donor slice lies within this share of the brain's heigh
 
 
 @dataclass
-class SSLTrainConfig:
+class SSLTrainConfig(SliceContract):
     architecture: dict[str, Any] = field(default_factory=lambda: SSLArchitecture().model_dump(exclude={"type"}))
     spacing_mm: float = 2.0
     modality: str = "T1w"
@@ -90,12 +88,6 @@ class SSLTrainConfig:
             raise InputError("training tasks and held-out tasks must both be given and must not overlap")
         cfg.scoring = {**DEFAULT_SSL_SCORING, **cfg.scoring}
         return cfg
-
-    @property
-    def contract(self) -> dict[str, Any]:
-        return {"modality": self.modality, "orientation": "axial", "slice_size": int(self.architecture["slice_size"]),
-                "spacing_mm": float(self.spacing_mm), "normalisation": NORMALISATION,
-                "context_slices": int(self.architecture["in_channels"])}
 
 
 class DonorPicker:
@@ -201,29 +193,10 @@ def train_ssl(data: str | Path, out: str | Path, cfg: SSLTrainConfig, resume: bo
                      stop_after, higher_is_better=True, figure_name="held-out pixel AP")
     if not done:
         return out
-    state = run.state
-    net = load_best(run)
     S = int(cfg.architecture["slice_size"])
-    meta = {
-        "name": out.name,
-        "summary": f"Self-supervised anomaly segmentation U-Net (synthetic anomalies, held-out tasks), {S}x{S} axial "
-                   f"slices at {cfg.spacing_mm:g} mm with {cfg.architecture['in_channels']} neighbouring slices",
-        "architecture": {"type": "unet-ssl", **cfg.architecture},
-        "input_contract": cfg.contract,
-        "ssl": dict(cfg.scoring),
-        "recommended_method": "ssl",
-        "calibration": {},
-        "provenance": {"engine_version": __version__, "data": str(Path(data)), "subjects": split,
-                       "trained": time.strftime("%Y-%m-%d"), "torch": torch.__version__},
-        "training": {"config": asdict(cfg), "best_step": state["best_step"], "best_val_figure": state["best_val"],
-                     "selection": "pixel AP on validation slices with held-out tasks (half left healthy)",
-                     "steps_run": state["step"], "history": state["history"],
-                     "threads_per_process": torch.get_num_threads(), "bf16": use_bf16,
-                     "seconds_this_run": time.perf_counter() - t_start},
-    }
-    package = save_package(net, meta, out)
-    say(f"wrote {out} (best step {state['best_step']}, held-out pixel AP {state['best_val']:.4f})")
-    if calibrate and split["calibration"]:
-        from .calibrate import calibrate_package
-        calibrate_package(package, [by_id[i] for i in split["calibration"]], device=str(dev), progress=say)
-    return out
+    return write_trained_package(
+        run, cfg, out, data, "unet-ssl", "ssl",
+        f"Self-supervised anomaly segmentation U-Net (synthetic anomalies, held-out tasks), {S}x{S} axial slices at "
+        f"{cfg.spacing_mm:g} mm with {cfg.architecture['in_channels']} neighbouring slices",
+        split, by_id, dev, use_bf16, t_start, "best_val_figure", calibrate, say,
+        {"selection": "pixel AP on validation slices with held-out tasks (half left healthy)"})
