@@ -138,7 +138,7 @@ def test_per_kind_and_intensity_only_figures_pool_the_right_cases(monkeypatch):
 
     class Pkg:
         name, manifest_sha256, primary_slice_score = "fake", "0" * 64, "x"
-        methods = ("rec",)
+        methods, detector, meta = ("rec",), None, {}
         def load_model(self, device): return None
         def default_threshold(self, m): return (1.0, 0.001)
 
