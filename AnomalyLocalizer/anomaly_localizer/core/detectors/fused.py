@@ -2,14 +2,15 @@
 
 A fused model package holds no network: it names component maps of other installed
 packages (a model and one of its methods each, pinned by one SHA-256 over the component's
-weights and model.json) and a rule. Each component scores the volume on its own terms (its resolution,
-its 3D smoothing, the exact way back to the input grid); its map is divided by its own
+weights and model.json) and a rule. Each component scores the volume on its own terms (its
+resolution, its 3D smoothing, the exact way back to the input grid); its map is divided by its own
 0.01 % healthy threshold (:mod:`anomaly_localizer.core.levels`), so every component is in
 the same unit, "times the rarest healthy level"; the rule combines them voxel by voxel:
 
 - ``mean``: the mean of the component levels (a voxel must look anomalous to several);
 - ``max``: the highest level (any one detector suffices);
-- ``weighted``: a weighted mean, the weights chosen on validation.
+- ``weighted``: a weighted mean with each component's ``weight`` (written by hand in
+  model.json; ``fuse`` chooses between mean and max).
 
 The fused package is calibrated on healthy subjects like any other, so its threshold and
 levels mean what every other map's mean. Every component map is kept in the results (one
@@ -24,10 +25,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..schema import Strict
 from ..fusion import TOP_AREA_MM2
+from ..schema import Strict
 from .base import Detector
-
 
 
 class Component(Strict):
