@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 from phantoms import healthy_folder, image_from, make_tiny_dae_package, make_tiny_ssl_package, phantom_array
 
 from anomaly_localizer.cli import main
@@ -163,8 +162,10 @@ def test_rule_auto_scores_validation_cases_and_records_the_choice(world, tmp_pat
     pkg = make_fused(["tiny-dae:dae", "tiny-ssl:ssl"], tmp_path / "auto", str(world["data"]), per_subject=1)
     record = pkg.meta["training"]["selection_record"]
     assert record["chosen"] in record["table"] and len(record["table"]) == 4
-    assert pkg.architecture["rule"] in ("mean", "max") and pkg.calibration.pixel
-    assert sitk.Image  # the package is usable
+    chosen = record["chosen"]
+    assert pkg.architecture["rule"] == chosen["rule"] and pkg.calibration.pixel
+    assert [c["method"] for c in pkg.architecture["components"]] == chosen["methods"]
+    assert chosen["pixel_ap"] >= max(r["pixel_ap"] for r in record["table"]) - 1e-6
     res = score_volume(image_from(phantom_array()), pkg, device="cpu")
     assert "fused" in res.maps
 

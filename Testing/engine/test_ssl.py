@@ -48,8 +48,23 @@ def test_the_registry_finds_the_family_and_the_held_out_tasks_are_not_trained_on
 
 
 def test_the_training_generator_shares_no_code_with_the_evaluations():
-    source = open(ssl_tasks.__file__).read()
-    assert "hard_cases" not in source.split('"""', 2)[2] and "synthetic" not in source.split('"""', 2)[2]
+    import ast
+
+    from anomaly_localizer.tooling import hard_cases, train_ssl
+
+    def imported(module) -> set[str]:
+        tree = ast.parse(open(module.__file__).read())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                names |= {node.module or ""} | {a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+        return {n.rsplit(".", 1)[-1] for n in names}
+
+    evaluation = {"hard_cases", "synthetic", "evaluate"}
+    assert not imported(ssl_tasks) & evaluation and not imported(train_ssl) & evaluation
+    assert "ssl_tasks" not in imported(hard_cases)
 
 
 def test_scores_a_probability_map_inside_the_brain_on_the_input_grid(ssl):

@@ -38,40 +38,18 @@ def register(sub) -> None:
     lsr.set_defaults(func=run_train_lsr)
 
     d = sub.add_parser("train-dae", help="train the coarse-noise denoising autoencoder (method dae)")
-    d.add_argument("data", help=DATA_HELP)
-    d.add_argument("--out", required=True, help="model package folder to create")
-    d.add_argument("--config", help="JSON training configuration (keys of DAETrainConfig), or a package's model.json")
-    d.add_argument("--steps", type=int, help="training steps (batches)")
-    d.add_argument("--batch-size", type=int)
+    _add_step_options(d, "DAETrainConfig")
     d.add_argument("--noise-std", type=float, help="coarse noise standard deviation (normalised intensity; "
                    "the brain's inter-quartile range is 0.25)")
     d.add_argument("--noise-res", type=int, help="side of the coarse noise grid")
-    d.add_argument("--seed", type=int)
-    d.add_argument("--stop-after", type=int, metavar="STEPS",
-                   help="stop after this many steps of this run, at a checkpoint (continue later with --resume)")
-    d.add_argument("--bf16", dest="bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: where the CPU has bf16 matrix instructions, else float32)")
-    add_device(d, "cpu")
-    _add_run_options(d)
     d.set_defaults(func=run_train_dae)
 
     ssl = sub.add_parser("train-ssl", help="train the self-supervised anomaly segmentation U-Net (method ssl)")
-    ssl.add_argument("data", help=DATA_HELP)
-    ssl.add_argument("--out", required=True, help="model package folder to create")
-    ssl.add_argument("--config", help="JSON training configuration (keys of SSLTrainConfig), or a package's model.json")
-    ssl.add_argument("--steps", type=int, help="training steps (batches)")
-    ssl.add_argument("--batch-size", type=int)
+    _add_step_options(ssl, "SSLTrainConfig")
     ssl.add_argument("--tasks", type=lambda v: v.split(","), metavar="T1,T2",
                      help="training tasks (default foreign,intensity,blur,sink,bend)")
     ssl.add_argument("--held-out", type=lambda v: v.split(","), metavar="T1,T2",
                      help="tasks held out of training that choose the checkpoint (default poisson,source)")
-    ssl.add_argument("--seed", type=int)
-    ssl.add_argument("--stop-after", type=int, metavar="STEPS",
-                     help="stop after this many steps of this run, at a checkpoint (continue later with --resume)")
-    ssl.add_argument("--bf16", dest="bf16", action=argparse.BooleanOptionalAction, default=None,
-                     help="bf16 autocast (default: where the CPU has bf16 matrix instructions, else float32)")
-    add_device(ssl, "cpu")
-    _add_run_options(ssl)
     ssl.set_defaults(func=run_train_ssl)
 
     b = sub.add_parser("train-brainmask", help="train the brain extraction U-Net on scans with reference masks")
@@ -83,6 +61,22 @@ def register(sub) -> None:
     b.add_argument("--force", action="store_true")
     add_quiet(b)
     b.set_defaults(func=run_train_brainmask)
+
+
+def _add_step_options(p: argparse.ArgumentParser, config_class: str) -> None:
+    """The options of the 2.5D step trainings (train-dae, train-ssl)."""
+    p.add_argument("data", help=DATA_HELP)
+    p.add_argument("--out", required=True, help="model package folder to create")
+    p.add_argument("--config", help=f"JSON training configuration (keys of {config_class}), or a package's model.json")
+    p.add_argument("--steps", type=int, help="training steps (batches)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop-after", type=int, metavar="STEPS",
+                   help="stop after this many steps of this run, at a checkpoint (continue later with --resume)")
+    p.add_argument("--bf16", dest="bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: where the CPU has bf16 matrix instructions, else float32)")
+    add_device(p, "cpu")
+    _add_run_options(p)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -116,23 +110,20 @@ def run_train_lsr(args: argparse.Namespace) -> int:
 
 def run_train_dae(args: argparse.Namespace) -> int:
     from ..tooling.train_dae import DAETrainConfig, train_dae
-
-    cfg = DAETrainConfig.from_json(args.config, steps=args.steps, batch_size=args.batch_size, noise_std=args.noise_std,
-                                   noise_res=args.noise_res, seed=args.seed, bf16=args.bf16)
-    train_dae(args.data, args.out, cfg, resume=args.resume, force=args.force, device=args.device,
-              cache_dir=args.cache, progress=say(args.quiet), calibrate=not args.no_calibration,
-              stop_after=args.stop_after)
-    return EXIT_OK
+    return _run_steps_training(args, DAETrainConfig, train_dae, noise_std=args.noise_std, noise_res=args.noise_res)
 
 
 def run_train_ssl(args: argparse.Namespace) -> int:
     from ..tooling.train_ssl import SSLTrainConfig, train_ssl
+    return _run_steps_training(args, SSLTrainConfig, train_ssl, tasks=args.tasks, held_out=args.held_out)
 
-    cfg = SSLTrainConfig.from_json(args.config, steps=args.steps, batch_size=args.batch_size, tasks=args.tasks,
-                                   held_out=args.held_out, seed=args.seed, bf16=args.bf16)
-    train_ssl(args.data, args.out, cfg, resume=args.resume, force=args.force, device=args.device,
-              cache_dir=args.cache, progress=say(args.quiet), calibrate=not args.no_calibration,
-              stop_after=args.stop_after)
+
+def _run_steps_training(args: argparse.Namespace, config_class, train_fn, **family_options) -> int:
+    cfg = config_class.from_json(args.config, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                                 bf16=args.bf16, **family_options)
+    train_fn(args.data, args.out, cfg, resume=args.resume, force=args.force, device=args.device,
+             cache_dir=args.cache, progress=say(args.quiet), calibrate=not args.no_calibration,
+             stop_after=args.stop_after)
     return EXIT_OK
 
 

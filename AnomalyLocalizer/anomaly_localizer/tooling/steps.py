@@ -172,3 +172,27 @@ def write_trained_package(run: StepRun, cfg: Any, out: Path, data: str | Path, a
         from .calibrate import calibrate_package
         calibrate_package(package, [by_id[i] for i in split["calibration"]], device=str(dev), progress=say)
     return out
+
+
+ARCHITECTURE_OPTIONS = ("slice_size", "in_channels", "feature_maps")  # overrides that go into "architecture"
+
+
+def load_config(cls: Any, path: str | Path | None, architecture: Any, default_scoring: dict[str, Any],
+                **overrides: Any) -> Any:
+    """A 2.5D training config of dataclass ``cls`` from a JSON file (or a package's model.json)
+    and command-line ``overrides`` (None: not given): the architecture block validated by the
+    family's schema ``architecture``, the scoring block completed with ``default_scoring``."""
+    from .train import read_config_values
+    values = read_config_values(path, set(cls.__dataclass_fields__))
+    cfg = cls(**{k: v for k, v in values.items() if k != "architecture"})
+    cfg.architecture = architecture.model_validate({**cfg.architecture, **values.get("architecture", {})}) \
+        .model_dump(exclude={"type"})
+    for k, v in overrides.items():
+        if v is not None:
+            if k in ARCHITECTURE_OPTIONS:
+                cfg.architecture[k] = v
+            else:
+                setattr(cfg, k, v)
+    cfg.scoring = {**default_scoring, **cfg.scoring}
+    return cfg
+

@@ -33,8 +33,7 @@ from ..core.detectors.dae import DEFAULT_DAE_SCORING, DAEArchitecture
 from ..core.device import configure_threads, cpu_has_bf16, select_device
 from ..core.package import build_network
 from .data import SliceSet, check_run_folder, split_slices
-from .steps import SliceContract, run_steps, start_run, write_trained_package
-from .train import read_config_values
+from .steps import SliceContract, load_config, run_steps, start_run, write_trained_package
 
 VALIDATION_SLICES = 384
 
@@ -64,18 +63,7 @@ class DAETrainConfig(SliceContract):
 
     @classmethod
     def from_json(cls, path: str | Path | None, **overrides: Any) -> "DAETrainConfig":
-        values = read_config_values(path, set(cls.__dataclass_fields__))
-        cfg = cls(**{k: v for k, v in values.items() if k != "architecture"})
-        cfg.architecture = DAEArchitecture.model_validate({**cfg.architecture, **values.get("architecture", {})}) \
-            .model_dump(exclude={"type"})
-        for k, v in overrides.items():
-            if v is not None:
-                if k in ("slice_size", "in_channels", "feature_maps"):
-                    cfg.architecture[k] = v
-                else:
-                    setattr(cfg, k, v)
-        cfg.scoring = {**DEFAULT_DAE_SCORING, **cfg.scoring}
-        return cfg
+        return load_config(cls, path, DAEArchitecture, DEFAULT_DAE_SCORING, **overrides)
 
 
 def coarse_noise(n: int, size: int, res: int, std: float, gen: torch.Generator) -> torch.Tensor:

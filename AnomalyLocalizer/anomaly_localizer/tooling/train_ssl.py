@@ -35,8 +35,7 @@ from ..core.package import build_network
 from .data import SliceSet, check_run_folder, split_slices
 from .metrics import average_precision
 from .ssl_tasks import HELD_OUT_TASKS, TRAIN_TASKS, make_batch
-from .steps import SliceContract, run_steps, start_run, write_trained_package
-from .train import read_config_values
+from .steps import SliceContract, load_config, run_steps, start_run, write_trained_package
 from .train_dae import augment
 
 VALIDATION_SLICES = 192
@@ -74,19 +73,12 @@ class SSLTrainConfig(SliceContract):
         from ..errors import InputError
         from .ssl_tasks import ALL_TASKS
 
-        values = read_config_values(path, set(cls.__dataclass_fields__))
-        cfg = cls(**{k: v for k, v in values.items() if k != "architecture"})
-        cfg.architecture = SSLArchitecture.model_validate({**cfg.architecture, **values.get("architecture", {})}) \
-            .model_dump(exclude={"type"})
-        for k, v in overrides.items():
-            if v is not None:
-                setattr(cfg, k, v)
+        cfg = load_config(cls, path, SSLArchitecture, DEFAULT_SSL_SCORING, **overrides)
         unknown = set(cfg.tasks) | set(cfg.held_out)
         if unknown - set(ALL_TASKS):
             raise InputError(f"unknown tasks {sorted(unknown - set(ALL_TASKS))}; known: {', '.join(ALL_TASKS)}")
         if set(cfg.tasks) & set(cfg.held_out) or not cfg.tasks or not cfg.held_out:
             raise InputError("training tasks and held-out tasks must both be given and must not overlap")
-        cfg.scoring = {**DEFAULT_SSL_SCORING, **cfg.scoring}
         return cfg
 
 

@@ -98,3 +98,21 @@ class Detector:
         training = meta.get("training", {})
         return [f"- Architecture: {meta['architecture']['type']} {arch}.",
                 f"- Training: {', '.join(f'{k} {v}' for k, v in training.items() if not isinstance(v, (dict, list)))}."]
+
+
+def run_in_batches(fn: Callable[[Any], Any], x: Any, ctx: ScoringContext, batch: int, verb: str) -> Any:
+    """``fn`` over ``x`` (N, ...) in batches on ``ctx.device`` without gradients, results on
+    the CPU in float32 and concatenated; cancel checked and progress reported per batch."""
+    import torch
+
+    from ...errors import CancelledError
+
+    n, out = x.shape[0], []
+    with torch.no_grad():
+        for s in range(0, n, batch):
+            if ctx.cancel is not None and ctx.cancel():
+                raise CancelledError("cancelled by the user")
+            out.append(fn(x[s:s + batch].to(ctx.device)).float().cpu())
+            ctx.report(min(n, s + batch) / n, f"{verb} {min(n, s + batch)}/{n} slices")
+    return torch.cat(out)
+

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from ..schema import Channels, SliceSize, Strict
-from .base import Detector, DetectorOutput, ScoringContext
+from .base import Detector, DetectorOutput, ScoringContext, run_in_batches
 
 BATCH_SLICES = 32
 
@@ -87,22 +87,11 @@ class DAEDetector(Detector):
                       norm="group", groups=arch.groups)
 
     def score(self, net, prepared, package, methods: list[str], ctx: ScoringContext) -> DetectorOutput:
-        import torch
-
-        from ...errors import CancelledError
-
         params = {**DEFAULT_DAE_SCORING, **package.settings("dae")}
         x = prepared.with_context(package.contract.context_slices)
-        n = x.shape[0]
-        restored = []
-        with torch.no_grad():
-            for s in range(0, n, BATCH_SLICES):
-                if ctx.cancel is not None and ctx.cancel():
-                    raise CancelledError("cancelled by the user")
-                restored.append(net(x[s:s + BATCH_SLICES].to(ctx.device)).float().cpu())
-                ctx.report(min(n, s + BATCH_SLICES) / n, f"restored {min(n, s + BATCH_SLICES)}/{n} slices")
+        restored = run_in_batches(net, x, ctx, BATCH_SLICES, "restored")
         middle = x[:, x.shape[1] // 2: x.shape[1] // 2 + 1]
-        pixel = residual_map(middle, torch.cat(restored), prepared.mask, int(params["erode_px"]),
+        pixel = residual_map(middle, restored, prepared.mask, int(params["erode_px"]),
                              int(params["median_px"]))
         return DetectorOutput(maps={"dae": pixel}, slice_scores={"dae": top_k_mean(pixel, int(params["slice_top_k"]))})
 

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from ..schema import Strict
-from .base import Detector, DetectorOutput, ScoringContext
+from .base import Detector, DetectorOutput, ScoringContext, run_in_batches
 from .dae import DAEArchitecture, top_k_mean
 
 BATCH_SLICES = 32
@@ -83,21 +83,10 @@ class SSLDetector(Detector):
                       norm="group", groups=arch.groups)
 
     def score(self, net, prepared, package, methods: list[str], ctx: ScoringContext) -> DetectorOutput:
-        import torch
-
-        from ...errors import CancelledError
-
         params = {**DEFAULT_SSL_SCORING, **package.settings("ssl")}
         x = prepared.with_context(package.contract.context_slices)
-        n = x.shape[0]
-        probs = []
-        with torch.no_grad():
-            for s in range(0, n, BATCH_SLICES):
-                if ctx.cancel is not None and ctx.cancel():
-                    raise CancelledError("cancelled by the user")
-                probs.append(predict(net, x[s:s + BATCH_SLICES].to(ctx.device), bool(params["flip"])).cpu())
-                ctx.report(min(n, s + BATCH_SLICES) / n, f"segmented {min(n, s + BATCH_SLICES)}/{n} slices")
-        pixel = torch.cat(probs)[:, 0] * prepared.mask[:, 0]
+        probs = run_in_batches(lambda b: predict(net, b, bool(params["flip"])), x, ctx, BATCH_SLICES, "segmented")
+        pixel = probs[:, 0] * prepared.mask[:, 0]
         return DetectorOutput(maps={"ssl": pixel}, slice_scores={"ssl": top_k_mean(pixel, int(params["slice_top_k"]))})
 
 
