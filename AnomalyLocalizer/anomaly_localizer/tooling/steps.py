@@ -196,3 +196,43 @@ def load_config(cls: Any, path: str | Path | None, architecture: Any, default_sc
     cfg.scoring = {**default_scoring, **cfg.scoring}
     return cfg
 
+
+@dataclass
+class Setup:
+    """What a 2.5D step training works with: device, split and slices, the run, precision."""
+
+    dev: torch.device
+    split: dict[str, list[str]]
+    by_id: dict[str, Any]
+    train_set: Any
+    val_set: Any
+    run: StepRun
+    use_bf16: bool
+    memory: torch.memory_format
+    autocast: Any
+
+
+def set_up(data: str | Path, out: Path, cfg: Any, arch_type: str, resume: bool, force: bool, device: str,
+           cache_dir: str | Path | None, say: Callable[[str], None], describe: str) -> Setup:
+    """Refuse a used ``out`` (unless resuming or forced), split the subjects, load their
+    slices, build the ``arch_type`` network and the run (resumed from its checkpoint), and
+    choose the precision: bf16 autocast with channels-last tensors only where the CPU has bf16
+    matrix instructions (emulated bf16 is about ten times slower than float32)."""
+    from ..core.device import configure_threads, cpu_has_bf16, select_device
+    from ..core.package import build_network
+    from .data import check_run_folder, split_slices
+
+    check_run_folder(out, resume, force, out / "checkpoint" / "checkpoint.json")
+    configure_threads()
+    dev = select_device(device)
+    split, by_id, train_set, val_set = split_slices(data, cfg, Path(cache_dir) if cache_dir else out / ".cache")
+    say(f"{len(split['train'])} training subjects ({len(train_set)} slices), {len(split['val'])} validation "
+        f"({len(val_set)} slices); {cfg.steps} steps of {cfg.batch_size}; {describe}")
+    use_bf16 = dev.type == "cpu" and (cpu_has_bf16() if cfg.bf16 is None else cfg.bf16)
+    torch.manual_seed(cfg.seed)
+    memory = torch.channels_last if use_bf16 else torch.contiguous_format  # channels-last helps bf16 only
+    net = build_network({"type": arch_type, **cfg.architecture}).to(dev).to(memory_format=memory)
+    run = start_run(net, cfg, out, resume, say)
+    return Setup(dev, split, by_id, train_set, val_set, run, use_bf16, memory,
+                 torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16))
+

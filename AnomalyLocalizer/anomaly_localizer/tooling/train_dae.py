@@ -30,10 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from ..core.detectors.dae import DEFAULT_DAE_SCORING, DAEArchitecture
-from ..core.device import configure_threads, cpu_has_bf16, select_device
-from ..core.package import build_network
-from .data import SliceSet, check_run_folder, split_slices
-from .steps import SliceContract, load_config, run_steps, start_run, write_trained_package
+from .data import SliceSet
+from .steps import SliceContract, load_config, run_steps, set_up, write_trained_package
 
 VALIDATION_SLICES = 384
 
@@ -129,22 +127,10 @@ def train_dae(data: str | Path, out: str | Path, cfg: DAETrainConfig, resume: bo
     the package: ``resume`` continues exactly (for runs longer than a session)."""
     say = progress or (lambda m: None)
     out = Path(out)
-    ckpt_dir = out / "checkpoint"
-    check_run_folder(out, resume, force, ckpt_dir / "checkpoint.json")
-    configure_threads()
-    dev = select_device(device)
-    split, by_id, train_set, val_set = split_slices(data, cfg, Path(cache_dir) if cache_dir else out / ".cache")
-    say(f"{len(split['train'])} training subjects ({len(train_set)} slices), {len(split['val'])} validation "
-        f"({len(val_set)} slices); {cfg.steps} steps of {cfg.batch_size}, noise {cfg.noise_std:g} at "
-        f"{cfg.noise_res}x{cfg.noise_res}")
-
-    use_bf16 = dev.type == "cpu" and (cpu_has_bf16() if cfg.bf16 is None else cfg.bf16)
-    torch.manual_seed(cfg.seed)
-    net = build_network({"type": "unet-dae", **cfg.architecture}).to(dev)
-    memory = torch.channels_last if use_bf16 else torch.contiguous_format  # channels-last helps bf16 only
-    run = start_run(net.to(memory_format=memory), cfg, out, resume, say)
+    st = set_up(data, out, cfg, "unet-dae", resume, force, device, cache_dir, say,
+                f"noise {cfg.noise_std:g} at {cfg.noise_res}x{cfg.noise_res}")
+    run, train_set, val_set, dev, memory = st.run, st.train_set, st.val_set, st.dev, st.memory
     mid = cfg.architecture["in_channels"] // 2
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16)
 
     def batch_loss(step: int, gen: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(train_set), (cfg.batch_size,), generator=gen)
@@ -152,7 +138,7 @@ def train_dae(data: str | Path, out: str | Path, cfg: DAETrainConfig, resume: bo
         target = x[:, mid:mid + 1]
         mask = target != 0  # the brain after augmentation (a flip moves it; the cached mask does not)
         noisy = noisy_input(x, cfg, gen).to(dev).contiguous(memory_format=memory)
-        with autocast:
+        with st.autocast:
             restored = run.net(noisy)
         return masked_mse(restored, target.to(dev), mask.to(dev))
 
@@ -164,4 +150,4 @@ def train_dae(data: str | Path, out: str | Path, cfg: DAETrainConfig, resume: bo
         run, cfg, out, data, "unet-dae", "dae",
         f"Coarse-noise denoising autoencoder (Kascenas et al. 2022), {S}x{S} axial slices at {cfg.spacing_mm:g} mm "
         f"with {cfg.architecture['in_channels']} neighbouring slices as input",
-        split, by_id, dev, use_bf16, t_start, "best_val_loss", calibrate, say)
+        st.split, st.by_id, dev, st.use_bf16, t_start, "best_val_loss", calibrate, say)

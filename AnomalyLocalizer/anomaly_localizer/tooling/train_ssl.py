@@ -30,12 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from ..core.detectors.ssl import DEFAULT_SSL_SCORING, SSLArchitecture
-from ..core.device import configure_threads, cpu_has_bf16, select_device
-from ..core.package import build_network
-from .data import SliceSet, check_run_folder, split_slices
+from .data import SliceSet
 from .metrics import average_precision
 from .ssl_tasks import HELD_OUT_TASKS, TRAIN_TASKS, make_batch
-from .steps import SliceContract, load_config, run_steps, start_run, write_trained_package
+from .steps import SliceContract, load_config, run_steps, set_up, write_trained_package
 from .train_dae import augment
 
 VALIDATION_SLICES = 192
@@ -154,19 +152,9 @@ def train_ssl(data: str | Path, out: str | Path, cfg: SSLTrainConfig, resume: bo
     continues exactly)."""
     say = progress or (lambda m: None)
     out = Path(out)
-    check_run_folder(out, resume, force, out / "checkpoint" / "checkpoint.json")
-    configure_threads()
-    dev = select_device(device)
-    split, by_id, train_set, val_set = split_slices(data, cfg, Path(cache_dir) if cache_dir else out / ".cache")
-    say(f"{len(split['train'])} training subjects ({len(train_set)} slices), {len(split['val'])} validation "
-        f"({len(val_set)} slices); {cfg.steps} steps of {cfg.batch_size}; tasks {', '.join(cfg.tasks)}; "
-        f"held out {', '.join(cfg.held_out)}")
-    use_bf16 = dev.type == "cpu" and (cpu_has_bf16() if cfg.bf16 is None else cfg.bf16)
-    torch.manual_seed(cfg.seed)
-    net = build_network({"type": "unet-ssl", **cfg.architecture}).to(dev)
-    memory = torch.channels_last if use_bf16 else torch.contiguous_format
-    run = start_run(net.to(memory_format=memory), cfg, out, resume, say)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16)
+    st = set_up(data, out, cfg, "unet-ssl", resume, force, device, cache_dir, say,
+                f"tasks {', '.join(cfg.tasks)}; held out {', '.join(cfg.held_out)}")
+    run, train_set, val_set, dev, memory = st.run, st.train_set, st.val_set, st.dev, st.memory
     donors = DonorPicker(train_set)
     sets = validation_sets(val_set, cfg)
     tasks = tuple(cfg.tasks)
@@ -175,7 +163,7 @@ def train_ssl(data: str | Path, out: str | Path, cfg: SSLTrainConfig, resume: bo
         idx = torch.randint(0, len(train_set), (cfg.batch_size,), generator=gen)
         healthy = augment(train_set.x[idx], cfg, gen)
         x, label = make_batch(healthy, donors.pick(idx, gen), tasks, gen, cfg.healthy_share, cfg.max_anomalies)
-        with autocast:
+        with st.autocast:
             logits = run.net(x.to(dev).contiguous(memory_format=memory))
         brain = healthy[:, healthy.shape[1] // 2:healthy.shape[1] // 2 + 1] != 0  # after augmentation: a flip moves the brain
         return segmentation_loss(logits, label.to(dev), brain.to(dev), cfg.dice_weight)
@@ -190,5 +178,5 @@ def train_ssl(data: str | Path, out: str | Path, cfg: SSLTrainConfig, resume: bo
         run, cfg, out, data, "unet-ssl", "ssl",
         f"Self-supervised anomaly segmentation U-Net (synthetic anomalies, held-out tasks), {S}x{S} axial slices at "
         f"{cfg.spacing_mm:g} mm with {cfg.architecture['in_channels']} neighbouring slices",
-        split, by_id, dev, use_bf16, t_start, "best_val_figure", calibrate, say,
+        st.split, st.by_id, dev, st.use_bf16, t_start, "best_val_figure", calibrate, say,
         {"selection": "pixel AP on validation slices with held-out tasks (half left healthy)"})
