@@ -102,10 +102,14 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.worstSliceButton.connect("clicked(bool)", self.onWorstSlice)
         self.ui.exportSegmentationButton.connect("clicked(bool)", self.onExportSegmentation)
         self.ui.exportTableButton.connect("clicked(bool)", self.onExportTable)
+        self.ui.openWorklistButton.connect("clicked(bool)", self.onOpenWorklist)
+        self.ui.nextScanButton.connect("clicked(bool)", lambda: self.onStepWorklist(self.logic.nextScan))
+        self.ui.previousScanButton.connect("clicked(bool)", lambda: self.onStepWorklist(self.logic.previousScan))
         self.ui.progressBar.setVisible(False)
         self.populateModels()
         self.initializeParameterNode()
         self.updateResultControls()
+        self.updateWorklistControls()
 
     def cleanup(self) -> None:
         self.removeObservers()
@@ -316,6 +320,33 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if path:
             with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
                 self.logic.exportSliceScores(path, overwrite=True)
+
+    # ------------------------------------------------------------------ worklist
+    def onOpenWorklist(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(self.parent, "Open a screening worklist folder")
+        if folder:
+            with slicer.util.tryWithErrorDisplay("Cannot open the worklist.", waitCursor=True):
+                self.logic.openWorklist(folder)
+                self.onStepWorklist(self.logic.nextScan)
+
+    def onStepWorklist(self, step) -> None:
+        if not self.ensurePythonPackages():
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot load the scan.", waitCursor=True):
+            node = step()
+            if node is not None:
+                self._parameterNode.inputVolume = node
+                self.updateResultControls()
+        self.updateWorklistControls()
+
+    def updateWorklistControls(self) -> None:
+        rows, row = self.logic.worklistRows(), self.logic.currentWorklistRow()
+        self.ui.nextScanButton.enabled = self.logic.worklistIndex + 1 < len(rows)
+        self.ui.previousScanButton.enabled = self.logic.worklistIndex > 0
+        if row is not None:
+            pct = "" if row.scan_percentile is None else f", healthy percentile {row.scan_percentile:.1f}"
+            self.ui.worklistLabel.text = (f"Scan {row.rank} of {len(rows)}: {row.id}{pct}"
+                                          + (f"\nNote: {row.note}" if row.note else ""))
 
 
 #

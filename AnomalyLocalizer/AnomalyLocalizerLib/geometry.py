@@ -25,14 +25,32 @@ def volumeNodeToImage(volumeNode) -> sitk.Image:
     return image
 
 
+def imageToVolumeNode(scene, image: sitk.Image, name: str):
+    """A new scalar volume node holding a SimpleITK image (LPS) on its exact grid (RAS)."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    try:
+        lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+        direction = lps_to_ras @ np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+        m = vtk.vtkMatrix4x4()
+        for r in range(3):
+            for c in range(3):
+                m.SetElement(r, c, direction[r, c] * image.GetSpacing()[c])
+            m.SetElement(r, 3, (lps_to_ras @ np.array(image.GetOrigin(), dtype=float))[r])
+        node.SetIJKToRASMatrix(m)
+        sutil.updateVolumeFromArray(node, sitk.GetArrayFromImage(image))
+        node.CreateDefaultDisplayNodes()
+    except BaseException:
+        scene.RemoveNode(node)
+        raise
+    return node
+
+
 def copyGeometry(source, target) -> None:
     """Give ``target`` the IJK-to-RAS geometry and parent transform of ``source``."""
     m = vtk.vtkMatrix4x4()
     source.GetIJKToRASMatrix(m)
     target.SetIJKToRASMatrix(m)
     target.SetAndObserveTransformNodeID(source.GetTransformNodeID())
-
-
 
 
 def sameLattice(orientedImage, volumeNode) -> bool:

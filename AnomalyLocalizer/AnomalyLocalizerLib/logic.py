@@ -17,7 +17,8 @@ Nothing is added to the scene until a run has succeeded, and a failure while bui
 nodes removes what that call added, so the scene is never left half-built.
 
 The class is assembled from one mixin per concern: running (:mod:`.run`), nodes and
-display (:mod:`.nodes`), the live threshold (:mod:`.threshold`) and exports (:mod:`.export`).
+display (:mod:`.nodes`), the live threshold (:mod:`.threshold`), exports (:mod:`.export`) and
+stepping through a screening worklist (:mod:`.worklist`).
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ from .geometry import copyGeometry, volumeNodeToImage
 from .nodes import HEAT_COLOR_NODE_NAME, REF_PREFIX, NodesMixin
 from .run import RunMixin, RunResult
 from .threshold import SEGMENT_NAME, ThresholdMixin
+from .worklist import WorklistMixin
 
 __all__ = ["AnomalyLocalizerLogic", "RunResult", "volumeNodeToImage", "copyGeometry", "REF_PREFIX",
            "HEAT_COLOR_NODE_NAME", "SEGMENT_NAME"]
 
 
-class AnomalyLocalizerLogic(RunMixin, NodesMixin, ThresholdMixin, ExportMixin):
+class AnomalyLocalizerLogic(RunMixin, NodesMixin, ThresholdMixin, ExportMixin, WorklistMixin):
     """Scriptable logic of the AnomalyLocalizer module; see the README's "Slicer" section."""
 
     def __init__(self, applicationLogic):

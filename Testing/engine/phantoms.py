@@ -157,3 +157,20 @@ def healthy_folder(root, n=8, shape=(24, 40, 34)):
         sitk.WriteImage(image_from(arr), str(root / "t1" / f"S{i:02d}_T1.nii.gz"))
         sitk.WriteImage(image_from((arr != 0).astype(np.uint8)), str(root / "brainmask" / f"S{i:02d}_brainmask.nii.gz"))
     return root
+
+
+def write_dicom_series(arr: np.ndarray, folder, uid: str = "1.2.826.0.1.3680043.2.1125.1", spacing: float = 4.0):
+    """Write an int16 volume (z, y, x) as a DICOM series of axial slices into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(arr.shape[0]):
+        s = sitk.GetImageFromArray(arr[k].astype(np.int16))
+        s.SetSpacing((spacing, spacing))
+        for tag, value in [("0020|000e", uid), ("0020|000d", uid + ".9"), ("0008|0060", "MR"),
+                           ("0020|0032", f"0\\0\\{spacing * k}"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                           ("0020|0013", str(k + 1)), ("0018|0050", str(spacing))]:
+            s.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(s)
+    return folder

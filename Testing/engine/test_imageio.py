@@ -8,7 +8,7 @@ import SimpleITK as sitk
 from anomaly_localizer.errors import InputError
 from anomaly_localizer.core.imageio import nifti_data_is_finite, read_image
 
-from phantoms import image_from, phantom_array
+from phantoms import image_from, phantom_array, write_dicom_series
 
 
 @pytest.mark.parametrize("ext", ["nii.gz", "nii", "nrrd", "mha"])
@@ -77,20 +77,7 @@ def test_corrupt_truncated_and_missing_files_are_refused(tmp_path):
 
 def test_dicom_series_folder_is_read(tmp_path):
     arr = phantom_array().astype(np.int16)
-    folder = tmp_path / "dicom"
-    folder.mkdir()
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    uid = "1.2.826.0.1.3680043.2.1125.1"
-    for k in range(arr.shape[0]):
-        s = sitk.GetImageFromArray(arr[k])
-        s.SetSpacing((4.0, 4.0))
-        for tag, value in [("0020|000e", uid), ("0020|000d", uid + ".9"), ("0008|0060", "MR"),
-                           ("0020|0032", f"0\\0\\{4.0 * k}"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
-                           ("0020|0013", str(k + 1)), ("0018|0050", "4.0")]:
-            s.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
-        writer.Execute(s)
+    folder = write_dicom_series(arr, tmp_path / "dicom")
     img = read_image(folder)
     assert img.GetSize() == (40, 48, 30)
     np.testing.assert_allclose(img.GetSpacing(), (4.0, 4.0, 4.0), atol=1e-3)

@@ -4,6 +4,7 @@ the input's exact grid, intensities are normalised per volume without clipping."
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from anomaly_localizer.errors import InputError
 from anomaly_localizer.core.pipeline import score_volume
@@ -144,3 +145,39 @@ def test_a_z_scored_skull_stripped_scan_is_recognised_by_its_constant_background
     assert background_value(z) == pytest.approx(float(z[0, 0, 0]))
     np.testing.assert_array_equal(brain_mask(image_from(z), None), brain)
     assert background_value(arr) == 0.0
+
+
+def _thin_sliced(lesion=False):
+    """The phantom with slices 1.5 mm apart (60 of them) for a 6 mm model: four times thinner."""
+    return image_from(phantom_array((96, 48, 40), lesion=lesion), spacing=(4.0, 4.0, 1.5))
+
+
+def test_thin_slices_are_scored_at_the_models_own_slice_spacing():
+    img = _thin_sliced()
+    mask = brain_mask(img, None)
+    native = prepare_volume(img, mask, TINY_CONTRACT)
+    grid = prepare_volume(img, mask, TINY_CONTRACT, model_slices=True)
+    assert native.grid_positions is None and len(native.slice_index) == 76  # every brain slice
+    steps = np.diff(grid.grid_positions)
+    np.testing.assert_allclose(steps, 4.0)  # 6 mm apart in 1.5 mm input slices
+    assert 18 <= len(grid.slice_index) <= 20 and grid.with_context(3).shape[0] == len(grid.slice_index)
+    # A map that is 1 in the model's brain comes back as 1 on every input brain voxel,
+    # between the model's slices too; slice values are interpolated onto every brain slice.
+    back = grid.to_input_grid(torch.ones(len(grid.slice_index), 32, 32))
+    assert back[mask].min() > 0.99 and back[~mask].max() == 0
+    per_slice = grid.to_input_slices(torch.as_tensor(grid.slice_index, dtype=torch.float64))
+    has_brain = grid.to_input_slices(canonical=grid.brain_voxels) > 0
+    assert np.isfinite(per_slice[has_brain]).all() and np.isnan(per_slice[~has_brain]).all()
+    assert np.all(np.diff(per_slice[has_brain]) >= 0)  # the grid's order, interpolated
+    # The model slices are the input resampled through the plane: mapped back they match it.
+    again = grid.to_input_grid(grid.slices[:, 0])
+    truth = native.to_input_grid(native.slices[:, 0])
+    inner = mask & (np.abs(truth) < 5)
+    assert np.corrcoef(again[inner], truth[inner])[0, 1] > 0.9
+
+
+def test_a_thin_sliced_scan_scores_fewer_slices_with_maps_on_its_own_grid(tiny_package):
+    img = _thin_sliced(lesion=True)
+    res = score_volume(img, tiny_package, ["rec"])
+    assert res.info["scored_slices"] < 25 and res.maps["rec"].shape == (96, 48, 40)
+    assert np.isfinite(res.slice_scores["elbo"][res.brain_voxels_per_slice > 0]).all()

@@ -19,7 +19,7 @@ from ..errors import AnomalyLocalizerError, CancelledError
 from .common import EXIT_CANCELLED, EXIT_INPUT
 
 # Command groups, in the order ``--help`` lists them.
-GROUPS = ("score", "train", "calibrate", "evaluate", "release", "demo")
+GROUPS = ("score", "screen", "train", "calibrate", "evaluate", "release", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

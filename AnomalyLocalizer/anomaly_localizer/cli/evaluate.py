@@ -77,8 +77,23 @@ def register(sub) -> None:
                         "in their own invocations: peak memory is per process")
     b.add_argument("--restoration", choices=["package", "reference"], default="package",
                    help="restoration optimiser to time: the package's fast one or the reference 500 steps")
+    b.add_argument("--worst-case", action="store_true",
+                   help="instead: every method of every installed model on a 1 mm lesioned scan, a BraTS case and "
+                        "the MNI152 template (--data: the shared data folder holding ixi_t1_2mm and "
+                        "brats2015_t1c_flair), each in its own process for its peak memory, and `score` end to end "
+                        "on a 1 mm whole-head scan")
     b.add_argument("--json", help="also write the figures to this JSON file")
     b.set_defaults(func=run_benchmark)
+
+    bs = sub.add_parser("benchmark-screen", help="scans per minute of screening, serial and on a local Dask cluster, "
+                                                 "and whether both worklists agree (prints figures)")
+    bs.add_argument("inputs", nargs="+", metavar="INPUT", help="as for screen: files, folders or a CSV list")
+    bs.add_argument("--model", help="model name or folder (default: the default model)")
+    bs.add_argument("--workers", type=int, help="workers of the local cluster (default: one per core)")
+    add_device(bs)
+    bs.add_argument("--json", help="also write the figures to this JSON file")
+    add_quiet(bs)
+    bs.set_defaults(func=run_benchmark_screen)
 
     from ..tooling.paper import DEFAULT_DATA
     p = sub.add_parser("paper-fmnist", help="the paper's sample-wise FashionMNIST experiment (prints a table)")
@@ -186,7 +201,38 @@ def run_brainmask_dice(args: argparse.Namespace) -> int:
 def run_benchmark(args: argparse.Namespace) -> int:
     from ..tooling.benchmark import run_benchmark as bench
 
+    if args.worst_case:
+        from ..tooling.benchmark_worst import run_worst_case
+        data = Path(args.data)
+        result = run_worst_case(data.parent if data.name == "ixi_t1_2mm" else data, None)
+        if args.json:
+            Path(args.json).write_text(json.dumps({**result, "command": command_line(), "machine": machine()},
+                                                  indent=2) + "\n")
+        return EXIT_OK
+
     bench(args.data, args.model, args.method, args.repeats, args.device, args.no_reference, args.restoration, args.json)
+    return EXIT_OK
+
+
+def run_benchmark_screen(args: argparse.Namespace) -> int:
+    from ..core.package import resolve_package
+    from ..tooling.benchmark_screen import benchmark_screening
+    from ..tooling.screen import ScreenOptions
+
+    package = resolve_package(args.model)
+    options = ScreenOptions(str(package.path.resolve()), package.name, package.manifest_sha256,
+                            tuple(package.default_methods()), device=args.device)
+    result = benchmark_screening(args.inputs, options, args.workers, say(args.quiet))
+    c = result["comparison"]
+    print(f"screening agrees with serial scoring: {'yes' if c['agree'] else 'NO'} (same ranking, statuses and top "
+          f"slices: {c['same_ranking_status_and_top_slices']}; largest relative difference of a scan score "
+          f"{c['max_relative_volume_score_difference']:.1e})")
+    for label, r in result["runs"].items():
+        print(f"{label}: {r['scans_per_minute']:.1f} scans/min ({r['scans']} scans, {r['failed']} failed, "
+              f"{r['seconds']:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**result, "inputs": args.inputs, "command": command_line(),
+                                               "machine": machine()}, indent=2) + "\n")
     return EXIT_OK
 
 

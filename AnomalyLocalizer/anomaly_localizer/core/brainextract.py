@@ -72,7 +72,7 @@ def postprocess(prob: np.ndarray) -> np.ndarray:
 def extract_brain(image: sitk.Image, package: ModelPackage, device: str = "cpu", model=None) -> np.ndarray:
     """Brain mask (bool, the input's array order) of a whole-head scan."""
     head = head_mask(image)
-    prepared = prepare_volume(image, head, package.contract)
+    prepared = prepare_volume(image, head, package.contract, model_slices=True)
     net = model if model is not None else package.load_model(device)
     probs = []
     with torch.no_grad():

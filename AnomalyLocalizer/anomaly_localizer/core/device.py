@@ -57,12 +57,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+THREADS_ENV = "ANOMALY_LOCALIZER_THREADS"
+
+
 def configure_threads() -> None:
-    """Use every core the process may run on (torch sometimes picks fewer)."""
+    """Use every core the process may run on (torch sometimes picks fewer), or the number
+    in ``ANOMALY_LOCALIZER_THREADS`` (set for screening workers that share a machine)."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:
         n = os.cpu_count() or 1
+    if os.environ.get(THREADS_ENV, "").strip().isdigit() and int(os.environ[THREADS_ENV]) > 0:
+        n = int(os.environ[THREADS_ENV])
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
 

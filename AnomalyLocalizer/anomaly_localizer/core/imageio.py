@@ -20,8 +20,9 @@ _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8", 32: "c8", 1792: "c16"}
 GEOMETRY_TOLERANCE = 1e-4
 
 
-def read_image(path: str | os.PathLike, what: str = "INPUT") -> sitk.Image:
-    """Read a 3D scalar image from a file or a DICOM series folder, with one-line errors."""
+def read_image(path: str | os.PathLike, what: str = "INPUT", series: str | None = None) -> sitk.Image:
+    """Read a 3D scalar image from a file or a DICOM series folder, with one-line errors.
+    ``series``: the DICOM series instance UID to read from a folder holding several."""
     path = Path(path)
     if not path.exists():
         blocked = next((p for p in path.absolute().parents if p.exists() and not os.access(p, os.X_OK)), None)
@@ -36,7 +37,7 @@ def read_image(path: str | os.PathLike, what: str = "INPUT") -> sitk.Image:
             raise InputError(f"{what} {path}: {problem}")
     try:
         if path.is_dir():
-            image = _read_dicom_series(path, what)
+            image = _read_dicom_series(path, what, series)
         else:
             image = sitk.ReadImage(str(path))
     except InputError:
@@ -85,22 +86,36 @@ def nifti_sform_problem(path: Path) -> str | None:
     return None
 
 
-def _read_dicom_series(folder: Path, what: str) -> sitk.Image:
-    reader = sitk.ImageSeriesReader()
-    # ITK warns on stderr, over several lines, when a folder holds no series; the message
-    # below says it in one line, so ITK's warning is silenced for this call.
+def dicom_series_in(folder: Path) -> list[str]:
+    """The DICOM series instance UIDs of the files directly in ``folder`` (not below it).
+    ITK warns on stderr, over several lines, when a folder holds no series; callers say it
+    in one line, so ITK's warning is silenced for this call."""
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        series = reader.GetGDCMSeriesIDs(str(folder))
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def dicom_series_files(folder: Path, series: str) -> list[str]:
+    """The files of one series in ``folder``, in the slice order GDCM sorts them into."""
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series))
+
+
+def _read_dicom_series(folder: Path, what: str, wanted: str | None = None) -> sitk.Image:
+    series = dicom_series_in(folder)
     if not series:
         raise InputError(f"{what} folder {folder} holds no DICOM series; give an image file or a DICOM folder")
+    if wanted is not None:
+        if wanted not in series:
+            raise InputError(f"{what} folder {folder} no longer holds the DICOM series {wanted}; was it moved?")
+        series = [wanted]
     if len(series) > 1:
         raise InputError(f"{what} folder {folder} holds {len(series)} DICOM series ({', '.join(series[:3])}...); "
                          "put the series to score in a folder of its own")
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(dicom_series_files(folder, series[0]))
     return reader.Execute()
 
 

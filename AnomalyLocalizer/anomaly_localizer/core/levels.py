@@ -109,6 +109,16 @@ def percentile_of(calibration: "Calibration | dict", score: str, value: float) -
     return float(np.interp(value, uniq, top))
 
 
+def volume_percentile(calibration: "Calibration | dict", value: float) -> float | None:
+    """Healthy percentile (0..100) of a scan-level score: the share of the model's healthy
+    calibration scans scoring at most ``value``; None without that calibration or score."""
+    calibration = as_calibration(calibration)
+    healthy = calibration.volume.values if calibration.volume is not None else []
+    if not healthy or value is None or not np.isfinite(value):
+        return None
+    return float(100.0 * np.mean(np.asarray(healthy, dtype=float) <= value))
+
+
 def broad_flag_note(flagged_share: float, healthy_rate: float | None) -> str | None:
     """A note for the reader when a threshold flags far more of this brain than it flags of
     healthy brains (``healthy_rate``, from the calibration); None otherwise or uncalibrated."""

@@ -82,7 +82,7 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
     if detector.composite:
         return _score_fused(image, package, methods, mask_arr, source, dev, batch_size, progress, cancel, model,
                             t0)
-    prepared: PreparedVolume = prepare_volume(image, mask_arr, package.contract)
+    prepared: PreparedVolume = prepare_volume(image, mask_arr, package.contract, model_slices=True)
     if prepared.slices.shape[0] == 0:
         raise InputError("no axial slice contains brain; check the brain mask")
     timings["prepare_s"] = time.perf_counter() - t0

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -175,6 +175,7 @@ def run_summary(package: ModelPackage, result: ScoreResult, threshold: Threshold
         "primary_slice_score": result.info["primary_slice_score"],
         "map_smoothing_mm": result.info["map_smoothing"],
         **({"fusion": fusion_block(package, result)} if "fusion" in result.info else {}),
+        **({"lsr_work": result.info["lsr"]} if "lsr" in result.info else {}),
         "axial_axis": result.axial_axis,
         "scored_slices": result.info["scored_slices"],
         "brain_fraction_in_field_of_view": result.info["fov_coverage"],
@@ -196,10 +197,13 @@ def fusion_block(package: ModelPackage, result: ScoreResult) -> dict[str, Any]:
 
 
 def write_results(out: Path, reference: sitk.Image, result: ScoreResult, threshold: Threshold,
-                  summary: dict[str, Any], force: bool = False) -> dict[str, Any]:
+                  summary: dict[str, Any], force: bool = False,
+                  extras: Callable[[Path, np.ndarray], None] | None = None) -> dict[str, Any]:
     """Write heatmaps, segmentation, brain mask, slice scores and summary.json into ``out``;
     return the summary as written (``summary`` plus what the segmentation adds, and a
-    ``note`` when this scan is flagged far more broadly than healthy brains)."""
+    ``note`` when this scan is flagged far more broadly than healthy brains). ``extras(folder,
+    segmentation)`` adds files of the caller's (e.g. a thumbnail) before the folder is
+    published, so they appear with the rest or not at all."""
     check_output_dir(out, force)
     parent = out.resolve().parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
@@ -219,6 +223,8 @@ def write_results(out: Path, reference: sitk.Image, result: ScoreResult, thresho
         note = levels.broad_flag_note(share, threshold.healthy_rate)
         if note:
             summary["note"] = note
+        if extras is not None:
+            extras(tmp, seg)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         _publish(tmp, out, force)
     except (OSError, RuntimeError) as exc:  # a full disk, a vanished folder, an ITK writer error

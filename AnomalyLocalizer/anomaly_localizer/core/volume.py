@@ -208,14 +208,26 @@ def to_input_weights(n: int, spacing: float, centre: float, S: int, m: float) ->
     return _linear_weights(positions, S)
 
 
+# Score slices at the model's spacing when the input's are at least this many times thinner
+# (a 1 mm scan for a 2 or 3 mm model: a half or a third of the slices). Below it, every input
+# slice is scored: a 2 mm scan for a 3 mm model keeps its slices, so the shipped models'
+# calibrations, made on 2 mm scans, hold exactly for 2 mm scans.
+THROUGH_PLANE_MIN_FACTOR = 1.75
+
+
 @dataclass
 class PreparedVolume:
     """The model's view of one volume.
 
     slices: (N,1,S,S) float32 normalised model-space slices, only axial slices with brain;
     mask: (N,1,S,S) bool brain mask in model space;
-    slice_index: (N,) canonical slice index of each model slice;
+    slice_index: (N,) index of each model slice on the model's axial grid;
     brain_voxels: (n_axial,) brain voxels per canonical axial slice on the input grid.
+
+    The model's axial grid is the input's canonical slices, or, for an input with much thinner
+    slices than the model's spacing (``grid_positions`` set), slices at the model's own
+    spacing: ``grid_positions`` (n_grid,) holds each one's position in canonical input slice
+    units, and maps and slice scores are interpolated back onto every input slice.
     """
 
     slices: torch.Tensor
@@ -227,10 +239,25 @@ class PreparedVolume:
     input_mask: np.ndarray  # bool, input array order
     brain_voxels: np.ndarray
     fov_coverage: float  # fraction of brain voxels inside the model's field of view
+    grid_positions: np.ndarray | None = None
 
     @property
     def slice_size(self) -> int:
         return int(self.slices.shape[-1])
+
+    @property
+    def n_grid(self) -> int:
+        """Slices of the model's axial grid (with and without brain)."""
+        return self.layout.shape[0] if self.grid_positions is None else len(self.grid_positions)
+
+    def _from_grid(self) -> tuple[np.ndarray, torch.Tensor]:
+        """(canonical slices with brain, (len, n_grid) linear weights onto them from the grid;
+        beyond the grid's ends its end slices)."""
+        targets = np.nonzero(self.brain_voxels > 0)[0]
+        p = self.grid_positions
+        u = (targets - p[0]) / (p[1] - p[0]) if len(p) > 1 else np.zeros(len(targets))
+        u = np.clip(u, 0, len(p) - 1)
+        return targets, _linear_weights(torch.as_tensor(u, dtype=torch.float64), len(p))
 
     def slice_positions(self) -> torch.Tensor:
         """(N,) each slice's relative position in the brain's axial extent, 0 at the lowest
@@ -249,7 +276,7 @@ class PreparedVolume:
         if context_slices <= 1:
             return self.slices
         half = context_slices // 2
-        n_ax = self.layout.shape[0]
+        n_ax = self.n_grid
         row_of = np.full(n_ax, -1, dtype=np.int64)
         row_of[self.slice_index] = np.arange(len(self.slice_index))
         out = torch.zeros(self.slices.shape[0], context_slices, *self.slices.shape[-2:], dtype=self.slices.dtype)
@@ -266,9 +293,19 @@ class PreparedVolume:
         (NaN for slices without brain), or ``canonical`` (n_axial,) per canonical slice."""
         n_ax = self.layout.shape[0]
         if canonical is None:
-            canonical = np.full(n_ax, np.nan)
-            canonical[self.slice_index] = np.asarray(values.double().cpu() if hasattr(values, "double") else values,
-                                                     dtype=float)
+            grid = np.full(self.n_grid, np.nan)
+            grid[self.slice_index] = np.asarray(values.double().cpu() if hasattr(values, "double") else values,
+                                                dtype=float)
+            if self.grid_positions is None:
+                canonical = grid
+            else:  # interpolate between the model slices, leaving out grid slices without brain
+                targets, w = self._from_grid()
+                have = np.isfinite(grid)
+                w = w.numpy() * have[None]
+                total = w.sum(axis=1)
+                canonical = np.full(n_ax, np.nan)
+                ok = total > 0
+                canonical[targets[ok]] = (w[ok] @ np.where(have, grid, 0.0)) / total[ok]
         per_input = np.empty(n_ax, dtype=np.asarray(canonical).dtype)
         per_input[self.layout.input_slice_index(np.arange(n_ax))] = canonical
         return per_input
@@ -281,8 +318,16 @@ class PreparedVolume:
         wr = to_input_weights(rows, s_row, self.centre[0], S, m).float()
         wc = to_input_weights(cols, s_col, self.centre[1], S, m).float()
         out = np.zeros((n_ax, rows, cols), dtype=np.float32)
-        res = torch.matmul(torch.matmul(wr, maps.detach().float().cpu()), wc.T)
-        out[self.slice_index] = res.numpy()
+        maps = maps.detach().float().cpu()
+        if self.grid_positions is None:
+            targets = self.slice_index
+        else:  # onto every input slice with brain, through the model's thicker slices
+            grid = torch.zeros(self.n_grid, S, S)
+            grid[torch.as_tensor(self.slice_index)] = maps
+            targets, wz = self._from_grid()
+            maps = torch.einsum("tg,grc->trc", wz.float(), grid)
+        res = torch.matmul(torch.matmul(wr, maps), wc.T)
+        out[targets] = res.numpy()
         arr = self.layout.from_canonical(out)
         arr[~self.input_mask] = 0.0
         return arr
@@ -299,8 +344,23 @@ def resample_to_model(canon: np.ndarray, layout: AxialLayout, centre: tuple[floa
     return torch.matmul(torch.matmul(wr, x), wc.T)[:, None]
 
 
-def prepare_volume(image: sitk.Image, mask: np.ndarray, contract: InputContract | dict[str, Any]) -> PreparedVolume:
-    """Normalise, reorient and resample a volume for a model with the given input contract."""
+def model_grid(lo: int, hi: int, slice_mm: float, model_mm: float) -> np.ndarray | None:
+    """Positions (canonical slice units) of axial slices ``model_mm`` apart over the brain's
+    slices lo..hi, centred on them; None when the input's slices are not much thinner."""
+    step = model_mm / slice_mm
+    if step < THROUGH_PLANE_MIN_FACTOR or hi <= lo:
+        return None
+    k = int(np.floor((hi - lo) / step)) + 1
+    start = lo + ((hi - lo) - (k - 1) * step) / 2.0
+    return start + np.arange(k) * step
+
+
+def prepare_volume(image: sitk.Image, mask: np.ndarray, contract: InputContract | dict[str, Any],
+                   model_slices: bool = False) -> PreparedVolume:
+    """Normalise, reorient and resample a volume for a model with the given input contract.
+    ``model_slices``: for an input with much thinner slices than the model's spacing, score
+    slices at the model's own spacing (anti-aliased through the plane, as in the plane)
+    instead of every input slice; the maps still come back onto every input voxel."""
     if not isinstance(contract, InputContract):
         contract = InputContract.model_validate(contract)
     S, m = contract.slice_size, contract.spacing_mm
@@ -327,10 +387,28 @@ def prepare_volume(image: sitk.Image, mask: np.ndarray, contract: InputContract 
         log.warning("%.1f %% of the brain lies outside the model's %g mm field of view and is not scored",
                     100 * (1 - coverage), S * m)
 
-    slices = resample_to_model(canon, layout, centre, S, m, slice_index)
-    mask_model = resample_to_model(canon_mask.astype(np.float32), layout, centre, S, m, slice_index) > 0.5
+    grid = model_grid(int(slice_index[0]), int(slice_index[-1]), layout.spacing[0], m) if model_slices and \
+        slice_index.size else None
+    if grid is None:
+        slices = resample_to_model(canon, layout, centre, S, m, slice_index)
+        mask_model = resample_to_model(canon_mask.astype(np.float32), layout, centre, S, m, slice_index) > 0.5
+    else:
+        # In the plane for every slice the grid draws on, then through the plane onto the grid.
+        n_ax = layout.shape[0]
+        wz = to_model_weights(n_ax, 1.0, float(np.mean(grid[[0, -1]])), len(grid), float(grid[1] - grid[0])
+                              if len(grid) > 1 else 1.0).float()
+        used = np.nonzero(wz.abs().sum(axis=0).numpy() > 0)[0]
+        wz = wz[:, torch.as_tensor(used)]
+        planes = resample_to_model(canon, layout, centre, S, m, used)[:, 0]
+        planes_mask = resample_to_model(canon_mask.astype(np.float32), layout, centre, S, m, used)[:, 0]
+        slices = torch.einsum("gu,urc->grc", wz, planes)[:, None]
+        mask_grid = torch.einsum("gu,urc->grc", wz, planes_mask)[:, None] > 0.5
+        slice_index = np.nonzero(mask_grid.flatten(1).any(dim=1).numpy())[0]
+        keep = torch.as_tensor(slice_index)
+        slices, mask_model = slices[keep], mask_grid[keep]
     return PreparedVolume(slices=slices, mask=mask_model, slice_index=slice_index, layout=layout, centre=centre,
-                          model_spacing=m, input_mask=mask, brain_voxels=brain_voxels, fov_coverage=coverage)
+                          model_spacing=m, input_mask=mask, brain_voxels=brain_voxels, fov_coverage=coverage,
+                          grid_positions=grid)
 
 
 def image_like(arr: np.ndarray, reference: sitk.Image, pixel_type: int | None = None) -> sitk.Image:

@@ -1,0 +1,282 @@
+"""Screening: many scans scored into one ranked worklist, in this process or on a Dask
+cluster (a local one of worker processes by default, or an existing one by address).
+
+Each scan is scored by :func:`screen_one` exactly as ``score`` scores it and written into
+``DIR/<id>/`` (all or nothing); the worklist files (:mod:`core.worklist`) are rewritten
+atomically after every scan. A scan's failure becomes its row's error and never stops the
+batch. A rerun skips a scan whose folder holds results made from the same content hash
+(input and mask bytes, model manifest, options) and redoes failed scans when asked.
+
+Workers read the model package from its folder themselves (safetensors and JSON, hashes
+checked), so only file paths and small option records travel between processes; on a
+cluster of several machines, inputs, models and DIR must be on a filesystem they share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..core import levels
+from ..core.worklist import DONE, FAILED, PENDING, THUMBNAIL, WORKLIST_JSON, Row, read_worklist, write_worklist
+from ..errors import AnomalyLocalizerError, InputError
+from .screen_inputs import Scan, content_sha256, find_scans
+from .worklist_html import write_html
+
+log = logging.getLogger(__name__)
+Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class ScreenOptions:
+    """How every scan of a worklist is scored (the ``score`` command's options)."""
+
+    model_path: str
+    model_name: str
+    manifest_sha256: str
+    methods: tuple[str, ...]
+    threshold: float | None = None
+    threshold_level: float | None = None
+    brain_extraction: str = "auto"
+    device: str = "auto"
+
+    def scan_key(self, content: str) -> str:
+        """The content hash a rerun compares: the scan's bytes and everything that changes
+        its results (not the device or the number of workers)."""
+        what = {"content": content, "model": self.manifest_sha256, "methods": list(self.methods),
+                "threshold": self.threshold, "threshold_level": self.threshold_level,
+                "brain_extraction": self.brain_extraction}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+_LOADED: dict[tuple[str, str, str], tuple] = {}  # per process: the model, loaded once
+
+
+def _package_and_model(options: ScreenOptions):
+    from ..core.device import select_device
+    from ..core.package import load_package
+    key = (options.model_path, options.manifest_sha256, options.device)
+    if key not in _LOADED:
+        package = load_package(options.model_path)
+        if package.manifest_sha256 != options.manifest_sha256:
+            raise InputError(f"model {options.model_path} changed while screening; start the screening again")
+        _LOADED.clear()
+        _LOADED[key] = (package, package.load_model(select_device(options.device)))
+    return _LOADED[key]
+
+
+def _threads_for_this_worker(threads: int | None) -> None:
+    """Share the machine's cores among the scans a Dask worker runs at once."""
+    from ..core.device import THREADS_ENV
+    if threads is None:
+        try:
+            from distributed import get_worker
+            threads = max(1, (os.cpu_count() or 1) // max(1, get_worker().state.nthreads))
+        except (ImportError, ValueError, AttributeError):
+            return  # not in a worker: every core
+    os.environ[THREADS_ENV] = str(threads)
+
+
+def screen_one(scan: Scan, key: str, out: str, options: ScreenOptions, redo: bool = False,
+               threads: int | None = None) -> Row:
+    """Score one scan into ``out/<id>`` and return its worklist row. Never raises for a
+    problem of the scan (it becomes the row's error); only an interruption propagates."""
+    from ..core.imageio import as_3d, read_image
+    from ..core.pipeline import score_volume
+    from ..core.results import resolve_threshold, run_summary, write_results
+    from .thumbnail import render_thumbnail, write_png
+
+    t0 = time.perf_counter()
+    _threads_for_this_worker(threads)
+    row = Row(scan.id, scan.path, series=scan.series, mask=scan.mask, sha256=key)
+    try:
+        package, model = _package_and_model(options)
+        image = as_3d(read_image(scan.path, "INPUT", scan.series))
+        mask = as_3d(read_image(scan.mask, "MASK")) if scan.mask else None
+        methods = list(options.methods)
+        result = score_volume(image, package, methods, mask=mask, device=options.device, model=model,
+                              brain_extraction=options.brain_extraction)
+        chosen = resolve_threshold(package, result, methods[0], options.threshold, options.threshold_level)
+        primary = result.info["primary_slice_score"]
+        per_slice = result.slice_scores.get(primary)
+        top = int(np.nanargmax(per_slice)) if per_slice is not None and np.isfinite(per_slice).any() else None
+        top_pct = (levels.percentile_of(package.calibration, primary, float(per_slice[top]))
+                   if top is not None and primary in package.calibration.slice else None)
+        screening = {"sha256": key, "scan_percentile": levels.volume_percentile(package.calibration,
+                                                                                result.volume_score),
+                     "scan_percentile_meaning": "share of the model's healthy calibration scans whose scan-level "
+                                                "score is at most this scan's (percent)",
+                     "top_slice": top, "top_slice_score": primary, "top_slice_percentile": top_pct,
+                     "seconds": time.perf_counter() - t0}
+        summary = run_summary(package, result, chosen, input=scan.path, series=scan.series, mask=scan.mask)
+        summary["screening"] = screening
+        scale, _ = levels.level_scale(package.calibration, chosen.method, result.maps[chosen.method],
+                                      result.brain_mask)
+
+        def thumbnail(folder: Path, seg: np.ndarray) -> None:
+            if top is not None:
+                write_png(render_thumbnail(image, result.maps[chosen.method] / scale, seg, result.brain_mask, top,
+                                           chosen.level), folder / THUMBNAIL)
+
+        written = write_results(Path(out) / scan.id, image, result, chosen, summary, force=redo, extras=thumbnail)
+        row = row_from_summary(row, written)
+    except AnomalyLocalizerError as exc:
+        row.status, row.error = FAILED, str(exc)
+    except Exception as exc:  # a bug or a resource problem: recorded, and the batch goes on
+        log.debug("screening %s failed", scan.id, exc_info=True)
+        row.status, row.error = FAILED, f"unexpected error ({type(exc).__name__}: {str(exc)[:200]}); please report it"
+    row.seconds = time.perf_counter() - t0
+    return row
+
+
+def row_from_summary(row: Row, summary: dict) -> Row:
+    """The worklist row of a scan from its results' summary.json."""
+    s = summary["screening"]
+    volume = summary["volume_score"]["value"]
+    return Row(row.id, row.input, DONE, None, s.get("scan_percentile"),
+               volume if volume is not None and math.isfinite(volume) else None, s.get("top_slice"),
+               s.get("top_slice_percentile"), summary.get("segmented_ml"), summary.get("brain_mask_source"),
+               summary.get("note", ""), s.get("seconds"), row.series, row.mask, s["sha256"], "")
+
+
+def _screened_summary(folder: Path) -> dict | None:
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary.get("screening"), dict) else None
+
+
+def check_folder(out: Path) -> None:
+    """Refuse a worklist folder that is a file, holds other files, or cannot be created."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder; choose another output folder")
+    if out.exists() and any(out.iterdir()) and not (out / WORKLIST_JSON).is_file():
+        raise InputError(f"--out {out} holds other files and no {WORKLIST_JSON}; give a new folder, or the folder of "
+                         "an earlier screening to resume it")
+    if not out.resolve().parent.is_dir():
+        raise InputError(f"the folder {out.resolve().parent} that should hold {out.name} does not exist; create it")
+    if not os.access(out.resolve().parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise InputError(f"cannot write into {out} (permission denied); choose an --out folder you can write")
+
+
+def prepare_folder(out: Path) -> None:
+    """Create the worklist folder (or keep an earlier one to resume) and remove what an
+    interrupted run left half-written."""
+    check_folder(out)
+    out.mkdir(exist_ok=True)
+    for leftover in out.glob(".*"):
+        if ".partial-" in leftover.name or ".old-" in leftover.name:
+            shutil.rmtree(leftover, ignore_errors=True)
+        elif leftover.is_file() and leftover.name.startswith((".worklist.", f".{WORKLIST_JSON}")):
+            leftover.unlink(missing_ok=True)
+
+
+def plan(scans: list[Scan], out: Path, options: ScreenOptions, retry_failed: bool,
+         progress: Progress | None = None) -> tuple[dict[str, Row], list[tuple[Scan, str, bool]]]:
+    """Every scan's row so far, and the (scan, key, redo) jobs still to run."""
+    previous = {}
+    if (out / WORKLIST_JSON).is_file():
+        try:
+            previous = {r.id: r for r in read_worklist(out).rows}
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log.warning("the earlier worklist in %s could not be read (%s); scans are checked by their folders", out, exc)
+    rows: dict[str, Row] = {}
+    jobs = []
+    for i, scan in enumerate(scans):
+        if progress:
+            progress(0.0, f"checking {scan.id} ({i + 1}/{len(scans)})")
+        key = options.scan_key(content_sha256(scan))
+        folder = out / scan.id
+        summary = _screened_summary(folder) if folder.exists() else None
+        old = previous.get(scan.id)
+        pending = Row(scan.id, scan.path, PENDING, series=scan.series, mask=scan.mask, sha256=key)
+        if summary is not None and summary["screening"].get("sha256") == key:
+            rows[scan.id] = old if old is not None and old.status == DONE and old.sha256 == key \
+                else row_from_summary(pending, summary)
+        elif old is not None and old.status == FAILED and old.sha256 == key and not retry_failed:
+            rows[scan.id] = old
+        elif folder.exists() and summary is None and any(folder.iterdir()):
+            rows[scan.id] = Row(scan.id, scan.path, FAILED, series=scan.series, mask=scan.mask, sha256=key,
+                                error=f"{folder} exists and is not a screening result; move it away and rerun")
+        else:
+            rows[scan.id] = pending
+            jobs.append((scan, key, folder.exists()))
+    return rows, jobs
+
+
+def default_workers() -> int:
+    """Worker processes of a local cluster: one per core this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def run_screening(inputs: list[str], out: Path, options: ScreenOptions, workers: int | None = None,
+                  cluster: str | None = None, retry_failed: bool = False, progress: Progress | None = None,
+                  say: Callable[[str], None] | None = None) -> list[Row]:
+    """Screen every scan the inputs name into ``out``; return the ranked rows.
+    ``workers`` 1 (and no ``cluster``) scores in this process; otherwise on Dask."""
+    out = Path(out)
+    check_folder(out)
+    scans, messages = find_scans(inputs, exclude=out)
+    for m in messages:
+        if say:
+            say(f"note: {m}")
+    if not scans:
+        raise InputError("no scans found in the inputs; give image files, folders holding NIfTI/NRRD/MHA files "
+                         "or DICOM series, or a CSV list with a 'path' column")
+    prepare_folder(out)
+    rows, jobs = plan(scans, out, options, retry_failed, progress)
+    order = [s.id for s in scans]
+    record = {**asdict(options), "methods": list(options.methods), "inputs": [str(Path(i).resolve()) for i in inputs]}
+
+    def save() -> list[Row]:
+        ranked = write_worklist(out, [rows[i] for i in order], record)
+        write_html(out, ranked, record)
+        return ranked
+
+    save()
+    skipped = len(scans) - len(jobs)
+    if say and skipped:
+        say(f"{skipped} of {len(scans)} scans already screened (or failed; --retry-failed redoes those)")
+    start, done, failed = time.perf_counter(), 0, 0
+
+    def finished(row: Row) -> None:
+        nonlocal done, failed
+        rows[row.id] = row
+        done += 1
+        failed += row.status == FAILED
+        save()
+        if progress:
+            progress(done / max(1, len(jobs)), f"screened {done}/{len(jobs)} ({failed} failed) - {row.id}: "
+                     + (row.error[:120] if row.status == FAILED else f"{row.seconds:.1f} s"))
+    try:
+        if not jobs:
+            pass
+        elif cluster is None and (workers or default_workers()) == 1:
+            for scan, key, redo in jobs:
+                finished(screen_one(scan, key, str(out), options, redo))
+        else:
+            from .screen_cluster import run_on_dask
+            n = workers or default_workers()
+            # On a local cluster each worker runs one scan at a time: its share of the cores.
+            threads = None if cluster else max(1, default_workers() // n)
+            run_on_dask(screen_one, jobs, str(out), options, finished, n, threads, cluster, say)
+    finally:
+        ranked = save()
+    if say and jobs:
+        say(f"screened {done} scans in {time.perf_counter() - start:.0f} s ({failed} failed); "
+            f"worklist: {out / 'worklist.html'}")
+    return ranked

@@ -1,0 +1,199 @@
+"""What a screening run scores: scans found in files, folders and CSV lists, each with a
+stable id (its results folder's name) and a content hash.
+
+- An image file (NIfTI, NRRD, MHA/MHD) is one scan.
+- A folder is searched recursively: every image file is one scan, and every DICOM series
+  (by series instance UID, per folder) is one scan. Files whose names say they are masks or
+  labels (``*mask*``, ``*seg*``, ``*label*`` as a word of the name) are not scans; give masks
+  through a CSV.
+- A CSV file lists scans in a ``path`` column, with optional ``mask`` and ``id`` columns;
+  relative paths are relative to the CSV file's folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.imageio import dicom_series_files, dicom_series_in
+from ..core.worklist import WORKLIST_CSV, WORKLIST_HTML, WORKLIST_JSON
+from ..errors import InputError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr")
+# Data files that belong to a header file: hashed with it, never scans of their own.
+_DATA_SUFFIXES = (".img", ".img.gz", ".raw", ".zraw", ".raw.gz")
+_NOT_SCANS = {"mask", "masks", "brainmask", "seg", "segmentation", "label", "labels", "labelmap"}
+_SKIPPED_FILES = (".csv", ".json", ".txt", ".md", ".html", ".png", ".jpg", ".jpeg", ".pdf", ".xml", ".tsv",
+                  ".py", ".sh", ".log")
+
+RESERVED_NAMES = (WORKLIST_JSON, WORKLIST_CSV, WORKLIST_HTML)  # never a scan's folder name
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One scan to screen: an image file, or one DICOM series of a folder."""
+
+    id: str
+    path: str
+    series: str | None = None  # DICOM series instance UID when ``path`` is a folder
+    mask: str | None = None
+
+    def label(self) -> str:
+        return f"{self.path} (DICOM series {self.series})" if self.series else self.path
+
+
+def _is_image(path: Path) -> bool:
+    return path.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suf in IMAGE_SUFFIXES:
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def _names_a_mask(path: Path) -> bool:
+    words = re.split(r"[^a-z0-9]+", _stem(path).lower())
+    return any(w in _NOT_SCANS for w in words)
+
+
+def safe_id(text: str) -> str:
+    """A folder name from a scan's name: letters, digits, '.', '-' and '_' only."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")
+    return cleaned[:120] or "scan"
+
+
+def _search_folder(root: Path, exclude: Path | None) -> tuple[list[tuple[str, str, Scan]], int]:
+    """(short name, name with its folders, scan) under ``root``, and the number of mask-like
+    files left out."""
+    found: list[tuple[str, str, Scan]] = []
+    skipped = 0
+    folders = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
+    for folder in folders:
+        if exclude is not None and (folder == exclude or exclude in folder.parents):
+            continue
+        if any(part.startswith(".") for part in folder.relative_to(root).parts):
+            continue  # hidden folders: e.g. a screening run's temporary folders
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        rel = folder.relative_to(root)
+        for f in files:
+            if _is_image(f):
+                if _names_a_mask(f):
+                    skipped += 1
+                    continue
+                found.append((_stem(f), "_".join([*rel.parts, _stem(f)]), Scan("", str(f.resolve()))))
+        others = [f for f in files if not _is_image(f) and not f.name.lower().endswith(_DATA_SUFFIXES + _SKIPPED_FILES)]
+        if others:
+            series = dicom_series_in(folder)
+            for uid in series:
+                tail = "" if len(series) == 1 else f"_{uid.rsplit('.', 1)[-1][-8:]}"
+                found.append((folder.name + tail, "_".join(rel.parts or (root.name,)) + tail,
+                              Scan("", str(folder.resolve()), series=uid)))
+    return found, skipped
+
+
+def _read_csv(path: Path) -> list[tuple[str, str, Scan]]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = [(h or "").strip().lower() for h in (reader.fieldnames or [])]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"cannot read the list {path} ({exc}); give a CSV file with a 'path' column") from None
+    if "path" not in header:
+        raise InputError(f"the list {path} has no 'path' column (it has: {', '.join(header) or 'none'}); add a header "
+                         "row with 'path' (and optionally 'mask' and 'id')")
+    out = []
+    for i, row in enumerate(rows, 2):
+        row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+        if not row.get("path"):
+            raise InputError(f"the list {path}, line {i}: the path is empty; give a file or DICOM folder")
+        scan_path = (path.parent / row["path"]).resolve()
+        mask = str((path.parent / row["mask"]).resolve()) if row.get("mask") else None
+        name = row.get("id") or _stem(scan_path)
+        series = None
+        if scan_path.is_dir():
+            uids = dicom_series_in(scan_path)
+            series = uids[0] if len(uids) == 1 else None  # several: the reader says so in the row
+        out.append((name, name, Scan("", str(scan_path), series=series, mask=mask)))
+    return out
+
+
+def find_scans(inputs: list[str], exclude: Path | None = None) -> tuple[list[Scan], list[str]]:
+    """Every scan the inputs name, with unique ids, in a stable order; and messages about
+    what was left out. A path that does not exist is refused before any work."""
+    pairs: list[tuple[str, str, Scan]] = []
+    messages: list[str] = []
+    exclude = exclude.resolve() if exclude is not None else None
+    for given in inputs:
+        p = Path(given)
+        if not p.exists():
+            raise InputError(f"INPUT {given} does not exist; give image files, folders or a CSV list")
+        if p.is_file() and p.suffix.lower() == ".csv":
+            pairs += _read_csv(p)
+        elif p.is_file():
+            pairs.append((_stem(p), _stem(p), Scan("", str(p.resolve()))))
+        else:
+            found, skipped = _search_folder(p.resolve(), exclude)
+            if skipped:
+                messages.append(f"{given}: {skipped} file(s) named like masks or labels are not scans (give masks "
+                                "in a CSV 'mask' column)")
+            if not found:
+                messages.append(f"{given}: no image files or DICOM series found")
+            pairs += found
+    unique, seen = [], set()
+    for short, long, scan in pairs:
+        if (scan.path, scan.series) not in seen:
+            seen.add((scan.path, scan.series))
+            unique.append((short, long, scan))
+    # A scan is named by its file (or DICOM folder) alone, unless another scan has that name:
+    # then by its folders too; a number tells apart what is still the same.
+    shorts = [safe_id(short).lower() for short, _, _ in unique]
+    counts = Counter(shorts)
+    used: set[str] = {n.lower() for n in RESERVED_NAMES}
+    scans = []
+    for (short, long, scan), key in zip(unique, shorts):
+        base = safe_id(short) if counts[key] == 1 else safe_id(long)
+        sid, n = base, 2
+        while sid.lower() in used:  # case-insensitive: folders on macOS and Windows
+            sid, n = f"{base}-{n}", n + 1
+        used.add(sid.lower())
+        scans.append(Scan(sid, scan.path, scan.series, scan.mask))
+    return scans, messages
+
+
+def _hash_file(h, path: Path) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+
+
+def content_sha256(scan: Scan) -> str:
+    """SHA-256 of what the scan's voxels are read from: the file (with a header's data
+    file), or the series' files in slice order; and the mask's. Unreadable parts hash
+    their error, so a scan that cannot be read still gets a stable key."""
+    h = hashlib.sha256()
+    path = Path(scan.path)
+    try:
+        if scan.series:
+            files = [Path(f) for f in dicom_series_files(path, scan.series)]
+        elif path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file())
+        else:
+            files = [path] + [path.with_name(_stem(path) + s) for s in _DATA_SUFFIXES
+                              if path.with_name(_stem(path) + s).is_file()]
+        for f in files:
+            h.update(f.name.encode() + b"\0")
+            _hash_file(h, f)
+        if scan.mask:
+            h.update(b"mask\0")
+            _hash_file(h, Path(scan.mask))
+    except OSError as exc:
+        h.update(f"unreadable: {exc.strerror}".encode())
+    return h.hexdigest()
