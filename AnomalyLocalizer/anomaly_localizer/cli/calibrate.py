@@ -39,6 +39,17 @@ def register(sub) -> None:
     add_quiet(f)
     f.set_defaults(func=run_fpr)
 
+    h = sub.add_parser("standardise", help="map every scan's brain histogram onto the model's training scans' "
+                                            "(histogram standardisation) and recalibrate")
+    h.add_argument("model", help="model name or folder (not a fused model: standardise its components)")
+    h.add_argument("data", help="the model's healthy data (its training subjects set the standard, its "
+                   "calibration subjects the thresholds)")
+    h.add_argument("--out", help="write the standardised model here")
+    h.add_argument("--in-place", action="store_true", help="change the model itself")
+    add_device(h)
+    add_quiet(h)
+    h.set_defaults(func=run_standardise)
+
     r = sub.add_parser("tune-restoration",
                        help="choose the restoration method's lambda on healthy scans and store it in the model")
     r.add_argument("model", help="VAE model name or folder")
@@ -101,6 +112,17 @@ def run_fpr(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps({"model": package.name, "subjects": [s.id for s in subjects],
                                                "flagged_fraction": table, "command": command_line(),
                                                "machine": machine()}, indent=2) + "\n")
+    return EXIT_OK
+
+
+def run_standardise(args: argparse.Namespace) -> int:
+    from ..tooling.edit import changed_copy, subjects_of
+    from ..tooling.standardise import standardise_package
+
+    with changed_copy(args.model, args.out, args.in_place) as package:
+        standardise_package(package, subjects_of(package, args.data, "train"),
+                            subjects_of(package, args.data, "calibration"), args.device, say(args.quiet))
+    print(f"standardised {package.path}: its input histograms are mapped onto its training scans'; recalibrated")
     return EXIT_OK
 
 

@@ -86,6 +86,24 @@ class Manifest(Strict):
 
 # ------------------------------------------------------------------------ input contract
 
+class HistogramStandard(Strict):
+    """Histogram standardisation (Nyul & Udupa) after the median/IQR scaling: the brain's
+    ``percentiles`` are mapped piecewise linearly onto ``values``, the training scans' mean
+    landmarks (linear beyond the ends, so nothing is clipped)."""
+
+    percentiles: Annotated[list[Annotated[float, Field(ge=0.0, le=100.0)]], Field(min_length=3, max_length=101)]
+    values: list[Finite]
+
+    @model_validator(mode="after")
+    def _increasing(self) -> "HistogramStandard":
+        if len(self.values) != len(self.percentiles):
+            raise ValueError("percentiles and values must have the same length")
+        if any(b <= a for a, b in zip(self.percentiles, self.percentiles[1:])) or \
+                any(b <= a for a, b in zip(self.values, self.values[1:])):
+            raise ValueError("percentiles and values must be strictly increasing")
+        return self
+
+
 class Normalisation(Strict):
     """Robust per-volume scaling inside a region (see :func:`core.volume.normalise_intensities`)."""
 
@@ -94,6 +112,7 @@ class Normalisation(Strict):
     iqr_to: Annotated[float, Field(gt=0.0, le=10.0)] = 0.25
     background: Annotated[float, Field(ge=-10.0, le=10.0)] = 0.0
     region: Literal["brain", "head"] = "brain"
+    standard: HistogramStandard | None = None
 
 
 class InputContract(Strict):

@@ -42,7 +42,7 @@ MASK_CHECK_MIN_ML = 500.0  # a mask filling its whole image is refused only abov
 # Robust statistics: a lesion can take a large share of the brain (a glioma often more than
 # 5 %), which would move a 1st/99th percentile, but not the median or the quartiles. The
 # defaults of what a package's input contract records (schema.Normalisation).
-NORMALISATION = Normalisation().model_dump(exclude={"region"})
+NORMALISATION = Normalisation().model_dump(exclude={"region", "standard"})
 
 
 @dataclass(frozen=True)
@@ -153,8 +153,27 @@ def normalise_intensities(arr: np.ndarray, mask: np.ndarray, normalisation: Norm
         raise InputError("the brain region has (almost) uniform intensity; check the image and the brain mask")
     gain = norm.iqr_to / (q3 - q1)
     out = (arr.astype(np.float32) - np.float32(median)) * np.float32(gain) + np.float32(norm.median_to)
+    if norm.standard is not None:
+        inside = out[mask]
+        out[mask] = standardise(inside, np.percentile(inside, norm.standard.percentiles),
+                                np.asarray(norm.standard.values, dtype=np.float64))
     out[~mask] = norm.background
     return out
+
+
+def standardise(values: np.ndarray, landmarks: np.ndarray, standard: np.ndarray) -> np.ndarray:
+    """Map ``values`` piecewise linearly so that this scan's ``landmarks`` (its brain
+    percentiles) land on ``standard``; beyond the outer landmarks the end segments go on
+    linearly, so a lesion brighter than any healthy tissue keeps its contrast."""
+    x = np.maximum.accumulate(np.asarray(landmarks, dtype=np.float64))
+    x = x + np.arange(len(x)) * 1e-9  # strictly increasing even where percentiles tie
+    y = np.asarray(standard, dtype=np.float64)
+    v = values.astype(np.float64)
+    out = np.interp(v, x, y)
+    low, high = v < x[0], v > x[-1]
+    out[low] = y[0] + (v[low] - x[0]) * (y[1] - y[0]) / (x[1] - x[0])
+    out[high] = y[-1] + (v[high] - x[-1]) * (y[-1] - y[-2]) / (x[-1] - x[-2])
+    return out.astype(np.float32)
 
 
 def _gaussian_matrix(n: int, sigma: float) -> torch.Tensor:

@@ -138,8 +138,11 @@ def end_to_end(head: Path, folder: Path) -> dict:
     if done.returncode != 0:
         return {"error": done.stderr.strip()[-300:]}
     summary = json.loads((out / "summary.json").read_text())
+    found = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "brainmask.nii.gz"))) > 0
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "lesioned_mask.nii.gz"))) > 0
+    dice = 2 * float((found & truth).sum()) / max(1, int(found.sum() + truth.sum()))
     return {"wall_seconds": wall, "timings": summary["timings_s"], "brain_mask_source": summary["brain_mask_source"],
-            "model": summary["model"]["name"]}
+            "brain_extraction_dice": dice, "model": summary["model"]["name"]}
 
 
 def run_worst_case(data: str | Path, json_path: str | None = None,
@@ -154,7 +157,8 @@ def run_worst_case(data: str | Path, json_path: str | None = None,
             say("score, end to end, 1 mm whole head 256x256x180: " + (
                 f"{e2e['wall_seconds']:.1f} s wall (start-up included; in the engine "
                 f"{sum(e2e['timings'].values()):.1f} s: " + ", ".join(f"{k} {v:.1f}" for k, v in e2e["timings"].items())
-                + ")" if "error" not in e2e else e2e["error"]))
+                + f"); brain extraction Dice {e2e['brain_extraction_dice']:.3f} against the reference mask"
+                if "error" not in e2e else e2e["error"]))
         for case, (image, mask) in cases.items():
             for model, methods in method_groups():
                 reference = sorted(methods) == sorted(PIXEL_METHODS)

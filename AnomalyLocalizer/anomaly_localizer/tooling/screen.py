@@ -178,7 +178,7 @@ def prepare_folder(out: Path) -> None:
     for leftover in out.glob(".*"):
         if ".partial-" in leftover.name or ".old-" in leftover.name:
             shutil.rmtree(leftover, ignore_errors=True)
-        elif leftover.is_file() and leftover.name.startswith((".worklist.", f".{WORKLIST_JSON}")):
+        elif leftover.is_file() and leftover.name.startswith(".worklist."):  # an unfinished atomic write
             leftover.unlink(missing_ok=True)
 
 
@@ -193,9 +193,11 @@ def plan(scans: list[Scan], out: Path, options: ScreenOptions, retry_failed: boo
             log.warning("the earlier worklist in %s could not be read (%s); scans are checked by their folders", out, exc)
     rows: dict[str, Row] = {}
     jobs = []
+    said = -math.inf
     for i, scan in enumerate(scans):
-        if progress:
-            progress(0.0, f"checking {scan.id} ({i + 1}/{len(scans)})")
+        if progress and time.perf_counter() - said > 2.0:  # hashing is quick: a line now and then
+            said = time.perf_counter()
+            progress(0.0, f"checking what is already screened: {i}/{len(scans)} scans")
         key = options.scan_key(content_sha256(scan))
         folder = out / scan.id
         summary = _screened_summary(folder) if folder.exists() else None
