@@ -167,6 +167,20 @@ def test_a_changed_scan_is_screened_again(model, scans, tmp_path):
     assert second.sha256 != first.sha256 and second.volume_score != first.volume_score
 
 
+def test_a_worklist_made_with_other_options_is_resumed_only_when_forced(model, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    sitk.WriteImage(image_from(phantom_array(SHAPE, seed=22)), str(data / "s.nii.gz"))
+    out = tmp_path / "worklist"
+    first = run_screening([str(data)], out, options(model), workers=1)[0]
+    other = ScreenOptions(str(model.path), model.name, model.manifest_sha256, ("dae",), threshold_level=2.0)
+    with pytest.raises(InputError, match="other threshold_level"):
+        run_screening([str(data)], out, other, workers=1)
+    assert read_worklist(out).rows[0].sha256 == first.sha256  # nothing changed
+    again = run_screening([str(data)], out, other, workers=1, force=True)[0]
+    assert again.sha256 != first.sha256 and again.status == "done"
+
+
 def test_a_local_cluster_of_two_workers_gives_the_serial_worklist(serial, model, scans, tmp_path):
     pytest.importorskip("distributed")
     out, rows = serial

@@ -32,6 +32,9 @@ def register(sub) -> None:
                    help="screen on an existing Dask cluster, e.g. tcp://scheduler:8786 (inputs, models and --out "
                         "on a filesystem every worker sees)")
     s.add_argument("--retry-failed", action="store_true", help="screen again the scans that failed last time")
+    s.add_argument("--force", action="store_true",
+                   help="resume an --out worklist made with another model or other options, screening every scan "
+                        "again (without it, that is refused)")
     add_device(s)
     add_quiet(s)
     s.set_defaults(func=run_screen)
@@ -54,7 +57,7 @@ def run_screen(args: argparse.Namespace) -> int:
     options = ScreenOptions(str(package.path.resolve()), package.name, package.manifest_sha256, tuple(methods),
                             args.threshold, args.threshold_level, args.brain_extraction, args.device)
     rows = run_screening(args.inputs, Path(args.out), options, args.workers, args.cluster, args.retry_failed,
-                         progress_printer(args.quiet), say(args.quiet))
+                         progress_printer(args.quiet), say(args.quiet), args.force)
     failed = [r for r in rows if r.status == "failed"]
     if not args.quiet:
         for r in rows[:10]:

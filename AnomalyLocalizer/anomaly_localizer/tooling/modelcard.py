@@ -189,6 +189,8 @@ def results_sections(evaluations: list[dict[str, Any]], fpr: dict[str, Any] | No
                     if by and own(m):
                         parts.append(f"| {m} | " + " | ".join(f(by.get(k)) for k in counts) + " |")
         for name, rel in (ev.get("kinds_vs_training") or {}).items():
+            if not rel:  # cases without synthetic kinds (e.g. real lesions): nothing to set against
+                continue
             parts.append(f"\nThe kinds against the training tasks of {name}, which learned synthetic anomalies: "
                          + "; ".join(f"{k}: {v}" for k, v in rel.items())
                          + ". A kind whose nearest task was held out, or that no task makes, tests a change the "

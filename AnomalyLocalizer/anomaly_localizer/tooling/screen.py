@@ -175,6 +175,11 @@ def prepare_folder(out: Path) -> None:
     interrupted run left half-written."""
     check_folder(out)
     out.mkdir(exist_ok=True)
+    remove_leftovers(out)
+
+
+def remove_leftovers(out: Path) -> None:
+    """Remove the hidden partial folders and files of unfinished writes in ``out``."""
     for leftover in out.glob(".*"):
         if ".partial-" in leftover.name or ".old-" in leftover.name:
             shutil.rmtree(leftover, ignore_errors=True)
@@ -225,13 +230,35 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# What makes an earlier worklist's results comparable with a new run's.
+_SAME_RESULTS = ("manifest_sha256", "methods", "threshold", "threshold_level", "brain_extraction")
+
+
+def check_same_options(out: Path, options: ScreenOptions, force: bool) -> None:
+    """Refuse to resume a worklist screened with another model or other options unless
+    ``force``: its results would be replaced scan by scan."""
+    try:
+        earlier = read_worklist(out).options
+    except (OSError, ValueError, TypeError, KeyError):
+        return
+    now = {**asdict(options), "methods": list(options.methods)}
+    differ = [k for k in _SAME_RESULTS if k in earlier and earlier[k] != now[k]]
+    if differ and not force:
+        raise InputError(f"{out} holds a worklist screened with other {', '.join(differ)} (model "
+                         f"{earlier.get('model_name')}, methods {', '.join(earlier.get('methods', []))}); give a new "
+                         "--out, or pass --force to screen every scan again with these options")
+
+
 def run_screening(inputs: list[str], out: Path, options: ScreenOptions, workers: int | None = None,
                   cluster: str | None = None, retry_failed: bool = False, progress: Progress | None = None,
-                  say: Callable[[str], None] | None = None) -> list[Row]:
+                  say: Callable[[str], None] | None = None, force: bool = False) -> list[Row]:
     """Screen every scan the inputs name into ``out``; return the ranked rows.
-    ``workers`` 1 (and no ``cluster``) scores in this process; otherwise on Dask."""
+    ``workers`` 1 (and no ``cluster``) scores in this process; otherwise on Dask. An earlier
+    worklist in ``out`` is resumed; one made with other options only with ``force``."""
     out = Path(out)
     check_folder(out)
+    if (out / WORKLIST_JSON).is_file():
+        check_same_options(out, options, force)
     scans, messages = find_scans(inputs, exclude=out)
     for m in messages:
         if say:
@@ -278,6 +305,7 @@ def run_screening(inputs: list[str], out: Path, options: ScreenOptions, workers:
             run_on_dask(screen_one, jobs, str(out), options, finished, n, threads, cluster, say)
     finally:
         ranked = save()
+        remove_leftovers(out)  # a worker stopped while writing leaves its hidden partial folder
     if say and jobs:
         say(f"screened {done} scans in {time.perf_counter() - start:.0f} s ({failed} failed); "
             f"worklist: {out / 'worklist.html'}")

@@ -11,6 +11,7 @@ cluster down.
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Callable
 
 from ..core.worklist import FAILED, Row
@@ -43,8 +44,20 @@ def _client(workers: int, address: str | None):
         except (OSError, TimeoutError) as exc:
             raise InputError(f"cannot reach the Dask scheduler at {address} ({exc}); check the address "
                              "(e.g. tcp://host:8786) and that the scheduler is running") from None
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=logging.ERROR)
+    # Ctrl-C in a terminal reaches every process of its group. The worker processes inherit an
+    # ignored SIGINT (Python keeps an inherited SIG_IGN), so only this process stops, cancels
+    # the tasks and shuts the workers down, without a traceback from each of them.
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals are not ours to set
+        pass
+    try:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=logging.ERROR)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return Client(cluster), cluster
 
 
