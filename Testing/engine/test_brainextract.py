@@ -151,3 +151,15 @@ def test_dice_command_on_case_folders_measures_the_engines_own_choice(extractor,
                  "--image-name", "t1c.nii.gz", "--json", str(out), "-q"]) == 0
     result = json.loads(out.read_text())
     assert sorted(result["dice"]) == ["case0", "case1"] and result["min"] == pytest.approx(1.0)
+
+
+def test_on_a_fine_grid_the_head_is_found_on_coarser_blocks_with_the_same_outline():
+    from anomaly_localizer.core.brainextract import _head_mask, head_mask
+    img, _ = head_phantom((60, 96, 80))
+    fine = image_from(img, spacing=(1.0, 1.0, 1.0))
+    fast, exact = head_mask(fine), _head_mask(fine)
+    assert fast.shape == exact.shape
+    # The whole head, and at most a thin shell of air more (blocks straddle its surface).
+    assert (exact & ~fast).sum() < 0.01 * exact.sum() and fast.sum() < 1.1 * exact.sum()
+    assert np.array_equal(head_mask(image_from(img, spacing=(2.0, 2.0, 2.0))),
+                          _head_mask(image_from(img, spacing=(2.0, 2.0, 2.0))))  # 2 mm: found as it is

@@ -36,12 +36,29 @@ DEFAULT_ARCH = {"type": "unet-brainmask", "slice_size": 128, "feature_maps": [8,
 DEFAULT_SPACING = 2.0  # 128 x 2 mm = 256 mm: a whole head fits
 
 
+HEAD_MASK_MM = 2.0  # the head is found on voxels of about this size (it needs no finer detail)
+
+
 def head_mask(image: sitk.Image) -> np.ndarray:
-    """The head (everything that is not background air), holes filled.
+    """The head (everything that is not background air), holes filled, on the image's grid.
 
     A low threshold (5 % of the 99th intensity percentile) keeps the dark skull and CSF,
-    which an Otsu threshold would drop, cutting the scalp off from the brain.
+    which an Otsu threshold would drop, cutting the scalp off from the brain. On a grid finer
+    than :data:`HEAD_MASK_MM` it is found on blocks of voxels averaged to about that size and
+    brought back by nearest neighbour: the same mask for a 2 mm scan, a sixth of the cost on
+    a 1 mm one (connected components, closing and hole filling on 12 million voxels took 3 s).
     """
+    factors = [max(1, int(round(HEAD_MASK_MM / s))) for s in image.GetSpacing()[:3]]
+    if all(f == 1 for f in factors):
+        return _head_mask(image)
+    small = sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), factors)
+    found = sitk.GetImageFromArray(_head_mask(small).astype(np.uint8))
+    found.CopyInformation(small)
+    back = sitk.Resample(found, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(back) > 0
+
+
+def _head_mask(image: sitk.Image) -> np.ndarray:
     arr = sitk.GetArrayViewFromImage(image)
     level = 0.05 * float(np.percentile(arr, 99))
     fg = sitk.GetImageFromArray((arr > level).astype(np.uint8))
