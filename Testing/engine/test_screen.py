@@ -187,6 +187,7 @@ def test_a_local_cluster_of_two_workers_gives_the_serial_worklist(serial, model,
     parallel = run_screening([str(scans)], tmp_path / "parallel", options(model), workers=2)
     assert [(r.id, r.status, r.rank, r.top_slice, r.sha256) for r in parallel] == \
         [(r.id, r.status, r.rank, r.top_slice, r.sha256) for r in rows]
+    assert main(["compare-worklists", str(out), str(tmp_path / "parallel")]) == 0
     for a, b in zip(parallel, rows):
         if a.status == "done":
             assert a.volume_score == pytest.approx(b.volume_score, rel=1e-4)

@@ -95,6 +95,13 @@ def register(sub) -> None:
     add_quiet(bs)
     bs.set_defaults(func=run_benchmark_screen)
 
+    cw = sub.add_parser("compare-worklists", help="whether two screening worklists of the same scans agree "
+                                                  "(ranking, statuses, top slices, scan scores); exit 0 when "
+                                                  "they do, 4 when they differ")
+    cw.add_argument("first", help="a worklist folder")
+    cw.add_argument("second", help="another worklist folder")
+    cw.set_defaults(func=run_compare_worklists)
+
     from ..tooling.paper import DEFAULT_DATA
     p = sub.add_parser("paper-fmnist", help="the paper's sample-wise FashionMNIST experiment (prints a table)")
     p.add_argument("--data", default=DEFAULT_DATA)
@@ -234,6 +241,24 @@ def run_benchmark_screen(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps({**result, "inputs": args.inputs, "command": command_line(),
                                                "machine": machine()}, indent=2) + "\n")
     return EXIT_OK
+
+
+EXIT_WORKLISTS_DIFFER = 4  # like diff(1): a result, not an error
+
+
+def run_compare_worklists(args: argparse.Namespace) -> int:
+    from ..core.worklist import read_worklist
+    from ..tooling.benchmark_screen import compare_worklists
+
+    try:
+        a, b = read_worklist(args.first), read_worklist(args.second)
+    except (OSError, ValueError) as exc:
+        raise InputError(str(exc)) from None
+    c = compare_worklists(a.rows, b.rows)
+    print(f"{'agree' if c['agree'] else 'DIFFER'}: same ranking, statuses and top slices "
+          f"{c['same_ranking_status_and_top_slices']}; largest relative difference of a scan score "
+          f"{c['max_relative_volume_score_difference']:.1e} ({len(a.rows)} and {len(b.rows)} scans)")
+    return EXIT_OK if c["agree"] else EXIT_WORKLISTS_DIFFER
 
 
 def run_paper(args: argparse.Namespace) -> int:
