@@ -72,8 +72,13 @@ def test_the_threshold_moves_live_on_a_loaded_worklist_scan(slicerApp, worklist)
     logic = AnomalyLocalizerLogic(slicerApp.app)
     logic.openWorklist(worklist)
     logic.loadWorklistScan(0)
-    low, high = logic.setThreshold(0.01), logic.setThreshold(1e6)
-    assert low >= high == 0
+    saved = read_results(worklist / logic.currentWorklistRow().id)
+    scale = logic.result.levelScale["dae"]
+    for level in (0.01, 0.5, 1e6):
+        # The segment follows the threshold: the saved map above it, inside the brain.
+        expected = int(((saved.maps["dae"] > level * scale) & saved.brain_mask).sum())
+        assert logic.setThreshold(level) == expected
+    assert logic.setThreshold(0.01) > 0 == logic.setThreshold(1e6)
 
 
 def test_a_scan_whose_results_are_gone_leaves_the_scene_as_it_was(slicerApp, worklist, tmp_path):

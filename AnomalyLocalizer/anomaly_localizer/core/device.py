@@ -60,13 +60,19 @@ def is_out_of_memory(exc: BaseException) -> bool:
 THREADS_ENV = "ANOMALY_LOCALIZER_THREADS"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (e.g. fewer under taskset; every core where the
+    platform cannot say)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
 def configure_threads() -> None:
     """Use every core the process may run on (torch sometimes picks fewer), or the number
     in ``ANOMALY_LOCALIZER_THREADS`` (set for screening workers that share a machine)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:
-        n = os.cpu_count() or 1
+    n = usable_cores()
     if os.environ.get(THREADS_ENV, "").strip().isdigit() and int(os.environ[THREADS_ENV]) > 0:
         n = int(os.environ[THREADS_ENV])
     if torch.get_num_threads() != n:

@@ -23,7 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..core.device import configure_threads, select_device
+from ..core.device import configure_threads, select_device, usable_cores
 from ..core.imageio import read_image, write_image
 from ..core.package import resolve_package_for
 from ..core.pipeline import score_volume
@@ -86,6 +86,15 @@ def reference_way(image: sitk.Image, mask: np.ndarray, package, model, device, b
     return time.perf_counter() - t0
 
 
+def one_mm_grid(img: sitk.Image) -> sitk.Image:
+    """A 1 mm axial 256x256x180 grid around the same head (LPS-aligned, as many scanners write)."""
+    ref = sitk.Image(256, 256, 180, sitk.sitkFloat32)
+    ref.SetSpacing((1.0, 1.0, 1.0))
+    centre = img.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in img.GetSize()])
+    ref.SetOrigin(tuple(c - (n - 1) / 2.0 for c, n in zip(centre, (256, 256, 180))))
+    return ref
+
+
 def _cases(data: Path) -> list[tuple[str, sitk.Image, sitk.Image]]:
     t1s = sorted((data / "t1").glob("*.nii.gz"))
     if not t1s:
@@ -94,11 +103,7 @@ def _cases(data: Path) -> list[tuple[str, sitk.Image, sitk.Image]]:
     mask_path = data / "brainmask" / t1.name.replace("_T1", "_brainmask")
     img = read_image(t1)
     msk = read_image(mask_path, "MASK")
-    # A 1 mm axial 256x256x180 grid around the same head (LPS-aligned, as many scanners write).
-    ref = sitk.Image(256, 256, 180, sitk.sitkFloat32)
-    ref.SetSpacing((1.0, 1.0, 1.0))
-    centre = img.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in img.GetSize()])
-    ref.SetOrigin(tuple(c - (n - 1) / 2.0 for c, n in zip(centre, (256, 256, 180))))
+    ref = one_mm_grid(img)
     img1 = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     msk1 = sitk.Resample(msk, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, msk.GetPixelID())
     return [(f"2 mm {t1.name.split('_')[0]} {'x'.join(map(str, img.GetSize()))}", img, msk),
@@ -121,7 +126,7 @@ def run_benchmark(data: str | Path, model: str | None = None, methods: list[str]
     cases = _cases(Path(data))
     results = []
     print(f"model {package.name}, methods {', '.join(methods)}; device {device}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{platform.processor() or platform.machine()}, {_cpu_count()} cores")
+          f"{platform.processor() or platform.machine()}, {usable_cores()} cores")
     for name, img, msk in cases:
         score_volume(img, package, methods, mask=msk, device=str(device), model=net)  # warm-up
         times, slices = [], 0
@@ -167,14 +172,6 @@ def run_benchmark(data: str | Path, model: str | None = None, methods: list[str]
         Path(json_path).write_text(json.dumps({"model": package.name, "methods": methods,
                                                "restoration_optimiser": restoration if "restoration" in methods
                                                else None, "device": str(device),
-                                               "machine": f"{platform.machine()} {_cpu_count()} cores",
+                                               "machine": f"{platform.machine()} {usable_cores()} cores",
                                                "results": results}, indent=2) + "\n")
     return results
-
-
-def _cpu_count() -> int:
-    import os
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import resource
 import subprocess
 import sys
@@ -25,19 +24,13 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
+from ..core.device import usable_cores
 from ..core.imageio import read_image, write_image
 from ..core.scores import PIXEL_METHODS
 from ..errors import InputError
+from .benchmark import one_mm_grid
 
 LESION_RADIUS_MM = (25.0, 30.0)
-
-
-def _one_mm_grid(img: sitk.Image) -> sitk.Image:
-    ref = sitk.Image(256, 256, 180, sitk.sitkFloat32)
-    ref.SetSpacing((1.0, 1.0, 1.0))
-    centre = img.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in img.GetSize()])
-    ref.SetOrigin(tuple(c - (n - 1) / 2.0 for c, n in zip(centre, (256, 256, 180))))
-    return ref
 
 
 def make_cases(data: Path, folder: Path) -> dict[str, tuple[Path, Path | None]]:
@@ -49,7 +42,7 @@ def make_cases(data: Path, folder: Path) -> dict[str, tuple[Path, Path | None]]:
         raise InputError(f"no ixi_t1_2mm/t1/*.nii.gz under {data}; pass --data pointing at ../shared/data")
     img = read_image(t1s[0])
     msk = read_image(ixi / "brainmask" / t1s[0].name.replace("_T1", "_brainmask"), "MASK")
-    ref = _one_mm_grid(img)
+    ref = one_mm_grid(img)
     head = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     brain = sitk.Resample(msk, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     arr, mask = sitk.GetArrayFromImage(head), sitk.GetArrayFromImage(brain) > 0
@@ -176,7 +169,7 @@ def run_worst_case(data: str | Path, json_path: str | None = None,
                                  else "")
                         say(f"{case} | {model} {'+'.join(methods)}: {row['seconds']:.1f} s, "
                             f"{row['scored_slices']} slices, peak {row['peak_rss_mb']:.0f} MB{ratio}")
-    result = {"end_to_end": e2e, "rows": rows, "cpu_threads": len(os.sched_getaffinity(0))}
+    result = {"end_to_end": e2e, "rows": rows, "cpu_threads": usable_cores()}
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -224,10 +224,8 @@ def plan(scans: list[Scan], out: Path, options: ScreenOptions, retry_failed: boo
 
 def default_workers() -> int:
     """Worker processes of a local cluster: one per core this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
+    from ..core.device import usable_cores
+    return usable_cores()
 
 
 # What makes an earlier worklist's results comparable with a new run's.

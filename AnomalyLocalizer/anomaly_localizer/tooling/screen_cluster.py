@@ -31,8 +31,8 @@ def _client(workers: int, address: str | None):
     import dask
     # Dask sets MALLOC_TRIM_THRESHOLD_ in its workers, to return memory to the system sooner.
     # Setting it turns off glibc's adaptive mmap threshold: every large numpy/torch array is
-    # then mapped, page-faulted and unmapped afresh, and a scan took twice as long here
-    # (most of it kernel time). Screening workers keep glibc's default.
+    # then mapped, page-faulted and unmapped afresh, and the workers spent most of their time
+    # in the kernel. Screening workers keep glibc's default.
     dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
                      "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
     if not logging.getLogger().isEnabledFor(logging.DEBUG):  # Dask's own INFO lines, unless -v

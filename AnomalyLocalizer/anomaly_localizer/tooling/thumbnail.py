@@ -15,9 +15,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..core.volume import axial_layout
+from .overview import DISPLAY_FLOOR  # the map is drawn from this share of the threshold's level up
 
 PANEL_HEIGHT = 160  # pixels
-DISPLAY_FLOOR = 0.8  # share of the threshold's level below which the map is not drawn
 OUTLINE_RGB = (0, 255, 102)
 MAP_ALPHA = 0.85
 CROP_MARGIN_MM = 8.0
