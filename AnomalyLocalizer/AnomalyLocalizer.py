@@ -284,7 +284,7 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         voxels = self.logic.setThreshold(value)
         fpr = self.logic.healthyFalsePositiveRate()
         rate = "uncalibrated model" if fpr is None else f"flags {100 * fpr:.3g} % of healthy brain voxels"
-        note = self.logic.broadFlagNote()
+        note = self.logic.thresholdNote()
         self.ui.thresholdInfoLabel.text = f"{voxels} voxels; {rate}" + (f"\nNote: {note}" if note else "")
 
     def onOpacityChanged(self, value: float) -> None:

@@ -78,6 +78,9 @@ class RunMixin:
                    "volume_score": res.volume_score, "brain_mask_source": res.info["brain_mask_source"],
                    "primary_slice_score": res.info["primary_slice_score"],
                    "map_smoothing_mm": res.info["map_smoothing"]}
+        if res.info.get("scan_relative"):  # what each scan-relative map was divided by, as summary.json says it
+            from anomaly_localizer.core.relative import reference_summary
+            summary["scan_relative"] = reference_summary(package, res.info["scan_relative"])
         if "fusion" in res.info:  # what a fused map combines, as summary.json says it
             from anomaly_localizer.core.results import fusion_block
             summary["fusion"] = fusion_block(package, res)

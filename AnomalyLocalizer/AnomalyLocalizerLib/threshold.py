@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import slicer
 import vtk
-from anomaly_localizer.core.levels import broad_flag_note, healthy_fpr, segment
+from anomaly_localizer.core.levels import broad_flag_note, healthy_fpr, segment, threshold_note
 from slicer import util as sutil
 
 from .geometry import sameLattice
@@ -133,3 +133,12 @@ class ThresholdMixin:
             return None
         share = float(np.count_nonzero(self._mask)) / max(1, int(np.count_nonzero(self.result.brainMask)))
         return broad_flag_note(share, self.healthyFalsePositiveRate())
+
+    def thresholdNote(self) -> str | None:
+        """What to know about the current segmentation, as ``score`` writes it into
+        summary.json: the broad-flag note, and a note when the shown map is scan-relative and
+        this scan's map is raised overall beyond healthy scans'; else None."""
+        if self.result is None or self._mask is None:
+            return None
+        share = float(np.count_nonzero(self._mask)) / max(1, int(np.count_nonzero(self.result.brainMask)))
+        return threshold_note(self.result.summary, self.method, share, self.healthyFalsePositiveRate())

@@ -131,3 +131,16 @@ def test_the_slices_a_model_sees_must_match_its_input_channels(tmp_path):
     update_meta(pkg.path, meta)
     with pytest.raises(PackageError, match="in_channels 3 differs from input_contract.context_slices 5"):
         load_package(pkg.path)
+
+
+def test_bf16_scoring_is_close_to_float32_and_is_recorded(dae):
+    """bf16 autocast is a measured option (benchmark/evaluate --bf16), never the default: the
+    map it gives is close to float32's, and a run records which precision made it."""
+    img = image_from(phantom_array(lesion=True))
+    fp32 = score_volume(img, dae, ["dae"])
+    bf16 = score_volume(img, dae, ["dae"], bf16=True)
+    assert fp32.info["bf16"] is False and bf16.info["bf16"] is True
+    brain = fp32.brain_mask
+    top = float(np.quantile(fp32.maps["dae"][brain], 0.999))
+    assert np.abs(bf16.maps["dae"] - fp32.maps["dae"])[brain].max() < 0.1 * top
+    assert not np.array_equal(bf16.maps["dae"], fp32.maps["dae"])  # it did run in another precision

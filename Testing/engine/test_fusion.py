@@ -228,3 +228,24 @@ def test_a_component_map_asked_for_alone_comes_from_its_own_model(fused, world, 
         assert resolve_package_for(["dae"], "tiny-fused").name == "tiny-fused"  # asked for by name: as asked
     finally:
         (world["models"] / "index.json").unlink()
+
+
+def test_a_scan_relative_fused_map_is_divided_by_its_own_median_after_the_slice_scores(fused, world, tmp_path,
+                                                                                     capsys):
+    out = tmp_path / "fused-rel"
+    assert main(["scan-relative", str(fused.path), str(world["data"]), "--method", "fused", "--quantile", "0.5",
+                 "--out", str(out), "-q"]) == 0
+    rel = load_package(out)
+    img = image_from(phantom_array(shape_zyx=(24, 40, 34), lesion=True))
+    absolute, relative = score_volume(img, fused, ["fused"]), score_volume(img, rel, ["fused"])
+    brain = absolute.brain_mask
+    median = float(np.median(absolute.maps["fused"][brain]))
+    assert np.allclose(relative.maps["fused"], absolute.maps["fused"] / median, rtol=1e-5)
+    assert np.array_equal(relative.slice_scores["fused"], absolute.slice_scores["fused"], equal_nan=True)
+    assert relative.info["scan_relative"]["fused"]["scan_value"] == pytest.approx(median)
+    assert len(rel.calibration.scan_reference["fused"]) == len(rel.calibration.subjects)
+    # a component's map follows its own model: naming it is refused, nothing written
+    refused = tmp_path / "refused"
+    assert main(["scan-relative", str(fused.path), str(world["data"]), "--method", "dae", "--quantile", "0.5",
+                 "--out", str(refused), "-q"]) == 2
+    assert "components follow their own models" in capsys.readouterr().err and not refused.exists()

@@ -127,6 +127,31 @@ def test_broad_flag_note_follows_the_threshold(slicerApp, tmp_path):
     assert logic.healthyFalsePositiveRate() == pytest.approx(0.1) and logic.broadFlagNote() is None
 
 
+def test_a_scan_relative_map_raised_overall_is_noted_under_the_threshold(slicerApp, tmp_path):
+    """A map made relative to the scan's own median hides how raised it is overall; when it is
+    raised far beyond every healthy calibration scan's (tiny healthy references here), the
+    note under the threshold says so, in this process and from a child run alike."""
+    from anomaly_localizer.core.package import load_package, update_meta
+    calib = {"default_fpr": 0.001, "pixel": {"rec": {"n_subjects": 3, "thresholds": [
+        {"fpr": 0.001, "value": 3.0}, {"fpr": 0.0001, "value": 5.0}],
+        "curve": {"fpr": [0.1, 0.01, 0.001, 0.0001], "values": [1.0, 2.0, 3.0, 5.0]}}},
+        "scan_reference": {"rec": [1e-9, 2e-9, 3e-9]}}
+    pkg = make_tiny_package(tmp_path / "models" / "rel", calibration=calib)
+    meta = dict(pkg.meta, scan_relative={"rec": {"quantile": 0.5}})
+    update_meta(pkg.path, meta)
+    pkg = load_package(pkg.path)
+    _, scan = _load(slicerApp, tmp_path)
+    logic = AnomalyLocalizerLogic(slicerApp.app)
+    result = logic.run(scan, model=str(pkg.path), methods=["rec"])
+    assert np.median(result.maps["rec"][result.brainMask]) == pytest.approx(1.0, rel=1e-3)
+    assert logic.setThreshold(1e6) == 0  # nothing flagged: no broad-flag note, the scan's note stays
+    assert "times as high overall" in logic.thresholdNote() and logic.broadFlagNote() is None
+    child = AnomalyLocalizerLogic(slicerApp.app)
+    child.finishRun(child.startRun(scan, model=str(pkg.path), methods=["rec"]))
+    child.setThreshold(1e6)
+    assert child.thresholdNote() == logic.thresholdNote()
+
+
 def test_rerun_reuses_nodes(slicerApp, tmp_path, model):
     _, scan = _load(slicerApp, tmp_path)
     logic = AnomalyLocalizerLogic(slicerApp.app)

@@ -1,5 +1,6 @@
-"""``calibrate``, ``fpr`` and the tuning commands (``tune-restoration``, ``tune-smoothing``):
-they change or check a model's thresholds and settings on healthy scans."""
+"""``calibrate``, ``fpr`` and the tuning commands (``tune-restoration``, ``tune-smoothing``,
+``standardise``, ``scan-relative``): they change or check a model's thresholds and settings
+on healthy scans."""
 
 from __future__ import annotations
 
@@ -49,6 +50,24 @@ def register(sub) -> None:
     add_device(h)
     add_quiet(h)
     h.set_defaults(func=run_standardise)
+
+    v = sub.add_parser("scan-relative",
+                       help="make a method's map relative to each scan's own (divided by a quantile of it over the "
+                            "brain), where that helps on validation cases, and recalibrate")
+    v.add_argument("model", help="model name or folder")
+    v.add_argument("data", help="the model's healthy data (its validation subjects choose, its calibration "
+                   "subjects set the thresholds)")
+    v.add_argument("--method", action="append", required=True,
+                   help="the method whose map to change (repeatable; a fused model: fused only)")
+    v.add_argument("--quantile", type=float,
+                   help="use this brain quantile (0.05-0.95) instead of choosing one on validation cases")
+    v.add_argument("--absolute", action="store_true", help="make the methods' maps absolute again")
+    v.add_argument("--per-subject", type=int, default=2, help="validation cases per subject (default 2)")
+    v.add_argument("--out", help="write the changed model here")
+    v.add_argument("--in-place", action="store_true", help="change the model itself")
+    add_device(v)
+    add_quiet(v)
+    v.set_defaults(func=run_scan_relative)
 
     r = sub.add_parser("tune-restoration",
                        help="choose the restoration method's lambda on healthy scans and store it in the model")
@@ -123,6 +142,35 @@ def run_standardise(args: argparse.Namespace) -> int:
         standardise_package(package, subjects_of(package, args.data, "train"),
                             subjects_of(package, args.data, "calibration"), args.device, say(args.quiet))
     print(f"standardised {package.path}: its input histograms are mapped onto its training scans'; recalibrated")
+    return EXIT_OK
+
+
+def run_scan_relative(args: argparse.Namespace) -> int:
+    from ..core.package import check_methods, resolve_package
+    from ..tooling.edit import changed_copy, store_and_recalibrate, subjects_of
+    from ..tooling.scan_relative import choose_quantiles, scan_relative_block, without_scan_relative
+
+    if args.quantile is not None and not 0.05 <= args.quantile <= 0.95:
+        raise InputError(f"--quantile {args.quantile:g} is outside 0.05-0.95; the median (0.5) is the usual choice")
+    if args.quantile is not None and args.absolute:
+        raise InputError("give --quantile or --absolute, not both")
+    check_methods(args.method, resolve_package(args.model))  # refused before any copy is made
+    with changed_copy(args.model, args.out, args.in_place) as package:
+        package = without_scan_relative(package, args.method)
+        if args.absolute:
+            quantiles, selection = {m: None for m in args.method}, {"rule": "made absolute by the user"}
+        elif args.quantile is not None:
+            quantiles = {m: args.quantile for m in args.method}
+            selection = {"rule": f"quantile {args.quantile:g} given by the user"}
+        else:
+            found = choose_quantiles(package, subjects_of(package, args.data, "val"), args.method,
+                                     args.per_subject, args.device, progress=say(args.quiet))
+            quantiles, selection = found["chosen"], found["selection"]
+        block = scan_relative_block(package, quantiles, selection)
+        chosen = ", ".join(f"{m} " + (f"relative to its {100 * q:g}th percentile" if q else "absolute")
+                           for m, q in quantiles.items())
+        store_and_recalibrate(package, "scan_relative", block, args.data, args.device, say(args.quiet),
+                              f"maps: {chosen}")
     return EXIT_OK
 
 

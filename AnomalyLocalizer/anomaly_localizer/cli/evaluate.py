@@ -43,6 +43,8 @@ def register(sub) -> None:
     e.add_argument("--method", action="append", metavar="M", help="evaluate only these methods (repeatable)")
     e.add_argument("--restoration", choices=["package", "reference"], default="package",
                    help="restoration optimiser: the package's fast one, or the reference 500 gradient steps")
+    e.add_argument("--bf16", action="store_true",
+                   help="score the dae and ssl networks under bf16 autocast (to compare with float32, the default)")
     e.add_argument("--json", help="also write the results as JSON")
     add_quiet(e)
     e.set_defaults(func=run_evaluate)
@@ -77,6 +79,8 @@ def register(sub) -> None:
                         "in their own invocations: peak memory is per process")
     b.add_argument("--restoration", choices=["package", "reference"], default="package",
                    help="restoration optimiser to time: the package's fast one or the reference 500 steps")
+    b.add_argument("--bf16", action="store_true",
+                   help="also time the dae and ssl networks under bf16 autocast, beside float32")
     b.add_argument("--worst-case", action="store_true",
                    help="instead: every method of every installed model on a 1 mm lesioned scan, a BraTS case and "
                         "the MNI152 template (--data: the shared data folder holding ixi_t1_2mm and "
@@ -148,7 +152,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         cases = folder_cases(args.cases, args.image_name, args.label_name, args.mask_name)
         record = {"kind": "folder", "data": str(args.cases), "image": args.image_name, "label": args.label_name}
         title = args.title or f"cases in {args.cases} ({args.image_name})"
-    result = evaluate(runs, cases, device=args.device, progress=say(args.quiet))
+    result = evaluate(runs, cases, device=args.device, progress=say(args.quiet), bf16=args.bf16)
     result.update(restoration_optimiser=args.restoration, case_set=record, title=title, command=command_line(),
                   machine=machine())
     print(format_table(result))
@@ -217,7 +221,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
                                                   indent=2) + "\n")
         return EXIT_OK
 
-    bench(args.data, args.model, args.method, args.repeats, args.device, args.no_reference, args.restoration, args.json)
+    bench(args.data, args.model, args.method, args.repeats, args.device, args.no_reference, args.restoration, args.json,
+          bf16=args.bf16)
     return EXIT_OK
 
 

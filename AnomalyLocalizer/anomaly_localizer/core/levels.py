@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .relative import reference_note
+
 if TYPE_CHECKING:  # numpy only at run time: the Slicer logic imports this before pydantic is installed
     from .schema import Calibration
 
@@ -131,3 +133,12 @@ def broad_flag_note(flagged_share: float, healthy_rate: float | None) -> str | N
             "does this; so does a scan unlike the training scans (another scanner, protocol or contrast, or an average "
             "template), where the flags spread over much of the brain. For such scans, recalibrate the model on healthy "
             "scans from the same source (anomaly-localizer calibrate) before reading the heatmap.")
+
+
+def threshold_note(summary: dict, method: str, share: float, healthy_rate: float | None) -> str | None:
+    """What a reader should know about this scan's segmentation: flagged far more broadly
+    than healthy brains (:func:`broad_flag_note`), and/or a scan-relative map raised
+    overall beyond healthy scans (:func:`relative.reference_note`); None when neither."""
+    entry = summary.get("scan_relative", {}).get(method)
+    notes = [broad_flag_note(share, healthy_rate), reference_note(method, entry) if entry else None]
+    return " ".join(n for n in notes if n) or None

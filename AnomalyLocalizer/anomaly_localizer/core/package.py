@@ -173,6 +173,12 @@ class ModelPackage:
         block = self.spec.map_smoothing
         return (block.__pydantic_extra__ or {}).get(method) if block is not None else None
 
+    def scan_relative(self, method: str) -> float | None:
+        """The brain quantile a method's map is divided by on each scan (:mod:`.relative`), or None."""
+        block = self.spec.scan_relative
+        entry = (block.__pydantic_extra__ or {}).get(method) if block is not None else None
+        return entry.quantile if entry is not None else None
+
     def default_methods(self) -> list[str]:
         """The methods a run computes by default: all the model offers, its recommended one
         first (it makes the segmentation); opt-in methods (e.g. restoration, an optimisation
@@ -249,9 +255,15 @@ def validate_meta(meta: Any, path: Path | str = "model") -> ModelMeta:
     if spec.recommended_method is not None and spec.recommended_method not in offered:
         raise PackageError(f"{where}: recommended_method {spec.recommended_method!r} is not one of the model's "
                            f"methods ({', '.join(offered) or 'none'})")
-    unknown = set((spec.map_smoothing.__pydantic_extra__ or {}) if spec.map_smoothing else ()) - set(offered)
-    if unknown:
-        raise PackageError(f"{where}: map_smoothing names {', '.join(sorted(unknown))}, which the model does not offer")
+    # a composite's component maps are made relative (or not) by their own packages
+    own = detector.methods if detector is not None and detector.composite else offered
+    for key, block, allowed in (("map_smoothing", spec.map_smoothing, offered),
+                                ("scan_relative", spec.scan_relative, own)):
+        unknown = set((block.__pydantic_extra__ or {}) if block else ()) - set(allowed)
+        if unknown:
+            why = "which the model does not offer" if set(allowed) == set(offered) else \
+                f"a component's map; only {', '.join(allowed)} may be (components follow their own models)"
+            raise PackageError(f"{where}: {key} names {', '.join(sorted(unknown))}, {why}")
     return spec
 
 

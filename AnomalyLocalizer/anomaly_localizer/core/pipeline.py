@@ -2,8 +2,9 @@
 
 The steps are the same for every detector family: find the brain, prepare the model's
 axial slices (:mod:`core.volume`), let the family score them
-(:mod:`core.detectors`), map the results back onto the input's exact grid, and apply each
-method's 3D smoothing (:mod:`core.smoothing`).
+(:mod:`core.detectors`), map the results back onto the input's exact grid, apply each
+method's 3D smoothing (:mod:`core.smoothing`) and, where the package asks, make the map
+relative to the scan's own (:mod:`core.relative`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..errors import InputError
 from .detectors import ScoringContext
 from .device import configure_threads, select_device
 from .package import ALL_METHODS, ModelPackage, check_methods
+from .relative import apply_scan_relative
 from .volume import PreparedVolume, brain_mask, prepare_volume
 
 ProgressFn = Callable[[float, str], None]
@@ -56,7 +58,7 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
                  mask: sitk.Image | None = None, device: str = "auto", batch_size: int | None = None,
                  progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
                  model=None, brain_extraction: str | None = "auto",
-                 smoothing: bool = True) -> ScoreResult:
+                 smoothing: bool = True, bf16: bool = False) -> ScoreResult:
     """Heatmaps, slice scores and the volume score of one 3D image.
 
     ``methods``: default, the model's default methods (:meth:`ModelPackage.default_methods`).
@@ -65,7 +67,9 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
     ``brain_extraction``: "auto" (the installed brain extraction model), a model name or
     folder, or None/"off" (refuse whole-head images). ``model`` may be given to reuse an
     already loaded network of ``package``. ``smoothing``: apply the package's 3D heatmap
-    smoothing (:mod:`anomaly_localizer.core.smoothing`); off only to tune it.
+    smoothing (:mod:`anomaly_localizer.core.smoothing`); off only to tune it. ``bf16``: run
+    the networks of the families that score without input gradients (dae, ssl) under bf16
+    autocast, to measure what it changes (the default is float32).
     """
     detector = package.detector
     if detector is None:
@@ -81,7 +85,7 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
     mask_arr, source = find_brain(image, mask, brain_extraction, dev, progress)
     if detector.composite:
         return _score_fused(image, package, methods, mask_arr, source, dev, batch_size, progress, cancel, model,
-                            t0)
+                            t0, bf16)
     prepared: PreparedVolume = prepare_volume(image, mask_arr, package.contract, model_slices=True)
     if prepared.slices.shape[0] == 0:
         raise InputError("no axial slice contains brain; check the brain mask")
@@ -96,7 +100,7 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
         progress(_SCORING_STARTS, f"scoring {prepared.slices.shape[0]} slices on {dev.type}")
     span = _SCORING_ENDS - _SCORING_STARTS
     sub = (lambda f, msg: progress(_SCORING_STARTS + span * f, msg)) if progress else None  # noqa: E731
-    out = detector.score(net, prepared, package, methods, ScoringContext(dev, batch_size, sub, cancel))
+    out = detector.score(net, prepared, package, methods, ScoringContext(dev, batch_size, sub, cancel, bf16))
     timings.update(out.timings)
     timings["score_s"] = time.perf_counter() - t2
 
@@ -115,6 +119,7 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
                 maps[m] = smoother.smooth(maps[m], *widths)
                 smoothed[m] = {"through_plane_mm": widths[0], "in_plane_mm": widths[1]}
     timings["smoothing_s"] = time.perf_counter() - t_smooth
+    relative = apply_scan_relative(package, maps, mask_arr) if smoothing else {}
     slice_scores = {name: prepared.to_input_slices(values) for name, values in out.slice_scores.items()}
     brain_per_input = prepared.to_input_slices(canonical=prepared.brain_voxels).astype(np.int64)
     timings["map_back_s"] = time.perf_counter() - t3
@@ -128,7 +133,7 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
                        info={"scored_slices": int(prepared.slices.shape[0]), "fov_coverage": prepared.fov_coverage,
                              "brain_mask_source": source, "primary_slice_score": primary,
                              "volume_score_meaning": detector.volume_score_meaning,
-                             "map_smoothing": smoothed,
+                             "map_smoothing": smoothed, "scan_relative": relative, "bf16": bf16,
                              "engine_version": __version__, **out.info})
 
 
@@ -157,7 +162,7 @@ def find_brain(image: sitk.Image, mask: sitk.Image | None, brain_extraction: str
 
 def _score_fused(image: sitk.Image, package: ModelPackage, methods: list[str], mask_arr: np.ndarray, source: str,
                  dev, batch_size: int | None, progress: ProgressFn | None, cancel: Callable[[], bool] | None,
-                 model, t0: float) -> ScoreResult:
+                 model, t0: float, bf16: bool = False) -> ScoreResult:
     """A fused package (:mod:`.fusion`): each component model scores the volume with the
     brain mask found once; the fused map combines their maps in healthy anomaly levels."""
     from .fusion import fuse_levels, top_area_slice_scores
@@ -191,14 +196,15 @@ def _score_fused(image: sitk.Image, package: ModelPackage, methods: list[str], m
             if progress else None
         t = time.perf_counter()
         res = score_volume(image, comp, ms, mask=mask_img, device=str(dev), batch_size=batch_size, progress=sub,
-                           cancel=cancel, model=net)
+                           cancel=cancel, model=net, bf16=bf16)
         timings[f"{name}_s"] = time.perf_counter() - t
         timings["smoothing_s"] = timings.get("smoothing_s", 0.0) + res.timings.get("smoothing_s", 0.0)
         for m in ms:
             maps[m] = res.maps[m]
         slice_scores.update(res.slice_scores)
         parts.append({"model": name, "manifest_sha256": comp.manifest_sha256[:12], "methods": ms,
-                      "map_smoothing": res.info.get("map_smoothing", {})})
+                      "map_smoothing": res.info.get("map_smoothing", {}),
+                      "scan_relative": res.info.get("scan_relative", {})})
         axial_axis = res.axial_axis
     info: dict[str, Any] = {"components": parts, "rule": arch["rule"]}
     if "fused" in methods:
@@ -209,6 +215,10 @@ def _score_fused(image: sitk.Image, package: ModelPackage, methods: list[str], m
         slice_scores = {"fused": top_area_slice_scores(maps["fused"], mask_arr, 2 - axial_axis,
                                                        image.GetSpacing()[::-1]), **slice_scores}
         info["level_scales"] = scales
+    # after the fused slice scores, which stay absolute (:mod:`.relative`); the components'
+    # maps were made relative (or not) by their own packages
+    relative = {**{k: v for p in parts for k, v in p["scan_relative"].items()},
+                **apply_scan_relative(package, maps, mask_arr, only=("fused",))}
     primary = "fused" if "fused" in slice_scores else next(iter(slice_scores))
     timings["total_s"] = time.perf_counter() - t0
     if progress:
@@ -222,6 +232,7 @@ def _score_fused(image: sitk.Image, package: ModelPackage, methods: list[str], m
                              "volume_score_meaning": package.detector.volume_score_meaning if primary == "fused"
                              else res.info["volume_score_meaning"],
                              "map_smoothing": {k: v for p in parts for k, v in p["map_smoothing"].items()},
+                             "scan_relative": {m: relative[m] for m in methods if m in relative}, "bf16": bf16,
                              "engine_version": __version__, "fusion": info})
 
 

@@ -29,6 +29,7 @@ from . import levels
 from .imageio import write_image
 from .package import ModelPackage
 from .pipeline import ScoreResult
+from .relative import reference_summary
 from .volume import image_like
 
 
@@ -174,6 +175,8 @@ def run_summary(package: ModelPackage, result: ScoreResult, threshold: Threshold
         "volume_score": {"value": result.volume_score, "meaning": result.info["volume_score_meaning"]},
         "primary_slice_score": result.info["primary_slice_score"],
         "map_smoothing_mm": result.info["map_smoothing"],
+        **({"scan_relative": reference_summary(package, result.info["scan_relative"])}
+           if result.info.get("scan_relative") else {}),
         **({"fusion": fusion_block(package, result)} if "fusion" in result.info else {}),
         **({"lsr_work": result.info["lsr"]} if "lsr" in result.info else {}),
         "axial_axis": result.axial_axis,
@@ -220,7 +223,7 @@ def write_results(out: Path, reference: sitk.Image, result: ScoreResult, thresho
         summary = {**summary, "segmented_voxels": int(seg.sum()),
                    "segmented_ml": float(seg.sum() * np.prod(reference.GetSpacing()[:3]) / 1000.0),
                    "segmented_brain_share": share}
-        note = levels.broad_flag_note(share, threshold.healthy_rate)
+        note = levels.threshold_note(summary, threshold.method, share, threshold.healthy_rate)
         if note:
             summary["note"] = note
         if extras is not None:

@@ -182,6 +182,9 @@ class Calibration(Strict):
     pixel: dict[str, PixelCalibration] = {}
     slice: dict[str, Quantiles] = {}
     volume: VolumeCalibration | None = None
+    # per scan-relative method (:mod:`core.relative`): each healthy calibration scan's own
+    # reference value (its map's brain quantile before dividing), sorted
+    scan_reference: dict[str, list[Finite]] = {}
     date: str | None = None
 
 
@@ -198,6 +201,21 @@ class MapSmoothing(Open):
     """``{method: Smoothing, ..., "selection": record of how the widths were chosen}``."""
 
     __pydantic_extra__: dict[str, Smoothing]
+    selection: dict[str, Any] | None = None
+
+
+# ------------------------------------------------------------------------ scan-relative
+
+class RelativeTo(Strict):
+    """A map divided by its own brain quantile on each scan (:mod:`core.relative`)."""
+
+    quantile: Annotated[float, Field(ge=0.05, le=0.95)] = 0.5
+
+
+class ScanRelative(Open):
+    """``{method: RelativeTo, ..., "selection": record of how the choice was made}``."""
+
+    __pydantic_extra__: dict[str, RelativeTo]
     selection: dict[str, Any] | None = None
 
 
@@ -218,6 +236,7 @@ class ModelMeta(Open):
     input_contract: InputContract
     calibration: Calibration = Calibration()
     map_smoothing: MapSmoothing | None = None
+    scan_relative: ScanRelative | None = None
     recommended_method: str | None = None
     weights_dtype: Literal["float16", "float32"] = "float32"
     provenance: dict[str, Any] = {}

@@ -110,10 +110,27 @@ def _cases(data: Path) -> list[tuple[str, sitk.Image, sitk.Image]]:
             ("1 mm 256x256x180 (same scan resampled)", img1, msk1)]
 
 
+def _bf16_row(img, msk, package, methods, device, net, repeats: int, fp32) -> dict:
+    """Seconds under bf16 autocast and each map's largest difference from float32's, in
+    units of that map's float32 0.999 brain quantile (so 0.01 is 1 % of a high value)."""
+    score_volume(img, package, methods, mask=msk, device=str(device), model=net, bf16=True)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = score_volume(img, package, methods, mask=msk, device=str(device), model=net, bf16=True)
+        times.append(time.perf_counter() - t0)
+    brain = fp32.brain_mask
+    diff = {m: float(np.abs(res.maps[m] - fp32.maps[m])[brain].max()
+                     / max(float(np.quantile(fp32.maps[m][brain], 0.999)), 1e-12)) for m in fp32.maps}
+    return {"bf16_seconds_per_volume": statistics.median(times), "bf16_max_map_difference": diff}
+
+
 def run_benchmark(data: str | Path, model: str | None = None, methods: list[str] | None = None, repeats: int = 3,
                   device: str = "cpu", no_reference: bool = False, restoration: str = "package",
-                  json_path: str | None = None) -> list[dict]:
-    """Time scoring on the cases of :func:`_cases`; print a line per case; return the rows."""
+                  json_path: str | None = None, bf16: bool = False) -> list[dict]:
+    """Time scoring on the cases of :func:`_cases`; print a line per case; return the rows.
+    With ``bf16``, each row also times the same scoring under bf16 autocast (dae, ssl) and
+    says how far its maps are from float32's."""
     configure_threads()
     methods = list(methods or PIXEL_METHODS)
     package = resolve_package_for(methods, model)
@@ -146,6 +163,8 @@ def run_benchmark(data: str | Path, model: str | None = None, methods: list[str]
         row["write_maps_s"] = time.perf_counter() - t0
         tmp.unlink(missing_ok=True)
         row["smoothing_seconds"] = res.timings.get("smoothing_s", 0.0)
+        if bf16:
+            row.update(_bf16_row(img, msk, package, methods, device, net, repeats, res))
         if compare:
             mask_arr = brain_mask(img, msk)
             ref_times = [reference_way(img, mask_arr, package, net, device) for _ in range(max(1, repeats // 2))]
@@ -161,6 +180,10 @@ def run_benchmark(data: str | Path, model: str | None = None, methods: list[str]
             row["seconds_per_volume_unsmoothed"] = statistics.median(unsmoothed)
             row["speedup_vs_reference_like_for_like"] = row["reference_seconds"] / row["seconds_per_volume_unsmoothed"]
         results.append(row)
+        if bf16:
+            print(f"{name}: bf16 autocast {row['bf16_seconds_per_volume']:.2f} s/volume; largest map difference from "
+                  "float32 (of the map's 0.999 quantile): "
+                  + ", ".join(f"{m} {v:.3g}" for m, v in row["bf16_max_map_difference"].items()))
         print(f"{name}: {sec:.2f} s/volume (median of {repeats}; 3D smoothing {row['smoothing_seconds']:.2f} s of it), "
               f"{row['slices_per_second']:.0f} slices/s, "
               f"peak RSS so far {row['peak_rss_mb']:.0f} MB, writing {len(res.maps)} maps {row['write_maps_s']:.2f} s"

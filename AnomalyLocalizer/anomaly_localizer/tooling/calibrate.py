@@ -49,8 +49,11 @@ def compute_calibration(results) -> dict[str, Any]:
     voxels: dict[str, list] = {}
     slices: dict[str, list] = {}
     volume_scores, ids = [], []
+    references: dict[str, list[float]] = {}  # scan-relative maps: each scan's own reference value
     for s, res in results:
         ids.append(s.id)
+        for m, r in res.info.get("scan_relative", {}).items():
+            references.setdefault(m, []).append(float(r["scan_value"]))
         for m, v in res.maps.items():
             voxels.setdefault(m, []).append(v[res.brain_mask].astype(np.float32))
         for k, v in res.slice_scores.items():
@@ -67,6 +70,7 @@ def compute_calibration(results) -> dict[str, Any]:
                        "values": np.percentile(np.concatenate(v), QUANTILE_LEVELS).tolist()} for k, v in slices.items()}
     return {"default_fpr": DEFAULT_FPR, "subjects": ids, "pixel": pixel, "slice": slice_block,
             "volume": {"values": sorted(float(x) for x in volume_scores)},
+            **({"scan_reference": {m: sorted(v) for m, v in references.items()}} if references else {}),
             "date": time.strftime("%Y-%m-%d")}
 
 

@@ -146,9 +146,10 @@ def _slice_counts(mask: np.ndarray, ax: int) -> np.ndarray:
     return np.moveaxis(mask, ax, 0).reshape(mask.shape[ax], -1).sum(1)
 
 
-def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None) -> dict:
+def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None, bf16: bool = False) -> dict:
     """Metrics of every method over ``cases``. ``runs``: a package, or a list of
-    (package, methods) whose methods join one table (e.g. the VAE and the LSR model)."""
+    (package, methods) whose methods join one table (e.g. the VAE and the LSR model).
+    ``bf16``: score under bf16 autocast where a family can (:func:`score_volume`)."""
     from ..core.device import select_device
     if isinstance(runs, ModelPackage):
         runs = [(runs, list(runs.methods))]
@@ -165,7 +166,7 @@ def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None) ->
         case_slice_scores: dict[str, np.ndarray] = {}
         for package, ms, model in loaded:
             t0 = time.perf_counter()
-            res = score_volume(case.image, package, ms, mask=case.mask, device=device, model=model)
+            res = score_volume(case.image, package, ms, mask=case.mask, device=device, model=model, bf16=bf16)
             seconds[package.name].append(time.perf_counter() - t0)
             if brain is None:
                 brain, axial_axis = res.brain_mask, res.axial_axis
@@ -233,7 +234,7 @@ def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None) ->
             "kinds_vs_training": {p.name: rel for p in _member_packages(loaded)
                                   if (rel := kinds_vs_training(p, kinds)) is not None},
             "seconds_per_case": float(sum(np.mean(v) for v in seconds.values() if v)),
-            "methods": table}
+            "precision": "bf16 autocast (dae, ssl)" if bf16 else "float32", "methods": table}
 
 
 # The self-supervised detector's training task nearest to each evaluation kind (None: no

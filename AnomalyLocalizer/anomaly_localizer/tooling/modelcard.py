@@ -75,6 +75,26 @@ def _smoothing_lines(meta: dict[str, Any]) -> str:
             "Thresholds are calibrated on the smoothed maps.\n")
 
 
+def _scan_relative_lines(meta: dict[str, Any]) -> str:
+    block = meta.get("scan_relative")
+    if not block:
+        return ""
+    lines = []
+    for m, sel in (block.get("selection") or {}).items():
+        q = (block.get(m) or {}).get("quantile")
+        ap = (sel.get("pixel_ap") or {}).get(m)
+        figures = f" (pooled pixel AP on {sel.get('cases', '?')} validation cases: " + \
+            ", ".join(f"{k} {v:.3f}" for k, v in ap.items()) + ")" if ap else f" ({sel.get('rule', '')})"
+        what = f"divided by its own {100 * q:g}th percentile over each scan's brain" if q else "absolute (not made relative)"
+        lines.append(f"`{m}` {what}{figures}")
+    if not lines:
+        return ""
+    return ("- Scan-relative maps (`anomaly-localizer scan-relative`; `model.json`, `scan_relative`): "
+            + "; ".join(lines) + ". Thresholds are calibrated on the relative maps; each healthy calibration scan's "
+            "reference value is kept, and a run says when a scan's map is raised overall beyond theirs. Slice "
+            "scores stay absolute.\n")
+
+
 def _context(contract: dict[str, Any]) -> str:
     n = int(contract.get("context_slices", 1))
     return f", each with its {n - 1} nearest neighbouring slices as input channels" if n > 1 else ""
@@ -107,7 +127,7 @@ def render_card(package: ModelPackage, extra_sections: str = "") -> str:
   Any orientation and voxel size are accepted; the engine reorients and resamples, and maps
   results back onto the input's grid.
 - Recommended pixel score: `{meta.get('recommended_method', 'combi')}`; methods offered: {', '.join(f'`{m}`' for m in package.methods)}.
-{_restoration_lines(meta)}{_smoothing_lines(meta)}
+{_restoration_lines(meta)}{_smoothing_lines(meta)}{_scan_relative_lines(meta)}
 ## Training data
 {meta.get('data_statement', '')}
 - Split by subject (seed {cfg.get('seed', '?')}): {len(subjects.get('train', []))} training,

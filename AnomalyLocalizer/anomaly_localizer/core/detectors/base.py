@@ -26,12 +26,14 @@ ProgressFn = Callable[[float, str], None]
 @dataclass
 class ScoringContext:
     """How to run: the torch device, an optional batch size, progress (fraction 0..1 of the
-    scoring work, message) and a cancel callback."""
+    scoring work, message), a cancel callback, and whether the networks run under bf16
+    autocast (:func:`run_in_batches`; families that need input gradients stay float32)."""
 
     device: Any
     batch_size: int | None = None
     progress: ProgressFn | None = None
     cancel: Callable[[], bool] | None = None
+    bf16: bool = False
 
     def report(self, fraction: float, message: str) -> None:
         if self.progress is not None:
@@ -102,17 +104,26 @@ class Detector:
 
 def run_in_batches(fn: Callable[[Any], Any], x: Any, ctx: ScoringContext, batch: int, verb: str) -> Any:
     """``fn`` over ``x`` (N, ...) in batches on ``ctx.device`` without gradients, results on
-    the CPU in float32 and concatenated; cancel checked and progress reported per batch."""
+    the CPU in float32 and concatenated; cancel checked and progress reported per batch.
+    With ``ctx.bf16``, under bf16 autocast with channels-last batches (fast only where the
+    CPU has bf16 matrix instructions; ``benchmark --bf16`` and ``evaluate --bf16`` measure it)."""
+    import contextlib
+
     import torch
 
     from ...errors import CancelledError
 
     n, out = x.shape[0], []
-    with torch.no_grad():
+    precision = torch.autocast(device_type=torch.device(ctx.device).type, dtype=torch.bfloat16) if ctx.bf16 \
+        else contextlib.nullcontext()
+    with torch.no_grad(), precision:
         for s in range(0, n, batch):
             if ctx.cancel is not None and ctx.cancel():
                 raise CancelledError("cancelled by the user")
-            out.append(fn(x[s:s + batch].to(ctx.device)).float().cpu())
+            b = x[s:s + batch].to(ctx.device)
+            if ctx.bf16 and b.dim() == 4:
+                b = b.contiguous(memory_format=torch.channels_last)
+            out.append(fn(b).float().cpu())
             ctx.report(min(n, s + batch) / n, f"{verb} {min(n, s + batch)}/{n} slices")
     return torch.cat(out)
 
