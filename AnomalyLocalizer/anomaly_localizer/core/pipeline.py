@@ -67,7 +67,8 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
     ``brain_extraction``: "auto" (the installed brain extraction model), a model name or
     folder, or None/"off" (refuse whole-head images). ``model`` may be given to reuse an
     already loaded network of ``package``. ``smoothing``: apply the package's 3D heatmap
-    smoothing (:mod:`anomaly_localizer.core.smoothing`); off only to tune it. ``bf16``: run
+    smoothing (:mod:`anomaly_localizer.core.smoothing`); off only to tune it (the maps then
+    also stay absolute, :mod:`.relative`). ``bf16``: run
     the networks of the families that score without input gradients (dae, ssl) under bf16
     autocast, to measure what it changes (the default is float32).
     """
