@@ -131,8 +131,7 @@ class ThresholdMixin:
         brains (a large lesion, or a scan unlike the model's training scans); else None."""
         if self.result is None or self._mask is None:
             return None
-        share = float(np.count_nonzero(self._mask)) / max(1, int(np.count_nonzero(self.result.brainMask)))
-        return broad_flag_note(share, self.healthyFalsePositiveRate())
+        return broad_flag_note(self._flaggedShare(), self.healthyFalsePositiveRate())
 
     def thresholdNote(self) -> str | None:
         """What to know about the current segmentation, as ``score`` writes it into
@@ -140,5 +139,8 @@ class ThresholdMixin:
         this scan's map is raised overall beyond healthy scans'; else None."""
         if self.result is None or self._mask is None:
             return None
-        share = float(np.count_nonzero(self._mask)) / max(1, int(np.count_nonzero(self.result.brainMask)))
-        return threshold_note(self.result.summary, self.method, share, self.healthyFalsePositiveRate())
+        return threshold_note(self.result.summary, self.method, self._flaggedShare(), self.healthyFalsePositiveRate())
+
+    def _flaggedShare(self) -> float:
+        """Share of this brain the current threshold segments."""
+        return float(np.count_nonzero(self._mask)) / max(1, int(np.count_nonzero(self.result.brainMask)))

@@ -167,6 +167,12 @@ def test_the_command_chooses_on_validation_cases_and_recalibrates(healthy, tmp_p
                  "-q"]) == 0
     g = load_package(given)
     assert g.scan_relative("rec") == 0.75 and len(g.calibration.scan_reference["rec"]) == 3
+    # choosing again on a model whose map is already relative chooses on the same absolute maps
+    again = tmp_path / "again"
+    assert main(["scan-relative", str(given), data, "--method", "rec", "--per-subject", "1", "--out", str(again),
+                 "-q"]) == 0
+    redo = load_package(again).meta["scan_relative"]["selection"]["rec"]["pixel_ap"]["rec"]
+    assert redo == pytest.approx(block["selection"]["rec"]["pixel_ap"]["rec"], rel=1e-4)
     back = tmp_path / "back"
     assert main(["scan-relative", str(given), data, "--method", "rec", "--absolute", "--out", str(back), "-q"]) == 0
     assert load_package(back).scan_relative("rec") is None

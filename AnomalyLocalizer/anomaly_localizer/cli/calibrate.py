@@ -148,7 +148,7 @@ def run_standardise(args: argparse.Namespace) -> int:
 def run_scan_relative(args: argparse.Namespace) -> int:
     from ..core.package import check_methods, resolve_package
     from ..tooling.edit import changed_copy, store_and_recalibrate, subjects_of
-    from ..tooling.scan_relative import choose_quantiles, scan_relative_block, without_scan_relative
+    from ..tooling.scan_relative import choose_quantiles, scan_relative_block
 
     if args.quantile is not None and not 0.05 <= args.quantile <= 0.95:
         raise InputError(f"--quantile {args.quantile:g} is outside 0.05-0.95; the median (0.5) is the usual choice")
@@ -156,7 +156,6 @@ def run_scan_relative(args: argparse.Namespace) -> int:
         raise InputError("give --quantile or --absolute, not both")
     check_methods(args.method, resolve_package(args.model))  # refused before any copy is made
     with changed_copy(args.model, args.out, args.in_place) as package:
-        package = without_scan_relative(package, args.method)
         if args.absolute:
             quantiles, selection = {m: None for m in args.method}, {"rule": "made absolute by the user"}
         elif args.quantile is not None:

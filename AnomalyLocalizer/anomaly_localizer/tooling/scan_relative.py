@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..core.package import ModelPackage, load_package, update_meta
+from ..core.package import ModelPackage
 from ..core.relative import relative_to_scan
 from ..errors import InputError
 from .tune_smoothing import TUNING_SEED
@@ -23,31 +23,18 @@ from .tune_smoothing import TUNING_SEED
 CANDIDATE_QUANTILES = (0.5, 0.75, 0.9)  # the median first: a focal anomaly moves it least
 
 
-def without_scan_relative(package: ModelPackage, methods: list[str]) -> ModelPackage:
-    """The package (a copy being changed) with ``methods`` absolute again, re-hashed."""
-    meta = dict(package.meta)
-    block = {k: v for k, v in (meta.get("scan_relative") or {}).items() if k not in methods}
-    if any(k != "selection" for k in block):
-        meta["scan_relative"] = block
-    else:
-        meta.pop("scan_relative", None)
-    update_meta(package.path, meta)
-    return load_package(package.path)
-
-
 def choose_quantiles(package: ModelPackage, subjects, methods: list[str], per_subject: int = 2,
                      device: str = "cpu", candidates=CANDIDATE_QUANTILES,
                      progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Per method, the candidate quantile whose scan-relative map has the highest pooled
     pixel AP on validation cases, or None when none beats the absolute map; with the record
-    of every figure. ``package`` must score ``methods`` absolute."""
+    of every figure. A map the package already makes relative is multiplied back by the
+    value it was divided by, so the package is not changed before the choice is made."""
     from ..core.device import select_device
     from ..core.pipeline import score_volume
     from .evaluate import case_set
     from .metrics import average_precision
 
-    if any(package.scan_relative(m) is not None for m in methods):
-        raise InputError("choose on absolute maps: the package's maps are already scan-relative")
     dev = select_device(device)
     model = package.load_model(dev)
     labels: list[np.ndarray] = []
@@ -58,6 +45,8 @@ def choose_quantiles(package: ModelPackage, subjects, methods: list[str], per_su
         labels.append((case.label & brain)[brain])
         for m in methods:
             values = res.maps[m][brain]
+            if m in res.info.get("scan_relative", {}):  # back to the absolute map
+                values = values * res.info["scan_relative"][m]["scan_value"]
             scores[m].setdefault("absolute", []).append(values)
             for q in candidates:
                 scores[m].setdefault(f"{q:g}", []).append(relative_to_scan(values, np.ones(values.shape, bool), q)[0])
