@@ -45,10 +45,7 @@ def register(sub) -> None:
     h.add_argument("model", help="model name or folder (not a fused model: standardise its components)")
     h.add_argument("data", help="the model's healthy data (its training subjects set the standard, its "
                    "calibration subjects the thresholds)")
-    h.add_argument("--out", help="write the standardised model here")
-    h.add_argument("--in-place", action="store_true", help="change the model itself")
-    add_device(h)
-    add_quiet(h)
+    _add_change_arguments(h, "the standardised model")
     h.set_defaults(func=run_standardise)
 
     v = sub.add_parser("scan-relative",
@@ -63,10 +60,7 @@ def register(sub) -> None:
                    help="use this brain quantile (0.05-0.95) instead of choosing one on validation cases")
     v.add_argument("--absolute", action="store_true", help="make the methods' maps absolute again")
     v.add_argument("--per-subject", type=int, default=2, help="validation cases per subject (default 2)")
-    v.add_argument("--out", help="write the changed model here")
-    v.add_argument("--in-place", action="store_true", help="change the model itself")
-    add_device(v)
-    add_quiet(v)
+    _add_change_arguments(v, "the changed model")
     v.set_defaults(func=run_scan_relative)
 
     r = sub.add_parser("tune-restoration",
@@ -94,7 +88,13 @@ def _add_tuning_arguments(parser: argparse.ArgumentParser, limit: int | None) ->
     add_subjects(parser, "val", "which scans of DATA (default: the model's validation subjects)")
     parser.add_argument("--limit", type=int, default=limit,
                         help="use the first N of them" + (f" (default {limit})" if limit else ""))
-    parser.add_argument("--out", help="write the tuned (and recalibrated) model here")
+    _add_change_arguments(parser, "the tuned (and recalibrated) model")
+
+
+def _add_change_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """Where a command that changes a model writes it (a new copy, or the model itself), and
+    the device and quiet options every such command has."""
+    parser.add_argument("--out", help=f"write {what} here")
     parser.add_argument("--in-place", action="store_true", help="change the model itself")
     add_device(parser)
     add_quiet(parser)
