@@ -248,4 +248,4 @@ def test_a_scan_relative_fused_map_is_divided_by_its_own_median_after_the_slice_
     refused = tmp_path / "refused"
     assert main(["scan-relative", str(fused.path), str(world["data"]), "--method", "dae", "--quantile", "0.5",
                  "--out", str(refused), "-q"]) == 2
-    assert "components follow their own models" in capsys.readouterr().err and not refused.exists()
+    assert "is a component's map, which follows its own model" in capsys.readouterr().err and not refused.exists()

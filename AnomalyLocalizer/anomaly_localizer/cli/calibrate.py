@@ -154,7 +154,14 @@ def run_scan_relative(args: argparse.Namespace) -> int:
         raise InputError(f"--quantile {args.quantile:g} is outside 0.05-0.95; the median (0.5) is the usual choice")
     if args.quantile is not None and args.absolute:
         raise InputError("give --quantile or --absolute, not both")
-    check_methods(args.method, resolve_package(args.model))  # refused before any copy is made
+    source = resolve_package(args.model)  # refused before any copy is made, naming the user's model
+    check_methods(args.method, source)
+    if source.detector is not None and source.detector.composite:
+        components = [m for m in args.method if m not in source.detector.methods]
+        if components:
+            raise InputError(f"{', '.join(components)} of {source.name} is a component's map, which follows its own "
+                             f"model; make that model's map scan-relative, or choose --method "
+                             f"{' '.join(source.detector.methods)}")
     with changed_copy(args.model, args.out, args.in_place) as package:
         if args.absolute:
             quantiles, selection = {m: None for m in args.method}, {"rule": "made absolute by the user"}
