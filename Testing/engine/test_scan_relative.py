@@ -117,6 +117,8 @@ def test_a_scan_raised_overall_beyond_every_healthy_scan_gets_a_note(tmp_path):
     assert "2.0 times as high overall" in note and "relative to the scan's own median" in note
     assert threshold_note(summary, "rec", share=0.001, healthy_rate=0.001) == note
     assert threshold_note(summary, "elbo_grad", share=0.001, healthy_rate=0.001) is None  # not that map
+    other = reference_summary(pkg, {"rec": {"quantile": 0.75, "scan_value": 2.2}})["rec"]
+    assert "75th percentile" in reference_note("rec", other) and "median" not in reference_note("rec", other)
     within = reference_summary(pkg, {"rec": {"quantile": 0.5, "scan_value": 1.3}})["rec"]  # within 20 % of the top
     assert reference_note("rec", within) is None
     both = threshold_note(summary, "rec", share=0.5, healthy_rate=0.001)  # and flagged broadly

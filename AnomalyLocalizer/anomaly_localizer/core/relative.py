@@ -83,9 +83,11 @@ def reference_note(method: str, entry: dict[str, Any]) -> str | None:
     top, times = entry.get("healthy_max"), entry.get("times_healthy_median")
     if top is None or times is None or entry["scan_value"] <= REFERENCE_NOTE_FACTOR * top:
         return None
+    q = entry.get("quantile", 0.5)
+    ref = "median" if abs(q - 0.5) < 1e-9 else f"{100 * q:g}th percentile"
     return (f"The {method} map of this scan is {times:.1f} times as high overall as in healthy scans like the "
-            "model's training scans (its median over the brain). The scan is unlike the training scans (another "
+            f"model's training scans (its {ref} over the brain). The scan is unlike the training scans (another "
             "scanner, protocol or contrast, or an average template), or is changed over much of the brain. The map "
-            "is shown relative to the scan's own median, so it flags what stands out within this scan; a change "
+            f"is shown relative to the scan's own {ref}, so it flags what stands out within this scan; a change "
             "over much of the brain stands out less. Recalibrate on healthy scans from the same source "
             "(anomaly-localizer calibrate) for levels against that source's healthy scans.")
