@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import slicer
 import vtk
-from anomaly_localizer.core.levels import broad_flag_note, healthy_fpr, segment, threshold_note
+from anomaly_localizer.core.levels import broad_flag_note, check_level, healthy_fpr, segment, threshold_note
 from slicer import util as sutil
 
 from .geometry import sameLattice
@@ -22,9 +22,11 @@ class ThresholdMixin:
 
         Fast enough for a slider: the cached numpy heatmap is thresholded into a reused
         buffer, which is written straight into the label map's voxels and the segment's
-        internal binary labelmap (no node or image is rebuilt).
+        internal binary labelmap (no node or image is rebuilt). A level that is not positive
+        and finite (or beyond any score) is refused with the engine's message, the
+        segmentation left as it was.
         """
-        self.threshold = float(level)
+        self.threshold = check_level(level, "threshold level")
         if self.result is None:
             return 0
         inputVolume = self.inputVolume()

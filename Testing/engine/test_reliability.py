@@ -54,7 +54,7 @@ def test_two_runs_into_one_new_folder_exactly_one_succeeds(setup):
     procs = [subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     codes = [(p.wait(120), p.stderr.read()) for p in procs]
     assert sorted(c for c, _ in codes) == [0, 2], codes
-    assert any("already exists" in err or "created by someone else" in err for c, err in codes if c == 2)
+    assert any("already exists" in err or "created by another run" in err for c, err in codes if c == 2)
     assert not leftovers(tmp)
 
 
@@ -65,7 +65,7 @@ def test_the_folder_appearing_during_a_run_is_not_replaced(setup, tmp_path):
     (tmp / "summary.json").write_text("{}")
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    with pytest.raises(results.InputError, match="created by someone else"):
+    with pytest.raises(results.InputError, match="created by another run"):
         results._publish(tmp, out, force=False)
     assert (out / "mine.txt").read_text() == "keep"
 

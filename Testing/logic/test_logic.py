@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from logic_helpers import engine, segmentArray, slicer, vtk
 from AnomalyLocalizerLib.logic import AnomalyLocalizerLogic, volumeNodeToImage
 
-from anomaly_localizer.errors import AnomalyLocalizerError
+from anomaly_localizer.errors import AnomalyLocalizerError, InputError
 from anomaly_localizer.core.scores import PIXEL_METHODS
 
 make_tiny_package, image_from = engine.make_tiny_package, engine.image_from
@@ -123,8 +123,11 @@ def test_broad_flag_note_follows_the_threshold(slicerApp, tmp_path):
     assert logic.healthyFalsePositiveRate() == pytest.approx(0.0001)
     assert "recalibrate" in logic.broadFlagNote()
     assert logic.setThreshold(1e12) == 0 and logic.broadFlagNote() is None
-    logic.setThreshold(-1.0)  # the whole brain, where healthy brains are flagged at 10 % (the curve's end)
-    assert logic.healthyFalsePositiveRate() == pytest.approx(0.1) and logic.broadFlagNote() is None
+    with pytest.raises(InputError, match="threshold level"):  # not a level: refused, the segment kept
+        logic.setThreshold(-1.0)
+    assert logic.threshold == 1e12
+    logic.setThreshold(1e-6)  # the whole brain, below the calibrated range: no healthy rate is invented
+    assert logic.healthyFalsePositiveRate() is None and logic.broadFlagNote() is None
 
 
 def test_a_scan_relative_map_raised_overall_is_noted_under_the_threshold(slicerApp, tmp_path):

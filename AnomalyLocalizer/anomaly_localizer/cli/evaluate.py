@@ -259,6 +259,10 @@ def run_compare_worklists(args: argparse.Namespace) -> int:
         a, b = read_worklist(args.first), read_worklist(args.second)
     except (OSError, ValueError) as exc:
         raise InputError(str(exc)) from None
+    shared = {r.id for r in a.rows} & {r.id for r in b.rows}
+    if not shared:
+        raise InputError(f"{args.first} and {args.second} share no scans ({len(a.rows)} and {len(b.rows)} scans, no id "
+                         "in common); compare two worklists of the same scans")
     c = compare_worklists(a.rows, b.rows)
     print(f"{'agree' if c['agree'] else 'DIFFER'}: same ranking, statuses and top slices "
           f"{c['same_ranking_status_and_top_slices']}; largest relative difference of a scan score "

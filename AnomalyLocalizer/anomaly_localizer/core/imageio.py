@@ -35,6 +35,8 @@ def read_image(path: str | os.PathLike, what: str = "INPUT", series: str | None 
         problem = nifti_sform_problem(path)
         if problem:
             raise InputError(f"{what} {path}: {problem}")
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's multi-line warnings: the checks below say it in words
     try:
         if path.is_dir():
             image = _read_dicom_series(path, what, series)
@@ -51,8 +53,52 @@ def read_image(path: str | os.PathLike, what: str = "INPUT", series: str | None 
         raise InputError(f"cannot read {what} {path} ({reason[:160]}): the file is incomplete, corrupt or not an "
                          "image; copy it again, or give a complete NIfTI, NRRD, MHA file or a DICOM series folder") \
             from exc
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     check_image(image, path, what)
+    if path.is_file() and _is_nifti(path):
+        problem = nifti_geometry_problem(path, image)
+        if problem:
+            raise InputError(f"{what} {path}: {problem}")
     return image
+
+
+def _nifti_sform(path: Path) -> np.ndarray | None:
+    """The 3x4 sform (voxel to RAS world, mm) of a NIfTI-1 file whose sform_code is set, else None."""
+    try:
+        opener = gzip.open if _is_gzip(path) else open
+        with opener(path, "rb") as f:
+            head = f.read(348)
+    except (OSError, EOFError):
+        return None
+    if len(head) < 348:
+        return None
+    endian = "<" if int(np.frombuffer(head[:4], "<i4")[0]) == 348 else ">"
+    if int(np.frombuffer(head[:4], endian + "i4")[0]) != 348:
+        return None
+    if int(np.frombuffer(head[254:256], endian + "i2")[0]) <= 0:
+        return None
+    return np.frombuffer(head[280:328], endian + "f4").reshape(3, 4).astype(float)
+
+
+def nifti_geometry_problem(path: Path, image: sitk.Image) -> str | None:
+    """Why the grid ITK read from a NIfTI file is not the one its sform states, or None.
+    ITK prefers the qform in some cases (e.g. a negative ``pixdim``, which ITK takes at face
+    value): the image would be scored mirrored or shifted against what the header says, so
+    the two are compared voxel axis by voxel axis."""
+    sform = _nifti_sform(path)
+    if sform is None or not np.all(np.isfinite(sform)):
+        return None
+    lps = np.diag([-1.0, -1.0, 1.0]) @ sform  # NIfTI's world is RAS, ITK's is LPS
+    d = np.array(image.GetDirection()).reshape(image.GetDimension(), -1)[:3, :3]
+    itk_axes = d * np.array(image.GetSpacing()[:3])[None, :]
+    scale = max(1.0, float(np.abs(lps[:, :3]).max()))
+    if (np.abs(itk_axes - lps[:, :3]).max() > 1e-3 * scale
+            or np.abs(np.array(image.GetOrigin()[:3]) - lps[:, 3]).max() > 1e-2 * scale):
+        return ("the grid read from its header (qform) is not the one its sform states (e.g. a negative pixdim); the "
+                "scan would be scored mirrored or shifted. Rewrite the header so that qform and sform agree (e.g. "
+                "with the tool that wrote it, or nibabel) and try again")
+    return None
 
 
 def nifti_sform_problem(path: Path) -> str | None:
@@ -116,7 +162,39 @@ def _read_dicom_series(folder: Path, what: str, wanted: str | None = None) -> si
                          "put the series to score in a folder of its own")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(dicom_series_files(folder, series[0]))
-    return reader.Execute()
+    reader.MetaDataDictionaryArrayUpdateOn()
+    image = reader.Execute()
+    problem = uneven_slices(reader, image)
+    if problem:
+        raise InputError(f"{what} folder {folder}: {problem}")
+    return image
+
+
+SLICE_GAP_TOLERANCE = 0.1  # a gap between slice positions this share beyond the others' is a missing slice
+
+
+def uneven_slices(reader: sitk.ImageSeriesReader, image: sitk.Image) -> str | None:
+    """Why a DICOM series' slices are not evenly spaced (a missing or repeated slice), or
+    None. ITK only warns and stacks the slices as if evenly spaced, so every output would be
+    on a grid whose true spacing is uneven."""
+    normal = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
+    positions = []
+    for i in range(len(reader.GetFileNames())):
+        if not reader.HasMetaDataKey(i, "0020|0032"):
+            return None  # no positions to check (not a spatial series)
+        try:
+            positions.append(float(np.dot([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")[:3]],
+                                          normal)))
+        except ValueError:
+            return None
+    gaps = np.abs(np.diff(np.sort(positions)))
+    if len(gaps) < 2:
+        return None
+    typical = float(np.median(gaps))
+    if typical <= 0 or np.abs(gaps - typical).max() > SLICE_GAP_TOLERANCE * typical:
+        return (f"its slices are unevenly spaced ({gaps.min():.3g} to {gaps.max():.3g} mm apart: a slice is missing "
+                "or repeated), so the volume would be distorted; export the complete series again")
+    return None
 
 
 def check_image(image: sitk.Image, path: Path | None = None, what: str = "INPUT") -> None:
@@ -134,6 +212,14 @@ def check_image(image: sitk.Image, path: Path | None = None, what: str = "INPUT"
                          "(extract a single time point or echo first)")
     if min(size[:3]) < 2:
         raise InputError(f"{name} is a single slice (size {'x'.join(map(str, size))}); give a 3D volume")
+    direction = np.array(image.GetDirection()).reshape(image.GetDimension(), -1)[:3, :3]
+    off = float(np.abs(direction.T @ direction - np.eye(3)).max())
+    if not np.isfinite(off) or off > 1e-3:
+        # Results are written on the input's grid, and no output format holds a sheared or
+        # scaled direction: NIfTI writers coerce it, so every map would land elsewhere.
+        raise InputError(f"{name} has a direction matrix that is not orthonormal (its voxel axes are sheared or "
+                         "scaled); results could not be written on its exact grid. Resample it onto an orthogonal "
+                         "grid (e.g. with the tool that wrote it) and try again")
     if path is not None and path.is_file() and _is_nifti(path):
         complete, finite = inspect_nifti(path)
         if not complete:

@@ -11,6 +11,7 @@ across scans, and say so).
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,6 +24,10 @@ if TYPE_CHECKING:  # numpy only at run time: the Slicer logic imports this befor
 ANOMALY_LEVEL_FPR = 0.0001  # the calibrated threshold that defines anomaly level 1.0
 LEVEL_DEFINITION = f"raw score / the model's {100 * ANOMALY_LEVEL_FPR:g} % healthy false-positive threshold"
 UNCALIBRATED_LEVEL = 0.5  # default threshold of an uncalibrated map: half its maximum
+# The anomaly levels a user may threshold at: below MIN_LEVEL nearly every brain voxel is
+# flagged (no calibration says what that means), above MAX_LEVEL no score reaches it.
+MIN_LEVEL = 1e-6
+MAX_LEVEL = 1e12
 
 # A healthy scan like the model's training scans has about the calibrated share of its brain
 # above a threshold. Many times more is a large lesion, or a scan unlike the training scans
@@ -31,6 +36,23 @@ UNCALIBRATED_LEVEL = 0.5  # default threshold of an uncalibrated map: half its m
 # difference in domain as much as any anomaly.
 BROAD_FLAG_FACTOR = 20.0
 BROAD_FLAG_MIN_SHARE = 0.01
+
+
+def check_level(level: float, name: str = "--threshold-level") -> float:
+    """An anomaly level a user gives, refused unless positive, finite and at most
+    :data:`MAX_LEVEL` (0 or less would segment the whole brain; a level beyond any
+    score's range makes no threshold). The one check every interface shares."""
+    from ..errors import InputError
+    try:
+        value = float(level)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} {level!r} is not a number; give an anomaly level such as 1") from None
+    if not math.isfinite(value):
+        raise InputError(f"{name} {level} is not a finite number; give an anomaly level such as 1")
+    if not MIN_LEVEL <= value <= MAX_LEVEL:
+        raise InputError(f"{name} {value:g} is outside the anomaly levels a threshold can have ({MIN_LEVEL:g} "
+                         f"to {MAX_LEVEL:g}; 1 is the rarest healthy level); give e.g. 1")
+    return value
 
 
 def as_calibration(calibration: "Calibration | dict") -> "Calibration":
@@ -85,7 +107,9 @@ def segmentation_from(heatmap: np.ndarray, mask: np.ndarray, threshold: float) -
 
 def healthy_fpr(calibration: "Calibration | dict", method: str, threshold: float) -> float | None:
     """Share of healthy brain voxels a raw threshold flags, interpolated on the calibration
-    curve (log scale); None without calibration. Beyond the curve's ends the end value is given."""
+    curve (log scale); None without calibration, and None below the curve's lowest threshold
+    (the calibration measured no rate there: it is only known to be higher). Above its
+    highest threshold the curve's lowest rate is given (an upper bound)."""
     calibration = as_calibration(calibration)
     entry = calibration.pixel.get(method)
     if entry is None or entry.curve is None:
@@ -93,6 +117,8 @@ def healthy_fpr(calibration: "Calibration | dict", method: str, threshold: float
     values = np.asarray(entry.curve.values, dtype=float)
     log_fpr = np.log10(np.asarray(entry.curve.fpr, dtype=float))
     values, idx = np.unique(values, return_index=True)  # increasing thresholds, decreasing rates
+    if not math.isfinite(threshold) or threshold < values[0]:
+        return None
     return float(10 ** np.interp(threshold, values, log_fpr[idx]))
 
 

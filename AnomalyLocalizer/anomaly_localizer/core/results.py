@@ -47,9 +47,10 @@ class Threshold:
 
 def check_threshold_options(package: ModelPackage, method: str, raw: float | None, level: float | None) -> None:
     """Refuse, before any work, a threshold that cannot be used."""
-    for name, v in (("--threshold", raw), ("--threshold-level", level)):
-        if v is not None and not math.isfinite(v):
-            raise InputError(f"{name} {v} is not a finite number; give a number such as 0.5")
+    if raw is not None and not math.isfinite(raw):
+        raise InputError(f"--threshold {raw} is not a finite number; give a number such as 0.5")
+    if level is not None:
+        levels.check_level(level)
     if raw is not None and level is not None:
         raise InputError("give --threshold (a raw score) or --threshold-level (an anomaly level), not both")
     if raw is None and level is None and package.default_threshold(method) is None:
@@ -101,9 +102,21 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise InputError(f"the folder {parent} that should hold {out.name} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"cannot write into {parent} (permission denied); choose an --out folder you can write")
+    probe_folder(parent, out.name)
     if out.exists() and any(out.iterdir()) and not os.access(resolved, os.W_OK | os.X_OK):
         raise InputError(f"--force cannot replace {out}: its contents cannot be removed (permission denied); "
                          "choose another --out folder")
+
+
+def probe_folder(parent: Path, name: str) -> None:
+    """Create and remove the kind of hidden folder a run writes into ``parent``: a folder
+    that refuses it (a read-only or virtual file system such as /proc) is refused before
+    any work, not after it."""
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)).rmdir()
+    except OSError as exc:
+        raise InputError(f"cannot create folders in {parent} ({exc.strerror or exc}); choose an --out folder you "
+                         "can write") from None
 
 
 def _user_mode_dir(path: Path) -> None:
@@ -123,8 +136,9 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
     except OSError:
         if not out.exists() or not force:
             if out.exists():
-                raise InputError(f"output folder {out} was created by someone else while this run worked; "
-                                 "nothing was written. Choose another --out or pass --force") from None
+                raise InputError(f"output folder {out} was created by another run (or someone else) while this run "
+                                 "worked; its contents were kept and nothing was written. Choose another --out") \
+                    from None
             raise
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
     try:

@@ -143,6 +143,49 @@ def read_worklist(path: str | os.PathLike) -> Worklist:
     record = json.loads((folder / WORKLIST_JSON).read_text())
     if record.get("format") != FORMAT:
         raise ValueError(f"{folder / WORKLIST_JSON} has format {record.get('format')!r}; this engine reads {FORMAT}")
+    if not isinstance(record.get("rows"), list) or not isinstance(record.get("options", {}), dict):
+        raise ValueError(f"{folder / WORKLIST_JSON} has no list of rows; it was edited or damaged. Screen again into a "
+                         "new folder")
     names = set(COLUMNS)
-    rows = [Row(**{k: v for k, v in r.items() if k in names}) for r in record["rows"]]
+    rows = []
+    for i, r in enumerate(record["rows"], 1):
+        if not isinstance(r, dict):
+            raise ValueError(f"{folder / WORKLIST_JSON}: row {i} is not a record; it was edited or damaged")
+        row = Row(**{k: v for k, v in r.items() if k in names})
+        problem = row_problem(row)
+        if problem:
+            raise ValueError(f"{folder / WORKLIST_JSON}: row {i} ({str(r.get('id'))[:60]}): {problem}; the file was "
+                             "edited or damaged. Screen again into a new folder")
+        rows.append(row)
     return Worklist(folder, record.get("options", {}), rank_rows(rows))
+
+
+_NUMBERS = ("scan_percentile", "volume_score", "top_slice_percentile", "segmented_ml", "seconds")
+_INTEGERS = ("rank", "top_slice")
+_TEXTS = ("id", "input", "status", "note", "sha256", "error")
+_OPTIONAL_TEXTS = ("brain_mask_source", "series", "mask")
+
+
+def row_problem(row: Row) -> str | None:
+    """What makes a row read from a file unusable (a field of the wrong type or an unknown
+    status), or None."""
+    for name in _NUMBERS:
+        v = getattr(row, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return f"{name} is {v!r}, not a number"
+    for name in _INTEGERS:
+        v = getattr(row, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            return f"{name} is {v!r}, not a whole number"
+    for name in _TEXTS:
+        if not isinstance(getattr(row, name), str):
+            return f"{name} is {getattr(row, name)!r}, not text"
+    for name in _OPTIONAL_TEXTS:
+        v = getattr(row, name)
+        if v is not None and not isinstance(v, str):
+            return f"{name} is {v!r}, not text"
+    if row.status not in (DONE, FAILED, PENDING):
+        return f"status is {row.status!r}, not one of {DONE}, {FAILED}, {PENDING}"
+    if not row.id or "/" in row.id or "\\" in row.id or row.id in (".", ".."):
+        return f"id {row.id!r} is not a folder name"
+    return None

@@ -14,6 +14,7 @@ cluster of several machines, inputs, models and DIR must be on a filesystem they
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -157,24 +158,58 @@ def _screened_summary(folder: Path) -> dict | None:
     return summary if isinstance(summary.get("screening"), dict) else None
 
 
+LOCK = ".screening.lock"  # held by the one run that writes into a worklist folder
+
+
 def check_folder(out: Path) -> None:
     """Refuse a worklist folder that is a file, holds other files, or cannot be created."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder; choose another output folder")
-    if out.exists() and any(out.iterdir()) and not (out / WORKLIST_JSON).is_file():
+    if out.exists() and any(p.name != LOCK for p in out.iterdir()) and not (out / WORKLIST_JSON).is_file() \
+            and not (out / LOCK).exists():
         raise InputError(f"--out {out} holds other files and no {WORKLIST_JSON}; give a new folder, or the folder of "
                          "an earlier screening to resume it")
     if not out.resolve().parent.is_dir():
         raise InputError(f"the folder {out.resolve().parent} that should hold {out.name} does not exist; create it")
     if not os.access(out.resolve().parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise InputError(f"cannot write into {out} (permission denied); choose an --out folder you can write")
+    if not out.exists():
+        from ..core.results import probe_folder
+        probe_folder(out.resolve().parent, out.name)
+
+
+@contextlib.contextmanager
+def worklist_lock(out: Path) -> Iterator[None]:
+    """Hold the worklist folder ``out`` for this run: a second run into it at the same time
+    is refused in one line instead of both writing (an advisory lock the system releases
+    when the holder ends, however it ends). The lock file is removed when released; a run
+    that locked a file another run had just removed sees it and is refused too."""
+    path = out / LOCK
+    handle = open(path, "a+")
+    try:
+        try:
+            import fcntl
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # Windows
+            import msvcrt
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        if os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
+            raise OSError("the lock file was replaced")
+    except OSError:
+        handle.close()
+        raise InputError(f"another screening run is writing into {out} now; wait for it to finish (then rerun to "
+                         "resume), or give another --out") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        handle.close()  # closing releases the lock
 
 
 def prepare_folder(out: Path) -> None:
     """Create the worklist folder (or keep an earlier one to resume) and remove what an
-    interrupted run left half-written."""
-    check_folder(out)
-    out.mkdir(exist_ok=True)
+    interrupted run left half-written. Call while holding :func:`worklist_lock`."""
     remove_leftovers(out)
 
 
@@ -222,6 +257,14 @@ def plan(scans: list[Scan], out: Path, options: ScreenOptions, retry_failed: boo
     return rows, jobs
 
 
+def earlier_ids(out: Path) -> dict[tuple[str, str | None], str]:
+    """The ids an earlier worklist in ``out`` gave its scans, by (path, DICOM series)."""
+    try:
+        return {(r.input, r.series): r.id for r in read_worklist(out).rows}
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}
+
+
 def default_workers() -> int:
     """Worker processes of a local cluster: one per core this process may use."""
     from ..core.device import usable_cores
@@ -255,15 +298,46 @@ def run_screening(inputs: list[str], out: Path, options: ScreenOptions, workers:
     worklist in ``out`` is resumed; one made with other options only with ``force``."""
     out = Path(out)
     check_folder(out)
+    known: dict[tuple[str, str | None], str] = {}
     if (out / WORKLIST_JSON).is_file():
         check_same_options(out, options, force)
-    scans, messages = find_scans(inputs, exclude=out)
+        known = earlier_ids(out)
+    scans, messages = find_scans(inputs, exclude=out, known=known)
+    gone = len(set(known) - {(s.path, s.series) for s in scans})
+    if gone:
+        messages.append(f"{gone} scan(s) of the earlier worklist are not among the inputs now; their folders are kept "
+                        "and left out of the worklist")
     for m in messages:
         if say:
             say(f"note: {m}")
     if not scans:
         raise InputError("no scans found in the inputs; give image files, folders holding NIfTI/NRRD/MHA files "
                          "or DICOM series, or a CSV list with a 'path' column")
+    client = None
+    if cluster is not None:  # an address that is wrong or silent is refused before the folder is made
+        from .screen_cluster import connect
+        client = connect(cluster)
+    created = not out.exists()
+    try:
+        out.mkdir(exist_ok=True)
+        with worklist_lock(out):
+            try:
+                return _screen_locked(scans, inputs, out, options, workers, cluster, retry_failed, progress, say,
+                                      client)
+            except BaseException:
+                if created and {p.name for p in out.iterdir()} <= {LOCK}:
+                    shutil.rmtree(out, ignore_errors=True)  # a run that wrote nothing leaves no folder
+                raise
+    except BaseException:
+        if client is not None:
+            client.close()
+        raise
+
+
+def _screen_locked(scans: list[Scan], inputs: list[str], out: Path, options: ScreenOptions, workers: int | None,
+                   cluster: str | None, retry_failed: bool, progress: Progress | None,
+                   say: Callable[[str], None] | None, client) -> list[Row]:
+    """:func:`run_screening` once the worklist folder is held."""
     prepare_folder(out)
     rows, jobs = plan(scans, out, options, retry_failed, progress)
     order = [s.id for s in scans]
@@ -300,8 +374,16 @@ def run_screening(inputs: list[str], out: Path, options: ScreenOptions, workers:
             n = workers or default_workers()
             # On a local cluster each worker runs one scan at a time: its share of the cores.
             threads = None if cluster else max(1, default_workers() // n)
-            run_on_dask(screen_one, jobs, str(out), options, finished, n, threads, cluster, say)
+            run_on_dask(screen_one, jobs, str(out), options, finished, n, threads, cluster, say, client)
+            client = None
     finally:
+        if client is not None:  # connected, but nothing was left to screen
+            client.close()
+        for sid, row in list(rows.items()):  # written just before an interruption, not yet recorded
+            if row.status == PENDING:
+                summary = _screened_summary(out / sid)
+                if summary is not None and summary["screening"].get("sha256") == row.sha256:
+                    rows[sid] = row_from_summary(row, summary)
         ranked = save()
         remove_leftovers(out)  # a worker stopped while writing leaves its hidden partial folder
     if say and jobs:

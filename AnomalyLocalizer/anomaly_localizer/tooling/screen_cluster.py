@@ -41,7 +41,7 @@ def _client(workers: int, address: str | None):
     if address:
         try:
             return Client(address, timeout="20s"), None
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError, TypeError) as exc:
             raise InputError(f"cannot reach the Dask scheduler at {address} ({exc}); check the address "
                              "(e.g. tcp://host:8786) and that the scheduler is running") from None
     # Ctrl-C in a terminal reaches every process of its group. The worker processes inherit an
@@ -61,15 +61,22 @@ def _client(workers: int, address: str | None):
     return Client(cluster), cluster
 
 
+def connect(address: str):
+    """A client of the existing Dask cluster at ``address``, refused in one line when the
+    address is not one or nothing answers there: called before a worklist folder is made."""
+    return _client(0, address)
+
+
 def run_on_dask(task: Callable[..., Row], jobs: list, out: str, options, finished: Callable[[Row], None],
                 workers: int, threads: int | None, address: str | None = None,
-                say: Callable[[str], None] | None = None) -> None:
+                say: Callable[[str], None] | None = None, client=None) -> None:
     """Run ``task(scan, key, out, options, redo, threads)`` for ``jobs`` ((scan, key, redo)
     triples) as Dask tasks; call ``finished`` with each row as it comes back. ``threads``:
-    the torch threads of each scan (None: the worker machine's cores over its task slots)."""
+    the torch threads of each scan (None: the worker machine's cores over its task slots).
+    ``client``: one already connected (:func:`connect`), closed here."""
     from distributed import as_completed
 
-    client, cluster = _client(workers, address)
+    client, cluster = (client, None) if client is not None else _client(workers, address)
     futures = []
     try:
         n = len(client.scheduler_info()["workers"])

@@ -109,8 +109,13 @@ def _read_csv(path: Path) -> list[tuple[str, str, Scan]]:
     if "path" not in header:
         raise InputError(f"the list {path} has no 'path' column (it has: {', '.join(header) or 'none'}); add a header "
                          "row with 'path' (and optionally 'mask' and 'id')")
-    out = []
+    out: list[tuple[str, str, Scan]] = []
+    line: list[int] = []
     for i, row in enumerate(rows, 2):
+        if None in row:  # DictReader puts the fields beyond the header under None
+            raise InputError(f"the list {path}, line {i}: {len(header) + len(row[None])} fields, but the header names "
+                             f"{len(header)} ({', '.join(header)}); quote paths that hold commas, or remove the extra "
+                             "fields")
         row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
         if not row.get("path"):
             raise InputError(f"the list {path}, line {i}: the path is empty; give a file or DICOM folder")
@@ -122,12 +127,24 @@ def _read_csv(path: Path) -> list[tuple[str, str, Scan]]:
             uids = dicom_series_in(scan_path)
             series = uids[0] if len(uids) == 1 else None  # several: the reader says so in the row
         out.append((name, name, Scan("", str(scan_path), series=series, mask=mask)))
+        line.append(i)
+    seen: dict[tuple[str, str | None], int] = {}
+    for (name, _, scan), i in zip(out, line):
+        first = seen.setdefault((scan.path, scan.series), i)
+        if first != i:
+            earlier = out[line.index(first)]
+            if earlier[2].mask != scan.mask or earlier[0] != name:
+                raise InputError(f"the list {path}, line {i}: the scan of line {first} again, with another "
+                                 f"{'mask' if earlier[2].mask != scan.mask else 'id'}; list each scan once")
     return out
 
 
-def find_scans(inputs: list[str], exclude: Path | None = None) -> tuple[list[Scan], list[str]]:
+def find_scans(inputs: list[str], exclude: Path | None = None,
+               known: dict[tuple[str, str | None], str] | None = None) -> tuple[list[Scan], list[str]]:
     """Every scan the inputs name, with unique ids, in a stable order; and messages about
-    what was left out. A path that does not exist is refused before any work."""
+    what was left out. A path that does not exist is refused before any work. ``known``:
+    the ids an earlier run gave scans ((path, series) -> id); those scans keep them, so a
+    rerun with inputs added or removed never renames a screened scan's folder."""
     pairs: list[tuple[str, str, Scan]] = []
     messages: list[str] = []
     exclude = exclude.resolve() if exclude is not None else None
@@ -157,8 +174,18 @@ def find_scans(inputs: list[str], exclude: Path | None = None) -> tuple[list[Sca
     shorts = [safe_id(short).lower() for short, _, _ in unique]
     counts = Counter(shorts)
     used: set[str] = {n.lower() for n in RESERVED_NAMES}
+    kept = {}
+    for _, _, scan in unique:
+        old = (known or {}).get((scan.path, scan.series))
+        if old and safe_id(old) == old and old.lower() not in used:
+            kept[(scan.path, scan.series)] = old
+            used.add(old.lower())
+    used |= {i.lower() for (p, s), i in (known or {}).items() if i}  # a removed scan's folder is not reused
     scans = []
     for (short, long, scan), key in zip(unique, shorts):
+        if (scan.path, scan.series) in kept:
+            scans.append(Scan(kept[(scan.path, scan.series)], scan.path, scan.series, scan.mask))
+            continue
         base = safe_id(short) if counts[key] == 1 else safe_id(long)
         sid, n = base, 2
         while sid.lower() in used:  # case-insensitive: folders on macOS and Windows
