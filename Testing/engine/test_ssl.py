@@ -95,6 +95,38 @@ def test_shapes_have_soft_edges_stay_in_the_brain_and_span_neighbouring_slices()
     assert random_shape(torch.zeros_like(brain), torch.Generator()) is None
 
 
+def test_shapes_are_varied_unions_some_only_a_slice_deep_with_edges_hard_and_soft():
+    brain = torch.ones(5, 64, 64, dtype=torch.bool)
+    shapes = [random_shape(brain, torch.Generator().manual_seed(seed)) for seed in range(60)]
+    thin = [w for w in shapes if float(w[0].max()) == 0 and float(w[4].max()) == 0]
+    deep = [w for w in shapes if float(w[0].max()) > 0]
+    assert thin and deep  # some lie in the middle slices only, some span all five
+    areas = sorted(float((w[2] > 0.5).sum()) for w in shapes)
+    assert areas[0] < 30 and areas[-1] > 300  # from a few pixels (3 mm at 2 mm) to large
+    soft = [float(((w[2] > 0.05) & (w[2] < 0.95)).sum()) / max(1.0, float((w[2] > 0.05).sum())) for w in shapes]
+    assert min(soft) < 0.35 and max(soft) > 0.6  # edges range from nearly hard to wide fades
+
+
+def test_the_tissue_task_changes_one_tissue_class_only():
+    x = _stack()
+    w = torch.zeros_like(x)
+    w[:, 4:44, 4:44] = 1.0
+    changed, strength = apply_task("tissue", x, w, x, torch.Generator().manual_seed(2))
+    moved = (changed - x).abs()[1] > 1e-3
+    bright = x[1] > 0.65  # the inner, brighter tissue of the phantom
+    assert strength > 0 and moved.any()
+    assert (moved & bright).sum() == 0 or (moved & ~bright & (x[1] > 0)).sum() == 0  # one side only
+
+
+def test_foreign_patches_are_augmented_so_they_are_not_merely_another_subject():
+    from anomaly_localizer.tooling.ssl_tasks import augment_donor
+    donor = _stack(seed=4)
+    outs = [augment_donor(donor, torch.Generator().manual_seed(s)) for s in range(8)]
+    assert any(not torch.allclose(o, donor) for o in outs)
+    assert all(int((o == 0).sum()) == int((donor == 0).sum()) for o in outs)  # background stays background
+    assert len({round(float(o[o != 0].mean()), 4) for o in outs}) > 4  # intensities differ between draws
+
+
 @pytest.mark.parametrize("task", ALL_TASKS)
 def test_every_task_changes_the_image_only_where_it_labels_and_labels_are_soft(task):
     x = _stack()

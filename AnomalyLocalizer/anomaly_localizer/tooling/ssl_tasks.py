@@ -6,17 +6,21 @@ and shares nothing with this module, so a model that learned these tasks' look r
 "not healthy" shows it on the evaluation.
 
 Every task changes a random shape of a healthy 2.5D slice stack (C channels: the slice and
-its neighbours, so an anomaly spans slices as a 3D one would). Shapes are ellipses with
-random semi-axes (log-uniform, 4-28 mm at 2 mm pixels), rotation, extent across slices, a
-rough outline (low-frequency noise on the radius) and an edge that fades over 5-60 % of the
-radius, so the network cannot key on a sharp border (Naval Marimont & Tarroni, MOOD 2022).
+its neighbours, so an anomaly spans slices as a 3D one would). Shapes are complex, as the MOOD
+2022 winner's (Naval Marimont & Tarroni, arXiv 2308.01412): the union of 1-3 rotated, sheared
+ellipsoids and boxes (semi-axes log-uniform 1.5-10 pixels, i.e. 3-20 mm at 2 mm, some only
+one or two slices deep), the ellipsoids with a rough outline, then smoothed by a Gaussian of
+0-5 pixels so that the network cannot key on a sharp border.
 The tasks, in families as Baugh et al. ("Many tasks make light work", MICCAI 2023):
 
-- ``foreign``: a patch of another healthy subject's slice at the same height, interpolated
-  in with a random factor (foreign patch interpolation, Tan et al., MOOD 2020);
+- ``foreign``: a patch of another healthy subject's slice at the same height, itself
+  augmented (mirrored or rotated, intensity scaled and shifted, noise), interpolated in with a
+  factor in [0.3, 1] (foreign patch interpolation, Tan et al., MOOD 2020);
 - ``poisson``: the same patch blended in the gradient domain (Poisson image interpolation):
   the patch's structure with the host's intensities at its border;
 - ``intensity``: an additive or multiplicative change with a low-frequency texture;
+- ``tissue``: an intensity bias confined to one tissue class (darkest, middle or brightest
+  third of the brain's intensities), as DISYRE's generator (snavalm/disyre);
 - ``blur``: the tissue smoothed (lost texture);
 - ``sink``, ``source``: tissue pulled towards or pushed away from a centre;
 - ``bend``: a smooth random displacement field.
@@ -40,10 +44,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-TRAIN_TASKS = ("foreign", "intensity", "blur", "sink", "bend")
+TRAIN_TASKS = ("foreign", "intensity", "tissue", "blur", "sink", "bend")
 HELD_OUT_TASKS = ("poisson", "source")
 ALL_TASKS = TRAIN_TASKS + HELD_OUT_TASKS
-SEMI_AXIS_PX = (2.0, 14.0)  # at 2 mm pixels: 4-28 mm
+SEMI_AXIS_PX = (1.5, 10.0)  # at 2 mm pixels: 3-20 mm (anomalies of 6-40 mm across)
+DEPTH_PX = (0.6, 10.0)  # semi-axis across slices: some shapes lie in one or two slices only
+EDGE_SIGMA_PX = (0.0, 5.0)  # the random smoothing of a shape's edge
+MAX_PARTS = 3  # a shape is the union of up to this many primitives
 CHANGED = 0.0025  # a pixel changed by less (1 % of the brain IQR of 0.25) is not labelled
 MIN_STRENGTH = 0.25
 
@@ -72,7 +79,9 @@ def _low_freq(gen: torch.Generator, size: int, res: int, channels: int = 1) -> t
 
 def random_shape(brain: torch.Tensor, gen: torch.Generator) -> torch.Tensor | None:
     """(C,S,S) weights in [0,1] of one random shape centred in the middle slice's brain
-    (``brain``: (C,S,S) bool), 0 outside each slice's brain; None when there is no brain."""
+    (``brain``: (C,S,S) bool), 0 outside each slice's brain; None when there is no brain.
+    The union of 1-:data:`MAX_PARTS` primitives (rotated, sheared ellipsoids with a rough
+    outline, or boxes) near one centre, its edge smoothed by a random Gaussian."""
     c, s, _ = brain.shape
     mid = c // 2
     inner = -F.max_pool2d(-brain[mid:mid + 1].float()[None], 5, stride=1, padding=2)[0, 0] > 0.5
@@ -80,21 +89,34 @@ def random_shape(brain: torch.Tensor, gen: torch.Generator) -> torch.Tensor | No
     if len(pts) == 0:
         return None
     cy, cx = (float(v) for v in pts[int(torch.randint(len(pts), (1,), generator=gen))])
-    ry, rx, rz = (_log_u(gen, *SEMI_AXIS_PX) for _ in range(3))
-    angle = _u(gen, 0, math.pi)
-    yy, xx = torch.meshgrid(torch.arange(s, dtype=torch.float32) - cy, torch.arange(s, dtype=torch.float32) - cx,
-                            indexing="ij")
-    u = yy * math.cos(angle) + xx * math.sin(angle)
-    v = -yy * math.sin(angle) + xx * math.cos(angle)
-    d2 = (u / ry) ** 2 + (v / rx) ** 2
-    rough = 1 + _u(gen, 0, 0.35) * _low_freq(gen, s, 6)[0]
-    edge = _log_u(gen, 0.05, 0.6)
-    weights = []
-    for k in range(c):
-        d = torch.sqrt(d2 + ((k - mid) / rz) ** 2) * rough.clamp_min(0.3)
-        t = ((1 - d) / edge).clamp(0, 1)
-        weights.append(t * t * (3 - 2 * t))  # smoothstep: no sharp border unless the edge is thin
-    return torch.stack(weights) * brain
+    ar = torch.arange(s, dtype=torch.float32)
+    hard = torch.zeros(c, s, s)
+    n_parts = 1 + int(torch.randint(MAX_PARTS, (1,), generator=gen))
+    reach = 0.0
+    for part in range(n_parts):
+        ry, rx = (_log_u(gen, *SEMI_AXIS_PX) for _ in range(2))
+        rz = _log_u(gen, *DEPTH_PX)
+        oy, ox = (_u(gen, -reach, reach) for _ in range(2)) if part else (0.0, 0.0)  # parts overlap the first
+        reach = reach or 0.7 * min(ry, rx)
+        angle, shear = _u(gen, 0, math.pi), _u(gen, -0.6, 0.6)
+        yy, xx = torch.meshgrid(ar - cy - oy, ar - cx - ox, indexing="ij")
+        u = yy * math.cos(angle) + xx * math.sin(angle)
+        v = -yy * math.sin(angle) + xx * math.cos(angle) + shear * u
+        box = _u(gen) < 0.3
+        rough = 1.0 if box else (1 + _u(gen, 0, 0.35) * _low_freq(gen, s, 6)[0]).clamp_min(0.3)
+        for k in range(c):
+            dz = abs(k - mid) / rz
+            if box:
+                inside = torch.maximum((u / ry).abs(), (v / rx).abs()).clamp_min(dz) <= 1
+            else:
+                inside = torch.sqrt((u / ry) ** 2 + (v / rx) ** 2 + dz ** 2) * rough <= 1
+            hard[k] = torch.maximum(hard[k], inside.float())
+    if not hard[mid].any():
+        hard[mid, int(cy), int(cx)] = 1.0
+    sigma = _u(gen, *EDGE_SIGMA_PX)
+    soft = _gaussian_blur(hard, sigma) if sigma >= 0.3 else hard
+    soft = (soft / soft[mid].max().clamp_min(1e-6)).clamp(0, 1)  # a small shape keeps its full strength
+    return soft * brain
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -130,6 +152,36 @@ def poisson_blend(host: torch.Tensor, patch: torch.Tensor, region: torch.Tensor,
     return f
 
 
+def augment_donor(donor: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The foreign patch's source, changed so that "another subject" is not all it is:
+    mirrored or turned by a right angle, intensity scaled and shifted, noise added (the
+    MOOD 2022 winner augments its foreign patches); background stays 0."""
+    d = donor
+    if _u(gen) < 0.5:
+        d = d.flip(-1)
+    turns = int(torch.randint(4, (1,), generator=gen))
+    if turns:
+        d = torch.rot90(d, turns, (-2, -1))
+    inside = d != 0
+    d = d * math.exp(_u(gen, -0.3, 0.3)) + _u(gen, -0.1, 0.1)
+    d = d + _u(gen, 0, 0.04) * torch.randn(d.shape, generator=gen)
+    return torch.where(inside, d, torch.zeros_like(d))
+
+
+def tissue_membership(x: torch.Tensor, cls: int) -> torch.Tensor:
+    """(C,S,S) soft membership in [0,1] of tissue class ``cls`` (0 darkest, 1 middle, 2
+    brightest third of the middle slice's brain intensities): DISYRE confines an intensity
+    change to one tissue, as a lesion of one tissue would."""
+    mid = x.shape[0] // 2
+    inside = x[mid][x[mid] != 0]
+    if inside.numel() < 3:
+        return torch.ones_like(x)
+    lo, hi = (float(v) for v in torch.quantile(inside, torch.tensor([1 / 3, 2 / 3])))
+    soft = 0.02  # about a tenth of the brain IQR after normalisation: a soft class edge
+    above_lo, above_hi = torch.sigmoid((x - lo) / soft), torch.sigmoid((x - hi) / soft)
+    return (1 - above_lo, above_lo * (1 - above_hi), above_hi)[cls]
+
+
 def apply_task(task: str, x: torch.Tensor, weight: torch.Tensor, donor: torch.Tensor,
                gen: torch.Generator) -> tuple[torch.Tensor, float]:
     """(changed stack, strength in [MIN_STRENGTH, 1]) of one task on ``x`` (C,S,S) within
@@ -137,8 +189,13 @@ def apply_task(task: str, x: torch.Tensor, weight: torch.Tensor, donor: torch.Te
     s = x.shape[-1]
     if task == "foreign":
         alpha = _u(gen, 0.3, 1.0)
+        donor = augment_donor(donor, gen)
         w = weight * (donor != 0)
         return x + alpha * w * (donor - x), alpha
+    if task == "tissue":
+        member = tissue_membership(x, int(torch.randint(3, (1,), generator=gen)))
+        delta = _log_u(gen, 0.05, 0.5) * (1 if _u(gen) < 0.5 else -1)
+        return x + weight * member * delta, min(1.0, abs(delta) / 0.2)
     if task == "poisson":
         region = weight > 0.2
         blended = poisson_blend(x, donor, region)

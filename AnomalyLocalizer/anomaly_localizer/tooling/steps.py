@@ -218,12 +218,13 @@ def set_up(data: str | Path, out: Path, cfg: Any, arch_type: str, resume: bool, 
     slices, build the ``arch_type`` network and the run (resumed from its checkpoint), and
     choose the precision: bf16 autocast with channels-last tensors only where the CPU has bf16
     matrix instructions (emulated bf16 is about ten times slower than float32)."""
-    from ..core.device import configure_threads, cpu_has_bf16, select_device
+    from ..core.device import configure_threads, cpu_has_bf16, keep_freed_memory, select_device
     from ..core.package import build_network
     from .data import check_run_folder, split_slices
 
     check_run_folder(out, resume, force, out / "checkpoint" / "checkpoint.json")
     configure_threads()
+    keep_freed_memory()
     dev = select_device(device)
     split, by_id, train_set, val_set = split_slices(data, cfg, Path(cache_dir) if cache_dir else out / ".cache")
     say(f"{len(split['train'])} training subjects ({len(train_set)} slices), {len(split['val'])} validation "

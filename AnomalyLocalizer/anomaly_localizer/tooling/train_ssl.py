@@ -53,7 +53,7 @@ class SSLTrainConfig(SliceContract):
     validate_every: int = 250
     tasks: list[str] = field(default_factory=lambda: list(TRAIN_TASKS))
     held_out: list[str] = field(default_factory=lambda: list(HELD_OUT_TASKS))
-    healthy_share: float = 0.2
+    healthy_share: float = 0.1  # an anomaly in about 90 % of samples (MOOD 2022 winner)
     max_anomalies: int = 3
     dice_weight: float = 1.0  # soft Dice beside the cross-entropy (segmentation_loss)
     bf16: bool | None = None
