@@ -37,7 +37,8 @@ class RunMixin:
     def availableModels() -> list[dict]:
         """Installed model packages: name, path, summary, default flag (hashes checked). A
         broken package is logged and skipped; the others stay usable."""
-        from anomaly_localizer.core.package import default_model_name, scan_packages
+        from anomaly_localizer.core.package import default_model_name
+        from anomaly_localizer.core.installed import scan_packages
 
         default = default_model_name()
         good, broken = scan_packages()
@@ -59,7 +60,7 @@ class RunMixin:
 
     def package(self, model: str | None, methods: list[str] | None = None):
         """The model package to run: ``model`` if given, else one that offers ``methods``."""
-        from anomaly_localizer.core.package import resolve_package_for
+        from anomaly_localizer.core.installed import resolve_package_for
         return resolve_package_for(methods, model)
 
     def run(self, inputVolume, model: str | None = None, methods: list[str] | None = None, mask=None,

@@ -97,7 +97,8 @@ class WorklistMixin:
     def _worklistPackage(self, summary: dict):
         """The model the scan was screened with: its package folder if unchanged, else an
         installed model of that name with the same manifest."""
-        from anomaly_localizer.core.package import load_package, resolve_package
+        from anomaly_localizer.core.package import load_package
+        from anomaly_localizer.core.package import resolve_package
         from anomaly_localizer.errors import AnomalyLocalizerError
         model = summary.get("model", {})
         for get in (lambda: load_package(model["path"]), lambda: resolve_package(model["name"])):

@@ -13,7 +13,8 @@ from phantoms import (TINY_DAE_ARCH, image_from, make_tiny_dae_package, make_tin
 from anomaly_localizer.cli import main
 from anomaly_localizer.core.detectors import all_methods, detector_for
 from anomaly_localizer.core.detectors.dae import erode, median_filter, residual_map, top_k_mean
-from anomaly_localizer.core.package import load_package, resolve_package_for
+from anomaly_localizer.core.package import load_package
+from anomaly_localizer.core.installed import resolve_package_for
 from anomaly_localizer.core.pipeline import score_volume
 from anomaly_localizer.tooling.train_dae import DAETrainConfig, coarse_noise, train_dae
 

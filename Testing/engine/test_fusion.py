@@ -11,7 +11,8 @@ from phantoms import healthy_folder, image_from, make_tiny_dae_package, make_tin
 from anomaly_localizer.cli import main
 from anomaly_localizer.core.fusion import fuse_levels, top_area_slice_scores
 from anomaly_localizer.core.levels import level_scale
-from anomaly_localizer.core.package import load_package, resolve_package
+from anomaly_localizer.core.package import load_package
+from anomaly_localizer.core.package import resolve_package
 from anomaly_localizer.core.pipeline import score_volume
 from anomaly_localizer.errors import InputError, PackageError
 from anomaly_localizer.tooling.calibrate import calibrate_package
@@ -101,8 +102,29 @@ def test_the_rule_is_chosen_on_validation_cases():
     noise = rng.normal(size=2000)
     cases = [{"levels": {"good": good, "noise": noise}, "brain": np.ones(2000, bool), "label": label}]
     sel = choose_rule(cases, ["good", "noise"])
-    assert sel["chosen"]["methods"] == ["good"] and len(sel["table"]) == 1 + 1 + 2
+    # good alone, noise alone, both under mean and max, and both under weights (1, 0.5) and (1, 2)
+    assert sel["chosen"]["methods"] == ["good"] and len(sel["table"]) == 1 + 1 + 2 + 2
     assert "validation" in sel["rule"]
+
+
+def test_a_weighted_mean_is_chosen_when_it_serves_best_and_real_cases_count_in_the_choice():
+    rng = np.random.default_rng(1)
+    label = np.zeros(4000, bool)
+    label[:200] = True
+    strong = rng.normal(size=4000) + 2.5 * label
+    weak = rng.normal(size=4000) + 1.0 * label  # informative, but half as much: a weight of 0.5 suits it
+    cases = [{"levels": {"a": strong, "b": weak}, "brain": np.ones(4000, bool), "label": label}]
+    sel = choose_rule(cases, ["a", "b"])
+    assert sel["chosen"]["rule"] == "weighted" and sel["chosen"]["weights"] == [1.0, 0.5]
+    # a real case on which only "b" finds the lesion pulls the choice towards "b"
+    real = [{"id": "tumour", "levels": {"a": rng.normal(size=4000), "b": weak + 3.0 * label},
+             "brain": np.ones(4000, bool), "label": label}]
+    with_real = choose_rule(cases, ["a", "b"], real_cases=real)
+    assert "tumour" in with_real["rule"] and "real_ap" in with_real["chosen"]
+    chosen = with_real["chosen"]
+    b_share = 1.0 if chosen["methods"] == ["b"] else (chosen["weights"][-1] / sum(chosen["weights"])
+                                                       if chosen["rule"] == "weighted" else 0.5)
+    assert b_share > 1 / 3  # more weight on "b" than the synthetic cases alone gave it (1 : 0.5)
 
 
 def test_the_command_line_writes_the_fused_map_first_and_says_what_it_combines(fused, world):
@@ -161,11 +183,13 @@ def test_a_fused_model_json_is_validated_like_any_other(fused, tmp_path):
 def test_rule_auto_scores_validation_cases_and_records_the_choice(world, tmp_path):
     pkg = make_fused(["tiny-dae:dae", "tiny-ssl:ssl"], tmp_path / "auto", str(world["data"]), per_subject=1)
     record = pkg.meta["training"]["selection_record"]
-    assert record["chosen"] in record["table"] and len(record["table"]) == 4
+    assert record["chosen"] in record["table"] and len(record["table"]) == 6
     chosen = record["chosen"]
     assert pkg.architecture["rule"] == chosen["rule"] and pkg.calibration.pixel
     assert [c["method"] for c in pkg.architecture["components"]] == chosen["methods"]
-    assert chosen["pixel_ap"] >= max(r["pixel_ap"] for r in record["table"]) - 1e-6
+    assert chosen["figure"] >= max(r["figure"] for r in record["table"]) - 1e-6
+    if chosen["rule"] == "weighted":
+        assert [c["weight"] for c in pkg.architecture["components"]] == chosen["weights"]
     res = score_volume(image_from(phantom_array()), pkg, device="cpu")
     assert "fused" in res.maps
 
@@ -219,7 +243,7 @@ def test_fused_slice_scores_follow_the_axial_axis_of_any_orientation(fused):
 
 
 def test_a_component_map_asked_for_alone_comes_from_its_own_model(fused, world, monkeypatch):
-    from anomaly_localizer.core.package import resolve_package_for
+    from anomaly_localizer.core.installed import resolve_package_for
     (world["models"] / "index.json").write_text(json.dumps({"default": "tiny-fused"}))
     try:
         assert resolve_package_for(None).name == "tiny-fused"
@@ -249,3 +273,19 @@ def test_a_scan_relative_fused_map_is_divided_by_its_own_median_after_the_slice_
     assert main(["scan-relative", str(fused.path), str(world["data"]), "--method", "dae", "--quantile", "0.5",
                  "--out", str(refused), "-q"]) == 2
     assert "is a component's map, which follows its own model" in capsys.readouterr().err and not refused.exists()
+
+
+def test_real_cases_for_the_choice_are_named_and_checked_before_any_scoring(tmp_path):
+    import SimpleITK as sitk
+
+    from anomaly_localizer.tooling.fusion import selection_cases
+    for name in ("case1", "case2", "case3"):
+        (tmp_path / name).mkdir()
+        arr = phantom_array(lesion=True)
+        sitk.WriteImage(image_from(arr), str(tmp_path / name / "image.nii.gz"))
+        sitk.WriteImage(image_from((arr > arr.max() * 0.9).astype(np.uint8)), str(tmp_path / name / "label.nii.gz"))
+    cases = selection_cases(str(tmp_path), ["case1", "case3"], "image.nii.gz", "label.nii.gz", None)
+    assert [c.id for c in cases] == ["case1", "case3"]  # case2 stays held out
+    with pytest.raises(InputError, match="no such case folder"):
+        selection_cases(str(tmp_path), ["case9"], "image.nii.gz", "label.nii.gz", None)
+    assert main(["fuse", "tiny-dae:dae", "--out", str(tmp_path / "f"), "--select-ids", "case1"]) == 2

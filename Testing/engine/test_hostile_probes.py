@@ -260,3 +260,131 @@ def test_a_scan_written_just_before_an_interruption_is_recorded_done(setup, scan
             str(pkg.path), pkg.name, pkg.manifest_sha256, ("rec",)), workers=1)
     statuses = [r["status"] for r in json.loads((tmp_path / "w" / "worklist.json").read_text())["rows"]]
     assert statuses.count("done") == 2 and statuses.count("pending") == 1
+
+
+# ------------------------------------------------------------------ 11, 12, 13: model packages
+
+def test_a_broken_package_that_shadows_a_good_one_says_it_blocks_it(setup, monkeypatch, capsys):
+    tmp, pkg = setup
+    broken = make_tiny_package(tmp / "mine" / "tiny", calibration=CALIBRATION)
+    (broken.path / "model.json").write_text("{not json")
+    monkeypatch.setenv("ANOMALY_LOCALIZER_MODELS", os.pathsep.join([str(broken.path.parent), str(pkg.path.parent)]))
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "It hides the model of the same name in" in out and str(pkg.path) in out
+    assert main(["score", str(tmp / "scan.nii.gz"), "--out", str(tmp / "out"), "--model", "tiny", "-q"]) == 2
+    assert "hides the model of the same name" in capsys.readouterr().err
+    import anomaly_localizer.core.installed as installed
+    monkeypatch.setattr(installed, "default_model_name", lambda: "tiny")
+    monkeypatch.setattr(installed, "list_packages", lambda: [broken.path])  # no shipped model offers it either
+    assert main(["score", str(tmp / "scan.nii.gz"), "--out", str(tmp / "out"), "--method", "rec", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.index("hides the model") < err.index("No other installed model")  # the cause comes first
+
+
+def _world_with_fused(tmp_path, monkeypatch):
+    from phantoms import healthy_folder, make_tiny_dae_package
+    from anomaly_localizer.core.package import load_package, update_meta
+    from anomaly_localizer.tooling.calibrate import calibrate_package
+    from anomaly_localizer.tooling.data import find_subjects
+    from anomaly_localizer.tooling.fusion import make_fused
+    subjects = find_subjects(healthy_folder(tmp_path / "healthy", n=2))
+    monkeypatch.setenv("ANOMALY_LOCALIZER_MODELS", str(tmp_path / "models"))
+    dae = make_tiny_dae_package(tmp_path / "models" / "tiny-dae")
+    meta = dict(dae.meta, provenance={"subjects": {"train": [], "val": [], "calibration": [], "test": []}})
+    update_meta(dae.path, meta)
+    calibrate_package(load_package(dae.path), subjects)
+    return make_fused(["tiny-dae:dae"], tmp_path / "models" / "tiny-fused", None, rule="mean")
+
+
+def test_models_and_score_check_a_fused_models_components_before_any_work(tmp_path, monkeypatch, capsys):
+    fused = _world_with_fused(tmp_path, monkeypatch)
+    from anomaly_localizer.core.package import load_package, update_meta
+    dae = load_package(tmp_path / "models" / "tiny-dae")
+    meta = json.loads((dae.path / "model.json").read_text())
+    meta["calibration"]["default_fpr"] = 0.01  # recalibrated after the fused model was made
+    update_meta(dae.path, meta)
+    assert main(["models", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert not rows["tiny-fused"]["ok"] and "another version of tiny-dae" in rows["tiny-fused"]["error"]
+    sitk.WriteImage(image_from(np.pad(phantom_array(), 8)), str(tmp_path / "head.nii.gz"))  # would need extraction
+    import anomaly_localizer.core.pipeline as pipeline
+    monkeypatch.setattr(pipeline, "find_brain", lambda *a, **k: pytest.fail("work began before the check"))
+    assert main(["score", str(tmp_path / "head.nii.gz"), "--out", str(tmp_path / "o"), "--model", str(fused.path),
+                 "-q"]) == 2
+    assert "another version of tiny-dae" in capsys.readouterr().err
+
+
+def test_a_huge_architecture_is_refused_before_it_is_built(setup, monkeypatch):
+    from anomaly_localizer.core.package import load_package, update_meta
+    from anomaly_localizer.errors import PackageError
+    _, pkg = setup
+    meta = json.loads((pkg.path / "model.json").read_text())
+    meta["architecture"]["feature_maps"] = [4096] * len(meta["architecture"]["feature_maps"])  # GBs if built
+    update_meta(pkg.path, meta)
+    import anomaly_localizer.core.package as package_mod
+    real = package_mod.build_network
+    built = []
+
+    def watch(arch):
+        import torch
+        built.append(torch.empty(0).device.type)
+        return real(arch)
+    monkeypatch.setattr(package_mod, "build_network", watch)
+    with pytest.raises(PackageError, match="do not match the architecture"):
+        load_package(pkg.path).load_model()
+    assert built == ["meta"]  # only the shapes were built, on the meta device
+
+
+# ------------------------------------------------------------------ 15: messages
+
+def test_messages_name_what_was_really_wrong(setup, tmp_path, capsys):
+    tmp, pkg = setup
+    assert score(tmp, pkg, tmp / "scan.nii.gz", tmp / "o1") == 0
+    assert main(["score", str(tmp / "scan.nii.gz"), "--out", str(tmp / "o2"), "--model", "/etc/hostname", "-q"]) == 2
+    assert "is a file, not a model folder" in capsys.readouterr().err
+    img = image_from(phantom_array())
+    img.SetSpacing((100.0, 100.0, 100.0))
+    sitk.WriteImage(img, str(tmp / "metres.nii.gz"))
+    assert score(tmp, pkg, tmp / "metres.nii.gz", tmp / "o3") == 2
+    err = capsys.readouterr().err
+    assert "spacing is wrong" in err and "--mask" not in err
+    from anomaly_localizer.core.pipeline import no_brain_slices_message
+    mask = np.zeros(phantom_array().shape, bool)
+    mask[14, 22:24, 18:20] = True  # 4 voxels of 1 mm: no model slice holds enough of it
+    said = no_brain_slices_message(image_from(phantom_array(), spacing=(1.0, 1.0, 1.0)), mask, "given")
+    assert "the brain mask given covers only 4 voxels" in said and "whole brain" in said
+
+
+def test_out_and_in_place_together_are_refused(setup, capsys):
+    tmp, pkg = setup
+    for command in ("standardise", "scan-relative"):
+        extra = ["--method", "rec"] if command == "scan-relative" else []
+        assert main([command, str(pkg.path), str(tmp), "--out", str(tmp / "copy"), "--in-place", *extra]) == 2
+        assert "not both" in capsys.readouterr().err and not (tmp / "copy").exists()
+
+
+def test_fuse_says_a_fused_model_is_not_a_component_and_a_bad_meta_file_is_the_users(tmp_path, monkeypatch):
+    fused = _world_with_fused(tmp_path, monkeypatch)
+    from anomaly_localizer.core.package import read_json
+    from anomaly_localizer.errors import PackageError
+    from anomaly_localizer.tooling.fusion import make_fused
+    with pytest.raises(InputError, match="itself a fused map.*tiny-dae:dae"):
+        make_fused([f"{fused.path}:fused"], tmp_path / "x", None)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(PackageError, match="fix the file given with --meta"):
+        make_fused(["tiny-dae:dae"], tmp_path / "y", None, meta_file=str(tmp_path / "bad.json"))
+    with pytest.raises(PackageError, match="reinstall the model"):
+        read_json(tmp_path / "bad.json", "model description")
+
+
+def test_subjects_advice_only_where_the_option_exists(setup, tmp_path):
+    from anomaly_localizer.tooling.edit import subjects_of
+    from phantoms import healthy_folder
+    _, pkg = setup
+    data = healthy_folder(tmp_path / "h", n=1)
+    with pytest.raises(InputError, match="--subjects all"):
+        subjects_of(pkg, str(data), "val")
+    with pytest.raises(InputError) as err:
+        subjects_of(pkg, str(data), "val", choosable=False)
+    assert "--subjects" not in str(err.value)

@@ -13,7 +13,8 @@ from anomaly_localizer.errors import AnomalyLocalizerError
 from anomaly_localizer.core.lsr import (RESIDUAL_UNIT, code_nll, lsr_scores, pool, resample, slice_score,
                                    weighted_residual)
 from anomaly_localizer.core.package import build_network as build_model
-from anomaly_localizer.core.package import load_package, resolve_package_for
+from anomaly_localizer.core.package import load_package
+from anomaly_localizer.core.installed import resolve_package_for
 from anomaly_localizer.core.pipeline import score_volume
 
 from phantoms import TINY_LSR_ARCH, TINY_LSR_SCORING, image_from, phantom_array
@@ -181,5 +182,5 @@ def test_a_broken_model_is_named_when_no_model_offers_a_method(tiny_package, tmp
     monkeypatch.setenv("ANOMALY_LOCALIZER_MODELS", str(folder))
     monkeypatch.setattr("anomaly_localizer.core.package.SHIPPED_MODELS_DIRS", ())
     monkeypatch.setattr("anomaly_localizer.core.package.USER_MODELS_DIR", tmp_path / "none")
-    with pytest.raises(AnomalyLocalizerError, match="unusable models: .*lsr.*SHA-256"):
+    with pytest.raises(AnomalyLocalizerError, match="lsr: model.json does not match its SHA-256.*No other installed model offers lsr"):
         resolve_package_for(["lsr"])

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from anomaly_localizer.errors import PackageError
-from anomaly_localizer.core.package import load_package, resolve_package, update_meta
+from anomaly_localizer.core.package import load_package, update_meta
+from anomaly_localizer.core.package import resolve_package
 
 from phantoms import make_tiny_package
 

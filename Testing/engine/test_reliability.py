@@ -15,7 +15,8 @@ import SimpleITK as sitk
 
 from anomaly_localizer.cli import main
 from anomaly_localizer.core import results
-from anomaly_localizer.core.package import load_package, resolve_package, update_meta, write_manifest
+from anomaly_localizer.core.package import load_package, update_meta, write_manifest
+from anomaly_localizer.core.package import resolve_package
 from anomaly_localizer.core.scores import PIXEL_METHODS
 from anomaly_localizer.errors import PackageError
 
@@ -275,7 +276,7 @@ def test_one_broken_package_is_reported_and_skipped(tmp_path, monkeypatch, capsy
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "BROKEN" in out and "bad" in out and "good" in out
-    from anomaly_localizer.core.package import resolve_package_for, scan_packages
+    from anomaly_localizer.core.installed import resolve_package_for, scan_packages
     packages, broken = scan_packages()
     assert "good" in [p.name for p in packages] and [p.name for p, _ in broken] == ["bad"]
     assert resolve_package_for(["rec"], None).name in {p.name for p in packages}

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anomaly_localizer.core.package import SHIPPED_MODELS_DIRS, default_model_name, load_package, sha256_file
+from anomaly_localizer.core.package import load_package, sha256_file
+from anomaly_localizer.core.package import SHIPPED_MODELS_DIRS, default_model_name
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
@@ -110,7 +111,7 @@ def test_demo_does_not_replace_a_users_folder(tmp_path, capsys):
 def test_shipped_models_offer_restoration_and_lsr_calibrated():
     """The VAE carries a tuned restoration lambda and its threshold; the LSR model is small,
     calibrated, pinned, and found by method."""
-    from anomaly_localizer.core.package import resolve_package_for
+    from anomaly_localizer.core.installed import resolve_package_for
     vae = load_package(MODELS / "brain-t1-vae")
     assert 0 < vae.meta["restoration"]["lambda"] and vae.meta["restoration"]["selection"]["curve"]
     assert vae.default_threshold("restoration")[0] > 0

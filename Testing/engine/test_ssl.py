@@ -12,7 +12,8 @@ from phantoms import TINY_SSL_ARCH, healthy_folder, image_from, make_tiny_ssl_pa
 
 from anomaly_localizer.cli import main
 from anomaly_localizer.core.detectors import all_methods, detector_for
-from anomaly_localizer.core.package import load_package, resolve_package_for
+from anomaly_localizer.core.package import load_package
+from anomaly_localizer.core.installed import resolve_package_for
 from anomaly_localizer.core.pipeline import score_volume
 from anomaly_localizer.errors import InputError
 from anomaly_localizer.tooling import ssl_tasks

@@ -135,18 +135,22 @@ def run_fpr(args: argparse.Namespace) -> int:
 
 
 def run_standardise(args: argparse.Namespace) -> int:
+    from ..core.package import resolve_package
     from ..tooling.edit import changed_copy, subjects_of
-    from ..tooling.standardise import standardise_package
+    from ..tooling.standardise import check_standardisable, standardise_package
 
+    check_standardisable(resolve_package(args.model))  # refused before any copy, naming the user's model
     with changed_copy(args.model, args.out, args.in_place) as package:
-        standardise_package(package, subjects_of(package, args.data, "train"),
-                            subjects_of(package, args.data, "calibration"), args.device, say(args.quiet))
+        standardise_package(package, subjects_of(package, args.data, "train", choosable=False),
+                            subjects_of(package, args.data, "calibration", choosable=False), args.device,
+                            say(args.quiet))
     print(f"standardised {package.path}: its input histograms are mapped onto its training scans'; recalibrated")
     return EXIT_OK
 
 
 def run_scan_relative(args: argparse.Namespace) -> int:
-    from ..core.package import check_methods, resolve_package
+    from ..core.package import resolve_package
+    from ..core.installed import check_methods
     from ..tooling.edit import changed_copy, store_and_recalibrate, subjects_of
     from ..tooling.scan_relative import choose_quantiles, scan_relative_block
 
@@ -169,7 +173,7 @@ def run_scan_relative(args: argparse.Namespace) -> int:
             quantiles = {m: args.quantile for m in args.method}
             selection = {"rule": f"quantile {args.quantile:g} given by the user"}
         else:
-            found = choose_quantiles(package, subjects_of(package, args.data, "val"), args.method,
+            found = choose_quantiles(package, subjects_of(package, args.data, "val", choosable=False), args.method,
                                      args.per_subject, args.device, progress=say(args.quiet))
             quantiles, selection = found["chosen"], found["selection"]
         block = scan_relative_block(package, quantiles, selection)
@@ -195,7 +199,8 @@ def run_tune_restoration(args: argparse.Namespace) -> int:
 
 
 def run_tune_smoothing(args: argparse.Namespace) -> int:
-    from ..core.package import check_methods, resolve_package
+    from ..core.package import resolve_package
+    from ..core.installed import check_methods
     from ..tooling.edit import changed_copy, store_and_recalibrate, subjects_of
     from ..tooling.tune_smoothing import tune_package
 

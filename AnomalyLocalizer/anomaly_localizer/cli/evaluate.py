@@ -117,7 +117,8 @@ def register(sub) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from ..core.package import check_methods, resolve_package
+    from ..core.package import resolve_package
+    from ..core.installed import check_methods
     from ..core.restoration import REFERENCE_RESTORATION
     from ..tooling.edit import subjects_of
     from ..tooling.evaluate import case_set, evaluate, folder_cases, format_table

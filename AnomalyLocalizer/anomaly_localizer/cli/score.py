@@ -53,7 +53,7 @@ def score_file(input: str, out: str, model: str | None = None, methods: list[str
                quiet: bool = False) -> int:
     """The ``score`` command: one image file into a results folder."""
     from ..core.imageio import as_3d, read_image
-    from ..core.package import check_methods, resolve_package_for
+    from ..core.installed import check_methods, resolve_package_for
     from ..core.pipeline import score_volume
     from ..core.results import (
         check_output_dir,
@@ -95,7 +95,8 @@ def score_file(input: str, out: str, model: str | None = None, methods: list[str
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from ..core.package import default_model_name, scan_packages
+    from ..core.package import default_model_name
+    from ..core.installed import scan_packages
 
     default = default_model_name()
     good, broken = scan_packages()

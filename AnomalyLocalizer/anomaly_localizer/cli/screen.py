@@ -41,7 +41,7 @@ def register(sub) -> None:
 
 
 def run_screen(args: argparse.Namespace) -> int:
-    from ..core.package import check_methods, resolve_package_for
+    from ..core.installed import check_methods, resolve_package_for
     from ..core.results import check_threshold_options
     from ..errors import InputError
     from ..tooling.screen import ScreenOptions, run_screening

@@ -21,13 +21,8 @@ import SimpleITK as sitk
 import torch
 
 from ..errors import AnomalyLocalizerError, InputError
-from .package import (
-    BRAIN_EXTRACTION_TYPES,
-    ModelPackage,
-    list_packages,
-    load_package,
-    model_dirs,
-)
+from .package import BRAIN_EXTRACTION_TYPES, ModelPackage, load_package
+from .package import list_packages, model_dirs
 from .volume import NORMALISATION, prepare_volume
 
 log = logging.getLogger(__name__)

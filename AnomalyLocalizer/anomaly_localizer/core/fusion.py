@@ -25,6 +25,12 @@ def load_components(package: Any, device: Any, resolve: Callable[[str], Any]) ->
     """{model name: (its ModelPackage, its loaded network)} for every component model of a
     fused package (found by ``resolve``, a model name to a package), each verified against
     the content hash (:func:`content_sha256`) the fused package pins."""
+    return {name: (comp, comp.load_model(device)) for name, comp in resolve_components(package, resolve).items()}
+
+
+def resolve_components(package: Any, resolve: Callable[[str], Any]) -> dict[str, Any]:
+    """{model name: its ModelPackage} for every component model of a fused package, each
+    verified against the pinned content hash and offering its method; no network is built."""
     loaded: dict[str, Any] = {}
     for c in package.architecture["components"]:
         if c["model"] in loaded:
@@ -40,7 +46,7 @@ def load_components(package: Any, device: Any, resolve: Callable[[str], Any]) ->
                                "rebuild it with anomaly-localizer fuse, or reinstall the models it names")
         if comp.detector is None or comp.detector.composite or c["method"] not in comp.methods:
             raise PackageError(f"model {package.name}: component {c['model']} does not offer {c['method']}")
-        loaded[c["model"]] = (comp, comp.load_model(device))
+        loaded[c["model"]] = comp
     return loaded
 
 

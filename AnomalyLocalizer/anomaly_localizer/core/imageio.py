@@ -18,6 +18,7 @@ from ..errors import InputError
 # NIfTI datatype codes of floating-point voxels and their numpy types (little-endian base).
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8", 32: "c8", 1792: "c16"}
 GEOMETRY_TOLERANCE = 1e-4
+MIN_SPACING_MM, MAX_SPACING_MM = 0.05, 20.0  # beyond these a header's voxel size is wrong, not a scan's
 
 
 def read_image(path: str | os.PathLike, what: str = "INPUT", series: str | None = None) -> sitk.Image:
@@ -212,6 +213,11 @@ def check_image(image: sitk.Image, path: Path | None = None, what: str = "INPUT"
                          "(extract a single time point or echo first)")
     if min(size[:3]) < 2:
         raise InputError(f"{name} is a single slice (size {'x'.join(map(str, size))}); give a 3D volume")
+    spacing = np.array(image.GetSpacing()[:3], dtype=float)
+    if not np.all(np.isfinite(spacing)) or spacing.min() < MIN_SPACING_MM or spacing.max() > MAX_SPACING_MM:
+        raise InputError(f"{name} has voxels of {' x '.join(f'{v:g}' for v in spacing)} mm; an MRI scan's voxels are "
+                         f"{MIN_SPACING_MM:g}-{MAX_SPACING_MM:g} mm, so its header's spacing is wrong (e.g. in cm or "
+                         "m); fix the header (e.g. with the tool that wrote it) and try again")
     direction = np.array(image.GetDirection()).reshape(image.GetDimension(), -1)[:3, :3]
     off = float(np.abs(direction.T @ direction - np.eye(3)).max())
     if not np.isfinite(off) or off > 1e-3:
@@ -332,5 +338,11 @@ def as_3d(image: sitk.Image) -> sitk.Image:
 
 
 def write_image(image: sitk.Image, path: Path, compression_level: int = 1) -> None:
-    """Write an image; gzip level 1 because the default level costs seconds per volume."""
-    sitk.WriteImage(image, str(path), True, compression_level)
+    """Write an image; gzip level 1 because the default level costs seconds per volume.
+    ITK's multi-line warnings are not shown: a failure raises, and callers say it in one line."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        sitk.WriteImage(image, str(path), True, compression_level)
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)

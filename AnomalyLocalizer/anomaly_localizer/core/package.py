@@ -13,7 +13,7 @@ again when they are loaded, so a truncated download or an edited file is refused
 clear message. ``model.json`` is validated against its declared schema
 (:mod:`anomaly_localizer.core.schema`, and the architecture and settings each detector
 family declares) when the package is loaded. Packages are found by path or by name in the
-model folders (:func:`model_dirs`).
+model folders (:func:`model_dirs`); choosing among them is :mod:`.installed`'s.
 """
 
 from __future__ import annotations
@@ -70,6 +70,26 @@ def model_dirs() -> list[Path]:
     return [d for d in dirs if d.is_dir()]
 
 
+def all_package_paths() -> list[Path]:
+    return [sub for d in model_dirs() for sub in sorted(d.iterdir()) if (sub / MANIFEST_FILE).is_file()]
+
+
+def shadowed(path: Path) -> list[Path]:
+    """Packages of the same name that ``path`` hides, when ``path`` is the one a name finds."""
+    same = [p for p in all_package_paths() if p.name == path.name]
+    if not same or same[0].resolve() != path.resolve():
+        return []
+    return [p for p in same[1:] if p.resolve() != path.resolve()]
+
+
+def list_packages() -> list[Path]:
+    """Package folders in the model folders; a name found twice resolves to the first."""
+    seen: dict[str, Path] = {}
+    for sub in all_package_paths():
+        seen.setdefault(sub.name, sub)
+    return list(seen.values())
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -78,8 +98,9 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_json(path: Path, what: str) -> Any:
-    """Parse a package's JSON file; every way it can be broken is a PackageError."""
+def read_json(path: Path, what: str, fix: str = "reinstall the model") -> Any:
+    """Parse a package's JSON file; every way it can be broken is a PackageError whose
+    advice is ``fix`` (a user's own file is fixed, not reinstalled)."""
     try:
         if path.stat().st_size > MAX_JSON_BYTES:
             raise PackageError(f"{path} is larger than {MAX_JSON_BYTES >> 20} MB; it is not a {what}")
@@ -87,9 +108,9 @@ def read_json(path: Path, what: str) -> Any:
     except PackageError:
         raise
     except RecursionError:
-        raise PackageError(f"{path} is nested too deeply to be a {what}; reinstall the model") from None
+        raise PackageError(f"{path} is nested too deeply to be a {what}; {fix}") from None
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise PackageError(f"{path} is not valid JSON ({str(exc)[:120]}); reinstall the model") from None
+        raise PackageError(f"{path} is not valid JSON ({str(exc)[:120]}); {fix}") from None
 
 
 def build_network(architecture: dict[str, Any]) -> "torch.nn.Module":
@@ -193,6 +214,14 @@ class ModelPackage:
         from .levels import default_threshold
         return default_threshold(self.calibration, method)
 
+    def check_components(self) -> None:
+        """For a fused package, that every component it names is installed and is the version
+        it was made with (:func:`.fusion.resolve_components`); nothing for other packages.
+        Cheap (hashes already checked, no network built): run it before any work."""
+        if self.detector is not None and self.detector.composite:
+            from .fusion import resolve_components
+            resolve_components(self, resolve_package)
+
     def load_model(self, device: "torch.device | str" = "cpu") -> "torch.nn.Module":
         """Build the network and load its weights, hashed again as they are read (a file
         changed since the package was resolved is refused) and checked against the architecture.
@@ -203,7 +232,7 @@ class ModelPackage:
             from .fusion import load_components
             return load_components(self, device, resolve_package)
 
-        model = build_network(self.architecture)
+        import torch
         data = _read_inside(self.path, WEIGHTS_FILE)
         if hashlib.sha256(data).hexdigest() != self.files.get(WEIGHTS_FILE):
             raise PackageError(f"model {self.name}: {WEIGHTS_FILE} does not match its SHA-256 in {MANIFEST_FILE} "
@@ -212,10 +241,15 @@ class ModelPackage:
             state = load_bytes(data)
         except Exception as exc:  # safetensors raises its own error types
             raise PackageError(f"model {self.name}: cannot read {WEIGHTS_FILE} ({exc}); reinstall the model") from exc
-        expected = model.state_dict()
-        if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
+        # The architecture is built on the meta device first (shapes only, no memory), so a
+        # model.json naming a huge network that its weights do not fill is refused before
+        # gigabytes are allocated for it.
+        with torch.device("meta"):
+            expected = {k: v.shape for k, v in build_network(self.architecture).state_dict().items()}
+        if set(state) != set(expected) or any(state[k].shape != expected[k] for k in expected):
             raise PackageError(f"model {self.name}: weights do not match the architecture in {META_FILE}; "
                                "the package is inconsistent, re-export it")
+        model = build_network(self.architecture)
         # float16 weights (small shipped files) are widened: scores are computed in float32.
         model.load_state_dict({k: v.float() for k, v in state.items()})
         return model.to(device).eval()
@@ -325,7 +359,7 @@ def load_package(path: str | os.PathLike) -> ModelPackage:
     meta = read_json(path / META_FILE, "model description")
     spec = validate_meta(meta, path)
     return ModelPackage(path=path, meta=meta, manifest_sha256=sha256_file(manifest_path), files=dict(manifest.files),
-                        spec=spec, shadows=[str(p) for p in _shadowed(path)])
+                        spec=spec, shadows=[str(p) for p in shadowed(path)])
 
 
 def _check_index(path: Path, manifest_path: Path) -> None:
@@ -375,36 +409,14 @@ def update_meta(path: Path, meta: dict[str, Any], write_hashes: bool = True) -> 
         write_manifest(Path(path))
 
 
-def _all_package_paths() -> list[Path]:
-    return [sub for d in model_dirs() for sub in sorted(d.iterdir()) if (sub / MANIFEST_FILE).is_file()]
-
-
-def _shadowed(path: Path) -> list[Path]:
-    """Packages of the same name that ``path`` hides, when ``path`` is the one a name finds."""
-    same = [p for p in _all_package_paths() if p.name == path.name]
-    if not same or same[0].resolve() != path.resolve():
-        return []
-    return [p for p in same[1:] if p.resolve() != path.resolve()]
-
-
-def list_packages() -> list[Path]:
-    """Package folders in the model folders; a name found twice resolves to the first."""
-    seen: dict[str, Path] = {}
-    for sub in _all_package_paths():
-        seen.setdefault(sub.name, sub)
-    return list(seen.values())
-
-
-def scan_packages() -> tuple[list[ModelPackage], list[tuple[Path, str]]]:
-    """Every installed package that loads, and (path, reason) for each one that does not:
-    one broken package never hides the others."""
-    good, broken = [], []
-    for path in list_packages():
-        try:
-            good.append(load_package(path))
-        except PackageError as exc:
-            broken.append((path, str(exc)))
-    return good, broken
+def shadow_advice(path: Path) -> str:
+    """What a broken package at ``path`` hides and how to fix it ('' when it hides nothing):
+    a broken package blocks every model of its name further down the model folders."""
+    hidden = shadowed(path)
+    if not hidden:
+        return ""
+    return (f". It hides the model of the same name in {hidden[0]}, which is not used while it is there: fix or "
+            f"remove {path}, or list {hidden[0].parent} first in ANOMALY_LOCALIZER_MODELS")
 
 
 def default_model_name() -> str | None:
@@ -422,66 +434,6 @@ def default_model_name() -> str | None:
     return found[0].name if found else None
 
 
-def check_methods(methods: list[str] | tuple[str, ...], package: ModelPackage | None = None) -> list[str]:
-    """Known, distinct methods, and (given a package) ones that package offers."""
-    unknown = [m for m in methods if m not in ALL_METHODS]
-    if unknown:
-        raise InputError(f"unknown method {', '.join(unknown)}; choose from {', '.join(ALL_METHODS)}")
-    if not methods:
-        raise InputError(f"no method given; choose from {', '.join(ALL_METHODS)}")
-    if package is not None:
-        missing = [m for m in methods if m not in package.methods]
-        if missing:
-            raise InputError(f"model {package.name} does not offer {', '.join(missing)} (it offers "
-                             f"{', '.join(package.methods) or 'no anomaly methods'}); choose a model that does "
-                             "(anomaly-localizer models)")
-    return list(dict.fromkeys(methods))
-
-
-def resolve_package_for(methods: list[str] | tuple[str, ...] | None, model: str | None = None) -> ModelPackage:
-    """The model to run ``methods`` with: ``model`` if given (it must offer them), else the
-    default model if it offers them all, else the first installed model that does."""
-    wanted = [m for m in (methods or []) if m]
-    unknown = [m for m in wanted if m not in ALL_METHODS]
-    if unknown:
-        raise PackageError(f"unknown method {', '.join(unknown)}; choose from {', '.join(ALL_METHODS)}")
-    if model is not None or not wanted:
-        package = resolve_package(model)
-        missing = [m for m in wanted if m not in package.methods]
-        if missing:
-            raise PackageError(f"model {package.name} does not offer {', '.join(missing)} (it offers "
-                               f"{', '.join(package.methods) or 'no anomaly methods'}); "
-                               f"{_who_offers(missing)}")
-        return package
-    default = default_model_name()
-    candidates = ([default] if default else []) + [p.name for p in list_packages() if p.name != default]
-    broken = []
-    for name in candidates:
-        try:
-            package = resolve_package(name)
-        except PackageError as exc:
-            broken.append(str(exc))  # say so below: a broken model may be the one that was wanted
-            continue
-        composite = package.detector is not None and package.detector.composite
-        if composite and not any(m in package.detector.methods for m in wanted):
-            continue  # a fused model's component maps, asked for alone, come from their own models
-        if all(m in package.methods for m in wanted):
-            return package
-    unusable = f" (unusable models: {'; '.join(broken)})" if broken else ""
-    raise PackageError(f"no installed model offers {', '.join(wanted)} together; {_who_offers(wanted)}{unusable}")
-
-
-def _who_offers(methods: list[str]) -> str:
-    """Which kind of model each method needs, as advice."""
-    groups: dict[str, list[str]] = {}
-    for m in methods:
-        d = detectors.detector_of_method(m)
-        groups.setdefault(d.example_model if d else "another model", []).append(m)
-    parts = [f"{', '.join(ms)} need{'s' if len(ms) == 1 else ''} {kind}" for kind, ms in groups.items()]
-    advice = "run them in separate calls" if len(groups) > 1 else "pass such a model with --model, or leave --model out"
-    return "; ".join(parts) + f": {advice}"
-
-
 def resolve_package(model: str | None) -> ModelPackage:
     """A package from a folder path, a model name, or (None) the default model."""
     if model is None:
@@ -491,10 +443,16 @@ def resolve_package(model: str | None) -> ModelPackage:
                                "or set ANOMALY_LOCALIZER_MODELS")
     p = Path(model)
     if p.is_dir() or os.sep in model or model.startswith("."):
+        if p.exists() and not p.is_dir():
+            raise PackageError(f"--model {model} is a file, not a model folder; give a model name or the folder "
+                               "holding model.json")
         return load_package(p)
     for d in model_dirs():
         if (d / model).is_dir():
-            return load_package(d / model)
+            try:
+                return load_package(d / model)
+            except PackageError as exc:
+                raise PackageError(str(exc) + shadow_advice(d / model)) from None
     known = ", ".join(sorted(x.name for x in list_packages())) or "none"
     raise PackageError(f"unknown model {model!r}; installed models: {known}. "
                        "Pass a model name or a path to a model folder")

@@ -20,7 +20,8 @@ from .. import __version__
 from ..errors import InputError
 from .detectors import ScoringContext
 from .device import configure_threads, select_device
-from .package import ALL_METHODS, ModelPackage, check_methods
+from .package import ALL_METHODS, ModelPackage
+from .installed import check_methods
 from .relative import apply_scan_relative
 from .volume import PreparedVolume, brain_mask, prepare_volume
 
@@ -89,7 +90,7 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
                             t0, bf16)
     prepared: PreparedVolume = prepare_volume(image, mask_arr, package.contract, model_slices=True)
     if prepared.slices.shape[0] == 0:
-        raise InputError("no axial slice contains brain; check the brain mask")
+        raise InputError(no_brain_slices_message(image, mask_arr, source))
     timings["prepare_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -136,6 +137,14 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
                              "volume_score_meaning": detector.volume_score_meaning,
                              "map_smoothing": smoothed, "scan_relative": relative, "bf16": bf16,
                              "engine_version": __version__, **out.info})
+
+
+def no_brain_slices_message(image: sitk.Image, mask_arr: np.ndarray, source: str) -> str:
+    """Why no model slice holds brain, in words: nearly always a brain region far too small."""
+    ml = float(mask_arr.sum()) * float(np.prod(image.GetSpacing()[:3])) / 1000.0
+    what = "the brain mask given" if source == "given" else f"the brain region found ({source})"
+    return (f"{what} covers only {int(mask_arr.sum())} voxels ({ml:.2g} mL; a brain is 1000-1800 mL), too little to "
+            "score any slice; give a mask of the whole brain" + ("" if source == "given" else " with --mask"))
 
 
 def find_brain(image: sitk.Image, mask: sitk.Image | None, brain_extraction: str | None, dev,

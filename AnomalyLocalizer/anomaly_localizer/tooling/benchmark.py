@@ -25,7 +25,7 @@ import torch
 
 from ..core.device import configure_threads, select_device, usable_cores
 from ..core.imageio import read_image, write_image
-from ..core.package import resolve_package_for
+from ..core.installed import resolve_package_for
 from ..core.pipeline import score_volume
 from ..core.scores import PIXEL_METHODS, kl_divergence, minmax_in_mask, rec_nll, smooth
 from ..core.volume import brain_mask, prepare_volume

@@ -108,7 +108,7 @@ def measure_in_child(model: str, methods: list[str], image: Path, mask: Path | N
 def method_groups() -> list[tuple[str, list[str]]]:
     """(model, methods) to time: each installed anomaly model's default methods, and its
     opt-in ones on their own (restoration)."""
-    from ..core.package import scan_packages
+    from ..core.installed import scan_packages
     good, _ = scan_packages()
     groups = []
     for p in good:

@@ -16,27 +16,29 @@ from ..core.package import (
     ModelPackage,
     load_package,
     read_json,
-    resolve_package,
     save_package,
     sha256_file,
     update_meta,
 )
+from ..core.package import resolve_package
 from ..errors import InputError
 from .data import Subject, find_subjects
 
 SUBJECT_SETS = ("all", "calibration", "test", "val")
 
 
-def subjects_of(package: ModelPackage, data: str, which: str) -> list[Subject]:
-    """The scans of ``data`` in the model's recorded subject set ``which`` (or all of them)."""
+def subjects_of(package: ModelPackage, data: str, which: str, choosable: bool = True) -> list[Subject]:
+    """The scans of ``data`` in the model's recorded subject set ``which`` (or all of them).
+    ``choosable``: the command offers ``--subjects`` (the advice names it only then)."""
     subjects = find_subjects(data)
     if which == "all":
         return subjects
     recorded = set(package.meta.get("provenance", {}).get("subjects", {}).get(which, []))
     chosen = [s for s in subjects if s.id in recorded]
     if not chosen:
-        raise InputError(f"none of the model's {which} subjects are in {data}; pass --subjects all to use every "
-                         "scan there (they must be healthy and not used for training)")
+        advice = ("pass --subjects all to use every scan there (they must be healthy and not used for training)"
+                  if choosable else "give the data folder the model was made from")
+        raise InputError(f"none of the model's {which} subjects are in {data}; {advice}")
     return chosen
 
 
@@ -57,6 +59,9 @@ def prepare_copy(model: str, out: str | None, in_place: bool) -> ModelPackage:
     """The package a changing command (calibrate, tune-restoration) works on: a new copy in
     ``out``, or with ``in_place`` the model itself, unless an index.json pins it."""
     package = resolve_package(model)
+    if out and in_place:
+        raise InputError("give --out NEW_MODEL_DIR for a changed copy or --in-place to change the model itself, "
+                         "not both")
     if out:
         dest = Path(out)
         if dest.exists():
@@ -86,7 +91,8 @@ def store_and_recalibrate(package: ModelPackage, key: str, block: dict, data: st
     update_meta(package.path, meta)
     package = load_package(package.path)
     print(f"{message} for {package.name}; recalibrating its thresholds")
-    return calibrate_package(package, subjects_of(package, data, "calibration"), device=device, progress=say)
+    return calibrate_package(package, subjects_of(package, data, "calibration", choosable=False), device=device,
+                             progress=say)
 
 
 def release_package(source: str | Path, out: str | Path, data: str, meta_file: str | None = None, half: bool = False,
@@ -123,7 +129,7 @@ def release_package(source: str | Path, out: str | Path, data: str, meta_file: s
         package = save_package(model, meta, tmp)
         subjects: list[Subject] = []
         if package.arch_type in ANOMALY_TYPES:  # brain extraction models have no thresholds
-            subjects = subjects_of(package, data, "calibration")
+            subjects = subjects_of(package, data, "calibration", choosable=False)
             package = calibrate_package(package, subjects, device=device, progress=progress)
             update_meta(package.path, package.meta)
     except BaseException:

@@ -3,11 +3,15 @@
 Candidates are component maps of installed, calibrated packages (``model:method``). The
 choice: synthetic anomalies of the harder set (:mod:`.hard_cases`, the tuning seed) in the
 components' *validation* subjects are scored once by every candidate; each map becomes
-healthy anomaly levels; every subset of the candidates under every rule (mean, max) is
-scored by pixel AP over all cases, and the best is kept (ties to fewer components). Test
-subjects, calibration subjects and tumour cases are never used for the choice, so the
-evaluation of the fused map on them stays held out. The fused package is then calibrated
-on the components' calibration subjects like any model.
+healthy anomaly levels; every subset of the candidates under every rule (mean, max, and
+a weighted mean over a small grid of weights) is scored by pixel AP over all cases, and the
+best is kept (ties to fewer components and simpler rules). Synthetic cases alone reward what
+looks like the generator; real lesions can be given for the choice too (``select_cases``:
+case folders with a ground truth, e.g. two BraTS tumours), and then the figure chosen on is
+the mean of the synthetic pixel AP and the real cases' mean pixel AP. Test subjects,
+calibration subjects and the tumour cases not named are never used for the choice, so the
+evaluation on them stays held out. The fused package is then calibrated on the components'
+calibration subjects like any model.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from .. import __version__
 from ..core.detectors.fused import FusionArchitecture
 from ..core.fusion import content_sha256
 from ..core.levels import level_scale
-from ..core.package import ModelPackage, resolve_package, save_package
+from ..core.package import ModelPackage, save_package
+from ..core.package import resolve_package
 from ..errors import InputError
 from .edit import subjects_of
 
 RULES = ("mean", "max")
+WEIGHT_GRID = (0.5, 1.0, 2.0)  # weighted-mean candidates: each weight relative to the first component's
 SELECTION_SEED = 1  # the tuning seed of tune_smoothing: evaluation uses 0 on test subjects
 
 
@@ -39,7 +45,11 @@ def parse_components(specs: list[str]) -> list[tuple[ModelPackage, str]]:
         if not sep or not model or not method:
             raise InputError(f"component {spec!r} is not MODEL:METHOD (e.g. brain-t1-dae:dae)")
         package = resolve_package(model)
-        if method not in package.methods or (package.detector and package.detector.composite):
+        if package.detector and package.detector.composite:
+            comps = ", ".join(f"{c['model']}:{c['method']}" for c in package.architecture["components"])
+            raise InputError(f"model {package.name} is itself a fused map and cannot be a component; give the models "
+                             f"it combines instead ({comps})")
+        if method not in package.methods:
             raise InputError(f"model {package.name} does not offer {method} (it offers {', '.join(package.methods)})")
         if not level_scale(package.calibration, method)[1]:
             raise InputError(f"model {package.name} has no calibration for {method}; calibrate it first "
@@ -92,8 +102,9 @@ def fused_meta(components: list[tuple[ModelPackage, str]], rule: str, name: str,
 
 
 def component_levels(components: list[tuple[ModelPackage, str]], subjects, per_subject: int, device: str,
-                     progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Each validation case's label, brain and every candidate's map in healthy levels."""
+                     progress: Callable[[str], None] | None = None, cases_in=None) -> list[dict[str, Any]]:
+    """Each case's label, brain and every candidate's map in healthy levels: synthetic cases
+    of the harder set in ``subjects``, or the given ``cases_in`` (real cases)."""
     from ..core.device import select_device
     from ..core.pipeline import score_volume
     from .evaluate import case_set
@@ -104,50 +115,97 @@ def component_levels(components: list[tuple[ModelPackage, str]], subjects, per_s
         by_model.setdefault(p.name, (p, []))[1].append(m)
     nets = {name: p.load_model(dev) for name, (p, _) in by_model.items()}
     cases = []
-    for case in case_set("hard", subjects, per_subject=per_subject, seed=SELECTION_SEED):
+    source = cases_in if cases_in is not None else case_set("hard", subjects, per_subject=per_subject,
+                                                            seed=SELECTION_SEED)
+    for case in source:
         levels, brain = {}, None
         for name, (p, ms) in by_model.items():
             res = score_volume(case.image, p, ms, mask=case.mask, device=str(dev), model=nets[name])
             brain = res.brain_mask
             for m in ms:
                 levels[m] = (res.maps[m] / level_scale(p.calibration, m)[0]).astype(np.float32)
-        cases.append({"levels": levels, "brain": brain, "label": case.label & brain})
+        cases.append({"id": case.id, "levels": levels, "brain": brain, "label": case.label & brain})
         if progress:
             progress(f"scored {case.id} with {', '.join(levels)}")
     return cases
 
 
-def choose_rule(cases: list[dict[str, Any]], methods: list[str],
-                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The subset of ``methods`` and rule with the highest pixel AP over ``cases``."""
+def candidate_rules(methods: list[str]) -> list[tuple[list[str], str, list[float]]]:
+    """Every (subset, rule, weights) to try: each subset under mean and max, and subsets of
+    two or more under weighted means whose weights (relative to the first) come from
+    :data:`WEIGHT_GRID` (the all-equal one is the mean)."""
+    out: list[tuple[list[str], str, list[float]]] = []
+    for k in range(1, len(methods) + 1):
+        for subset in itertools.combinations(methods, k):
+            out += [(list(subset), rule, [1.0] * k) for rule in (RULES if k > 1 else ("mean",))]
+            if k > 1:
+                for rest in itertools.product(WEIGHT_GRID, repeat=k - 1):
+                    if any(w != 1.0 for w in rest):
+                        out.append((list(subset), "weighted", [1.0, *rest]))
+    return out
+
+
+def choose_rule(cases: list[dict[str, Any]], methods: list[str], progress: Callable[[str], None] | None = None,
+                real_cases: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The candidate (:func:`candidate_rules`) with the highest pixel AP over ``cases``, or,
+    with ``real_cases``, the highest mean of that and the real cases' mean pixel AP."""
     from ..core.fusion import fuse_levels
     from .metrics import average_precision
 
     y = np.concatenate([c["label"][c["brain"]] for c in cases])
     table, best = [], None
-    for k in range(1, len(methods) + 1):
-        for subset in itertools.combinations(methods, k):
-            for rule in RULES if k > 1 else ("mean",):
-                s = np.concatenate([fuse_levels([c["levels"][m] for m in subset], rule, [1.0] * k)[c["brain"]]
-                                    for c in cases])
-                ap = average_precision(s, y)
-                table.append({"methods": list(subset), "rule": rule, "pixel_ap": ap})
-                if progress:
-                    progress(f"{rule} of {', '.join(subset)}: pixel AP {ap:.4f}")
-                if best is None or ap > best["pixel_ap"] + 1e-6:
-                    best = table[-1]
+    for subset, rule, weights in candidate_rules(methods):
+        s = np.concatenate([fuse_levels([c["levels"][m] for m in subset], rule, weights)[c["brain"]] for c in cases])
+        row: dict[str, Any] = {"methods": subset, "rule": rule, "weights": weights,
+                               "pixel_ap": average_precision(s, y)}
+        figure = row["pixel_ap"]
+        if real_cases:
+            row["real_ap"] = {c["id"]: average_precision(
+                fuse_levels([c["levels"][m] for m in subset], rule, weights)[c["brain"]], c["label"][c["brain"]])
+                for c in real_cases}
+            figure = 0.5 * (figure + float(np.mean(list(row["real_ap"].values()))))
+        row["figure"] = figure
+        table.append(row)
+        if progress:
+            progress(f"{rule} of {', '.join(subset)}{'' if rule != 'weighted' else f' {weights}'}: figure "
+                     f"{figure:.4f} (synthetic pixel AP {row['pixel_ap']:.4f})")
+        if best is None or figure > best["figure"] + 1e-6:
+            best = row
+    real = (f" and the mean pixel AP of the real cases {', '.join(c['id'] for c in real_cases)} (the figure: the mean "
+            "of the two)") if real_cases else ""
     return {"chosen": best, "table": table,
-            "rule": f"chosen among every subset of {', '.join(methods)} and the rules {', '.join(RULES)} by pixel AP "
-                    f"on {len(cases)} synthetic cases of the harder set in validation subjects "
-                    f"(seed {SELECTION_SEED}); no test, calibration or tumour case was used"}
+            "rule": f"chosen among every subset of {', '.join(methods)} under the rules {', '.join(RULES)} and weighted "
+                    f"means (weights {', '.join(f'{w:g}' for w in WEIGHT_GRID)} relative to the first) by pixel AP on "
+                    f"{len(cases)} synthetic cases of the harder set in validation subjects (seed {SELECTION_SEED})"
+                    f"{real}; no test or calibration subject was used"}
+
+
+def selection_cases(folder: str, ids: list[str] | None, image_name: str, label_name: str,
+                    mask_name: str | None) -> list:
+    """The real cases (:func:`.evaluate.folder_cases`) named by ``ids`` in ``folder`` (all
+    when None), loaded up front so a wrong name is refused before any scoring."""
+    from .evaluate import folder_cases
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(f"--select-cases {folder} is not a folder of case folders")
+    known = sorted(p.name for p in root.iterdir() if p.is_dir())
+    missing = [i for i in ids or [] if i not in known]
+    if missing:
+        raise InputError(f"--select-ids {', '.join(missing)}: no such case folder in {folder} (it holds "
+                         f"{', '.join(known[:8]) or 'none'})")
+    cases = [c for c in folder_cases(root, image_name, label_name, mask_name) if not ids or c.id in ids]
+    if not cases:
+        raise InputError(f"no case of {folder} was selected; check --select-ids and --image-name")
+    return cases
 
 
 def make_fused(specs: list[str], out: str | Path, data: str | None, rule: str = "auto", per_subject: int = 2,
                device: str = "cpu", force: bool = False, progress: Callable[[str], None] | None = None,
-               calibrate: bool = True, meta_file: str | None = None) -> ModelPackage:
+               calibrate: bool = True, meta_file: str | None = None, select_cases=None) -> ModelPackage:
     """Build (and, with ``data``, choose and calibrate) a fused package in ``out``; nothing is
     left in ``out`` when any step fails. ``meta_file``: JSON merged into model.json
-    (summary, description, data statement, limitations)."""
+    (summary, description, data statement, limitations). ``select_cases``: real cases
+    (:class:`.evaluate.Case`) the choice also weighs (rule ``auto``)."""
     import shutil
 
     from ..core.package import load_package, read_json
@@ -158,22 +216,27 @@ def make_fused(specs: list[str], out: str | Path, data: str | None, rule: str = 
         raise InputError(f"{out} already exists; pass --force to replace it")
     if rule not in RULES + ("auto",):
         raise InputError(f"unknown rule {rule!r}; choose auto, {', '.join(RULES)}")
-    extra = read_json(Path(meta_file), "metadata file") if meta_file else {}
+    extra = read_json(Path(meta_file), "metadata file", "fix the file given with --meta") if meta_file else {}
     if not isinstance(extra, dict):
         raise InputError(f"{meta_file} must hold a JSON object of model.json keys")
     components = parse_components(specs)
-    selection = None
+    selection, weights = None, None
     if rule == "auto":
         if not data:
             raise InputError("choosing the rule needs the healthy data folder (--data)")
-        val = subjects_of(components[0][0], data, "val")
+        val = subjects_of(components[0][0], data, "val", choosable=False)
         cases = component_levels(components, val, per_subject, device, say)
-        selection = choose_rule(cases, [m for _, m in components], say)
+        real = component_levels(components, [], 0, device, say, cases_in=select_cases) if select_cases else None
+        selection = choose_rule(cases, [m for _, m in components], say, real)
         chosen = selection["chosen"]
-        components = [c for c in components if c[1] in chosen["methods"]]
+        by_method = dict(zip(chosen["methods"], chosen["weights"]))
+        components = [c for c in components if c[1] in by_method]
+        weights = [by_method[m] for _, m in components]
         rule = chosen["rule"]
-        say(f"chosen: {rule} of {', '.join(chosen['methods'])} (validation pixel AP {chosen['pixel_ap']:.4f})")
-    meta = fused_meta(components, rule, out.name, selection=selection)
+        say(f"chosen: {rule} of {', '.join(chosen['methods'])} (figure {chosen['figure']:.4f}, validation pixel AP "
+            f"{chosen['pixel_ap']:.4f})")
+    meta = fused_meta(components, rule, out.name, weights=weights if rule == "weighted" else None,
+                      selection=selection)
     meta.update({k: v for k, v in extra.items() if k not in ("architecture", "name", "calibration")})
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -181,8 +244,8 @@ def make_fused(specs: list[str], out: str | Path, data: str | None, rule: str = 
         package = save_package(None, meta, tmp)
         if calibrate and data:
             from .calibrate import calibrate_package
-            package = calibrate_package(package, subjects_of(components[0][0], data, "calibration"), device=device,
-                                        progress=say)
+            calibration = subjects_of(components[0][0], data, "calibration", choosable=False)
+            package = calibrate_package(package, calibration, device=device, progress=say)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -39,14 +39,19 @@ def standard_landmarks(subjects: list[Subject], normalisation: Normalisation,
     return {"percentiles": list(LANDMARK_PERCENTILES), "values": [float(v) for v in values]}
 
 
+def check_standardisable(package: ModelPackage) -> None:
+    """Refuse a model without an input of its own (a fused model)."""
+    if package.detector is None or package.detector.composite:
+        raise InputError(f"model {package.name} has no input of its own to standardise (a fused model: standardise "
+                         "its components and fuse them again)")
+
+
 def standardise_package(package: ModelPackage, training: list[Subject], calibration: list[Subject],
                         device: str = "cpu", say: Callable[[str], None] | None = None) -> ModelPackage:
     """Store the standard of the ``training`` subjects in the package's input contract and
     recalibrate it on the ``calibration`` subjects (its maps change a little)."""
     from .calibrate import calibrate_package
-    if package.detector is None or package.detector.composite:
-        raise InputError(f"model {package.name} has no input of its own to standardise (a fused model: standardise "
-                         "its components and fuse them again)")
+    check_standardisable(package)
     block = standard_landmarks(training, package.contract.normalisation, say)
     meta = dict(package.meta)
     contract = dict(meta["input_contract"])
