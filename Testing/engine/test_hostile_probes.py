@@ -388,3 +388,10 @@ def test_subjects_advice_only_where_the_option_exists(setup, tmp_path):
     with pytest.raises(InputError) as err:
         subjects_of(pkg, str(data), "val", choosable=False)
     assert "--subjects" not in str(err.value)
+
+
+def test_standardise_refuses_a_fused_model_naming_the_users_model_before_any_copy(tmp_path, monkeypatch, capsys):
+    fused = _world_with_fused(tmp_path, monkeypatch)
+    assert main(["standardise", str(fused.path), str(tmp_path / "healthy"), "--out", str(tmp_path / "copy")]) == 2
+    err = capsys.readouterr().err
+    assert f"model {fused.name} has no input of its own" in err and not (tmp_path / "copy").exists()
