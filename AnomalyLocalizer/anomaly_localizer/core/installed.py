@@ -4,14 +4,20 @@ for. A package itself, and finding one by name in the model folders, is :mod:`.p
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from ..errors import InputError, PackageError
 from . import detectors
-from .package import ALL_METHODS, ModelPackage, default_model_name, list_packages, load_package, \
-    resolve_package, shadow_advice
+from .package import (
+    ALL_METHODS,
+    ModelPackage,
+    default_model_name,
+    list_packages,
+    load_package,
+    resolve_package,
+    shadow_advice,
+)
+
 
 def scan_packages() -> tuple[list[ModelPackage], list[tuple[Path, str]]]:
     """Every installed package that loads, and (path, reason) for each one that does not:

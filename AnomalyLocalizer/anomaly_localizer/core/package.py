@@ -71,6 +71,7 @@ def model_dirs() -> list[Path]:
 
 
 def all_package_paths() -> list[Path]:
+    """Every package folder in the model folders, in search order (a name may appear twice)."""
     return [sub for d in model_dirs() for sub in sorted(d.iterdir()) if (sub / MANIFEST_FILE).is_file()]
 
 
