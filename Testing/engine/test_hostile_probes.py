@@ -112,19 +112,6 @@ def test_out_under_proc_is_refused_up_front(setup, capsys):
     assert "cannot" in capsys.readouterr().err
 
 
-def test_the_loser_of_two_runs_into_one_folder_is_not_told_to_force(setup, tmp_path):
-    from anomaly_localizer.core import results
-    out = tmp_path / "taken"
-    partial = tmp_path / ".taken.partial-x"
-    partial.mkdir()
-    (partial / "summary.json").write_text("{}")
-    out.mkdir()
-    (out / "winner.txt").write_text("keep")
-    with pytest.raises(InputError) as err:
-        results._publish(partial, out, force=False)
-    assert "another run" in str(err.value) and "--force" not in str(err.value)
-
-
 def test_slicer_and_engine_share_the_level_check():
     from anomaly_localizer.core.levels import check_level
     for bad in (0, -1, float("nan"), 1e-320, 1e308, "x"):

@@ -66,8 +66,9 @@ def test_the_folder_appearing_during_a_run_is_not_replaced(setup, tmp_path):
     (tmp / "summary.json").write_text("{}")
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    with pytest.raises(results.InputError, match="created by another run"):
+    with pytest.raises(results.InputError, match="created by another run") as err:
         results._publish(tmp, out, force=False)
+    assert "--force" not in str(err.value)  # forcing would destroy the other run's results
     assert (out / "mine.txt").read_text() == "keep"
 
 

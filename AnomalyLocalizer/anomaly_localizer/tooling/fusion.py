@@ -85,7 +85,8 @@ def fused_meta(components: list[tuple[ModelPackage, str]], rule: str, name: str,
     methods = ", ".join(m for _, m in components)
     return {
         "name": name,
-        "summary": f"Fused default map: the {rule} of the healthy anomaly levels of {methods}",
+        "summary": f"Fused default map: the {'weighted mean' if rule == 'weighted' else rule} of the healthy anomaly "
+                   f"levels of {methods}",
         "architecture": arch.model_dump(),
         # The contract of the finest component: what the fused map's resolution is limited by.
         "input_contract": finest.meta["input_contract"],
