@@ -6,6 +6,7 @@ in AnomalyLocalizerLib.logic (Qt-free, tested headless) or in the engine
 is installed on first use, with the user's consent.
 """
 
+import logging
 import os
 from typing import Annotated, Optional, Union
 
@@ -27,7 +28,6 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 DEVICES = ["auto", "cpu", "cuda", "mps"]
-PYTHON_REQUIREMENTS = ["torch>=2.1,<3", "safetensors>=0.4", "pydantic>=2.7,<3"]
 
 
 #
@@ -45,10 +45,18 @@ class AnomalyLocalizer(ScriptedLoadableModule):
             "Shows where a brain MRI departs from healthy anatomy, with models trained only on healthy brains: "
             "per-slice anomaly scores, per-voxel heatmaps, and a threshold that turns a heatmap into an anomaly "
             "segmentation. Research software, not for diagnosis. "
-            "See <a href='https://github.com/anomaly-localizer/SlicerAnomalyLocalizer'>the documentation</a>.")
+            "The README and docs/ folder shipped with the extension describe the models, their measured "
+            "accuracy and their limits. Needs Slicer 5.8 or later; PyTorch, safetensors and pydantic are "
+            "installed on first use, with your consent.")
         self.parent.acknowledgementText = (
-            "Methods of Zimmerer et al. (MICCAI 2019). The shipped model was trained on the IXI dataset "
-            "(CC BY-SA 3.0).")
+            "Methods: the VAE scores Rec-Error, Rec-Grad, KL-Grad, ELBO-Grad and Combi, and the context-encoding "
+            "VAE, of Zimmerer et al. (MICCAI 2019; arXiv 1812.05941); restoration with a normative prior of "
+            "Chen, You, Tezcan and Konukoglu (Medical Image Analysis 2020); latent space restoration of Naval "
+            "Marimont and Tarroni (ISBI 2021); the denoising autoencoder of Kascenas, Pugeault and O'Neil "
+            "(MIDL 2022); the self-supervised detector follows Naval Marimont and Tarroni (MOOD 2022 winner; "
+            "arXiv 2308.01412), Baugh et al. (MICCAI 2023) and DISYRE (Naval Marimont et al.). "
+            "Training data: the IXI dataset (brain-development.org, CC BY-SA 3.0); the fused map's weights "
+            "were chosen with two BraTS 2013 cases (Menze et al., IEEE TMI 2015).")
 
 
 #
@@ -61,7 +69,7 @@ class AnomalyLocalizerParameterNode:
     brainMask: Optional[Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]]
     device: Annotated[str, Choice(DEVICES)] = "auto"
     includeRestoration: bool = False
-    threshold: Annotated[float, WithinRange(0.0, 2.0)] = 0.4
+    threshold: Annotated[float, WithinRange(0.01, 100.0)] = 0.4  # anomaly levels; the slider's end follows the result
     opacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
 
 
@@ -88,6 +96,7 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
+        self._uiWidget = uiWidget
 
         from AnomalyLocalizerLib.logic import AnomalyLocalizerLogic
         self.logic = AnomalyLocalizerLogic(slicer.app.applicationLogic())
@@ -112,9 +121,11 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateWorklistControls()
 
     def cleanup(self) -> None:
+        self._timer.stop()
         self.removeObservers()
-        if self._run is not None:
-            self._run.cancel()
+        self._run = None
+        if self.logic is not None:
+            self.logic.cleanup()  # cancels a running child run (its whole process tree)
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -126,7 +137,13 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
 
     def onSceneStartClose(self, caller, event) -> None:
+        # The logic observes the same event: it cancels a running run and forgets the result.
+        self._timer.stop()
+        self._run = None
+        self.ui.progressBar.setVisible(False)
         self.setParameterNode(None)
+        self.updateApplyButton()
+        self.updateResultControls()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -154,19 +171,29 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            # connectParametersToGui returns its tag in every Slicer; connectGui returns none in
+            # Slicer 5.8, so disconnectGui could not undo it and connectors would pile up.
+            self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(self._parameterWidgets())
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateApplyButton)
             self.updateApplyButton()
 
+    def _parameterWidgets(self) -> dict:
+        """The .ui's widgets bound to parameters (their SlicerParameterName property)."""
+        return {w.property("SlicerParameterName"): w for w in self._uiWidget.findChildren(qt.QWidget)
+                if w.property("SlicerParameterName")}
+
     # -------------------------------------------------------------------- models
     def populateModels(self) -> None:
+        from AnomalyLocalizerLib.install import unmet_requirements
+
         self.ui.modelSelector.clear()
-        self._needsInstall = False
-        try:
-            models = self.logic.availableModels()
-        except ImportError:  # the engine's packages (e.g. pydantic) come with PyTorch on first use
-            self._needsInstall = True
-            models = []
+        self._needsInstall = bool(unmet_requirements())
+        models = []
+        if not self._needsInstall:
+            try:
+                models = self.logic.availableModels()
+            except Exception as e:  # a panel that does not build helps nobody: say it, stay usable
+                logging.error("AnomalyLocalizer could not list its models: %s", e)
         for m in models:
             self.ui.modelSelector.addItem(m["name"] + (" (default)" if m["default"] else ""), m["path"])
         defaultIndex = next((i for i, m in enumerate(models) if m["default"]), 0)
@@ -194,25 +221,31 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "Score the input volume" if ready else "Select an input volume and a model")
 
     def onApplyButton(self) -> None:
-        if self._run is not None:
-            self._run.cancel()
-            return
-        if not self.ensurePythonPackages():
-            return
-        if self._needsInstall:
-            self.populateModels()
-            if not self.ui.modelSelector.count:
-                self.updateApplyButton()
+        # tryWithErrorDisplay shows an error and raises it again: the panel's state is restored
+        # in `finally`, or the button would say "Cancel" after a failed start.
+        try:
+            if self._run is not None:
+                self.logic.cancelRun()
+                self._run = None
+                self._timer.stop()
+                self.ui.progressBar.setVisible(False)
                 return
-        p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Could not start the analysis.", waitCursor=True):
-            model = self.ui.modelSelector.currentData
-            self._run = self.logic.startRun(p.inputVolume, model=model, mask=p.brainMask, device=p.device,
-                                            methods=self.logic.methodsFor(model, p.includeRestoration))
-            self.ui.progressBar.setVisible(True)
-            self.ui.progressBar.value = 0
-            self._timer.start()
-        self.updateApplyButton()
+            if not self.ensurePythonPackages():
+                return
+            if self._needsInstall:
+                self.populateModels()
+                if not self.ui.modelSelector.count:
+                    return
+            p = self._parameterNode
+            with slicer.util.tryWithErrorDisplay("Could not start the analysis.", waitCursor=True):
+                model = self.ui.modelSelector.currentData
+                self._run = self.logic.startRun(p.inputVolume, model=model, mask=p.brainMask, device=p.device,
+                                                methods=self.logic.methodsFor(model, p.includeRestoration))
+                self.ui.progressBar.setVisible(True)
+                self.ui.progressBar.value = 0
+                self._timer.start()
+        finally:
+            self.updateApplyButton()
 
     def onPollRun(self) -> None:
         run = self._run
@@ -225,39 +258,50 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._timer.stop()
         self._run = None
-        self._needsInstall = False  # the engine's Python packages are missing (first use)
         self.ui.progressBar.setVisible(False)
-        if run.state != "cancelled":
-            with slicer.util.tryWithErrorDisplay("The analysis failed.", waitCursor=True):
-                self.logic.finishRun(run)
-                self.showPlot()
-        else:
-            run.cleanup()
-        self.updateApplyButton()
-        self.updateResultControls()
+        try:
+            if run.state != "cancelled":
+                with slicer.util.tryWithErrorDisplay("The analysis failed.", waitCursor=True):
+                    self.logic.finishRun(run)
+                    self.showPlot()
+            else:
+                run.cleanup()
+        finally:  # also after a failure, which tryWithErrorDisplay shows and raises again
+            self.updateApplyButton()
+            self.updateResultControls()
 
     def ensurePythonPackages(self) -> bool:
-        """Install PyTorch and safetensors on first use, with the user's consent."""
-        try:
-            import safetensors  # noqa: F401
-            import torch  # noqa: F401
+        """Install what the engine needs beyond Slicer's own packages, with the user's consent,
+        at the engine's version bounds (AnomalyLocalizerLib.install decides what is unmet)."""
+        from AnomalyLocalizerLib.install import unmet_requirements
+
+        unmet = unmet_requirements()
+        if not unmet:
             return True
-        except ImportError:
-            pass
         if not slicer.util.confirmOkCancelDisplay(
-                "AnomalyLocalizer needs PyTorch, safetensors and pydantic, which are not installed yet. "
-                "Install them now? This downloads several hundred MB and may take a few minutes."):
+                "AnomalyLocalizer needs these Python packages: " + "; ".join(u.describe() for u in unmet)
+                + ". Install them now? PyTorch downloads several hundred MB (more with GPU support) "
+                  "and may take a few minutes.", windowTitle="AnomalyLocalizer: first use"):
             return False
-        with slicer.util.tryWithErrorDisplay("Could not install PyTorch.", waitCursor=True):
-            try:
-                import PyTorchUtils  # the PyTorch extension picks the right build for the GPU
-                PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
-                slicer.util.pip_install("safetensors pydantic")
-            except ImportError:
-                if hasattr(slicer, "packaging") and hasattr(slicer.packaging, "pip_ensure"):
-                    slicer.packaging.pip_ensure(PYTHON_REQUIREMENTS)
+        with slicer.util.tryWithErrorDisplay("Could not install the packages AnomalyLocalizer needs.", waitCursor=True):
+            torch = next((u for u in unmet if u.name == "torch"), None)
+            if torch is not None:
+                try:
+                    import PyTorchUtils  # the PyTorch extension picks the build for this computer's GPU
+                except ImportError:
+                    PyTorchUtils = None
+                if PyTorchUtils is not None:
+                    PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                                  torchVersionRequirement=torch.specifier)
                 else:
-                    slicer.util.pip_install(" ".join(f'"{r}"' for r in PYTHON_REQUIREMENTS))
+                    slicer.util.pip_install([torch.requirement])
+            others = [u.requirement for u in unmet if u.name != "torch"]
+            if others:
+                slicer.util.pip_install(others)
+            still = unmet_requirements()
+            if still:  # e.g. pydantic 1.x already imported into Slicer by another extension
+                raise RuntimeError("still unmet: " + "; ".join(u.describe() for u in still)
+                                   + ". Restart Slicer and press Apply again.")
             return True
         return False
 
@@ -267,7 +311,7 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for w in (self.ui.thresholdSlider, self.ui.opacitySlider, self.ui.methodSelector, self.ui.worstSliceButton,
                   self.ui.exportSegmentationButton, self.ui.exportTableButton):
             w.enabled = hasResult
-        if hasResult:
+        if hasResult and self._parameterNode:
             # The maps of the last run (whatever detector made them), the recommended one selected.
             wasBlocked = self.ui.methodSelector.blockSignals(True)
             self.ui.methodSelector.clear()
@@ -275,6 +319,7 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.methodSelector.addItem(method)
             self.ui.methodSelector.setCurrentText(self.logic.method)
             self.ui.methodSelector.blockSignals(wasBlocked)
+            self.ui.thresholdSlider.maximum = self.logic.thresholdRange()[1]
             self._parameterNode.threshold = self.logic.threshold
             self.onThresholdChanged(self.logic.threshold)
 
@@ -282,6 +327,9 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic.result is None:
             return
         voxels = self.logic.setThreshold(value)
+        if self.logic.result is None:  # the scored volume left the scene
+            self.updateResultControls()
+            return
         fpr = self.logic.healthyFalsePositiveRate()
         rate = "uncalibrated model" if fpr is None else f"flags {100 * fpr:.3g} % of healthy brain voxels"
         note = self.logic.thresholdNote()
@@ -296,6 +344,7 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         method = self.ui.methodSelector.currentText
         if method in self.logic.result.maps:
             self.logic.setMethod(method)
+            self.ui.thresholdSlider.maximum = self.logic.thresholdRange()[1]
             self.onThresholdChanged(self.logic.threshold)
 
     def onWorstSlice(self) -> None:

@@ -11,7 +11,9 @@ the results into nodes on the input's exact geometry:
 - a label map and a segmentation (segment "Anomaly") of the heatmap above the threshold;
 - a table of slice scores (with their healthy percentiles) and a plot of them.
 
-Output nodes are remembered on the input node (node references) and reused on a rerun; a
+A run belongs to the scene it started in: closing the scene cancels a running child run and
+forgets the last result, so that nothing lands on a node of the next scene (node IDs are
+reused after a scene clear). Output nodes are remembered on the input node (node references) and reused on a rerun; a
 rerun's outputs replace the last run's, so heatmaps of methods it did not compute are removed.
 Nothing is added to the scene until a run has succeeded, and a failure while building
 nodes removes what that call added, so the scene is never left half-built.
@@ -49,3 +51,22 @@ class AnomalyLocalizerLogic(RunMixin, NodesMixin, ThresholdMixin, ExportMixin, W
         self._package = None  # package of the last run: calibration for false-positive rates
         self._mask: np.ndarray | None = None  # reused threshold buffer
         self._box = None  # (result, brain bounding box) cache
+        self._resultInput = None  # the volume node the result belongs to
+        self.activeRun = None  # the child run in progress (runner.ChildRun), if any
+        self._closeObserver = self.scene.AddObserver(self.scene.StartCloseEvent, self._onSceneStartClose)
+
+    def _onSceneStartClose(self, caller=None, event=None) -> None:
+        self.cancelRun()
+        self.clearResult()
+
+    def clearResult(self) -> None:
+        """Forget the last run's result (its nodes stay in the scene, if it still exists)."""
+        self.result, self.method, self._package, self._mask, self._box = None, None, None, None, None
+        self._resultInput = None
+
+    def cleanup(self) -> None:
+        """Stop observing the scene and stop a running child run (the module is closing)."""
+        self.cancelRun()
+        if self._closeObserver is not None:
+            self.scene.RemoveObserver(self._closeObserver)
+            self._closeObserver = None

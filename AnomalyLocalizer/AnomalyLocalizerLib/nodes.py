@@ -35,7 +35,7 @@ class NodesMixin:
         columns = self._tableColumns(result, calib)
         added: list = []
         backups: list = []  # (reused node, copy of its content before this call)
-        previous = (self.result, self.method, self.threshold, self._package)
+        previous = (self.result, self.method, self.threshold, self._package, self._resultInput)
         try:
             self._package = package
             for m, level in levels.items():
@@ -55,7 +55,7 @@ class NodesMixin:
                                      f"{inputVolume.GetName()} slice scores", added, backups)
             self._fillTable(table, result, columns)
             self._plot(inputVolume, table, added, primarySliceScore(result), backups)
-            self.result = result
+            self.result, self._resultInput = result, inputVolume
             self.method = next(iter(result.maps))
             default = package.default_threshold(self.method)
             if default is not None:
@@ -68,7 +68,7 @@ class NodesMixin:
                 self.scene.RemoveNode(node)
             for node, backup in backups:
                 node.CopyContent(backup, True)
-            self.result, self.method, self.threshold, self._package = previous
+            self.result, self.method, self.threshold, self._package, self._resultInput = previous
             self._mask = None
             raise
         self._removeStaleHeatmaps(inputVolume, set(result.maps))
@@ -202,7 +202,12 @@ class NodesMixin:
                     sh.SetItemParent(item(node), folder)
 
     def inputVolume(self):
-        return self.scene.GetNodeByID(self.result.inputNodeID) if self.result else None
+        """The scored volume node; None without a result, or once that node left the scene
+        (a node of the same ID added later is another volume)."""
+        if self.result is None:
+            return None
+        node = self.scene.GetNodeByID(self.result.inputNodeID)
+        return node if node is not None and node is self._resultInput else None
 
     def setMethod(self, method: str) -> None:
         """Which heatmap is shown and makes the segmentation."""
@@ -213,9 +218,17 @@ class NodesMixin:
         self.showResult(self.inputVolume())
 
     def setOpacity(self, opacity: float) -> None:
+        """The heatmap's opacity, in the slice views that show one of this result's heatmaps
+        (other views, and other modules' foreground layers, keep theirs)."""
         self.opacity = float(opacity)
+        inputVolume = self.inputVolume()
+        if inputVolume is None:
+            return
+        heatmaps = {node.GetID() for node in (self.outputNode(inputVolume, f"heatmap.{m}") for m in self.result.maps)
+                    if node is not None}
         for composite in self._compositeNodes():
-            composite.SetForegroundOpacity(self.opacity)
+            if composite.GetForegroundVolumeID() in heatmaps:
+                composite.SetForegroundOpacity(self.opacity)
 
     def _compositeNodes(self) -> list:
         nodes = []

@@ -113,10 +113,19 @@ class RunMixin:
         except BaseException:
             runner.shutil.rmtree(work, ignore_errors=True)
             raise
+        self.cancelRun()  # one run at a time: a new one replaces a running one
         run = runner.ChildRun(args=args, work_dir=work, out_dir=work / "out").start()
         run.inputNodeID = inputVolume.GetID()  # type: ignore[attr-defined]
+        run.inputNode = inputVolume  # type: ignore[attr-defined]  # node IDs are reused after a scene clear
         run.modelPath = str(package.path)  # type: ignore[attr-defined]
+        self.activeRun = run
         return run
+
+    def cancelRun(self) -> None:
+        """Stop the running child run, if any (its whole process tree; returns at once)."""
+        run, self.activeRun = self.activeRun, None
+        if run is not None:
+            run.cancel()
 
     def finishRun(self, run: runner.ChildRun) -> RunResult:
         """Read a finished child run's results folder (the engine's own reader) into nodes;
@@ -132,14 +141,17 @@ class RunMixin:
             if state != "done":
                 raise AnomalyLocalizerError(run.error)
             inputVolume = self.scene.GetNodeByID(run.inputNodeID)  # type: ignore[attr-defined]
-            if inputVolume is None:
-                raise AnomalyLocalizerError("the input volume was removed from the scene during the run")
+            if inputVolume is None or inputVolume is not run.inputNode:  # type: ignore[attr-defined]
+                raise AnomalyLocalizerError("the input volume was removed from the scene during the run; "
+                                            "load it and run the analysis again")
             saved = read_results(run.out_dir)
             result = RunResult(inputVolume.GetID(), saved.maps, saved.brain_mask, saved.slice_scores,
                                saved.axial_axis, saved.summary)
             self._applyResult(inputVolume, result, load_package(run.modelPath))  # type: ignore[attr-defined]
             return result
         finally:
+            if self.activeRun is run:
+                self.activeRun = None
             run.cleanup()
 
     def _maskImage(self, mask, inputVolume) -> sitk.Image | None:

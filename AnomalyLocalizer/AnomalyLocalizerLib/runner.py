@@ -3,13 +3,19 @@
 The GUI stays responsive because the engine runs in another Python process (Slicer's own
 ``PythonSlicer`` inside Slicer): the same ``anomaly-localizer score`` entry point the
 command line uses, so what CI tests is what Slicer runs. Progress comes from the child's
-``PROGRESS <percent> <message>`` lines on stderr; cancel ends the process.
+``PROGRESS <percent> <message>`` lines on stderr.
+
+Cancel ends the whole process tree, at once and without blocking the caller: inside Slicer
+``PythonSlicer`` is a launcher whose child is the interpreter, so ending the launcher alone
+would leave the engine running. The child starts in a process group of its own (a new
+session on POSIX, a new process group on Windows), which cancel ends as one.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,11 +24,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MODULE_DIR = Path(__file__).resolve().parent.parent  # holds the engine package anomaly_localizer
+CANCEL_GRACE_S = 5.0  # after asking the tree to stop, how long before it is killed
 
 
 def python_executable() -> str:
     """Slicer's PythonSlicer when present (inside Slicer), else this interpreter."""
     return shutil.which("PythonSlicer") or sys.executable
+
+
+def _own_group_options() -> dict:
+    """Popen options: the child leads a process group of its own (so cancel can end its
+    whole tree) and, on Windows, opens no console window (as Slicer's own
+    ``launchConsoleProcess`` does)."""
+    if os.name == "nt":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
+    return {"start_new_session": True}
+
+
+def end_process_tree(process: subprocess.Popen, force: bool) -> None:
+    """Ask (or, with ``force``, make) a child started with :func:`_own_group_options` and
+    every process it started stop. Processes already gone are not an error."""
+    if os.name == "nt":
+        # taskkill /T ends the tree; without /F it asks, and console processes ignore asking.
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)], capture_output=True,
+                       creationflags=subprocess.CREATE_NO_WINDOW)
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL if force else signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group has ended
 
 
 @dataclass
@@ -38,12 +68,14 @@ class ChildRun:
     error_lines: list[str] = field(default_factory=list)
     state: str = "running"  # running | done | failed | cancelled
     _reader: threading.Thread | None = None
+    _ender: threading.Thread | None = None
 
     def start(self) -> "ChildRun":
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         self.process = subprocess.Popen([python_executable(), "-m", "anomaly_localizer.cli", *self.args],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                                        **_own_group_options())
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         return self
@@ -71,8 +103,10 @@ class ChildRun:
         return self.state
 
     def wait(self, timeout: float | None = None) -> str:
-        if self._reader is not None:
-            self._reader.join(timeout)
+        """Wait until the child (and, after a cancel, its whole tree) has ended."""
+        for thread in (self._reader, self._ender):
+            if thread is not None:
+                thread.join(timeout)
         return self.state
 
     @property
@@ -84,13 +118,30 @@ class ChildRun:
         return "\n".join(self.error_lines[-5:]) or "the engine stopped without a message"
 
     def cancel(self) -> None:
+        """Stop the run and its whole process tree; returns at once (a GUI must not wait).
+        The tree is asked to stop, killed if it has not after :data:`CANCEL_GRACE_S`, and
+        the work folder removed once it has ended; :meth:`wait` waits for all of that."""
+        if self.state != "running":
+            return
         self.state = "cancelled"
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        if self.process is None:
+            self.cleanup()
+            return
+        end_process_tree(self.process, force=False)
+        self._ender = threading.Thread(target=self._end_after_cancel, daemon=True)
+        self._ender.start()
+
+    def _end_after_cancel(self) -> None:
+        assert self.process is not None
+        try:
+            self.process.wait(CANCEL_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        # Whatever is left of the tree (a launcher's child outlives its launcher) goes now.
+        end_process_tree(self.process, force=True)
+        self.process.wait()
+        if self._reader is not None:
+            self._reader.join()  # stderr closes when the last process of the tree has ended
         self.cleanup()
 
     def cleanup(self) -> None:

@@ -14,6 +14,10 @@ from .geometry import sameLattice
 SEGMENT_NAME = "Anomaly"
 
 
+SLIDER_MIN_LEVEL = 0.01  # a slider's low end: below it nearly the whole brain is flagged
+SLIDER_MAX_LEVEL = 100.0  # and its high end (the parameter node's range in AnomalyLocalizer.py)
+
+
 class ThresholdMixin:
     """Threshold and segment updates of :class:`AnomalyLocalizerLogic`."""
 
@@ -30,6 +34,9 @@ class ThresholdMixin:
         if self.result is None:
             return 0
         inputVolume = self.inputVolume()
+        if inputVolume is None:  # the scored volume was removed: there is nothing left to segment
+            self.clearResult()
+            return 0
         raw = self.result.maps[self.method]
         if self._mask is None or self._mask.shape != raw.shape:
             self._mask = np.empty(raw.shape, dtype=bool)
@@ -120,6 +127,17 @@ class ThresholdMixin:
         display.SetVisibility2DFill(False)
         display.SetVisibility2DOutline(True)
         return segmentId
+
+    def thresholdRange(self) -> tuple[float, float]:
+        """The range a threshold slider offers, in anomaly levels: from SLIDER_MIN_LEVEL to
+        just above the current map's highest level in the brain (at least 2, at most
+        SLIDER_MAX_LEVEL), so that every voxel the map flags can be singled out."""
+        top = 2.0
+        if self.result is not None and self.method is not None:
+            raw, brain = self.result.maps[self.method], self.result.brainMask
+            if brain.any():
+                top = max(top, 1.05 * float(np.nanmax(raw[brain])) / self.result.levelScale[self.method])
+        return SLIDER_MIN_LEVEL, float(min(SLIDER_MAX_LEVEL, np.ceil(top * 10) / 10))
 
     def healthyFalsePositiveRate(self, level: float | None = None) -> float | None:
         """Share of healthy brain voxels the current (or given) threshold flags, if calibrated."""

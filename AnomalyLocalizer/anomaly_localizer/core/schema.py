@@ -14,7 +14,7 @@ record, ...) is kept as it is.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import (
     BaseModel,
@@ -112,7 +112,7 @@ class Normalisation(Strict):
     iqr_to: Annotated[float, Field(gt=0.0, le=10.0)] = 0.25
     background: Annotated[float, Field(ge=-10.0, le=10.0)] = 0.0
     region: Literal["brain", "head"] = "brain"
-    standard: HistogramStandard | None = None
+    standard: Optional[HistogramStandard] = None
 
 
 class InputContract(Strict):
@@ -156,7 +156,7 @@ class PixelCalibration(Strict):
     n_subjects: Annotated[int, Field(ge=0)] = 0
     n_voxels: Annotated[int, Field(ge=0)] = 0
     thresholds: list[ThresholdEntry] = []
-    curve: FprCurve | None = None
+    curve: Optional[FprCurve] = None
 
 
 class Quantiles(Strict):
@@ -181,11 +181,11 @@ class Calibration(Strict):
     subjects: list[str] = []
     pixel: dict[str, PixelCalibration] = {}
     slice: dict[str, Quantiles] = {}
-    volume: VolumeCalibration | None = None
+    volume: Optional[VolumeCalibration] = None
     # per scan-relative method (:mod:`core.relative`): each healthy calibration scan's own
     # reference value (its map's brain quantile before dividing), sorted
     scan_reference: dict[str, list[Finite]] = {}
-    date: str | None = None
+    date: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------- smoothing
@@ -201,7 +201,7 @@ class MapSmoothing(Open):
     """``{method: Smoothing, ..., "selection": record of how the widths were chosen}``."""
 
     __pydantic_extra__: dict[str, Smoothing]
-    selection: dict[str, Any] | None = None
+    selection: Optional[dict[str, Any]] = None
 
 
 # ------------------------------------------------------------------------ scan-relative
@@ -216,7 +216,7 @@ class ScanRelative(Open):
     """``{method: RelativeTo, ..., "selection": record of how the choice was made}``."""
 
     __pydantic_extra__: dict[str, RelativeTo]
-    selection: dict[str, Any] | None = None
+    selection: Optional[dict[str, Any]] = None
 
 
 # --------------------------------------------------------------------------- model.json
@@ -229,15 +229,15 @@ class ModelMeta(Open):
     """The shared part of model.json. ``architecture`` and family settings are validated by
     the family (:func:`validate_meta`)."""
 
-    name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    name: Optional[Annotated[str, Field(min_length=1, max_length=200)]] = None
     summary: str = ""
     description: str = ""
     architecture: ArchitectureType
     input_contract: InputContract
     calibration: Calibration = Calibration()
-    map_smoothing: MapSmoothing | None = None
-    scan_relative: ScanRelative | None = None
-    recommended_method: str | None = None
+    map_smoothing: Optional[MapSmoothing] = None
+    scan_relative: Optional[ScanRelative] = None
+    recommended_method: Optional[str] = None
     weights_dtype: Literal["float16", "float32"] = "float32"
     provenance: dict[str, Any] = {}
     training: dict[str, Any] = {}

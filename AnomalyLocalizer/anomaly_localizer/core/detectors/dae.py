@@ -13,7 +13,7 @@ package's 3D smoothing like every map. Slice score ``dae``: the mean of the slic
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -40,9 +40,9 @@ class DAEArchitecture(Strict):
 class DAEScoring(Strict):
     """The ``dae`` block of model.json; keys left out take :data:`DEFAULT_DAE_SCORING`."""
 
-    erode_px: Annotated[int, Field(ge=0, le=10)] | None = None
-    median_px: Annotated[int, Field(ge=1, le=15)] | None = None
-    slice_top_k: Annotated[int, Field(ge=1, le=10000)] | None = None
+    erode_px: Optional[Annotated[int, Field(ge=0, le=10)]] = None
+    median_px: Optional[Annotated[int, Field(ge=1, le=15)]] = None
+    slice_top_k: Optional[Annotated[int, Field(ge=1, le=10000)]] = None
 
 
 DEFAULT_DAE_SCORING: dict[str, Any] = {"erode_px": 2, "median_px": 5, "slice_top_k": 20}

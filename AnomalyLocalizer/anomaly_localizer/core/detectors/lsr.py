@@ -3,7 +3,7 @@ prior over its codes (:mod:`anomaly_localizer.core.lsr` holds the method)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import Field
 
@@ -37,13 +37,13 @@ class LSRArchitecture(Strict):
 class LSRScoring(Strict):
     """The ``lsr`` block: the paper's thresholds, samples and pooling."""
 
-    lambda_s: Annotated[float, Field(ge=0.0, le=1000.0)] | None = None
-    lambda_p: Annotated[float, Field(ge=0.0, le=1000.0)] | None = None
-    samples: Annotated[int, Field(ge=1, le=200)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=1000.0)] | None = None
-    min_pool: Annotated[int, Field(ge=1, le=31)] | None = None
-    avg_pool: Annotated[int, Field(ge=1, le=63)] | None = None
-    seed: Annotated[int, Field(ge=0, le=2 ** 31)] | None = None
+    lambda_s: Optional[Annotated[float, Field(ge=0.0, le=1000.0)]] = None
+    lambda_p: Optional[Annotated[float, Field(ge=0.0, le=1000.0)]] = None
+    samples: Optional[Annotated[int, Field(ge=1, le=200)]] = None
+    temperature: Optional[Annotated[float, Field(ge=0.0, le=1000.0)]] = None
+    min_pool: Optional[Annotated[int, Field(ge=1, le=31)]] = None
+    avg_pool: Optional[Annotated[int, Field(ge=1, le=63)]] = None
+    seed: Optional[Annotated[int, Field(ge=0, le=2 ** 31)]] = None
 
 
 class LSRDetector(Detector):

@@ -16,7 +16,7 @@ Training: :mod:`anomaly_localizer.tooling.train_ssl`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import Field
 
@@ -34,8 +34,8 @@ class SSLArchitecture(DAEArchitecture):
 class SSLScoring(Strict):
     """The ``ssl`` block of model.json; keys left out take :data:`DEFAULT_SSL_SCORING`."""
 
-    flip: bool | None = None
-    slice_top_k: Annotated[int, Field(ge=1, le=10000)] | None = None
+    flip: Optional[bool] = None
+    slice_top_k: Optional[Annotated[int, Field(ge=1, le=10000)]] = None
 
 
 DEFAULT_SSL_SCORING: dict[str, Any] = {"flip": True, "slice_top_k": 20}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
@@ -40,13 +40,13 @@ class VAEArchitecture(Strict):
 class RestorationSettings(Open):
     """The ``restoration`` block; keys left out take :data:`core.restoration.DEFAULT_RESTORATION`."""
 
-    lambda_: Annotated[float, Field(gt=0.0, le=1000.0)] | None = Field(None, alias="lambda")
-    optimizer: Literal["adam", "gd"] | None = None
-    steps: Annotated[int, Field(ge=1, le=20000)] | None = None
-    learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] | Annotated[
-        list[Annotated[float, Field(gt=0.0, le=10.0)]], Field(min_length=1, max_length=2)] | None = None
-    tolerance: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    gradient_clip: Annotated[float, Field(gt=0.0, le=1e6)] | None = None
+    lambda_: Optional[Annotated[float, Field(gt=0.0, le=1000.0)]] = Field(None, alias="lambda")
+    optimizer: Optional[Literal["adam", "gd"]] = None
+    steps: Optional[Annotated[int, Field(ge=1, le=20000)]] = None
+    learning_rate: Optional[Union[Annotated[float, Field(gt=0.0, le=10.0)], Annotated[
+        list[Annotated[float, Field(gt=0.0, le=10.0)]], Field(min_length=1, max_length=2)]]] = None
+    tolerance: Optional[Annotated[float, Field(ge=0.0, le=1.0)]] = None
+    gradient_clip: Optional[Annotated[float, Field(gt=0.0, le=1e6)]] = None
 
 
 class VAEDetector(Detector):
