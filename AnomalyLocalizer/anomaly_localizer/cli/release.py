@@ -31,6 +31,13 @@ def register(sub) -> None:
     add_quiet(r)
     r.set_defaults(func=run_release)
 
+    j = sub.add_parser("join-folds", help="one self-supervised detector that averages folds trained on different "
+                                          "task families (then release it)")
+    j.add_argument("folds", nargs="+", help="trained fold packages (train-ssl --tasks ... --held-out ...)")
+    j.add_argument("--out", required=True, help="new package folder")
+    j.add_argument("--force", action="store_true")
+    j.set_defaults(func=run_join_folds)
+
     f = sub.add_parser("fuse", help="make a fused model: several calibrated maps combined in healthy anomaly levels")
     f.add_argument("components", nargs="+", metavar="MODEL:METHOD",
                    help="candidate component maps, e.g. brain-t1-dae:dae brain-t1-ssl:ssl brain-t1-vae:elbo_grad")
@@ -92,6 +99,14 @@ def run_release(args: argparse.Namespace) -> int:
                                  say(args.quiet))
     calibrated = f", calibrated on {n} subjects" if n else ""
     print(f"released {package.path} from {args.model} ({'float16' if args.half else 'float32'} weights){calibrated}")
+    return EXIT_OK
+
+
+def run_join_folds(args: argparse.Namespace) -> int:
+    from ..tooling.folds import join_folds
+
+    package = join_folds(args.folds, args.out, args.force)
+    print(f"wrote {package.path}: {package.architecture['folds']} folds (uncalibrated: release it to calibrate)")
     return EXIT_OK
 
 

@@ -53,3 +53,18 @@ class UNet2D(nn.Module):
         for up, merge in zip(self.up, self.merge):
             x = merge(torch.cat([up(x), skips.pop()], dim=1))
         return self.head(x)
+
+
+class FoldEnsemble(nn.Module):
+    """Networks of one architecture trained on different folds (for the self-supervised
+    detector: different task families, each fold's checkpoint chosen on the families it held
+    out). Weights are stored as ``folds.<i>.<name>``. ``forward`` returns the mean logit;
+    scoring code that wants each fold on its own (e.g. to mirror every other fold's input)
+    iterates :attr:`folds`."""
+
+    def __init__(self, nets: list[nn.Module]):
+        super().__init__()
+        self.folds = nn.ModuleList(nets)
+
+    def forward(self, x):
+        return sum(net(x) for net in self.folds) / len(self.folds)
