@@ -28,6 +28,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 DEVICES = ["auto", "cpu", "cuda", "mps"]
+FINDINGS_COLUMNS = ["#", "mL", "side", "peak level", "R", "A", "S"]
 
 
 #
@@ -89,6 +90,13 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self.onPollRun)
+        self._findings = []
+        # The findings follow the threshold once the slider rests (labelling takes longer than
+        # thresholding; the segmentation itself follows every move).
+        self._findingsTimer = qt.QTimer()
+        self._findingsTimer.setSingleShot(True)
+        self._findingsTimer.setInterval(250)
+        self._findingsTimer.connect("timeout()", self.updateFindings)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -109,6 +117,9 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.methodSelector.connect("currentIndexChanged(int)", self.onMethodChanged)
         self.ui.worstSliceButton.connect("clicked(bool)", self.onWorstSlice)
+        self.ui.findingsTable.connect("cellClicked(int,int)", self.onFindingClicked)
+        self.ui.findingsTable.setColumnCount(len(FINDINGS_COLUMNS))
+        self.ui.findingsTable.setHorizontalHeaderLabels(FINDINGS_COLUMNS)
         self.ui.exportSegmentationButton.connect("clicked(bool)", self.onExportSegmentation)
         self.ui.exportTableButton.connect("clicked(bool)", self.onExportTable)
         self.ui.openWorklistButton.connect("clicked(bool)", self.onOpenWorklist)
@@ -122,6 +133,7 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self._timer.stop()
+        self._findingsTimer.stop()
         self.removeObservers()
         self._run = None
         if self.logic is not None:
@@ -309,8 +321,11 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateResultControls(self) -> None:
         hasResult = self.logic.result is not None
         for w in (self.ui.thresholdSlider, self.ui.opacitySlider, self.ui.methodSelector, self.ui.worstSliceButton,
-                  self.ui.exportSegmentationButton, self.ui.exportTableButton):
+                  self.ui.exportSegmentationButton, self.ui.exportTableButton, self.ui.findingsTable):
             w.enabled = hasResult
+        if not hasResult:
+            self._findings = []
+            self.ui.findingsTable.setRowCount(0)
         if hasResult and self._parameterNode:
             # The maps of the last run (whatever detector made them), the recommended one selected.
             wasBlocked = self.ui.methodSelector.blockSignals(True)
@@ -334,6 +349,24 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         rate = "uncalibrated model" if fpr is None else f"flags {100 * fpr:.3g} % of healthy brain voxels"
         note = self.logic.thresholdNote()
         self.ui.thresholdInfoLabel.text = f"{voxels} voxels; {rate}" + (f"\nNote: {note}" if note else "")
+        self._findingsTimer.start()  # restarted by every move: runs when the slider rests
+
+    def updateFindings(self) -> None:
+        """The findings table (and the peaks' markup points) for the current threshold."""
+        self._findings = self.logic.findings() if self.logic.result is not None else []
+        table = self.ui.findingsTable
+        table.setRowCount(len(self._findings))
+        for row, f in enumerate(self._findings):
+            r, a, s = f["peak_ras"]
+            cells = [str(f["rank"]), f"{f['volume_ml']:.2g}", f["hemisphere"], f"{f['peak_level']:.2g}",
+                     f"{r:.0f}", f"{a:.0f}", f"{s:.0f}"]
+            for column, text in enumerate(cells):
+                table.setItem(row, column, qt.QTableWidgetItem(text))
+        table.resizeColumnsToContents()
+
+    def onFindingClicked(self, row: int, column: int) -> None:
+        if 0 <= row < len(self._findings):
+            self.logic.centreOnFinding(self._findings[row])
 
     def onOpacityChanged(self, value: float) -> None:
         self.logic.setOpacity(value)

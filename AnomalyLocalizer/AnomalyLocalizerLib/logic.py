@@ -19,7 +19,7 @@ Nothing is added to the scene until a run has succeeded, and a failure while bui
 nodes removes what that call added, so the scene is never left half-built.
 
 The class is assembled from one mixin per concern: running (:mod:`.run`), nodes and
-display (:mod:`.nodes`), the live threshold (:mod:`.threshold`), exports (:mod:`.export`) and
+display (:mod:`.nodes`), the live threshold (:mod:`.threshold`), its findings (:mod:`.findings`), exports (:mod:`.export`) and
 stepping through a screening worklist (:mod:`.worklist`).
 """
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from .export import ExportMixin
+from .findings import FindingsMixin
 from .geometry import copyGeometry, volumeNodeToImage
 from .nodes import HEAT_COLOR_NODE_NAME, REF_PREFIX, NodesMixin
 from .run import RunMixin, RunResult
@@ -38,7 +39,7 @@ __all__ = ["AnomalyLocalizerLogic", "RunResult", "volumeNodeToImage", "copyGeome
            "HEAT_COLOR_NODE_NAME", "SEGMENT_NAME"]
 
 
-class AnomalyLocalizerLogic(RunMixin, NodesMixin, ThresholdMixin, ExportMixin, WorklistMixin):
+class AnomalyLocalizerLogic(RunMixin, NodesMixin, ThresholdMixin, FindingsMixin, ExportMixin, WorklistMixin):
     """Scriptable logic of the AnomalyLocalizer module; see the README's "Slicer" section."""
 
     def __init__(self, applicationLogic):

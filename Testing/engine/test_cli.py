@@ -39,9 +39,9 @@ def test_score_writes_the_whole_contract(setup, capsys):
     assert run("score", tmp / "scan.nii.gz", "--out", out, "--model", pkg.path) == 0
     names = {p.name for p in out.iterdir()}
     assert names == {f"{m}.nii.gz" for m in PIXEL_METHODS} | {"segmentation.nii.gz", "slice_scores.csv",
-                                                             "brainmask.nii.gz", "summary.json"}
+                                                             "brainmask.nii.gz", "summary.json", "findings.csv"}
     scan = sitk.ReadImage(str(tmp / "scan.nii.gz"))
-    for n in names - {"slice_scores.csv", "summary.json"}:
+    for n in names - {"slice_scores.csv", "summary.json", "findings.csv"}:
         img = sitk.ReadImage(str(out / n))
         assert img.GetSize() == scan.GetSize()
         np.testing.assert_allclose(img.GetDirection(), scan.GetDirection(), atol=1e-6)

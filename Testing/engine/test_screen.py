@@ -110,11 +110,15 @@ def test_screening_writes_a_ranked_worklist_with_one_results_folder_per_scan(ser
         summary = json.loads((out / r.id / "summary.json").read_text())
         assert summary["screening"]["sha256"] == r.sha256
         assert 0 <= r.scan_percentile <= 100 and r.top_slice is not None and r.segmented_ml >= 0
+        # the worklist counts the scan's findings and gives the largest one's volume
+        assert r.findings == len(summary["findings"]) and (out / r.id / "findings.csv").is_file()
+        assert r.largest_finding_ml == max((f["volume_ml"] for f in summary["findings"]), default=None)
         png = sitk.ReadImage(str(out / r.id / "thumbnail.png"))
         assert png.GetNumberOfComponentsPerPixel() == 3 and png.GetSize()[1] == 160
     with open(out / "worklist.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert [t["id"] for t in table] == [r.id for r in rows] and table[0]["rank"] == "1"
+    assert {"findings", "largest_finding_ml"} <= set(table[0])
     page = (out / "worklist.html").read_text()
     assert all(r.id in page for r in rows) and page.count("thumbnail.png") == 4 and "http" not in page
     assert read_worklist(out / "worklist.csv").rows == rows

@@ -89,6 +89,11 @@ def score_file(input: str, out: str, model: str | None = None, methods: list[str
         print(f"note: model {package.name} from {package.path} is used; it shadows {', '.join(package.shadows)}",
               file=sys.stderr)
     if not quiet:
+        from ..core.findings import describe_findings
+        print(f"findings at anomaly level {chosen.level:.3g} ({len(written['findings'])}; all in {out}/findings.csv):\n"
+              + "\n".join("  " + line for line in describe_findings(written["findings"]).splitlines()),
+              file=sys.stderr)
+    if not quiet:
         print(f"PROGRESS 100.0 wrote {out} in {time.perf_counter() - t0:.1f} s "
               f"(writing {time.perf_counter() - t_write:.1f} s)", file=sys.stderr)
     return EXIT_OK

@@ -26,6 +26,7 @@ import SimpleITK as sitk
 from .. import __version__
 from ..errors import InputError
 from . import levels
+from .findings import find_findings, findings_rule, write_findings_csv
 from .imageio import write_image
 from .package import ModelPackage
 from .pipeline import ScoreResult
@@ -215,12 +216,13 @@ def fusion_block(package: ModelPackage, result: ScoreResult) -> dict[str, Any]:
 
 def write_results(out: Path, reference: sitk.Image, result: ScoreResult, threshold: Threshold,
                   summary: dict[str, Any], force: bool = False,
-                  extras: Callable[[Path, np.ndarray], None] | None = None) -> dict[str, Any]:
-    """Write heatmaps, segmentation, brain mask, slice scores and summary.json into ``out``;
-    return the summary as written (``summary`` plus what the segmentation adds, and a
-    ``note`` when this scan is flagged far more broadly than healthy brains). ``extras(folder,
-    segmentation)`` adds files of the caller's (e.g. a thumbnail) before the folder is
-    published, so they appear with the rest or not at all."""
+                  extras: Callable[[Path, np.ndarray, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Write heatmaps, segmentation, brain mask, slice scores, findings (findings.csv) and
+    summary.json into ``out``; return the summary as written (``summary`` plus what the
+    segmentation adds: its volume, its findings, and a ``note`` when this scan is flagged far
+    more broadly than healthy brains). ``extras(folder, segmentation, summary)`` adds files of
+    the caller's (e.g. a thumbnail) before the folder is published, so they appear with the
+    rest or not at all."""
     check_output_dir(out, force)
     parent = out.resolve().parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
@@ -237,11 +239,18 @@ def write_results(out: Path, reference: sitk.Image, result: ScoreResult, thresho
         summary = {**summary, "segmented_voxels": int(seg.sum()),
                    "segmented_ml": float(seg.sum() * np.prod(reference.GetSpacing()[:3]) / 1000.0),
                    "segmented_brain_share": share}
+        per_level = threshold.level / threshold.value if threshold.value else 1.0
+        findings = find_findings(seg, result.maps[threshold.method] * per_level, result.brain_mask,
+                                 reference.GetOrigin(), reference.GetSpacing()[:3], reference.GetDirection(),
+                                 result.axial_axis)
+        summary["findings"] = findings
+        summary["findings_rule"] = {**findings_rule(), "method": threshold.method, "units": "anomaly levels"}
+        write_findings_csv(tmp / "findings.csv", findings)
         note = levels.threshold_note(summary, threshold.method, share, threshold.healthy_rate)
         if note:
             summary["note"] = note
         if extras is not None:
-            extras(tmp, seg)
+            extras(tmp, seg, summary)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         _publish(tmp, out, force)
     except (OSError, RuntimeError) as exc:  # a full disk, a vanished folder, an ITK writer error

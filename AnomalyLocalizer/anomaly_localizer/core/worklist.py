@@ -50,11 +50,14 @@ class Row:
     mask: str | None = None
     sha256: str = ""  # content hash of input, mask, model and options: what a rerun compares
     error: str = ""
+    findings: int | None = None  # connected regions of the segmentation (core.findings)
+    largest_finding_ml: float | None = None
 
 
 COLUMNS = [f.name for f in fields(Row)]
 CSV_COLUMNS = ["rank", "id", "status", "scan_percentile", "volume_score", "top_slice", "top_slice_percentile",
-               "segmented_ml", "brain_mask_source", "note", "seconds", "input", "series", "mask", "error", "sha256"]
+               "segmented_ml", "findings", "largest_finding_ml", "brain_mask_source", "note", "seconds", "input",
+               "series", "mask", "error", "sha256"]
 
 
 def rank_rows(rows: list[Row]) -> list[Row]:
@@ -160,8 +163,9 @@ def read_worklist(path: str | os.PathLike) -> Worklist:
     return Worklist(folder, record.get("options", {}), rank_rows(rows))
 
 
-_NUMBERS = ("scan_percentile", "volume_score", "top_slice_percentile", "segmented_ml", "seconds")
-_INTEGERS = ("rank", "top_slice")
+_NUMBERS = ("scan_percentile", "volume_score", "top_slice_percentile", "segmented_ml", "seconds",
+            "largest_finding_ml")
+_INTEGERS = ("rank", "top_slice", "findings")
 _TEXTS = ("id", "input", "status", "note", "sha256", "error")
 _OPTIONAL_TEXTS = ("brain_mask_source", "series", "mask")
 

@@ -124,9 +124,12 @@ def screen_one(scan: Scan, key: str, out: str, options: ScreenOptions, redo: boo
         scale, _ = levels.level_scale(package.calibration, chosen.method, result.maps[chosen.method],
                                       result.brain_mask)
 
-        def thumbnail(folder: Path, seg: np.ndarray) -> None:
-            if top is not None:
-                write_png(render_thumbnail(image, result.maps[chosen.method] / scale, seg, result.brain_mask, top,
+        def thumbnail(folder: Path, seg: np.ndarray, written: dict) -> None:
+            # the top finding's peak slice, else the most anomalous slice
+            findings = written.get("findings") or []
+            where = findings[0]["peak_index_ijk"][result.axial_axis] if findings else top
+            if where is not None:
+                write_png(render_thumbnail(image, result.maps[chosen.method] / scale, seg, result.brain_mask, where,
                                            chosen.level), folder / THUMBNAIL)
 
         written = write_results(Path(out) / scan.id, image, result, chosen, summary, force=redo, extras=thumbnail)
@@ -147,7 +150,9 @@ def row_from_summary(row: Row, summary: dict) -> Row:
     return Row(row.id, row.input, DONE, None, s.get("scan_percentile"),
                volume if volume is not None and math.isfinite(volume) else None, s.get("top_slice"),
                s.get("top_slice_percentile"), summary.get("segmented_ml"), summary.get("brain_mask_source"),
-               summary.get("note", ""), s.get("seconds"), row.series, row.mask, s["sha256"], "")
+               summary.get("note", ""), s.get("seconds"), row.series, row.mask, s["sha256"], "",
+               findings=len(summary.get("findings", [])) if "findings" in summary else None,
+               largest_finding_ml=max((f["volume_ml"] for f in summary.get("findings", [])), default=None))
 
 
 def _screened_summary(folder: Path) -> dict | None:

@@ -67,6 +67,8 @@ def _row(r: Row, folder: Path) -> str:
     vol, vol_v = _num(r.volume_score, ".4g")
     ml, ml_v = _num(r.segmented_ml, ".2f")
     sec, sec_v = _num(r.seconds, ".1f")
+    found = "" if r.findings is None else str(r.findings) + (
+        f" ({r.largest_finding_ml:.2g})" if r.largest_finding_ml is not None else "")
     top = "" if r.top_slice is None else str(r.top_slice)
     if r.top_slice_percentile is not None:
         top += f" ({r.top_slice_percentile:.1f} %)"
@@ -79,7 +81,7 @@ def _row(r: Row, folder: Path) -> str:
     cells = [_cell(rank, rank or "1e300", "num"), _cell(img, r.id), _cell(html.escape(r.id), r.id),
              _cell(html.escape(r.status), r.status), _cell(pct, pct_v, "num"), _cell(vol, vol_v, "num"),
              _cell(top, "1e300" if r.top_slice is None else str(r.top_slice), "num"), _cell(ml, ml_v, "num"),
-             _cell(html.escape(r.brain_mask_source or "")), _cell(detail, r.error or r.note),
+             _cell(found, "-1" if r.findings is None else str(r.findings), "num"), _cell(html.escape(r.brain_mask_source or "")), _cell(detail, r.error or r.note),
              _cell(sec, sec_v, "num"), _cell(html.escape(r.input), r.input)]
     return f'<tr class="{html.escape(r.status)}">' + "".join(cells) + "</tr>"
 
@@ -87,8 +89,8 @@ def _row(r: Row, folder: Path) -> str:
 def render_html(folder: Path, rows: list[Row], options: dict[str, Any]) -> str:
     counts = {s: sum(r.status == s for r in rows) for s in (DONE, FAILED)}
     pending = len(rows) - counts[DONE] - counts[FAILED]
-    heads = ["rank", "most anomalous slice", "scan", "status", "healthy percentile", "scan score", "slice (percentile)",
-             "segmented mL", "brain mask", "note / error", "seconds", "input"]
+    heads = ["rank", "top finding (or most anomalous slice)", "scan", "status", "healthy percentile", "scan score",
+             "slice (percentile)", "segmented mL", "findings (largest mL)", "brain mask", "note / error", "seconds", "input"]
     model = html.escape(str(options.get("model_name", "")))
     return "\n".join([
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',

@@ -1,0 +1,71 @@
+"""Findings of the current segmentation in the scene: the engine's list (how many, how big,
+where), a markup point at each peak, and centring the slice views on one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import vtk
+from anomaly_localizer.core.findings import find_findings
+
+FINDINGS_ROLE = "findings"  # output role of the markups node of the peaks
+
+
+def nodeGeometryLPS(volumeNode) -> tuple[tuple, tuple, tuple]:
+    """Origin, spacing and direction of a volume node as SimpleITK states them (LPS)."""
+    flip = np.diag([-1.0, -1.0, 1.0])
+    m = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASDirectionMatrix(m)
+    directions = np.array([[m.GetElement(r, c) for c in range(3)] for r in range(3)])
+    origin = flip @ np.array(volumeNode.GetOrigin(), dtype=float)
+    return tuple(origin), tuple(volumeNode.GetSpacing()), tuple((flip @ directions).ravel())
+
+
+class FindingsMixin:
+    """Findings of :class:`AnomalyLocalizerLogic`'s current heatmap and threshold."""
+
+    def findings(self) -> list[dict[str, Any]]:
+        """The findings of the segmentation at the current threshold (the engine's
+        :func:`~anomaly_localizer.core.findings.find_findings`: connected regions ranked by
+        peak anomaly level, with positions in RAS and LPS); updates the peaks' markup points."""
+        inputVolume = self.inputVolume()
+        if inputVolume is None or self._mask is None:
+            return []
+        origin, spacing, direction = nodeGeometryLPS(inputVolume)
+        levels = self.result.maps[self.method] / self.result.levelScale[self.method]
+        found = find_findings(self._mask, levels, self.result.brainMask, origin, spacing, direction,
+                              self.result.axialAxis)
+        self._showPeaks(inputVolume, found)
+        return found
+
+    def _showPeaks(self, inputVolume, found: list[dict[str, Any]]) -> None:
+        """One markup point per finding's peak, labelled with its rank and volume; the node
+        is an output of the input volume like the others, reused on every update."""
+        node = self.outputNode(inputVolume, FINDINGS_ROLE)
+        if node is None or self.scene.GetNodeByID(node.GetID()) is None:
+            if not found:
+                return
+            node = self._outputNode(inputVolume, FINDINGS_ROLE, "vtkMRMLMarkupsFiducialNode",
+                                    f"{inputVolume.GetName()} anomaly findings", [], None)
+            node.CreateDefaultDisplayNodes()
+            display = node.GetDisplayNode()
+            if display is not None:
+                display.SetSelectedColor(0.1, 0.9, 1.0)
+                display.SetTextScale(2.5)
+        wasModifying = node.StartModify()
+        try:
+            node.RemoveAllControlPoints()
+            for f in found:
+                index = node.AddControlPoint(vtk.vtkVector3d(*f["peak_ras"]), f"#{f['rank']} {f['volume_ml']:.2g} mL")
+                node.SetNthControlPointLocked(index, True)
+        finally:
+            node.EndModify(wasModifying)
+
+    def centreOnFinding(self, finding: dict[str, Any]) -> tuple[float, float, float]:
+        """Centre every slice view on a finding's peak; returns its RAS position."""
+        ras = tuple(float(v) for v in finding["peak_ras"])
+        col = self.scene.GetNodesByClass("vtkMRMLSliceNode")
+        for i in range(col.GetNumberOfItems()):
+            col.GetItemAsObject(i).JumpSliceByCentering(*ras)
+        return ras

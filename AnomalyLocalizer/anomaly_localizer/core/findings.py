@@ -1,0 +1,132 @@
+"""Findings: the connected regions of an anomaly segmentation, with where they are.
+
+A radiologist asks how many, how big and where. Each finding is one connected region of the
+segmentation (26-connected: voxels touching by a face, an edge or a corner belong together)
+of at least :data:`MIN_FINDING_ML`, ranked by its peak anomaly level, with its volume, peak and
+mean level, the positions of its peak and centroid in patient coordinates (RAS as Slicer
+shows them, LPS as DICOM and ITK use), its axial slice range on the input grid, and its side
+of the brain. The midline is taken as the brain mask's centre of mass along the patient's
+left-right axis, which is right for a brain in a usual head position and approximate for a
+tilted one; a region with at least :data:`BOTH_SIDES_SHARE` of its voxels on each side is
+"both".
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+CONNECTIVITY = "26-connected (voxels sharing a face, an edge or a corner)"
+MIN_FINDING_ML = 0.05  # smaller regions are listed nowhere (noise-sized; 50 voxels of 1 mm)
+MAX_FINDINGS = 100  # the highest-peaked ones; a map flagging more regions than this is broadly raised
+BOTH_SIDES_SHARE = 0.2
+CSV_COLUMNS = ["rank", "volume_ml", "voxels", "peak_level", "mean_level",
+               "peak_r", "peak_a", "peak_s", "centroid_r", "centroid_a", "centroid_s",
+               "peak_lps_l", "peak_lps_p", "peak_lps_s", "axial_first", "axial_last", "hemisphere"]
+
+
+def _index_to_lps(ijk: np.ndarray, origin, spacing, direction) -> np.ndarray:
+    """Continuous ITK indices (n, 3; i, j, k order) to LPS millimetres (n, 3)."""
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    return np.asarray(origin, dtype=float) + (ijk * np.asarray(spacing, dtype=float)) @ d.T
+
+
+def find_findings(segmentation: np.ndarray, levels: np.ndarray, brain_mask: np.ndarray, origin, spacing, direction,
+                  axial_axis: int, min_ml: float = MIN_FINDING_ML, limit: int = MAX_FINDINGS) -> list[dict[str, Any]]:
+    """The findings of a segmentation (numpy k, j, i order, like ``levels`` and the brain
+    mask), ranked by peak level; geometry as SimpleITK gives it; ``axial_axis`` is the ITK
+    index axis that runs foot to head."""
+    seg = np.ascontiguousarray(segmentation, dtype=np.uint8)
+    if not seg.any():
+        return []
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    min_voxels = max(1, int(np.ceil(min_ml / voxel_ml)))
+    components = sitk.ConnectedComponent(sitk.GetImageFromArray(seg), True)
+    labels = sitk.GetArrayFromImage(sitk.RelabelComponent(components, min_voxels)).astype(np.int32)
+    n = int(labels.max())
+    if n == 0:
+        return []
+    flat_labels, flat_levels = labels.ravel(), np.asarray(levels, dtype=np.float64).ravel()
+    inside = np.flatnonzero(flat_labels)
+    lab, lev = flat_labels[inside], flat_levels[inside]
+    counts = np.bincount(lab, minlength=n + 1)
+    sums = np.bincount(lab, weights=lev, minlength=n + 1)
+    # peak of each region: sort by (label, level) and take each label's last entry
+    order = np.lexsort((lev, lab))
+    last = np.flatnonzero(np.diff(np.append(lab[order], n + 1)))
+    peak_flat = inside[order[last]]
+    peak_level = flat_levels[peak_flat]
+    zyx = np.stack(np.unravel_index(inside, labels.shape), axis=1).astype(np.float64)
+    centroid_zyx = np.stack([np.bincount(lab, weights=zyx[:, a], minlength=n + 1) for a in range(3)], axis=1)
+    centroid_zyx = centroid_zyx[1:] / counts[1:, None]
+    peak_zyx = np.stack(np.unravel_index(peak_flat, labels.shape), axis=1).astype(np.float64)
+    centroid_lps = _index_to_lps(centroid_zyx[:, ::-1], origin, spacing, direction)
+    peak_lps = _index_to_lps(peak_zyx[:, ::-1], origin, spacing, direction)
+    # the patient's left-right position of every region voxel, against the brain's midline
+    brain = np.flatnonzero(np.asarray(brain_mask).ravel())
+    brain_zyx = np.stack(np.unravel_index(brain, labels.shape), axis=1).astype(np.float64)
+    midline_x = float(_index_to_lps(brain_zyx.mean(axis=0, keepdims=True)[:, ::-1], origin, spacing, direction)[0, 0]) \
+        if brain.size else float(_index_to_lps(np.array([[0.0, 0.0, 0.0]]), origin, spacing, direction)[0, 0])
+    voxel_x = _index_to_lps(zyx[:, ::-1], origin, spacing, direction)[:, 0]
+    left_counts = np.bincount(lab, weights=(voxel_x > midline_x).astype(np.float64), minlength=n + 1)[1:]
+    axial_np = 2 - axial_axis
+    axial_first = np.full(n + 1, np.iinfo(np.int64).max)
+    axial_last = np.full(n + 1, -1)
+    np.minimum.at(axial_first, lab, zyx[:, axial_np].astype(np.int64))
+    np.maximum.at(axial_last, lab, zyx[:, axial_np].astype(np.int64))
+
+    found = []
+    for r in range(n):
+        left_share = left_counts[r] / counts[r + 1]
+        side = ("left" if left_share >= 1 - BOTH_SIDES_SHARE else "right" if left_share <= BOTH_SIDES_SHARE
+                else "both")
+        lps, c_lps = peak_lps[r], centroid_lps[r]
+        found.append({
+            "volume_ml": round(float(counts[r + 1] * voxel_ml), 4), "voxels": int(counts[r + 1]),
+            "peak_level": float(peak_level[r]), "mean_level": float(sums[r + 1] / counts[r + 1]),
+            "peak_ras": [round(float(-lps[0]), 2), round(float(-lps[1]), 2), round(float(lps[2]), 2)],
+            "centroid_ras": [round(float(-c_lps[0]), 2), round(float(-c_lps[1]), 2), round(float(c_lps[2]), 2)],
+            "peak_lps": [round(float(v), 2) for v in lps], "centroid_lps": [round(float(v), 2) for v in c_lps],
+            "peak_index_ijk": [int(v) for v in peak_zyx[r, ::-1]],
+            "axial_slices": [int(axial_first[r + 1]), int(axial_last[r + 1])], "hemisphere": side})
+    found.sort(key=lambda f: -f["peak_level"])
+    for rank, f in enumerate(found[:limit], start=1):
+        f["rank"] = rank
+    return [{"rank": f.pop("rank"), **f} for f in found[:limit]]
+
+
+def findings_rule(min_ml: float = MIN_FINDING_ML, limit: int = MAX_FINDINGS) -> dict[str, Any]:
+    """How the findings were made, for summary.json."""
+    return {"connectivity": CONNECTIVITY, "min_volume_ml": min_ml, "max_listed": limit,
+            "ranked_by": "peak anomaly level", "coordinates": "millimetres: RAS as Slicer shows them, LPS as DICOM",
+            "axial_slices": "first and last index along the input grid's foot-to-head axis",
+            "hemisphere": "patient side, against the brain mask's centre of mass (midline approximate if tilted)"}
+
+
+def write_findings_csv(path: Path, findings: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        for x in findings:
+            w.writerow([x["rank"], f"{x['volume_ml']:.4g}", x["voxels"], f"{x['peak_level']:.4g}",
+                        f"{x['mean_level']:.4g}", *x["peak_ras"], *x["centroid_ras"], *x["peak_lps"],
+                        *x["axial_slices"], x["hemisphere"]])
+
+
+def describe_findings(findings: list[dict[str, Any]], top: int = 3) -> str:
+    """One line per finding, for a terminal or a picture: 'size, side, where, peak'."""
+    if not findings:
+        return "no finding at this threshold"
+    lines = []
+    for f in findings[:top]:
+        r, a, s = f["peak_ras"]
+        lines.append(f"#{f['rank']}: {f['volume_ml']:.2g} mL, {f['hemisphere']}, peak at R {r:.0f} A {a:.0f} "
+                     f"S {s:.0f} mm (level {f['peak_level']:.2g}), axial slices {f['axial_slices'][0]}-"
+                     f"{f['axial_slices'][1]}")
+    if len(findings) > top:
+        lines.append(f"and {len(findings) - top} more")
+    return "\n".join(lines)
