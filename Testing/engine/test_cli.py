@@ -203,3 +203,15 @@ def test_progress_estimates_the_time_left_once_there_is_enough_to_go_on():
     assert time_left(0.01, 10.0) == "" and time_left(0.5, 1.0) == "" and time_left(1.0, 50.0) == ""
     assert time_left(0.5, 10.0) == " (about 10 s left)"
     assert time_left(0.1, 60.0) == " (about 9 min left)"
+
+
+def test_help_lists_what_users_run_first_then_model_making_and_measuring(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    sections = ["Reading scans:", "Making models", "Measuring models:"]
+    assert [text.index(s) for s in sections] == sorted(text.index(s) for s in sections)
+    reading = text[text.index("Reading scans:"):text.index("Making models")]
+    assert [line.split()[0] for line in reading.splitlines()[1:] if line.startswith("  ")][:4] == \
+        ["score", "screen", "models", "demo"]
+    assert all(len(line) <= 100 for line in text.splitlines())

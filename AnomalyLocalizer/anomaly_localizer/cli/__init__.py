@@ -13,25 +13,51 @@ import argparse
 import logging
 import signal
 import sys
+import textwrap
 
 from .. import __version__
 from ..errors import AnomalyLocalizerError, CancelledError
 from .common import EXIT_CANCELLED, EXIT_INPUT
 
-# Command groups, in the order ``--help`` lists them.
+# Modules that register commands (one per command group).
 GROUPS = ("score", "screen", "train", "calibrate", "evaluate", "release", "demo")
+# How ``--help`` lists the commands: what users run first, then making and measuring models.
+HELP_SECTIONS = {
+    "Reading scans": ("score", "screen", "models", "demo", "compare-worklists"),
+    "Making models (training, calibration, release)": (
+        "train", "train-lsr", "train-dae", "train-ssl", "train-brainmask", "calibrate", "standardise",
+        "scan-relative", "tune-restoration", "tune-smoothing", "release", "join-folds", "fuse", "index", "card"),
+    "Measuring models": ("evaluate", "fpr", "brainmask-dice", "benchmark", "benchmark-screen", "paper-fmnist"),
+}
+
+
+def _grouped_commands(sub) -> str:
+    """The commands under their section headings, each with its one-line help."""
+    helps = {a.dest: a.help or "" for a in sub._choices_actions}
+    listed = [c for names in HELP_SECTIONS.values() for c in names]
+    missing = sorted(set(helps) - set(listed))
+    assert not missing, f"commands without a --help section: {missing}"
+    lines = []
+    for title, names in HELP_SECTIONS.items():
+        lines.append(f"{title}:")
+        lines += [textwrap.fill(helps[name], width=100, initial_indent=f"  {name:<20}", subsequent_indent=" " * 22)
+                  for name in names]
+        lines.append("")
+    return "\n".join(lines) + "anomaly-localizer COMMAND --help says what a command takes."
 
 
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    p = argparse.ArgumentParser(prog="anomaly-localizer",
+    p = argparse.ArgumentParser(prog="anomaly-localizer", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Unsupervised anomaly localisation in brain MRI.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of the commands below")
     for name in GROUPS:
         importlib.import_module(f"{__name__}.{name}").register(sub)
+    p.epilog = _grouped_commands(sub)
+    sub._choices_actions.clear()  # listed under their headings in the epilog instead of in one block
     return p
 
 
