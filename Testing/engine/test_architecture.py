@@ -3,6 +3,9 @@
 - The scoring core (``anomaly_localizer.core``) imports neither tooling nor the command line.
 - Tooling (``anomaly_localizer.tooling``) never imports the command line, and nothing outside
   the command line does.
+- Tooling is grouped by concern, each group importing only those below it: evaluation, then
+  release (making a trained model shippable), then training, then screening; ``tooling.data``
+  and ``tooling.metrics`` serve them all.
 - The Slicer logic (``AnomalyLocalizerLib``) uses only the engine's core.
 - No import cycles; no source file over 500 lines.
 - A detector family module imports nothing heavy when it is imported (the registry is read
@@ -86,6 +89,26 @@ def test_only_the_command_line_imports_the_command_line():
         if not module.startswith("anomaly_localizer.cli"):
             bad = {d for d in deps if d.startswith("anomaly_localizer.cli")}
             assert not bad, f"{module} imports {sorted(bad)}"
+
+
+TOOLING_LAYERS = ("evaluation", "release", "training", "screening")  # lowest first
+TOOLING_BASE = ("anomaly_localizer.tooling", "anomaly_localizer.tooling.data", "anomaly_localizer.tooling.metrics")
+
+
+def test_tooling_groups_import_only_the_groups_below_them():
+    graph = _graph()
+    tooling = {m for m in graph if m.startswith("anomaly_localizer.tooling")}
+    grouped = {m for m in tooling if len(m.split(".")) > 2 and m.split(".")[2] in TOOLING_LAYERS}
+    flat = tooling - set(TOOLING_BASE) - grouped
+    assert not flat, f"tooling modules outside the groups {TOOLING_LAYERS}: {sorted(flat)}"
+    for module in grouped:
+        layer = TOOLING_LAYERS.index(module.split(".")[2])
+        for dep in graph[module]:
+            if dep.startswith("anomaly_localizer.tooling.") and dep not in TOOLING_BASE:
+                assert TOOLING_LAYERS.index(dep.split(".")[2]) <= layer, f"{module} imports {dep}"
+    for base in TOOLING_BASE[1:]:
+        bad = {d for d in graph[base] if d.startswith("anomaly_localizer.tooling.") and d not in TOOLING_BASE}
+        assert not bad, f"{base} imports {sorted(bad)}"
 
 
 def test_the_slicer_logic_uses_only_the_engines_core():

@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from anomaly_localizer.core.brainextract import extract_brain, head_mask, postprocess
-from anomaly_localizer.tooling.brainmask import LESION_KINDS, _with_lesion
+from anomaly_localizer.tooling.training.brainmask import LESION_KINDS, _with_lesion
 from anomaly_localizer.cli import main
 from anomaly_localizer.errors import InputError
 from anomaly_localizer.core.package import load_package
@@ -33,7 +33,7 @@ def heads(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def extractor(heads, tmp_path_factory):
-    from anomaly_localizer.tooling.brainmask import train_brainmask
+    from anomaly_localizer.tooling.training.brainmask import train_brainmask
     out = tmp_path_factory.mktemp("bx") / "bx"
     return train_brainmask(heads, out, epochs=25, batch_size=8, learning_rate=3e-3, spacing=6.0,
                            arch={"slice_size": 32, "feature_maps": [4, 8, 16]}, progress=None, slice_step=1)

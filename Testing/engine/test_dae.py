@@ -16,7 +16,7 @@ from anomaly_localizer.core.detectors.dae import erode, median_filter, residual_
 from anomaly_localizer.core.package import load_package
 from anomaly_localizer.core.installed import resolve_package_for
 from anomaly_localizer.core.pipeline import score_volume
-from anomaly_localizer.tooling.train_dae import DAETrainConfig, coarse_noise, train_dae
+from anomaly_localizer.tooling.training.train_dae import DAETrainConfig, coarse_noise, train_dae
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import SimpleITK as sitk
 
 from anomaly_localizer.cli import main
 from anomaly_localizer.tooling.metrics import auroc, average_precision, best_dice, dice_at
-from anomaly_localizer.tooling.synthetic import KINDS, insert_anomaly, make_case
+from anomaly_localizer.tooling.evaluation.synthetic import KINDS, insert_anomaly, make_case
 
 from phantoms import image_from, make_tiny_package, phantom_array
 
@@ -112,8 +112,8 @@ def test_per_kind_and_intensity_only_figures_pool_the_right_cases(monkeypatch):
     """Three cases: two intensity anomalies and one deformation. The per-kind figures use only
     that kind's cases; the intensity-only figures pool the two intensity cases and leave the
     deformation out. A fake scorer makes every figure known in advance."""
-    from anomaly_localizer.tooling import evaluate as ev
-    from anomaly_localizer.tooling.evaluate import Case, INTENSITY_ONLY
+    from anomaly_localizer.tooling.evaluation import evaluate as ev
+    from anomaly_localizer.tooling.evaluation.evaluate import Case, INTENSITY_ONLY
     from anomaly_localizer.core.pipeline import ScoreResult
     shape = (4, 8, 8)
     brain = np.ones(shape, bool)
@@ -153,7 +153,7 @@ def test_per_kind_and_intensity_only_figures_pool_the_right_cases(monkeypatch):
 
 
 def test_the_hard_case_set_holds_small_subtle_soft_anomalies_labelled_where_the_image_changed():
-    from anomaly_localizer.tooling.hard_cases import CHANGE_LABEL, SEMI_AXIS_MM, make_hard_case
+    from anomaly_localizer.tooling.evaluation.hard_cases import CHANGE_LABEL, SEMI_AXIS_MM, make_hard_case
     arr = phantom_array((40, 56, 48), seed=3)
     brain = arr != 0
     iqr = np.subtract(*np.percentile(arr[brain], [75, 25]))
@@ -179,7 +179,7 @@ def test_the_hard_case_set_holds_small_subtle_soft_anomalies_labelled_where_the_
 
 def test_evaluate_reports_figures_per_kind_and_per_size_on_the_hard_set(tiny_package, tmp_path):
     from anomaly_localizer.tooling.data import Subject
-    from anomaly_localizer.tooling.evaluate import case_set, evaluate, format_table
+    from anomaly_localizer.tooling.evaluation.evaluate import case_set, evaluate, format_table
     paths = []
     for i in range(2):
         p = tmp_path / f"h{i}.nii.gz"

@@ -15,9 +15,9 @@ from anomaly_localizer.core.package import load_package
 from anomaly_localizer.core.package import resolve_package
 from anomaly_localizer.core.pipeline import score_volume
 from anomaly_localizer.errors import InputError, PackageError
-from anomaly_localizer.tooling.calibrate import calibrate_package
+from anomaly_localizer.tooling.release.calibrate import calibrate_package
 from anomaly_localizer.tooling.data import find_subjects
-from anomaly_localizer.tooling.fusion import choose_rule, make_fused
+from anomaly_localizer.tooling.release.fusion import choose_rule, make_fused
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +195,8 @@ def test_rule_auto_scores_validation_cases_and_records_the_choice(world, tmp_pat
 
 
 def test_commands_that_need_weights_or_own_maps_refuse_a_fused_model_with_advice(fused, world, tmp_path):
-    from anomaly_localizer.tooling.edit import release_package
-    from anomaly_localizer.tooling.tune_smoothing import tune_package
+    from anomaly_localizer.tooling.release.edit import release_package
+    from anomaly_localizer.tooling.release.tune_smoothing import tune_package
     with pytest.raises(InputError, match="fused model.*fuse"):
         release_package(fused.path, tmp_path / "r", str(world["data"]))
     with pytest.raises(InputError, match="fused model.*fuse"):
@@ -205,7 +205,7 @@ def test_commands_that_need_weights_or_own_maps_refuse_a_fused_model_with_advice
 
 
 def test_the_model_card_says_what_is_fused_and_which_kinds_the_tasks_held_out(fused):
-    from anomaly_localizer.tooling.modelcard import render_card, results_sections
+    from anomaly_localizer.tooling.release.modelcard import render_card, results_sections
     ev = {"case_set": {"kind": "synthetic", "set": "hard"}, "title": "hard", "command": "anomaly-localizer evaluate",
           "cases": 2, "lesion_voxels": 10, "abnormal_slices": 2, "normal_slices": 5, "seconds_per_case": 1.0,
           "cases_by_kind": {"source": 1, "noise": 1}, "cases_by_size": {"small (mean semi-axis < 10 mm)": 2},
@@ -278,7 +278,7 @@ def test_a_scan_relative_fused_map_is_divided_by_its_own_median_after_the_slice_
 def test_real_cases_for_the_choice_are_named_and_checked_before_any_scoring(tmp_path):
     import SimpleITK as sitk
 
-    from anomaly_localizer.tooling.fusion import selection_cases
+    from anomaly_localizer.tooling.release.fusion import selection_cases
     for name in ("case1", "case2", "case3"):
         (tmp_path / name).mkdir()
         arr = phantom_array(lesion=True)

@@ -156,7 +156,7 @@ def test_a_bad_or_silent_cluster_address_is_refused_before_the_folder_is_made(se
                                                                             address, monkeypatch):
     pytest.importorskip("distributed")
     _, pkg = setup
-    import anomaly_localizer.tooling.screen_cluster as sc
+    import anomaly_localizer.tooling.screening.screen_cluster as sc
     real = sc._client
     monkeypatch.setattr(sc, "_client", lambda w, a: real(w, a) if a == "not a url" else
                         (_ for _ in ()).throw(InputError(f"cannot reach the Dask scheduler at {a} (refused)")))
@@ -189,7 +189,7 @@ def test_compare_worklists_refuses_a_damaged_file_and_disjoint_worklists(setup, 
 
 def test_a_second_screening_into_a_held_folder_is_refused_and_changes_nothing(setup, scans, tmp_path, capsys):
     _, pkg = setup
-    from anomaly_localizer.tooling.screen import worklist_lock
+    from anomaly_localizer.tooling.screening.screen import worklist_lock
     out = tmp_path / "w"
     out.mkdir()
     with worklist_lock(out):
@@ -231,7 +231,7 @@ def test_ids_stay_the_same_when_inputs_are_removed(setup, tmp_path):
 
 def test_a_scan_written_just_before_an_interruption_is_recorded_done(setup, scans, tmp_path, monkeypatch):
     _, pkg = setup
-    import anomaly_localizer.tooling.screen as screen_mod
+    import anomaly_localizer.tooling.screening.screen as screen_mod
     real = screen_mod.screen_one
     calls = []
 
@@ -272,9 +272,9 @@ def test_a_broken_package_that_shadows_a_good_one_says_it_blocks_it(setup, monke
 def _world_with_fused(tmp_path, monkeypatch):
     from phantoms import healthy_folder, make_tiny_dae_package
     from anomaly_localizer.core.package import load_package, update_meta
-    from anomaly_localizer.tooling.calibrate import calibrate_package
+    from anomaly_localizer.tooling.release.calibrate import calibrate_package
     from anomaly_localizer.tooling.data import find_subjects
-    from anomaly_localizer.tooling.fusion import make_fused
+    from anomaly_localizer.tooling.release.fusion import make_fused
     subjects = find_subjects(healthy_folder(tmp_path / "healthy", n=2))
     monkeypatch.setenv("ANOMALY_LOCALIZER_MODELS", str(tmp_path / "models"))
     dae = make_tiny_dae_package(tmp_path / "models" / "tiny-dae")
@@ -355,7 +355,7 @@ def test_fuse_says_a_fused_model_is_not_a_component_and_a_bad_meta_file_is_the_u
     fused = _world_with_fused(tmp_path, monkeypatch)
     from anomaly_localizer.core.package import read_json
     from anomaly_localizer.errors import PackageError
-    from anomaly_localizer.tooling.fusion import make_fused
+    from anomaly_localizer.tooling.release.fusion import make_fused
     with pytest.raises(InputError, match="itself a fused map.*tiny-dae:dae"):
         make_fused([f"{fused.path}:fused"], tmp_path / "x", None)
     (tmp_path / "bad.json").write_text("{")
@@ -366,7 +366,7 @@ def test_fuse_says_a_fused_model_is_not_a_component_and_a_bad_meta_file_is_the_u
 
 
 def test_subjects_advice_only_where_the_option_exists(setup, tmp_path):
-    from anomaly_localizer.tooling.edit import subjects_of
+    from anomaly_localizer.tooling.release.edit import subjects_of
     from phantoms import healthy_folder
     _, pkg = setup
     data = healthy_folder(tmp_path / "h", n=1)

@@ -147,7 +147,7 @@ def test_cli_scores_lsr(tiny_lsr_package, tmp_path):
 
 
 def test_train_lsr_writes_a_calibrated_package(tmp_path):
-    from anomaly_localizer.tooling.train_lsr import LSRTrainConfig, train_lsr
+    from anomaly_localizer.tooling.training.train_lsr import LSRTrainConfig, train_lsr
     root = tmp_path / "healthy"
     (root / "t1").mkdir(parents=True)
     (root / "brainmask").mkdir()

@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from anomaly_localizer.cli import main
-from anomaly_localizer.tooling.paper import read_idx
+from anomaly_localizer.tooling.evaluation.paper import read_idx
 
 
 def _write_idx(path, array):

@@ -11,7 +11,7 @@ from anomaly_localizer.core.package import build_network as build_model
 from anomaly_localizer.core.pipeline import score_volume
 from anomaly_localizer.core.restoration import (REFERENCE_RESTORATION, objective, restoration_map, restore,
                                                 total_variation)
-from anomaly_localizer.tooling.tune_restoration import choose_lambda
+from anomaly_localizer.tooling.release.tune_restoration import choose_lambda
 
 from phantoms import TINY_ARCH, image_from, phantom_array
 

@@ -14,7 +14,7 @@ from anomaly_localizer.core.package import load_package, update_meta
 from anomaly_localizer.core.pipeline import score_volume
 from anomaly_localizer.core.relative import reference_note, reference_summary, relative_to_scan
 from anomaly_localizer.errors import InputError, PackageError
-from anomaly_localizer.tooling.calibrate import calibrate_package
+from anomaly_localizer.tooling.release.calibrate import calibrate_package
 from anomaly_localizer.tooling.data import find_subjects
 
 

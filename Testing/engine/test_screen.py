@@ -16,10 +16,10 @@ from anomaly_localizer.core.levels import volume_percentile
 from anomaly_localizer.core.results import read_results
 from anomaly_localizer.core.worklist import read_worklist
 from anomaly_localizer.errors import InputError
-from anomaly_localizer.tooling.calibrate import calibrate_package
+from anomaly_localizer.tooling.release.calibrate import calibrate_package
 from anomaly_localizer.tooling.data import find_subjects
-from anomaly_localizer.tooling.screen import ScreenOptions, plan, run_screening
-from anomaly_localizer.tooling.screen_inputs import find_scans
+from anomaly_localizer.tooling.screening.screen import ScreenOptions, plan, run_screening
+from anomaly_localizer.tooling.screening.screen_inputs import find_scans
 
 SHAPE = (24, 40, 34)
 

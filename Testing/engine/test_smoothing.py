@@ -8,11 +8,11 @@ import pytest
 import SimpleITK as sitk
 
 from anomaly_localizer.cli import main
-from anomaly_localizer.tooling.evaluate import slice_top_mean
+from anomaly_localizer.tooling.evaluation.evaluate import slice_top_mean
 from anomaly_localizer.core.package import load_package, update_meta
 from anomaly_localizer.core.pipeline import score_volume
 from anomaly_localizer.core.smoothing import smooth_map
-from anomaly_localizer.tooling.tune_smoothing import choose_smoothing
+from anomaly_localizer.tooling.release.tune_smoothing import choose_smoothing
 
 from phantoms import image_from, make_tiny_package, phantom_array
 

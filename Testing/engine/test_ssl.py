@@ -16,10 +16,10 @@ from anomaly_localizer.core.package import load_package
 from anomaly_localizer.core.installed import resolve_package_for
 from anomaly_localizer.core.pipeline import score_volume
 from anomaly_localizer.errors import InputError
-from anomaly_localizer.tooling import ssl_tasks
-from anomaly_localizer.tooling.ssl_tasks import (ALL_TASKS, HELD_OUT_TASKS, TRAIN_TASKS, apply_task, make_batch,
+from anomaly_localizer.tooling.training import ssl_tasks
+from anomaly_localizer.tooling.training.ssl_tasks import (ALL_TASKS, HELD_OUT_TASKS, TRAIN_TASKS, apply_task, make_batch,
                                                   poisson_blend, random_shape)
-from anomaly_localizer.tooling.train_ssl import SSLTrainConfig, train_ssl
+from anomaly_localizer.tooling.training.train_ssl import SSLTrainConfig, train_ssl
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,8 @@ def test_the_registry_finds_the_family_and_the_held_out_tasks_are_not_trained_on
 def test_the_training_generator_shares_no_code_with_the_evaluations():
     import ast
 
-    from anomaly_localizer.tooling import hard_cases, train_ssl
+    from anomaly_localizer.tooling.evaluation import hard_cases
+    from anomaly_localizer.tooling.training import train_ssl
 
     def imported(module) -> set[str]:
         tree = ast.parse(open(module.__file__).read())
@@ -120,7 +121,7 @@ def test_the_tissue_task_changes_one_tissue_class_only():
 
 
 def test_foreign_patches_are_augmented_so_they_are_not_merely_another_subject():
-    from anomaly_localizer.tooling.ssl_tasks import augment_donor
+    from anomaly_localizer.tooling.training.ssl_tasks import augment_donor
     donor = _stack(seed=4)
     outs = [augment_donor(donor, torch.Generator().manual_seed(s)) for s in range(8)]
     assert any(not torch.allclose(o, donor) for o in outs)
@@ -179,7 +180,7 @@ def _tiny_cfg(**kw):
 
 
 def test_training_chooses_the_checkpoint_on_held_out_tasks_and_resumes_exactly(tmp_path, monkeypatch):
-    import anomaly_localizer.tooling.train_ssl as train_mod
+    import anomaly_localizer.tooling.training.train_ssl as train_mod
     monkeypatch.setattr(train_mod, "VALIDATION_SLICES", 8)
     data = healthy_folder(tmp_path / "healthy")
     cfg = _tiny_cfg()
@@ -204,7 +205,7 @@ def test_command_line_trains_and_scores_the_method_by_name(tmp_path, tiny_packag
     config = tmp_path / "ssl.json"
     config.write_text(json.dumps({"architecture": {k: v for k, v in TINY_SSL_ARCH.items() if k != "type"},
                                   "spacing_mm": 6.0, "batch_size": 4, "validate_every": 2}))
-    import anomaly_localizer.tooling.train_ssl as train_mod
+    import anomaly_localizer.tooling.training.train_ssl as train_mod
     monkeypatch.setattr(train_mod, "VALIDATION_SLICES", 8)
     models = tmp_path / "models"
     assert main(["train-ssl", str(data), "--out", str(models / "my-ssl"), "--config", str(config), "--steps", "2",

@@ -14,7 +14,7 @@ from anomaly_localizer.core.detectors.ssl import predict
 from anomaly_localizer.core.package import load_package, update_meta
 from anomaly_localizer.core.pipeline import score_volume
 from anomaly_localizer.errors import InputError
-from anomaly_localizer.tooling.folds import join_folds
+from anomaly_localizer.tooling.release.folds import join_folds
 
 
 def _fold(tmp_path, name, seed, tasks, held_out):

@@ -9,7 +9,7 @@ from anomaly_localizer.core.pipeline import score_volume
 from anomaly_localizer.core.schema import Normalisation
 from anomaly_localizer.core.volume import normalise_intensities, standardise
 from anomaly_localizer.tooling.data import find_subjects
-from anomaly_localizer.tooling.standardise import LANDMARK_PERCENTILES, standardise_package
+from anomaly_localizer.tooling.release.standardise import LANDMARK_PERCENTILES, standardise_package
 
 
 def test_landmarks_land_on_the_standard_and_the_ends_go_on_linearly():

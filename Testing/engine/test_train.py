@@ -15,7 +15,7 @@ from anomaly_localizer.cli import main
 from anomaly_localizer.tooling.data import find_subjects, split_subjects
 from anomaly_localizer.errors import InputError
 from anomaly_localizer.core.package import load_package
-from anomaly_localizer.tooling.train import TrainConfig, train
+from anomaly_localizer.tooling.training.train import TrainConfig, train
 
 from phantoms import image_from, phantom_array
 

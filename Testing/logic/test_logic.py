@@ -393,7 +393,7 @@ def test_a_new_detector_family_reaches_the_scene_without_edits(slicerApp, tmp_pa
 
 
 def test_a_fused_model_shows_its_map_first_with_every_component_one_click_away(slicerApp, tmp_path, monkeypatch):
-    from anomaly_localizer.tooling.fusion import make_fused
+    from anomaly_localizer.tooling.release.fusion import make_fused
     calib = {"default_fpr": 0.001, "pixel": {m: CALIBRATION["pixel"]["rec"] for m in ("dae", "ssl")}}
     engine.make_tiny_dae_package(tmp_path / "models" / "tiny-dae", calibration=calib)
     engine.make_tiny_ssl_package(tmp_path / "models" / "tiny-ssl", calibration=calib)

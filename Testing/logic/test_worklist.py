@@ -9,9 +9,9 @@ from logic_helpers import engine
 from AnomalyLocalizerLib.logic import AnomalyLocalizerLogic, volumeNodeToImage
 
 from anomaly_localizer.core.results import read_results
-from anomaly_localizer.tooling.calibrate import calibrate_package
+from anomaly_localizer.tooling.release.calibrate import calibrate_package
 from anomaly_localizer.tooling.data import find_subjects
-from anomaly_localizer.tooling.screen import ScreenOptions, run_screening
+from anomaly_localizer.tooling.screening.screen import ScreenOptions, run_screening
 
 SHAPE = (24, 40, 34)
 

@@ -101,8 +101,8 @@ def _add_change_arguments(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from ..tooling.calibrate import calibrate_package
-    from ..tooling.edit import changed_copy, subjects_of
+    from ..tooling.release.calibrate import calibrate_package
+    from ..tooling.release.edit import changed_copy, subjects_of
 
     with changed_copy(args.model, args.out, args.in_place) as package:
         subjects = subjects_of(package, args.data, args.subjects)
@@ -113,8 +113,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 def run_fpr(args: argparse.Namespace) -> int:
     from ..core.package import resolve_package
-    from ..tooling.calibrate import flagged_fraction, score_subjects
-    from ..tooling.edit import subjects_of
+    from ..tooling.release.calibrate import flagged_fraction, score_subjects
+    from ..tooling.release.edit import subjects_of
 
     package = resolve_package(args.model)
     if not package.calibration.pixel:
@@ -136,8 +136,8 @@ def run_fpr(args: argparse.Namespace) -> int:
 
 def run_standardise(args: argparse.Namespace) -> int:
     from ..core.package import resolve_package
-    from ..tooling.edit import changed_copy, subjects_of
-    from ..tooling.standardise import check_standardisable, standardise_package
+    from ..tooling.release.edit import changed_copy, subjects_of
+    from ..tooling.release.standardise import check_standardisable, standardise_package
 
     check_standardisable(resolve_package(args.model))  # refused before any copy, naming the user's model
     with changed_copy(args.model, args.out, args.in_place) as package:
@@ -151,8 +151,8 @@ def run_standardise(args: argparse.Namespace) -> int:
 def run_scan_relative(args: argparse.Namespace) -> int:
     from ..core.package import resolve_package
     from ..core.installed import check_methods
-    from ..tooling.edit import changed_copy, store_and_recalibrate, subjects_of
-    from ..tooling.scan_relative import choose_quantiles, scan_relative_block
+    from ..tooling.release.edit import changed_copy, store_and_recalibrate, subjects_of
+    from ..tooling.release.scan_relative import choose_quantiles, scan_relative_block
 
     if args.quantile is not None and not 0.05 <= args.quantile <= 0.95:
         raise InputError(f"--quantile {args.quantile:g} is outside 0.05-0.95; the median (0.5) is the usual choice")
@@ -185,8 +185,8 @@ def run_scan_relative(args: argparse.Namespace) -> int:
 
 
 def run_tune_restoration(args: argparse.Namespace) -> int:
-    from ..tooling.edit import changed_copy, store_and_recalibrate, subjects_of
-    from ..tooling.tune_restoration import tune_package
+    from ..tooling.release.edit import changed_copy, store_and_recalibrate, subjects_of
+    from ..tooling.release.tune_restoration import tune_package
 
     with changed_copy(args.model, args.out, args.in_place) as package:
         if "restoration" not in package.methods:
@@ -201,8 +201,8 @@ def run_tune_restoration(args: argparse.Namespace) -> int:
 def run_tune_smoothing(args: argparse.Namespace) -> int:
     from ..core.package import resolve_package
     from ..core.installed import check_methods
-    from ..tooling.edit import changed_copy, store_and_recalibrate, subjects_of
-    from ..tooling.tune_smoothing import tune_package
+    from ..tooling.release.edit import changed_copy, store_and_recalibrate, subjects_of
+    from ..tooling.release.tune_smoothing import tune_package
 
     if args.method:  # refused before any copy is made, naming the model the user gave
         check_methods(args.method, resolve_package(args.model))

@@ -49,7 +49,7 @@ def add_quiet(parser: argparse.ArgumentParser) -> None:
 
 
 def add_subjects(parser: argparse.ArgumentParser, default: str, help: str) -> None:
-    from ..tooling.edit import SUBJECT_SETS
+    from ..tooling.release.edit import SUBJECT_SETS
     parser.add_argument("--subjects", default=default, choices=SUBJECT_SETS, help=help)
 
 

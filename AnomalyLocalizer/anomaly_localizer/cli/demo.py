@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..tooling.overview import write_overview
-from ..tooling.synthetic import insert_anomaly
+from ..tooling.evaluation.overview import write_overview
+from ..tooling.evaluation.synthetic import insert_anomaly
 from .common import EXIT_INPUT, EXIT_OK
 
 
@@ -71,10 +71,11 @@ def run_demo(args: argparse.Namespace) -> int:
     for name, path in (("healthy", image_path), ("lesion", lesion_path)):
         print(f"scoring {path.name} -> {out / name}", file=sys.stderr)
         score_file(str(path), str(out / name), model=args.model, mask=str(mask_path), quiet=True)
-    from ..core.package import resolve_package
-    png = write_overview([("healthy", image_path, out / "healthy"), ("lesion", lesion_path, out / "lesion")],
-                         out / "overview.png", truth={"lesion": label_path}, centre_on=label_path,
-                         package=resolve_package(args.model))
+    png = write_overview([("healthy template", image_path, out / "healthy"),
+                          ("template + synthetic lesion", lesion_path, out / "lesion")],
+                         out / "overview.png", truth={"template + synthetic lesion": label_path},
+                         scan_note="Scans: the MNI152 template (an average of 152 healthy adult brains, smoother than "
+                                   "any one scan) and the same template with one synthetic lesion inserted")
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "lesion" / "segmentation.nii.gz"))) > 0
     seg_h = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "healthy" / "segmentation.nii.gz"))) > 0
     truth = label > 0

@@ -21,7 +21,7 @@ from .common import (
 
 
 def register(sub) -> None:
-    from ..tooling.evaluate import CASE_SETS
+    from ..tooling.evaluation.evaluate import CASE_SETS
     e = sub.add_parser("evaluate", help="pixel/slice AUROC, AP and Dice of every method on cases with ground truth")
     e.add_argument("model", help="model name or folder")
     e.add_argument("--synthetic", metavar="DATA", help="healthy scans to insert seeded synthetic anomalies into")
@@ -106,7 +106,7 @@ def register(sub) -> None:
     cw.add_argument("second", help="another worklist folder")
     cw.set_defaults(func=run_compare_worklists)
 
-    from ..tooling.paper import DEFAULT_DATA
+    from ..tooling.evaluation.paper import DEFAULT_DATA
     p = sub.add_parser("paper-fmnist", help="the paper's sample-wise FashionMNIST experiment (prints a table)")
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--epochs", type=int, default=20)
@@ -120,8 +120,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from ..core.package import resolve_package
     from ..core.installed import check_methods
     from ..core.restoration import REFERENCE_RESTORATION
-    from ..tooling.edit import subjects_of
-    from ..tooling.evaluate import case_set, evaluate, folder_cases, format_table
+    from ..tooling.release.edit import subjects_of
+    from ..tooling.evaluation.evaluate import case_set, evaluate, folder_cases, format_table
 
     package = resolve_package(args.model)
     runs = [(package, [m for m in (args.method or package.methods) if m in package.methods])]
@@ -166,9 +166,9 @@ def run_brainmask_dice(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..core.package import resolve_package
-    from ..tooling.brainmask import LESION_KINDS, LESION_RADIUS_MM, dice_on_subjects
+    from ..tooling.training.brainmask import LESION_KINDS, LESION_RADIUS_MM, dice_on_subjects
     from ..tooling.data import Subject
-    from ..tooling.edit import subjects_of
+    from ..tooling.release.edit import subjects_of
 
     package = resolve_package(args.model)
     if args.cases:
@@ -211,10 +211,10 @@ def run_brainmask_dice(args: argparse.Namespace) -> int:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from ..tooling.benchmark import run_benchmark as bench
+    from ..tooling.evaluation.benchmark import run_benchmark as bench
 
     if args.worst_case:
-        from ..tooling.benchmark_worst import run_worst_case
+        from ..tooling.evaluation.benchmark_worst import run_worst_case
         data = Path(args.data)
         result = run_worst_case(data.parent if data.name == "ixi_t1_2mm" else data, None)
         if args.json:
@@ -229,8 +229,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 def run_benchmark_screen(args: argparse.Namespace) -> int:
     from ..core.package import resolve_package
-    from ..tooling.benchmark_screen import benchmark_screening
-    from ..tooling.screen import ScreenOptions
+    from ..tooling.screening.benchmark_screen import benchmark_screening
+    from ..tooling.screening.screen import ScreenOptions
 
     package = resolve_package(args.model)
     options = ScreenOptions(str(package.path.resolve()), package.name, package.manifest_sha256,
@@ -254,7 +254,7 @@ EXIT_WORKLISTS_DIFFER = 4  # like diff(1): a result, not an error
 
 def run_compare_worklists(args: argparse.Namespace) -> int:
     from ..core.worklist import read_worklist
-    from ..tooling.benchmark_screen import compare_worklists
+    from ..tooling.screening.benchmark_screen import compare_worklists
 
     try:
         a, b = read_worklist(args.first), read_worklist(args.second)
@@ -272,7 +272,7 @@ def run_compare_worklists(args: argparse.Namespace) -> int:
 
 
 def run_paper(args: argparse.Namespace) -> int:
-    from ..tooling.paper import SETTINGS, load_fashion_mnist, run_setting
+    from ..tooling.evaluation.paper import SETTINGS, load_fashion_mnist, run_setting
 
     data = load_fashion_mnist(args.data)
     results = [run_setting(data, s["held_out"], s["log_c"], args.epochs, args.seed, say(args.quiet))

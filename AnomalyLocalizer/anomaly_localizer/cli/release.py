@@ -76,7 +76,7 @@ def run_card(args: argparse.Namespace) -> int:
         load_package,
         write_manifest,
     )
-    from ..tooling.modelcard import render_brainmask_card, results_sections, write_card
+    from ..tooling.release.modelcard import render_brainmask_card, results_sections, write_card
 
     package = load_package(args.model)
     if package.arch_type in BRAIN_EXTRACTION_TYPES:
@@ -93,7 +93,7 @@ def run_card(args: argparse.Namespace) -> int:
 
 
 def run_release(args: argparse.Namespace) -> int:
-    from ..tooling.edit import release_package
+    from ..tooling.release.edit import release_package
 
     package, n = release_package(args.model, args.out, args.data, args.meta, args.half, args.force, args.device,
                                  say(args.quiet))
@@ -103,7 +103,7 @@ def run_release(args: argparse.Namespace) -> int:
 
 
 def run_join_folds(args: argparse.Namespace) -> int:
-    from ..tooling.folds import join_folds
+    from ..tooling.release.folds import join_folds
 
     package = join_folds(args.folds, args.out, args.force)
     print(f"wrote {package.path}: {package.architecture['folds']} folds (uncalibrated: release it to calibrate)")
@@ -111,7 +111,7 @@ def run_join_folds(args: argparse.Namespace) -> int:
 
 
 def run_fuse(args: argparse.Namespace) -> int:
-    from ..tooling.fusion import make_fused, selection_cases
+    from ..tooling.release.fusion import make_fused, selection_cases
 
     chosen = selection_cases(args.select_cases, args.select_ids, args.image_name, args.label_name, args.mask_name) \
         if args.select_cases else None
@@ -127,7 +127,7 @@ def run_fuse(args: argparse.Namespace) -> int:
 
 def run_index(args: argparse.Namespace) -> int:
     """Write DIR/index.json: the default models and each package's pinned manifest hash."""
-    from ..tooling.edit import write_index
+    from ..tooling.release.edit import write_index
 
     index = write_index(args.folder, args.default, args.brain_extraction)
     print(f"wrote {Path(args.folder) / 'index.json'} ({len(index['models'])} models)")

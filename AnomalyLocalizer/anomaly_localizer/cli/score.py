@@ -83,8 +83,9 @@ def score_file(input: str, out: str, model: str | None = None, methods: list[str
     t_write = time.perf_counter()
     written = write_results(out, image, result, chosen, summary, force=force)
     note = written.get("note")
-    if note:
-        print(f"note: {note}", file=sys.stderr)  # shown even with -q: it changes how to read the result
+    if note:  # shown even with -q, as one line: it changes how to read the result
+        from ..core.levels import first_sentences
+        print(f"note: {first_sentences(note)} (the whole note: 'note' in {out}/summary.json)", file=sys.stderr)
     if package.shadows:
         print(f"note: model {package.name} from {package.path} is used; it shadows {', '.join(package.shadows)}",
               file=sys.stderr)

@@ -44,7 +44,7 @@ def run_screen(args: argparse.Namespace) -> int:
     from ..core.installed import check_methods, resolve_package_for
     from ..core.results import check_threshold_options
     from ..errors import InputError
-    from ..tooling.screen import ScreenOptions, run_screening
+    from ..tooling.screening.screen import ScreenOptions, run_screening
 
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers {args.workers}: give 1 or more worker processes")

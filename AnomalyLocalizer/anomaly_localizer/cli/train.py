@@ -88,7 +88,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..tooling.train import TrainConfig, train
+    from ..tooling.training.train import TrainConfig, train
 
     cfg = TrainConfig.from_json(args.config, type=args.type, slice_size=args.slice_size, latent_size=args.latent_size,
                                 likelihood_std=args.c, max_epochs=args.epochs, seed=args.seed,
@@ -99,7 +99,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_train_lsr(args: argparse.Namespace) -> int:
-    from ..tooling.train_lsr import LSRTrainConfig, train_lsr
+    from ..tooling.training.train_lsr import LSRTrainConfig, train_lsr
 
     cfg = LSRTrainConfig.from_json(args.config, vqvae_epochs=args.vqvae_epochs, prior_epochs=args.prior_epochs,
                                    seed=args.seed)
@@ -109,12 +109,12 @@ def run_train_lsr(args: argparse.Namespace) -> int:
 
 
 def run_train_dae(args: argparse.Namespace) -> int:
-    from ..tooling.train_dae import DAETrainConfig, train_dae
+    from ..tooling.training.train_dae import DAETrainConfig, train_dae
     return _run_steps_training(args, DAETrainConfig, train_dae, noise_std=args.noise_std, noise_res=args.noise_res)
 
 
 def run_train_ssl(args: argparse.Namespace) -> int:
-    from ..tooling.train_ssl import SSLTrainConfig, train_ssl
+    from ..tooling.training.train_ssl import SSLTrainConfig, train_ssl
     return _run_steps_training(args, SSLTrainConfig, train_ssl, tasks=args.tasks, held_out=args.held_out)
 
 
@@ -128,7 +128,7 @@ def _run_steps_training(args: argparse.Namespace, config_class, train_fn, **fami
 
 
 def run_train_brainmask(args: argparse.Namespace) -> int:
-    from ..tooling.brainmask import train_brainmask
+    from ..tooling.training.brainmask import train_brainmask
 
     train_brainmask(args.data, args.out, epochs=args.epochs, seed=args.seed, force=args.force,
                     arch={"slice_size": args.slice_size} if args.slice_size else None, progress=say(args.quiet))

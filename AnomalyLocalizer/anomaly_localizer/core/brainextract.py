@@ -6,7 +6,7 @@ head (not the brain) as the region that is normalised and centred; the probabili
 mapped back onto the input's grid, thresholded at 0.5, reduced to the largest connected
 component and hole-filled.
 
-Trained by ``anomaly-localizer train-brainmask`` (:mod:`anomaly_localizer.tooling.brainmask`)
+Trained by ``anomaly-localizer train-brainmask`` (:mod:`anomaly_localizer.tooling.training.brainmask`)
 on scans with reference brain masks, split by subject like the anomaly models.
 """
 

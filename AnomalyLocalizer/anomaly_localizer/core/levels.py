@@ -161,6 +161,16 @@ def broad_flag_note(flagged_share: float, healthy_rate: float | None) -> str | N
             "scans from the same source (anomaly-localizer calibrate) before reading the heatmap.")
 
 
+def first_sentences(note: str | None) -> str | None:
+    """A note as one short line for a terminal: the first sentence of each of its parts (the
+    whole note stays in summary.json)."""
+    if not note:
+        return None
+    parts = [p for p in (note.split(". ") if ". " in note else [note])]
+    heads = [p.rstrip(".") for p in parts if p[:1].isdigit() or p.startswith("The ")][:2] or [parts[0].rstrip(".")]
+    return "; ".join(heads)
+
+
 def threshold_note(summary: dict, method: str, share: float, healthy_rate: float | None) -> str | None:
     """What a reader should know about this scan's segmentation: flagged far more broadly
     than healthy brains (:func:`broad_flag_note`), and/or a scan-relative map raised

@@ -20,7 +20,7 @@ Two optimisers:
 
 Both reach the same restoration (``anomaly-localizer evaluate --method restoration`` with
 either setting compares their scores; see README). lambda is chosen on healthy validation
-scans without labels (:mod:`anomaly_localizer.tooling.tune_restoration`) and stored in the
+scans without labels (:mod:`anomaly_localizer.tooling.release.tune_restoration`) and stored in the
 package's model.json under ``restoration``.
 """
 

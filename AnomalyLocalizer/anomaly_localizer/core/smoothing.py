@@ -12,7 +12,7 @@ The widths are a property of the model and method, stored in the package's model
     "map_smoothing": {"elbo_grad": {"through_plane_mm": 6.0, "in_plane_mm": 2.0}, ...,
                       "selection": {...}}
 
-and chosen by ``anomaly-localizer tune-smoothing`` (:mod:`anomaly_localizer.tooling.tune_smoothing`)
+and chosen by ``anomaly-localizer tune-smoothing`` (:mod:`anomaly_localizer.tooling.release.tune_smoothing`)
 on synthetic anomalies in the model's validation subjects. A package without the block is
 not smoothed (older packages score as they did).
 """

@@ -8,7 +8,7 @@ its neighbours (``context_slices`` channels, 2.5D); it restores the middle slice
 Pixel score ``dae``: |x - x_hat| inside the brain mask eroded by ``erode_px`` model pixels (the
 brain's edge is where every reconstruction errs), median filtered (``median_px``), then the
 package's 3D smoothing like every map. Slice score ``dae``: the mean of the slice's
-``slice_top_k`` highest pixel scores. Training: :mod:`anomaly_localizer.tooling.train_dae`.
+``slice_top_k`` highest pixel scores. Training: :mod:`anomaly_localizer.tooling.training.train_dae`.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ The fused package is calibrated on healthy subjects like any other, so its thres
 levels mean what every other map's mean. Every component map is kept in the results (one
 click away in Slicer). Slice score ``fused``: the mean of the slice's highest fused values
 over about 80 mm^2 (20 pixels at 2 mm), whatever the input's resolution. Built and chosen by
-``anomaly-localizer fuse`` (:mod:`anomaly_localizer.tooling.fusion`).
+``anomaly-localizer fuse`` (:mod:`anomaly_localizer.tooling.release.fusion`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Trained on healthy slices into which synthetic anomalies were inserted (blended patches of
 other subjects, intensity changes, blur, deformations, on random shapes with soft edges;
-:mod:`anomaly_localizer.tooling.ssl_tasks`), the network predicts, per pixel of the middle
+:mod:`anomaly_localizer.tooling.training.ssl_tasks`), the network predicts, per pixel of the middle
 slice, how strongly the image departs from what it would be. The strongest brain entries of
 the MOOD challenge work this way (Tan et al. 2020; Naval Marimont & Tarroni 2022); choosing
 the checkpoint on tasks held out of training follows Baugh et al. (MICCAI 2023).
@@ -15,7 +15,7 @@ some task families and chosen on the others): their probabilities are averaged, 
 run once, and with ``flip`` every other fold sees the mirrored slice, so an ensemble of two
 costs what one fold with flip costs. Slice score ``ssl``:
 the mean of the slice's ``slice_top_k`` highest pixel scores. Same 2.5D input as the DAE.
-Training: :mod:`anomaly_localizer.tooling.train_ssl`.
+Training: :mod:`anomaly_localizer.tooling.training.train_ssl`.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..core.package import ModelPackage, load_package, save_package
-from ..errors import InputError
+from ...core.package import ModelPackage, load_package, save_package
+from ...errors import InputError
 
 SAME_IN_EVERY_FOLD = ("input_contract", "ssl")
 

@@ -29,14 +29,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
-from ..core.device import configure_threads, select_device
-from ..core.models.vae import DEFAULT_ARCHITECTURE
-from ..core.package import build_network, save_package
-from ..core.scores import kl_divergence, rec_nll
-from ..core.volume import NORMALISATION
-from ..errors import InputError
-from .data import SliceSet, find_subjects, load_slices, split_subjects
+from ... import __version__
+from ...core.device import configure_threads, select_device
+from ...core.models.vae import DEFAULT_ARCHITECTURE
+from ...core.package import build_network, save_package
+from ...core.scores import kl_divergence, rec_nll
+from ...core.volume import NORMALISATION
+from ...errors import InputError
+from ..data import SliceSet, find_subjects, load_slices, split_subjects
 
 log = logging.getLogger(__name__)
 
@@ -384,6 +384,6 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = Fa
     package = save_package(model, meta, out)
     pr.line(f"wrote {out} (best epoch {state['best_epoch']}, validation loss {state['best_val']:.2f})")
     if calibrate and split["calibration"]:
-        from .calibrate import calibrate_package
+        from ..release.calibrate import calibrate_package
         calibrate_package(package, [by_id[i] for i in split["calibration"]], device=str(dev), progress=pr.line)
     return out

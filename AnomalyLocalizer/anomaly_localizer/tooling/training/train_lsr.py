@@ -26,14 +26,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .. import __version__
-from ..core.device import configure_threads, select_device
-from ..core.lsr import DEFAULT_LSR_SCORING
-from ..core.models.lsr import DEFAULT_LSR, full_lsr_architecture
-from ..core.package import build_network, save_package
-from ..core.volume import NORMALISATION
-from ..errors import InputError
-from .data import check_run_folder, split_slices
+from ... import __version__
+from ...core.device import configure_threads, select_device
+from ...core.lsr import DEFAULT_LSR_SCORING
+from ...core.models.lsr import DEFAULT_LSR, full_lsr_architecture
+from ...core.package import build_network, save_package
+from ...core.volume import NORMALISATION
+from ...errors import InputError
+from ..data import check_run_folder, split_slices
 from .train import (
     TrainConfig,
     _load_checkpoint,
@@ -252,6 +252,6 @@ def train_lsr(data: str | Path, out: str | Path, cfg: LSRTrainConfig, resume: bo
     package = save_package(model, meta, out)
     say(f"wrote {out}")
     if calibrate and split["calibration"]:
-        from .calibrate import calibrate_package
+        from ..release.calibrate import calibrate_package
         calibrate_package(package, [by_id[i] for i in split["calibration"]], device=str(dev), progress=say)
     return out

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import InputError
+from ...errors import InputError
 from .train import _load_checkpoint, _save_checkpoint
 
 BatchLoss = Callable[[int, torch.Generator], torch.Tensor]  # (step, generator) -> loss of one batch
@@ -132,7 +132,7 @@ class SliceContract:
 
     @property
     def contract(self) -> dict[str, Any]:
-        from ..core.volume import NORMALISATION
+        from ...core.volume import NORMALISATION
         arch = self.architecture  # type: ignore[attr-defined]
         return {"modality": self.modality, "orientation": "axial",  # type: ignore[attr-defined]
                 "slice_size": int(arch["slice_size"]), "spacing_mm": float(self.spacing_mm),  # type: ignore[attr-defined]
@@ -146,8 +146,8 @@ def write_trained_package(run: StepRun, cfg: Any, out: Path, data: str | Path, a
     """The best weights of a finished step run as a package of ``arch_type`` offering
     ``method`` (its scoring block is ``cfg.scoring`` under the method's name), calibrated on
     the split's calibration subjects unless ``calibrate`` is False."""
-    from .. import __version__
-    from ..core.package import save_package
+    from ... import __version__
+    from ...core.package import save_package
 
     state = run.state
     net = load_best(run)
@@ -169,7 +169,7 @@ def write_trained_package(run: StepRun, cfg: Any, out: Path, data: str | Path, a
     package = save_package(net, meta, out)
     say(f"wrote {out} (best step {state['best_step']}, {best_key.replace('_', ' ')} {state['best_val']:.5f})")
     if calibrate and split["calibration"]:
-        from .calibrate import calibrate_package
+        from ..release.calibrate import calibrate_package
         calibrate_package(package, [by_id[i] for i in split["calibration"]], device=str(dev), progress=say)
     return out
 
@@ -218,9 +218,9 @@ def set_up(data: str | Path, out: Path, cfg: Any, arch_type: str, resume: bool, 
     slices, build the ``arch_type`` network and the run (resumed from its checkpoint), and
     choose the precision: bf16 autocast with channels-last tensors only where the CPU has bf16
     matrix instructions (emulated bf16 is about ten times slower than float32)."""
-    from ..core.device import configure_threads, cpu_has_bf16, keep_freed_memory, select_device
-    from ..core.package import build_network
-    from .data import check_run_folder, split_slices
+    from ...core.device import configure_threads, cpu_has_bf16, keep_freed_memory, select_device
+    from ...core.package import build_network
+    from ..data import check_run_folder, split_slices
 
     check_run_folder(out, resume, force, out / "checkpoint" / "checkpoint.json")
     configure_threads()

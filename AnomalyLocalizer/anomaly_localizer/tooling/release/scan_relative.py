@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..core.package import ModelPackage
-from ..core.relative import relative_to_scan
-from ..errors import InputError
+from ...core.package import ModelPackage
+from ...core.relative import relative_to_scan
+from ...errors import InputError
 from .tune_smoothing import TUNING_SEED
 
 CANDIDATE_QUANTILES = (0.5, 0.75, 0.9)  # the median first: a focal anomaly moves it least
@@ -30,10 +30,10 @@ def choose_quantiles(package: ModelPackage, subjects, methods: list[str], per_su
     pixel AP on validation cases, or None when none beats the absolute map; with the record
     of every figure. A map the package already makes relative is multiplied back by the
     value it was divided by, so the package is not changed before the choice is made."""
-    from ..core.device import select_device
-    from ..core.pipeline import score_volume
-    from .evaluate import case_set
-    from .metrics import average_precision
+    from ...core.device import select_device
+    from ...core.pipeline import score_volume
+    from ..evaluation.evaluate import case_set
+    from ..metrics import average_precision
 
     dev = select_device(device)
     model = package.load_model(dev)

@@ -23,13 +23,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .. import __version__
-from ..core.detectors.fused import FusionArchitecture
-from ..core.fusion import content_sha256
-from ..core.levels import level_scale
-from ..core.package import ModelPackage, save_package
-from ..core.package import resolve_package
-from ..errors import InputError
+from ... import __version__
+from ...core.detectors.fused import FusionArchitecture
+from ...core.fusion import content_sha256
+from ...core.levels import level_scale
+from ...core.package import ModelPackage, save_package
+from ...core.package import resolve_package
+from ...errors import InputError
 from .edit import subjects_of
 
 RULES = ("mean", "max")
@@ -106,9 +106,9 @@ def component_levels(components: list[tuple[ModelPackage, str]], subjects, per_s
                      progress: Callable[[str], None] | None = None, cases_in=None) -> list[dict[str, Any]]:
     """Each case's label, brain and every candidate's map in healthy levels: synthetic cases
     of the harder set in ``subjects``, or the given ``cases_in`` (real cases)."""
-    from ..core.device import select_device
-    from ..core.pipeline import score_volume
-    from .evaluate import case_set
+    from ...core.device import select_device
+    from ...core.pipeline import score_volume
+    from ..evaluation.evaluate import case_set
 
     dev = select_device(device)
     by_model: dict[str, tuple[ModelPackage, list[str]]] = {}
@@ -150,8 +150,8 @@ def choose_rule(cases: list[dict[str, Any]], methods: list[str], progress: Calla
                 real_cases: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The candidate (:func:`candidate_rules`) with the highest pixel AP over ``cases``, or,
     with ``real_cases``, the highest mean of that and the real cases' mean pixel AP."""
-    from ..core.fusion import fuse_levels
-    from .metrics import average_precision
+    from ...core.fusion import fuse_levels
+    from ..metrics import average_precision
 
     y = np.concatenate([c["label"][c["brain"]] for c in cases])
     table, best = [], None
@@ -185,7 +185,7 @@ def selection_cases(folder: str, ids: list[str] | None, image_name: str, label_n
                     mask_name: str | None) -> list:
     """The real cases (:func:`.evaluate.folder_cases`) named by ``ids`` in ``folder`` (all
     when None), loaded up front so a wrong name is refused before any scoring."""
-    from .evaluate import folder_cases
+    from ..evaluation.evaluate import folder_cases
     root = Path(folder)
     if not root.is_dir():
         raise InputError(f"--select-cases {folder} is not a folder of case folders")
@@ -209,7 +209,7 @@ def make_fused(specs: list[str], out: str | Path, data: str | None, rule: str = 
     (:class:`.evaluate.Case`) the choice also weighs (rule ``auto``)."""
     import shutil
 
-    from ..core.package import load_package, read_json
+    from ...core.package import load_package, read_json
 
     say = progress or (lambda m: None)
     out = Path(out)

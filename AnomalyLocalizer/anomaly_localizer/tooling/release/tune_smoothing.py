@@ -1,6 +1,6 @@
 """Choosing each method's 3D heatmap smoothing (:mod:`anomaly_localizer.core.smoothing`).
 
-Synthetic anomalies (:mod:`anomaly_localizer.tooling.synthetic`, a seed of their own) in the
+Synthetic anomalies (:mod:`anomaly_localizer.tooling.evaluation.synthetic`, a seed of their own) in the
 model's *validation* subjects are scored once without smoothing, and for each method the
 widths on a small grid that give the highest pixel-wise average precision are kept. Test
 subjects are never used, so the evaluation on them stays held out.
@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..core.smoothing import BrainSmoother
-from ..errors import InputError
+from ...core.smoothing import BrainSmoother
+from ...errors import InputError
 
 THROUGH_PLANE_GRID_MM = (0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0)
 IN_PLANE_GRID_MM = (0.0, 2.0, 4.0, 6.0)
@@ -28,7 +28,7 @@ def choose_smoothing(raw_cases: list[dict[str, Any]], methods: list[str],
     Each case: {"maps": {method: unsmoothed map}, "brain", "label", "spacing", "axial"}.
     Ties go to the narrower smoothing (listed first), so no smoothing wins unless it loses.
     """
-    from .metrics import average_precision
+    from ..metrics import average_precision
     y = np.concatenate([c["label"][c["brain"]] for c in raw_cases])
     smoothers = [BrainSmoother(c["brain"], c["spacing"], c["axial"]) for c in raw_cases]
     block: dict[str, Any] = {}
@@ -59,9 +59,9 @@ def tune_package(package, subjects, per_subject: int = 2, device: str = "cpu",
     package's new ``map_smoothing`` block. With ``methods``, only those are tuned (and
     scored, which saves the restoration's minutes when it is not among them); the other
     methods keep the widths and selection curves the package already has."""
-    from ..core.device import select_device
-    from ..core.pipeline import check_methods, score_volume
-    from .evaluate import case_set
+    from ...core.device import select_device
+    from ...core.pipeline import check_methods, score_volume
+    from ..evaluation.evaluate import case_set
 
     if package.detector is not None and package.detector.composite:
         raise InputError(f"{package.name} is a fused model: its components' maps carry their own smoothing; tune "

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..core.restoration import DEFAULT_RESTORATION, restoration_map
+from ...core.restoration import DEFAULT_RESTORATION, restoration_map
 
 LAMBDA_GRID = (0.05, 0.07, 0.1, 0.14, 0.2, 0.28, 0.4, 0.56, 0.8, 1.1, 1.6, 2.2, 3.2)
 HEALTHY_CHANGE_TOLERANCE = 0.01  # mean |y - x| over healthy brain, in normalised intensity (IQR = 0.25)
@@ -49,9 +49,9 @@ def choose_lambda(model, volumes: list[tuple[torch.Tensor, torch.Tensor]], param
 def tune_package(package, subjects, limit: int | None = None, device: str = "cpu",
                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Choose lambda on healthy ``subjects`` and return the package's new ``restoration`` block."""
-    from ..core.device import select_device
-    from ..core.imageio import as_3d, read_image
-    from ..core.volume import brain_mask, prepare_volume
+    from ...core.device import select_device
+    from ...core.imageio import as_3d, read_image
+    from ...core.volume import brain_mask, prepare_volume
 
     dev = select_device(device)
     model = package.load_model(dev)

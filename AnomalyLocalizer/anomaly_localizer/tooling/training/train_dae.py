@@ -29,8 +29,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..core.detectors.dae import DEFAULT_DAE_SCORING, DAEArchitecture
-from .data import SliceSet
+from ...core.detectors.dae import DEFAULT_DAE_SCORING, DAEArchitecture
+from ..data import SliceSet
 from .steps import SliceContract, load_config, run_steps, set_up, write_trained_package
 
 VALIDATION_SLICES = 384

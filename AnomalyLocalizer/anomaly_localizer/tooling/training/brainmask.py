@@ -13,19 +13,19 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ..core.brainextract import (
+from ...core.brainextract import (
     DEFAULT_ARCH,
     DEFAULT_SPACING,
     contract,
     extract_brain,
     head_mask,
 )
-from ..core.imageio import as_3d, read_image
-from ..core.package import ModelPackage, build_network, save_package
-from ..core.volume import prepare_volume, resample_to_model
-from ..errors import InputError
-from .data import Subject, find_subjects, split_subjects
-from .metrics import dice_at
+from ...core.imageio import as_3d, read_image
+from ...core.package import ModelPackage, build_network, save_package
+from ...core.volume import prepare_volume, resample_to_model
+from ...errors import InputError
+from ..data import Subject, find_subjects, split_subjects
+from ..metrics import dice_at
 
 
 def _subject_slices(s: Subject, ctr: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +115,7 @@ LESION_RADIUS_MM = (15.0, 30.0)
 
 def _with_lesion(image: sitk.Image, brain: np.ndarray, seed: int) -> tuple[sitk.Image, np.ndarray, str]:
     """``image`` with one seeded tumour-like lesion inside ``brain``: (image, label, kind)."""
-    from .synthetic import insert_anomaly
+    from ..evaluation.synthetic import insert_anomaly
     rng = np.random.default_rng(seed)
     kind = LESION_KINDS[int(rng.integers(len(LESION_KINDS)))]
     arr = sitk.GetArrayFromImage(image).astype(np.float32)
@@ -137,7 +137,7 @@ def dice_on_subjects(package: ModelPackage, subjects: list[Subject], device: str
     lesion's kind, its voxels and the share of them inside the extracted mask
     (``lesion_kept``: what the anomaly scores can still see). The reference mask is unchanged:
     a lesion in the brain is brain."""
-    from ..core.volume import brain_mask
+    from ...core.volume import brain_mask
     model = package.load_model(device)
     out: dict[str, dict[str, Any]] = {}
     for i, s in enumerate(subjects):

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError
-from .metrics import auroc
+from ...errors import InputError
+from ..metrics import auroc
 
 DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
 SETTINGS = [{"held_out": 0, "log_c": 0.0}, {"held_out": 5, "log_c": 1.4}]

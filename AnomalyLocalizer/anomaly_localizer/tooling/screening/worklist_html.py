@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..core.worklist import DONE, FAILED, THUMBNAIL, WORKLIST_HTML, Row, atomic_write
+from ...core.worklist import DONE, FAILED, THUMBNAIL, WORKLIST_HTML, Row, atomic_write
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }

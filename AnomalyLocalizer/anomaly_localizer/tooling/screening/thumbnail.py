@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..core.volume import axial_layout
-from .overview import DISPLAY_FLOOR  # the map is drawn from this share of the threshold's level up
+from ...core.volume import axial_layout
+from ..evaluation.overview import DISPLAY_FLOOR  # the map is drawn from this share of the threshold's level up
 
 PANEL_HEIGHT = 160  # pixels
 OUTLINE_RGB = (0, 255, 102)

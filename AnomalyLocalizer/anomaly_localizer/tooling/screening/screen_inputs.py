@@ -19,9 +19,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.imageio import dicom_series_files, dicom_series_in
-from ..core.worklist import WORKLIST_CSV, WORKLIST_HTML, WORKLIST_JSON
-from ..errors import InputError
+from ...core.imageio import dicom_series_files, dicom_series_in
+from ...core.worklist import WORKLIST_CSV, WORKLIST_HTML, WORKLIST_JSON
+from ...errors import InputError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".hdr")
 # Data files that belong to a header file: hashed with it, never scans of their own.

@@ -28,12 +28,12 @@ from typing import Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from ..core.imageio import as_3d, read_image
-from ..core.package import ModelPackage
-from ..core.pipeline import score_volume
-from ..errors import InputError
-from .data import Subject
-from .metrics import auroc, average_precision, best_dice, dice_at
+from ...core.imageio import as_3d, read_image
+from ...core.package import ModelPackage
+from ...core.pipeline import score_volume
+from ...errors import InputError
+from ..data import Subject
+from ..metrics import auroc, average_precision, best_dice, dice_at
 from .hard_cases import SIZE_BINS
 from .synthetic import DEFORMATION_KINDS, make_case
 
@@ -150,7 +150,7 @@ def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None, bf
     """Metrics of every method over ``cases``. ``runs``: a package, or a list of
     (package, methods) whose methods join one table (e.g. the VAE and the LSR model).
     ``bf16``: score under bf16 autocast where a family can (:func:`score_volume`)."""
-    from ..core.device import select_device
+    from ...core.device import select_device
     if isinstance(runs, ModelPackage):
         runs = [(runs, list(runs.methods))]
     loaded = [(p, list(ms), p.load_model(select_device(device))) for p, ms in runs]

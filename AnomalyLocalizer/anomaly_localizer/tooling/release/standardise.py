@@ -10,12 +10,12 @@ from typing import Any, Callable
 import numpy as np
 import SimpleITK as sitk
 
-from ..core.imageio import as_3d, read_image
-from ..core.package import ModelPackage, load_package, update_meta
-from ..core.schema import Normalisation
-from ..core.volume import brain_mask, normalise_intensities
-from ..errors import InputError
-from .data import Subject
+from ...core.imageio import as_3d, read_image
+from ...core.package import ModelPackage, load_package, update_meta
+from ...core.schema import Normalisation
+from ...core.volume import brain_mask, normalise_intensities
+from ...errors import InputError
+from ..data import Subject
 
 LANDMARK_PERCENTILES = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 98.0, 99.0)
 

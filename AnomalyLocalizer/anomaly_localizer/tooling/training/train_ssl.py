@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.detectors.ssl import DEFAULT_SSL_SCORING, SSLArchitecture
-from .data import SliceSet
-from .metrics import average_precision
+from ...core.detectors.ssl import DEFAULT_SSL_SCORING, SSLArchitecture
+from ..data import SliceSet
+from ..metrics import average_precision
 from .ssl_tasks import HELD_OUT_TASKS, TRAIN_TASKS, make_batch
 from .steps import SliceContract, load_config, run_steps, set_up, write_trained_package
 from .train_dae import augment
@@ -68,7 +68,7 @@ class SSLTrainConfig(SliceContract):
 
     @classmethod
     def from_json(cls, path: str | Path | None, **overrides: Any) -> "SSLTrainConfig":
-        from ..errors import InputError
+        from ...errors import InputError
         from .ssl_tasks import ALL_TASKS
 
         cfg = load_config(cls, path, SSLArchitecture, DEFAULT_SSL_SCORING, **overrides)
@@ -134,7 +134,7 @@ def validation_sets(data: SliceSet, cfg: SSLTrainConfig) -> dict[str, tuple[torc
 
 def validation_figures(net, sets, flip: bool) -> tuple[float, dict[str, float]]:
     """Pixel AP inside the brain (any change counts) per set; the held-out one picks."""
-    from ..core.detectors.ssl import predict
+    from ...core.detectors.ssl import predict
     figures = {}
     for name, (x, label, brain) in sets.items():
         probs = torch.cat([predict(net, x[s:s + 64], flip) for s in range(0, len(x), 64)])

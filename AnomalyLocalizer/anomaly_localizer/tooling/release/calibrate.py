@@ -13,10 +13,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..core.imageio import as_3d, read_image
-from ..core.package import ModelPackage, load_package, update_meta
-from ..core.pipeline import score_volume
-from .data import Subject
+from ...core.imageio import as_3d, read_image
+from ...core.package import ModelPackage, load_package, update_meta
+from ...core.pipeline import score_volume
+from ..data import Subject
 
 FPRS = (0.01, 0.001, 0.0001)
 DEFAULT_FPR = 0.001
@@ -30,7 +30,7 @@ def score_subjects(package: ModelPackage, subjects: list[Subject], methods=None,
                    progress: Callable[[str], None] | None = None):
     """Yield (subject, ScoreResult) for healthy subjects, the model loaded once (all the
     model's methods by default)."""
-    from ..core.device import select_device
+    from ...core.device import select_device
     methods = methods or package.methods
     model = package.load_model(select_device(device))
     for i, s in enumerate(subjects):

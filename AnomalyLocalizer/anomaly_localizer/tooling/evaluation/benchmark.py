@@ -23,13 +23,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..core.device import configure_threads, select_device, usable_cores
-from ..core.imageio import read_image, write_image
-from ..core.installed import resolve_package_for
-from ..core.pipeline import score_volume
-from ..core.scores import PIXEL_METHODS, kl_divergence, minmax_in_mask, rec_nll, smooth
-from ..core.volume import brain_mask, prepare_volume
-from ..errors import InputError
+from ...core.device import configure_threads, select_device, usable_cores
+from ...core.imageio import read_image, write_image
+from ...core.installed import resolve_package_for
+from ...core.pipeline import score_volume
+from ...core.scores import PIXEL_METHODS, kl_divergence, minmax_in_mask, rec_nll, smooth
+from ...core.volume import brain_mask, prepare_volume
+from ...errors import InputError
 
 
 def _peak_rss_mb() -> float:
@@ -43,7 +43,7 @@ def reference_way(image: sitk.Image, mask: np.ndarray, package, model, device, b
     n_ax = prepared.layout.shape[0]
     # The reference scores every axial slice, with or without brain.
     all_idx = np.arange(n_ax)
-    from ..core.volume import resample_to_model
+    from ...core.volume import resample_to_model
     canon = prepared.layout.to_canonical(
         np.where(mask, sitk.GetArrayViewFromImage(image), 0).astype(np.float32))
     lo, hi = np.percentile(canon[prepared.layout.to_canonical(mask)], [1, 99])
@@ -135,7 +135,7 @@ def run_benchmark(data: str | Path, model: str | None = None, methods: list[str]
     methods = list(methods or PIXEL_METHODS)
     package = resolve_package_for(methods, model)
     if restoration == "reference":
-        from ..core.restoration import REFERENCE_RESTORATION
+        from ...core.restoration import REFERENCE_RESTORATION
         package.meta["restoration"] = {**package.meta.get("restoration", {}), **REFERENCE_RESTORATION}
     compare = not no_reference and sorted(methods) == sorted(PIXEL_METHODS)
     device = select_device(device)

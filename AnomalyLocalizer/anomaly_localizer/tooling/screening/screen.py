@@ -28,9 +28,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..core import levels
-from ..core.worklist import DONE, FAILED, PENDING, THUMBNAIL, WORKLIST_JSON, Row, read_worklist, write_worklist
-from ..errors import AnomalyLocalizerError, InputError
+from ...core import levels
+from ...core.worklist import DONE, FAILED, PENDING, THUMBNAIL, WORKLIST_JSON, Row, read_worklist, write_worklist
+from ...errors import AnomalyLocalizerError, InputError
 from .screen_inputs import Scan, content_sha256, find_scans
 from .worklist_html import write_html
 
@@ -64,8 +64,8 @@ _LOADED: dict[tuple[str, str, str], tuple] = {}  # per process: the model, loade
 
 
 def _package_and_model(options: ScreenOptions):
-    from ..core.device import select_device
-    from ..core.package import load_package
+    from ...core.device import select_device
+    from ...core.package import load_package
     key = (options.model_path, options.manifest_sha256, options.device)
     if key not in _LOADED:
         package = load_package(options.model_path)
@@ -78,7 +78,7 @@ def _package_and_model(options: ScreenOptions):
 
 def _threads_for_this_worker(threads: int | None) -> None:
     """Share the machine's cores among the scans a Dask worker runs at once."""
-    from ..core.device import THREADS_ENV
+    from ...core.device import THREADS_ENV
     if threads is None:
         try:
             from distributed import get_worker
@@ -92,9 +92,9 @@ def screen_one(scan: Scan, key: str, out: str, options: ScreenOptions, redo: boo
                threads: int | None = None) -> Row:
     """Score one scan into ``out/<id>`` and return its worklist row. Never raises for a
     problem of the scan (it becomes the row's error); only an interruption propagates."""
-    from ..core.imageio import as_3d, read_image
-    from ..core.pipeline import score_volume
-    from ..core.results import resolve_threshold, run_summary, write_results
+    from ...core.imageio import as_3d, read_image
+    from ...core.pipeline import score_volume
+    from ...core.results import resolve_threshold, run_summary, write_results
     from .thumbnail import render_thumbnail, write_png
 
     t0 = time.perf_counter()
@@ -179,7 +179,7 @@ def check_folder(out: Path) -> None:
     if not os.access(out.resolve().parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise InputError(f"cannot write into {out} (permission denied); choose an --out folder you can write")
     if not out.exists():
-        from ..core.results import probe_folder
+        from ...core.results import probe_folder
         probe_folder(out.resolve().parent, out.name)
 
 
@@ -272,7 +272,7 @@ def earlier_ids(out: Path) -> dict[tuple[str, str | None], str]:
 
 def default_workers() -> int:
     """Worker processes of a local cluster: one per core this process may use."""
-    from ..core.device import usable_cores
+    from ...core.device import usable_cores
     return usable_cores()
 
 

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from ..core.package import (
+from ...core.package import (
     ANOMALY_TYPES,
     MANIFEST_FILE,
     ModelPackage,
@@ -20,9 +20,9 @@ from ..core.package import (
     sha256_file,
     update_meta,
 )
-from ..core.package import resolve_package
-from ..errors import InputError
-from .data import Subject, find_subjects
+from ...core.package import resolve_package
+from ...errors import InputError
+from ..data import Subject, find_subjects
 
 SUBJECT_SETS = ("all", "calibration", "test", "val")
 

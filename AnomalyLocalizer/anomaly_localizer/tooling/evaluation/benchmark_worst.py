@@ -24,10 +24,10 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from ..core.device import usable_cores
-from ..core.imageio import read_image, write_image
-from ..core.scores import PIXEL_METHODS
-from ..errors import InputError
+from ...core.device import usable_cores
+from ...core.imageio import read_image, write_image
+from ...core.scores import PIXEL_METHODS
+from ...errors import InputError
 from .benchmark import one_mm_grid
 
 LESION_RADIUS_MM = (25.0, 30.0)
@@ -35,7 +35,7 @@ LESION_RADIUS_MM = (25.0, 30.0)
 
 def make_cases(data: Path, folder: Path) -> dict[str, tuple[Path, Path | None]]:
     """Write the worst-case scans (image, brain mask) into ``folder``; name -> paths."""
-    from ..tooling.synthetic import insert_anomaly
+    from ...tooling.evaluation.synthetic import insert_anomaly
     ixi = data / "ixi_t1_2mm"
     t1s = sorted((ixi / "t1").glob("*.nii.gz"))
     if not t1s:
@@ -71,9 +71,9 @@ def _measure(queue, model: str, methods: list[str], image: str, mask: str | None
     """Child process: score once, cold as a user's run is (model loaded, no warm-up run);
     report seconds and peak RSS."""
     try:
-        from ..core.device import configure_threads
-        from ..core.package import resolve_package
-        from ..core.pipeline import score_volume
+        from ...core.device import configure_threads
+        from ...core.package import resolve_package
+        from ...core.pipeline import score_volume
         configure_threads()
         package = resolve_package(model)
         net = package.load_model("cpu")
@@ -85,7 +85,7 @@ def _measure(queue, model: str, methods: list[str], image: str, mask: str | None
         row = {"seconds": seconds, "scored_slices": res.info["scored_slices"],
                "timings": {k: round(v, 3) for k, v in res.timings.items()}, "lsr": res.info.get("lsr")}
         if reference:
-            from ..core.volume import brain_mask
+            from ...core.volume import brain_mask
             from .benchmark import reference_way
             row["reference_seconds"] = reference_way(img, brain_mask(img, msk), package, net, "cpu")
         row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -108,7 +108,7 @@ def measure_in_child(model: str, methods: list[str], image: Path, mask: Path | N
 def method_groups() -> list[tuple[str, list[str]]]:
     """(model, methods) to time: each installed anomaly model's default methods, and its
     opt-in ones on their own (restoration)."""
-    from ..core.installed import scan_packages
+    from ...core.installed import scan_packages
     good, _ = scan_packages()
     groups = []
     for p in good:

@@ -14,8 +14,8 @@ import logging
 import signal
 from typing import Callable
 
-from ..core.worklist import FAILED, Row
-from ..errors import InputError
+from ...core.worklist import FAILED, Row
+from ...errors import InputError
 
 # A task whose worker dies (e.g. killed for memory) is retried on another worker this many
 # times before its scan is recorded as failed.

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..core.worklist import DONE
+from ...core.worklist import DONE
 from .screen import ScreenOptions, default_workers, run_screening
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..core.package import ALL_METHODS, CARD_FILE, ModelPackage, write_manifest
+from ...core.package import ALL_METHODS, CARD_FILE, ModelPackage, write_manifest
 
 INTENDED = """## Intended use
 Research and second-reader support: it shows where an adult brain T1-weighted MRI departs from
@@ -178,7 +178,7 @@ def results_sections(evaluations: list[dict[str, Any]], fpr: dict[str, Any] | No
             what = ("The harder synthetic set: 1-3 seeded anomalies per case (ellipsoids with independent semi-axes "
                     "of 6-20 mm; intensity shifts up and down, uniform and noise patches, tissue moved from elsewhere, "
                     "sink/source deformations; contrasts from barely visible to strong; hard or soft edges, the faint "
-                    "rim labelled) in healthy subjects the model never saw (`tooling/hard_cases.py`, a generator "
+                    "rim labelled) in healthy subjects the model never saw (`tooling/evaluation/hard_cases.py`, a generator "
                     "that never trains a model).\n")
         else:
             what = ("Seeded synthetic anomalies (local intensity shifts up and down, uniform and noise patches, "

@@ -1,0 +1,1 @@
+"""Screening many scans into a ranked worklist, on one machine or a Dask cluster."""
