@@ -79,3 +79,9 @@ def test_command_line_joins_folds(tmp_path, folds, capsys):
     assert main(["join-folds", str(folds[0].path), str(folds[1].path), "--out", str(tmp_path / "cli")]) == 0
     assert "2 folds" in capsys.readouterr().out
     assert json.loads((tmp_path / "cli" / "model.json").read_text())["architecture"]["folds"] == 2
+
+
+def test_a_training_configuration_has_no_folds_so_older_runs_still_resume():
+    from anomaly_localizer.tooling.training.train_ssl import SSLTrainConfig
+    cfg = SSLTrainConfig.from_json(None, steps=10)
+    assert "folds" not in cfg.architecture  # a checkpoint's stored config never had it

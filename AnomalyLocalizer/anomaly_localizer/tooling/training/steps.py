@@ -186,7 +186,7 @@ def load_config(cls: Any, path: str | Path | None, architecture: Any, default_sc
     values = read_config_values(path, set(cls.__dataclass_fields__))
     cfg = cls(**{k: v for k, v in values.items() if k != "architecture"})
     cfg.architecture = architecture.model_validate({**cfg.architecture, **values.get("architecture", {})}) \
-        .model_dump(exclude={"type"})
+        .model_dump(exclude={"type", "folds"})  # a training makes one network; folds are joined later
     for k, v in overrides.items():
         if v is not None:
             if k in ARCHITECTURE_OPTIONS:
