@@ -57,6 +57,8 @@ class AnomalyLocalizerLogic(RunMixin, NodesMixin, ThresholdMixin, FindingsMixin,
         self._closeObserver = self.scene.AddObserver(self.scene.StartCloseEvent, self._onSceneStartClose)
 
     def _onSceneStartClose(self, caller=None, event=None) -> None:
+        if "activeRun" not in self.__dict__:  # torn down at interpreter exit, before the scene
+            return
         self.cancelRun()
         self.clearResult()
 
