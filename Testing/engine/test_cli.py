@@ -215,3 +215,15 @@ def test_help_lists_what_users_run_first_then_model_making_and_measuring(capsys)
     assert [line.split()[0] for line in reading.splitlines()[1:] if line.startswith("  ")][:4] == \
         ["score", "screen", "models", "demo"]
     assert all(len(line) <= 100 for line in text.splitlines())
+
+
+def test_a_note_is_one_short_line_on_the_terminal():
+    from anomaly_localizer.core.levels import broad_flag_note, first_sentences
+    from anomaly_localizer.core.relative import reference_note
+    relative = reference_note("fused", {"healthy_max": 1.0, "times_healthy_median": 1.8, "scan_value": 2.0,
+                                        "quantile": 0.75})
+    line = first_sentences(relative)
+    assert line.startswith("The fused map of this scan is 1.8 times") and "Recalibrate" not in line
+    assert len(line) < 160 < len(relative)
+    both = first_sentences(broad_flag_note(0.05, 0.001) + " " + relative)
+    assert both.startswith("5.0 % of this brain") and "; The fused map" in both and len(both) < 300

@@ -167,7 +167,10 @@ def first_sentences(note: str | None) -> str | None:
     if not note:
         return None
     parts = [p for p in (note.split(". ") if ". " in note else [note])]
-    heads = [p.rstrip(".") for p in parts if p[:1].isdigit() or p.startswith("The ")][:2] or [parts[0].rstrip(".")]
+    # each part's first sentence: the broad-flag note's starts with its share, the
+    # scan-relative note's with "The <method> map of this scan"
+    heads = [p.rstrip(".") for p in parts if p[:1].isdigit() or (p.startswith("The ") and " map of this scan " in p)]
+    heads = heads[:2] or [parts[0].rstrip(".")]
     return "; ".join(heads)
 
 
