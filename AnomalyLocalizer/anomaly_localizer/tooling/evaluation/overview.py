@@ -56,9 +56,11 @@ def _slices_to_show(summary: dict, layout, lab: np.ndarray | None, n_slices: int
 
 
 def write_overview(cases: list[tuple[str, Path, Path]], png: Path, method: str | None = None,
-                   truth: dict[str, Path] | None = None, scan_note: str = "", n_slices: int = 2) -> Path:
+                   truth: dict[str, Path] | None = None, scan_note: str = "", n_slices: int = 2,
+                   notes: dict[str, str] | None = None) -> Path:
     """cases: (title, input image, score output folder). ``truth``: title -> label image of the
-    true lesion, outlined. ``scan_note``: one line saying what the scans are."""
+    true lesion, outlined. ``scan_note``: one line saying what the scans are; ``notes``: title
+    -> a sentence under that scan's findings (e.g. why a healthy scan is not clean)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -124,6 +126,8 @@ def write_overview(cases: list[tuple[str, Path, Path]], png: Path, method: str |
             full = seg
             dice = 2 * (full & lab).sum() / max(1, full.sum() + lab.sum())
             lines += ["", f"overlap with the inserted lesion: Dice {dice:.2f}"]
+        if (notes or {}).get(title):
+            lines += [""] + textwrap.wrap(notes[title], 44)
         text.text(0.0, 1.0, "\n".join(lines), va="top", fontsize=FONT - 1)
         score = summary.get("primary_slice_score") or "elbo"
         per_slice = [float(r[score]) if r.get(score) else np.nan for r in csv.DictReader(open(out_dir / "slice_scores.csv"))]
