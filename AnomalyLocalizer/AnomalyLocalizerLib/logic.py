@@ -25,6 +25,8 @@ stepping through a screening worklist (:mod:`.worklist`).
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from .export import ExportMixin
@@ -37,6 +39,20 @@ from .worklist import WorklistMixin
 
 __all__ = ["AnomalyLocalizerLogic", "RunResult", "volumeNodeToImage", "copyGeometry", "REF_PREFIX",
            "HEAT_COLOR_NODE_NAME", "SEGMENT_NAME"]
+
+
+def _weakCallback(method):
+    """An observer callback that does not keep its object alive. A bound method held by the
+    scene would make a reference cycle (logic -> scene -> observer -> logic) that only the
+    garbage collector breaks, destroying VTK objects in an arbitrary order (a crash); this
+    way the logic is freed when its last user drops it, and the callback does nothing then."""
+    ref = weakref.WeakMethod(method)
+
+    def callback(caller, event):
+        bound = ref()
+        if bound is not None:
+            bound(caller, event)
+    return callback
 
 
 class AnomalyLocalizerLogic(RunMixin, NodesMixin, ThresholdMixin, FindingsMixin, ExportMixin, WorklistMixin):
@@ -54,11 +70,9 @@ class AnomalyLocalizerLogic(RunMixin, NodesMixin, ThresholdMixin, FindingsMixin,
         self._box = None  # (result, brain bounding box) cache
         self._resultInput = None  # the volume node the result belongs to
         self.activeRun = None  # the child run in progress (runner.ChildRun), if any
-        self._closeObserver = self.scene.AddObserver(self.scene.StartCloseEvent, self._onSceneStartClose)
+        self._closeObserver = self.scene.AddObserver(self.scene.StartCloseEvent, _weakCallback(self._onSceneStartClose))
 
     def _onSceneStartClose(self, caller=None, event=None) -> None:
-        if "activeRun" not in self.__dict__:  # torn down at interpreter exit, before the scene
-            return
         self.cancelRun()
         self.clearResult()
 

@@ -133,10 +133,15 @@ class ChildRun:
 
     def _end_after_cancel(self) -> None:
         assert self.process is not None
-        try:
-            self.process.wait(CANCEL_GRACE_S)
-        except subprocess.TimeoutExpired:
-            pass
+        # The grace period is the whole tree's: stderr reaches its end only when every process
+        # holding it (the launcher and the interpreter it started) has ended.
+        if self._reader is not None:
+            self._reader.join(CANCEL_GRACE_S)
+        else:
+            try:
+                self.process.wait(CANCEL_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
         # Whatever is left of the tree (a launcher's child outlives its launcher) goes now.
         end_process_tree(self.process, force=True)
         self.process.wait()
