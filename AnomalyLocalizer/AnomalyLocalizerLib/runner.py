@@ -142,8 +142,10 @@ class ChildRun:
                 self.process.wait(CANCEL_GRACE_S)
             except subprocess.TimeoutExpired:
                 pass
-        # Whatever is left of the tree (a launcher's child outlives its launcher) goes now.
-        end_process_tree(self.process, force=True)
+        # Whatever is left of the tree (a launcher's child outlives its launcher) goes now; a
+        # tree that has ended is not signalled again (its group ID could be anyone's by now).
+        if self._reader is None or self._reader.is_alive():
+            end_process_tree(self.process, force=True)
         self.process.wait()
         if self._reader is not None:
             self._reader.join()  # stderr closes when the last process of the tree has ended
