@@ -95,6 +95,22 @@ def store_and_recalibrate(package: ModelPackage, key: str, block: dict, data: st
                              progress=say)
 
 
+@contextlib.contextmanager
+def building(out: Path):
+    """A folder to build a package in (``OUT.partial``): it replaces ``out`` when the block
+    ends, and is removed when the block fails, so no half-made package is ever left."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
 def release_package(source: str | Path, out: str | Path, data: str, meta_file: str | None = None, half: bool = False,
                     force: bool = False, device: str = "cpu",
                     progress: Callable[[str], None] | None = None) -> tuple[ModelPackage, int]:
@@ -123,21 +139,13 @@ def release_package(source: str | Path, out: str | Path, data: str, meta_file: s
     meta["calibration"] = {}
     meta.setdefault("provenance", {})["data"] = str(data)  # as given, not this machine's absolute path
     meta["weights_dtype"] = "float16" if half else "float32"
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    subjects: list[Subject] = []
+    with building(out) as tmp:
         package = save_package(model, meta, tmp)
-        subjects: list[Subject] = []
         if package.arch_type in ANOMALY_TYPES:  # brain extraction models have no thresholds
             subjects = subjects_of(package, data, "calibration", choosable=False)
             package = calibrate_package(package, subjects, device=device, progress=progress)
             update_meta(package.path, package.meta)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # no half-made package left behind
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     return load_package(out), len(subjects)
 
 

@@ -10,12 +10,12 @@ one: ``release`` calibrates it.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from ...core.package import ModelPackage, load_package, save_package
 from ...errors import InputError
+from .edit import building
 
 SAME_IN_EVERY_FOLD = ("input_contract", "ssl")
 
@@ -65,14 +65,6 @@ def join_folds(sources: list[str], out: str | Path, force: bool = False) -> Mode
         "steps_run": sum(r.get("steps_run", 0) for r in records),
     }
     meta.setdefault("provenance", {})["folds"] = [str(s) for s in sources]
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with building(out) as tmp:
         save_package(ensemble, meta, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     return load_package(out)

@@ -30,7 +30,7 @@ from ...core.levels import level_scale
 from ...core.package import ModelPackage, save_package
 from ...core.package import resolve_package
 from ...errors import InputError
-from .edit import subjects_of
+from .edit import building, subjects_of
 
 RULES = ("mean", "max")
 WEIGHT_GRID = (0.5, 1.0, 2.0)  # weighted-mean candidates: each weight relative to the first component's
@@ -207,8 +207,6 @@ def make_fused(specs: list[str], out: str | Path, data: str | None, rule: str = 
     left in ``out`` when any step fails. ``meta_file``: JSON merged into model.json
     (summary, description, data statement, limitations). ``select_cases``: real cases
     (:class:`.evaluate.Case`) the choice also weighs (rule ``auto``)."""
-    import shutil
-
     from ...core.package import load_package, read_json
 
     say = progress or (lambda m: None)
@@ -239,18 +237,10 @@ def make_fused(specs: list[str], out: str | Path, data: str | None, rule: str = 
     meta = fused_meta(components, rule, out.name, weights=weights if rule == "weighted" else None,
                       selection=selection)
     meta.update({k: v for k, v in extra.items() if k not in ("architecture", "name", "calibration")})
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with building(out) as tmp:
         package = save_package(None, meta, tmp)
         if calibrate and data:
             from .calibrate import calibrate_package
             calibration = subjects_of(components[0][0], data, "calibration", choosable=False)
             package = calibrate_package(package, calibration, device=device, progress=say)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     return load_package(out)
