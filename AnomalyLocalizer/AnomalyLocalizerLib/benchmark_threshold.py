@@ -18,20 +18,22 @@ from .headless import SlicerApp
 from .logic import AnomalyLocalizerLogic, RunResult
 
 
-def main() -> int:
-    app = SlicerApp()
-    scene = app.scene
-    shape = (180, 256, 256)  # k, j, i
-    rng = np.random.default_rng(0)
-    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij", sparse=True)
-    brain = (zz ** 2 / 0.7 + yy ** 2 / 0.8 + xx ** 2 / 0.6) < 1
-    heat = (rng.gamma(2.0, 0.1, size=shape) * brain).astype(np.float32)
-    heat[60:90, 100:140, 90:130] += 1.0  # a "lesion"
-    scan = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "scan")
+SHAPE = (180, 256, 256)  # k, j, i: a 1 mm whole head
+
+
+def syntheticResult(logic: AnomalyLocalizerLogic):
+    """A 1 mm volume with a synthetic heatmap (a "lesion" block over gamma noise in an
+    ellipsoid brain) applied as a run's result; returns the volume node and the brain mask."""
     import slicer.util as su
+
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij", sparse=True)
+    brain = (zz ** 2 / 0.7 + yy ** 2 / 0.8 + xx ** 2 / 0.6) < 1
+    heat = (rng.gamma(2.0, 0.1, size=SHAPE) * brain).astype(np.float32)
+    heat[60:90, 100:140, 90:130] += 1.0  # a "lesion"
+    scan = logic.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "scan")
     su.updateVolumeFromArray(scan, (brain * 100).astype(np.float32))
-    logic = AnomalyLocalizerLogic(app.app)
-    result = RunResult(scan.GetID(), {"combi": heat}, brain, {k: np.zeros(shape[0]) for k in ("elbo", "kl", "rec")},
+    result = RunResult(scan.GetID(), {"combi": heat}, brain, {k: np.zeros(SHAPE[0]) for k in ("elbo", "kl", "rec")},
                        2, {"model": {"name": "synthetic"}})
 
     class _Package:  # no calibration: anomaly level 1.0 is the map's maximum
@@ -42,6 +44,14 @@ def main() -> int:
             return None
 
     logic._applyResult(scan, result, _Package())
+    return scan, brain
+
+
+def main() -> int:
+    app = SlicerApp()
+    logic = AnomalyLocalizerLogic(app.app)
+    _, brain = syntheticResult(logic)
+    shape = SHAPE
     levels = np.linspace(0.05, 0.95, 60)
     times = []
     for level in levels:

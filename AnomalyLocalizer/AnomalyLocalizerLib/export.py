@@ -8,16 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import slicer
+import vtk
 from anomaly_localizer.core.levels import LEVEL_DEFINITION
 
 from .nodes import REF_PREFIX
+
+EXPORT_TEMPORARY = f"{REF_PREFIX}.exportTemporary"  # marks a node made only to be written
 
 
 class ExportMixin:
     """Exports of :class:`AnomalyLocalizerLogic`."""
 
     def exportSegmentation(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write the anomaly segmentation as .seg.nrrd or as a NIfTI/NRRD label map."""
+        """Write the anomaly segmentation as .seg.nrrd or as a NIfTI/NRRD label map (label 1 on
+        the input's grid). Both are the segmentation node as it is now: the threshold's
+        segment with any corrections made in a segment editor."""
         path = Path(path)
         inputVolume = self._requireResult()
         if path.exists() and not overwrite:
@@ -27,7 +32,7 @@ class ExportMixin:
             node = self.outputNode(inputVolume, "segmentation")
             storage = slicer.vtkMRMLSegmentationStorageNode()
         elif name.endswith((".nii.gz", ".nii", ".nrrd")):
-            node = self.outputNode(inputVolume, "labelmap")
+            node = self._segmentationAsLabelmap(inputVolume)
             storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
         else:
             raise ValueError(f"unsupported file type {path.name}; use .seg.nrrd, .nii.gz or .nrrd")
@@ -39,8 +44,24 @@ class ExportMixin:
                 raise OSError(f"could not write {path}")
         finally:
             self.scene.RemoveNode(storage)
+            if node.GetAttribute(EXPORT_TEMPORARY) is not None:
+                self.scene.RemoveNode(node)
         path.with_name(path.name + ".json").write_text(json.dumps(self.provenance(), indent=2) + "\n")
         return path
+
+    def _segmentationAsLabelmap(self, inputVolume):
+        """A temporary label map node (removed after writing) of the segmentation's segments
+        on the input's grid."""
+        segmentation = self.outputNode(inputVolume, "segmentation")
+        labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{inputVolume.GetName()} export")
+        labelmap.SetAttribute(EXPORT_TEMPORARY, "1")
+        ids = vtk.vtkStringArray()
+        segmentation.GetSegmentation().GetSegmentIDs(ids)
+        segLogic = self.appLogic.GetModuleLogic("Segmentations")
+        if not segLogic.ExportSegmentsToLabelmapNode(segmentation, ids, labelmap, inputVolume):
+            self.scene.RemoveNode(labelmap)
+            raise OSError("could not convert the segmentation to a label map")
+        return labelmap
 
     def exportSliceScores(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the slice-score table as CSV, with a provenance comment line first."""

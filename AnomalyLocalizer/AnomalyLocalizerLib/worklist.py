@@ -72,7 +72,7 @@ class WorklistMixin:
             self.scene.RemoveNode(node)
             raise
         if previous is not None and not keepPrevious and previous.GetAttribute(WORKLIST_ROW_ATTRIBUTE):
-            self._removeScan(previous)
+            self.removeScan(previous)
         self.worklistIndex = index
         if row.top_slice is not None:
             self.jumpToSlice(int(row.top_slice))
@@ -111,7 +111,7 @@ class WorklistMixin:
         raise ValueError(f"the model {model.get('name')} this worklist was screened with is not installed unchanged; "
                          "install it, or screen the scans again with an installed model")
 
-    def _removeScan(self, volume) -> None:
+    def removeScan(self, volume) -> None:
         """Remove a worklist scan's volume, every output node it references, and their folder."""
         sh = self.scene.GetSubjectHierarchyNode()
         folder = None

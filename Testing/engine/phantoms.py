@@ -11,11 +11,20 @@ import torch
 
 from anomaly_localizer.core.package import build_network as build_model
 from anomaly_localizer.core.package import save_package
+from anomaly_localizer.core.scores import PIXEL_METHODS
 from anomaly_localizer.core.volume import NORMALISATION
 
 TINY_ARCH = {"type": "vae", "slice_size": 32, "feature_maps": [4, 8], "latent_size": 8, "likelihood_std": 1.0}
 TINY_CONTRACT = {"modality": "T1w", "orientation": "axial", "slice_size": 32, "spacing_mm": 6.0,
                  "normalisation": NORMALISATION}
+
+# A calibration for tiny models: thresholds for three healthy false-positive rates, a rate curve
+# and slice-score percentiles, so that levels, rates and percentiles can be shown.
+TINY_CALIBRATION = {"default_fpr": 0.001, "pixel": {m: {"n_subjects": 3, "thresholds": [
+    {"fpr": 0.01, "value": 0.01}, {"fpr": 0.001, "value": 0.02}, {"fpr": 0.0001, "value": 0.05}],
+    "curve": {"fpr": [0.1, 0.01, 0.001, 0.0001], "values": [0.005, 0.01, 0.02, 0.05]}}
+    for m in PIXEL_METHODS},
+    "slice": {k: {"levels": [0.0, 50.0, 100.0], "values": [-1e4, 0.0, 1e4]} for k in ("elbo", "kl", "rec")}}
 
 
 def make_tiny_package(path, seed: int = 0, calibration: dict | None = None):

@@ -7,6 +7,8 @@
   release (making a trained model shippable), then training, then screening; ``tooling.data``
   and ``tooling.metrics`` serve them all.
 - The Slicer logic (``AnomalyLocalizerLib``) uses only the engine's core.
+- The browser viewer (``anomaly_localizer_viewer``) uses the logic and the engine's core, and
+  nothing imports it.
 - No import cycles; no source file over 500 lines.
 - A detector family module imports nothing heavy when it is imported (the registry is read
   to list models, in Slicer before PyTorch is installed).
@@ -117,6 +119,24 @@ def test_the_slicer_logic_uses_only_the_engines_core():
             bad = {d for d in deps if d.startswith("anomaly_localizer")
                    and not d.startswith(("anomaly_localizer.core", "anomaly_localizer.errors"))}
             assert not bad, f"{module} imports {sorted(bad)}"
+
+
+def test_the_browser_viewer_sits_above_the_logic_and_nothing_imports_it():
+    """The viewer (like the Qt panel) uses the Slicer logic and the engine's core; neither the
+    engine nor the logic imports it (the command line finds it through an entry point)."""
+    graph = _graph()
+    viewer = {m for m in graph if m.startswith("anomaly_localizer_viewer")}
+    assert viewer, "no viewer package found"
+    for module, deps in graph.items():
+        if module in viewer:
+            bad = {d for d in deps if d.startswith("anomaly_localizer.")
+                   and not d.startswith(("anomaly_localizer.core", "anomaly_localizer.errors"))}
+            assert not bad, f"{module} imports {sorted(bad)}"
+        else:
+            bad = {d for d in deps if d.startswith("anomaly_localizer_viewer")}
+            assert not bad, f"{module} imports the viewer: {sorted(bad)}"
+        if module.startswith("anomaly_localizer."):
+            assert not {d for d in deps if d.startswith("AnomalyLocalizerLib")}, f"{module} imports the logic"
 
 
 def test_there_are_no_import_cycles():

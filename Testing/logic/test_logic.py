@@ -10,15 +10,10 @@ from logic_helpers import engine, segmentArray, slicer, vtk
 from AnomalyLocalizerLib.logic import AnomalyLocalizerLogic, volumeNodeToImage
 
 from anomaly_localizer.errors import AnomalyLocalizerError, InputError
-from anomaly_localizer.core.scores import PIXEL_METHODS
 
 make_tiny_package, image_from = engine.make_tiny_package, engine.image_from
 phantom_array, rotation = engine.phantom_array, engine.rotation
-CALIBRATION = {"default_fpr": 0.001, "pixel": {m: {"n_subjects": 3, "thresholds": [
-    {"fpr": 0.01, "value": 0.01}, {"fpr": 0.001, "value": 0.02}, {"fpr": 0.0001, "value": 0.05}],
-    "curve": {"fpr": [0.1, 0.01, 0.001, 0.0001], "values": [0.005, 0.01, 0.02, 0.05]}}
-    for m in PIXEL_METHODS},
-    "slice": {k: {"levels": [0.0, 50.0, 100.0], "values": [-1e4, 0.0, 1e4]} for k in ("elbo", "kl", "rec")}}
+CALIBRATION = engine.TINY_CALIBRATION
 
 
 @pytest.fixture()

@@ -21,9 +21,12 @@ from .common import EXIT_CANCELLED, EXIT_INPUT
 
 # Modules that register commands (one per command group).
 GROUPS = ("score", "screen", "train", "calibrate", "evaluate", "release", "demo")
+# Commands of layers above the engine (the browser viewer) register through this entry point
+# group, so that the engine never imports them.
+PLUGIN_GROUP = "anomaly_localizer.commands"
 # How ``--help`` lists the commands: what users run first, then making and measuring models.
 HELP_SECTIONS = {
-    "Reading scans": ("score", "screen", "models", "demo", "compare-worklists"),
+    "Reading scans": ("score", "screen", "view", "models", "demo", "compare-worklists"),
     "Making models (training, calibration, release)": (
         "train", "train-lsr", "train-dae", "train-ssl", "train-brainmask", "calibrate", "standardise",
         "scan-relative", "tune-restoration", "tune-smoothing", "release", "join-folds", "fuse", "index", "card"),
@@ -41,9 +44,25 @@ def _grouped_commands(sub) -> str:
     for title, names in HELP_SECTIONS.items():
         lines.append(f"{title}:")
         lines += [textwrap.fill(helps[name], width=100, initial_indent=f"  {name:<20}", subsequent_indent=" " * 22)
-                  for name in names]
+                  for name in names if name in helps]  # a plugin command may not be installed
         lines.append("")
     return "\n".join(lines) + "anomaly-localizer COMMAND --help says what a command takes."
+
+
+def _plugins() -> list:
+    """The ``register`` functions of installed plugin commands (a broken one is skipped with a
+    warning: the engine's own commands must keep working)."""
+    from importlib.metadata import entry_points
+    found = []
+    points = entry_points()
+    # Python 3.9 (Slicer 5.8) has no select(): there entry_points() is a dict of groups
+    group = points.select(group=PLUGIN_GROUP) if hasattr(points, "select") else points.get(PLUGIN_GROUP, [])
+    for point in group:
+        try:
+            found.append(point.load())
+        except Exception as exc:  # noqa: BLE001 - any import failure of a plugin
+            logging.getLogger(__name__).warning("command %s is unavailable: %s", point.name, exc)
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of the commands below")
     for name in GROUPS:
         importlib.import_module(f"{__name__}.{name}").register(sub)
+    for register in _plugins():
+        register(sub)
     p.epilog = _grouped_commands(sub)
     sub._choices_actions.clear()  # listed under their headings in the epilog instead of in one block
     return p

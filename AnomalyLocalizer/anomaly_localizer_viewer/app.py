@@ -1,0 +1,325 @@
+"""The browser page: trame widgets wired to a :class:`~.session.ViewerSession`.
+
+Three Slicer slice views (axial, coronal, sagittal) rendered on the server by trame-slicer and
+streamed to the page; a side panel to open a scan or worklist, run a model with progress and
+cancel, choose the map, move the threshold and opacity, read and centre the findings, paint or
+erase the segmentation (with undo) and download it. No decision is made here: each control
+calls one session method, and a session error becomes the red one-line message at the top.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from trame.app import TrameApp
+from trame.ui.vuetify3 import SinglePageWithDrawerLayout
+from trame.widgets import html
+from trame.widgets import vuetify3 as v3
+from trame_slicer import module as trame_slicer_module
+from trame_slicer.core import LayoutManager, SlicerApp
+from trame_slicer.rca_view import register_rca_factories
+from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
+
+from .session import EXPORT_KINDS, ViewerError, ViewerSession
+
+log = logging.getLogger(__name__)
+POLL_S = 0.25  # how often a running child run is polled (the page is never blocked by it)
+LAYOUT = "anomaly"
+
+
+class ViewerApp(TrameApp):
+    """The viewer's page and its session; ``start()`` serves it."""
+
+    def __init__(self, server=None, host: str = "127.0.0.1"):
+        super().__init__(server)
+        self.server.enable_module(trame_slicer_module)
+        self.slicerApp = SlicerApp()
+        register_rca_factories(self.slicerApp.view_manager, self.server)
+        self.layoutManager = LayoutManager(self.slicerApp.scene, self.slicerApp.view_manager, self.server)
+        self.layoutManager.register_layout(LAYOUT, Layout(LayoutDirection.Horizontal, [
+            ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.coronal_view(),
+            ViewLayoutDefinition.sagittal_view()]))
+        self.layoutManager.set_layout(LAYOUT)
+        self.session = ViewerSession(self.slicerApp)
+        self.host = host
+        self._poller: asyncio.Task | None = None
+        self._initState()
+        for signal in self.slicerApp.segmentation_editor.undo_stack.signals():
+            signal.connect(self._onUndoChanged)
+        self._buildUi()
+        self.ctrl.on_server_exited.add(lambda **_: self.session.close())
+
+    # --- state ---------------------------------------------------------------------------
+    def _initState(self) -> None:
+        s = self.state
+        s.trame__title = "AnomalyLocalizer"
+        s.scan_path, s.upload, s.message, s.error = "", None, "Open a scan to begin.", ""
+        s.scan_label, s.worklist_position, s.is_worklist = "", "", False
+        s.models = self.session.models()
+        s.model = s.models[0]["value"] if s.models else None
+        s.running, s.progress, s.run_message = False, 0, ""
+        s.has_result, s.methods, s.method = False, [], None
+        s.threshold, s.threshold_min, s.threshold_max, s.threshold_note = 1.0, 0.01, 2.0, ""
+        s.segmented_voxels, s.opacity, s.findings = 0, 0.6, []
+        s.tool, s.can_undo, s.can_redo, s.corrections, s.colour_bar = "none", False, False, 0, ""
+        s.export_names = {k: f"anomaly.{k}" for k in EXPORT_KINDS}
+        s.listening = "this machine only" if self.host in ("127.0.0.1", "localhost", "::1") else \
+            f"other machines too ({self.host})"
+        s.change("threshold")(self._onThreshold)
+        s.change("opacity")(self._onOpacity)
+        s.change("method")(self._onMethod)
+        s.change("tool")(self._onTool)
+        s.change("upload")(self._onUpload)
+
+    def _guard(self, action, *args):
+        """Run a session action; its one-line error goes to the page."""
+        try:
+            result = action(*args)
+            self.state.error = ""
+            return result
+        except ViewerError as exc:
+            self.state.error = str(exc)
+            return None
+
+    def _refreshResult(self) -> None:
+        """Every result control from the session (after a run, a worklist step, a method)."""
+        s, session = self.state, self.session
+        s.has_result = session.hasResult
+        s.scan_label = session.scanLabel
+        s.worklist_position = session.worklistPosition()
+        s.is_worklist = bool(s.worklist_position)
+        s.export_names = {k: f"{session.scanLabel or 'scan'}-anomaly.{k}" for k in EXPORT_KINDS}
+        if not session.hasResult:
+            s.methods, s.method, s.findings, s.threshold_note = [], None, [], ""
+            return
+        s.methods = session.methods()
+        s.method = session.logic.method
+        low, high = session.thresholdRange()
+        s.threshold_min, s.threshold_max = round(low, 2), round(max(high, low + 0.01), 2)
+        s.threshold = round(session.logic.threshold, 2)
+        s.segmented_voxels = session.setThreshold(session.logic.threshold)
+        s.colour_bar = session.colourBar()["css"]
+        self._onThresholdRest()
+        session.setOpacity(s.opacity)
+
+    # --- handlers ------------------------------------------------------------------------
+    def openPath(self) -> None:
+        message = self._guard(self.session.open, self.state.scan_path)
+        if message:
+            self.state.message = message
+            self._refreshResult()
+
+    def _onUpload(self, upload, **_):
+        if not upload:
+            return
+        files = upload if isinstance(upload, list) else [upload]
+        item = files[0]
+        message = self._guard(self.session.openUpload, item.get("name", "upload"), item.get("content") or b"")
+        if message:
+            self.state.message = message
+            self._refreshResult()
+        self.state.upload = None
+
+    def step(self, delta: int) -> None:
+        message = self._guard(self.session.stepWorklist, self.session.logic.worklistIndex + int(delta))
+        if message:
+            self.state.message = message
+            self._refreshResult()
+
+    def run(self) -> None:
+        if self._guard(self.session.start, self.state.model) is None and self.state.error:
+            return
+        self.state.running, self.state.progress, self.state.run_message = True, 0, "starting"
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.ensure_future(self._follow())
+
+    def cancel(self) -> None:
+        self.session.cancel()
+
+    async def _follow(self) -> None:
+        """Poll the child run until it ends; the page stays live meanwhile."""
+        while True:
+            await asyncio.sleep(POLL_S)
+            status = self.session.poll()
+            with self.state:
+                self.state.progress = round(100 * status.progress)
+                self.state.run_message = status.message
+                if status.state == "running":
+                    continue
+                self.state.running = False
+                if status.state == "failed":
+                    self.state.error = status.message
+                elif status.state == "done":
+                    self.state.error = ""
+                    self.state.message = f"{self.session.scanLabel}: done"
+                    self._refreshResult()
+                else:
+                    self.state.message = status.message
+                return
+
+    def _onThreshold(self, threshold, **_):
+        if not self.session.hasResult or threshold is None:
+            return
+        count = self._guard(self.session.setThreshold, threshold)
+        if count is not None:
+            self.state.segmented_voxels = count
+            self.state.threshold_note = self.session.thresholdNote()
+
+    def _onThresholdRest(self, *_):
+        """Findings are counted when the slider rests (a connected-component pass)."""
+        self.state.findings = self.session.findings()
+
+    def _onOpacity(self, opacity, **_):
+        if self.session.hasResult:
+            self.session.setOpacity(opacity)
+
+    def _onMethod(self, method, **_):
+        if self.session.hasResult and method and method != self.session.logic.method:
+            self._guard(self.session.setMethod, method)
+            self._refreshResult()
+
+    def _onTool(self, tool, **_):
+        if self._guard(self.session.setTool, tool or "none") is None and self.state.error:
+            self.state.tool = "none"
+
+    def centre(self, rank: int) -> None:
+        for finding in self.session.logic.findings():
+            if finding["rank"] == rank:
+                self.session.centreOn(finding)
+
+    def _onUndoChanged(self, *_):
+        """Corrections (paint, erase strokes) and the undo stack change on the server: the
+        page's undo and redo buttons and the count follow."""
+        undo = self.slicerApp.segmentation_editor.undo_stack
+        with self.state:
+            self.state.can_undo, self.state.can_redo = undo.can_undo(), undo.can_redo()
+            self.state.corrections = undo.index()
+
+    def undo(self) -> None:
+        self.session.undo()
+
+    def redo(self) -> None:
+        self.session.redo()
+
+    def export(self, kind: str):
+        """The file's bytes as a download for the page (utils.download)."""
+        exported = self._guard(self.session.export, kind)
+        if exported is None:
+            return None
+        return self.server.protocol.addAttachment(exported[1])
+
+    # --- page ----------------------------------------------------------------------------
+    def _buildUi(self) -> None:
+        with SinglePageWithDrawerLayout(self.server, theme="dark") as layout:
+            layout.title.set_text("AnomalyLocalizer")
+            with layout.toolbar:
+                v3.VSpacer()
+                html.Div("{{ scan_label }} {{ worklist_position ? '(' + worklist_position + ')' : '' }}",
+                         classes="text-body-2 mr-4", id="scan-label")
+                html.Div("served to {{ listening }}", classes="text-caption mr-4", id="listening")
+            with layout.drawer as drawer:
+                drawer.width = 380
+                self._panel()
+            with layout.content:
+                with v3.VContainer(fluid=True, classes="fill-height pa-0"):
+                    self.layoutManager.initialize_layout_grid(layout)
+
+    def _panel(self) -> None:
+        with v3.VContainer(classes="pa-3"):
+            v3.VAlert(v_if="error", type="error", density="compact", text=("error",), id="error",
+                      classes="mb-2", closable=True, click_close="error = ''")
+            html.Div("{{ message }}", classes="text-caption mb-2", id="message")
+            v3.VTextField(v_model=("scan_path",), label="Scan, DICOM folder or worklist on the server",
+                          density="compact", hide_details=True, id="scan-path", keyup_enter=self.openPath)
+            with html.Div(classes="d-flex my-2"):
+                v3.VBtn("Open", click=self.openPath, id="open", size="small", disabled=("running",))
+                v3.VSpacer()
+                v3.VBtn("Previous", click=(self.step, "[-1]"), v_if="is_worklist", size="small", id="previous")
+                v3.VBtn("Next", click=(self.step, "[1]"), v_if="is_worklist", size="small", id="next")
+            v3.VFileInput(v_model=("upload",), label="or upload a scan (.nii.gz, .nrrd, .mha; DICOM as .zip)",
+                          density="compact", hide_details=True, id="upload", disabled=("running",))
+            v3.VDivider(classes="my-3")
+            v3.VSelect(v_model=("model",), items=("models",), label="Model", density="compact", hide_details=True,
+                       id="model", disabled=("running",))
+            with html.Div(classes="d-flex my-2"):
+                v3.VBtn("Run", click=self.run, disabled=("running || !scan_label",), color="primary", size="small",
+                        id="run")
+                v3.VBtn("Cancel", click=self.cancel, v_if="running", size="small", classes="ml-2", id="cancel")
+            v3.VProgressLinear(v_if="running", model_value=("progress",), height=6, id="progress")
+            html.Div("{{ run_message }}", v_if="running", classes="text-caption")
+            with html.Div(v_if="has_result"):
+                v3.VDivider(classes="my-3")
+                v3.VSelect(v_model=("method",), items=("methods",), label="Map", density="compact",
+                           hide_details=True, id="method")
+                html.Div("Threshold: anomaly level {{ threshold }} ({{ segmented_voxels }} voxels)",
+                         classes="text-body-2 mt-3", id="threshold-label")
+                with html.Div(id="threshold"):
+                    v3.VSlider(v_model=("threshold",), min=("threshold_min",), max=("threshold_max",), step=0.01,
+                               hide_details=True, density="compact", end=self._onThresholdRest)
+                html.Div("{{ threshold_note }}", classes="text-caption", id="threshold-note")
+                self._colourBar()
+                html.Div("Heatmap opacity", classes="text-body-2 mt-3")
+                with html.Div(id="opacity"):
+                    v3.VSlider(v_model=("opacity",), min=0, max=1, step=0.05, hide_details=True, density="compact")
+                html.Div("Findings (largest peak first; click to centre)", classes="text-body-2 mt-3")
+                with v3.VList(density="compact", id="findings", classes="py-0"):
+                    v3.VListItem(v_for="f in findings", key="f.rank", click=(self.centre, "[f.rank]"),
+                                 classes="text-caption py-0", min_height=24, children=["{{ f.text }}"])
+                html.Div("none at this threshold", v_if="!findings.length", classes="text-caption")
+                html.Div("Correct the segmentation (moving the threshold replaces corrections)",
+                         classes="text-body-2 mt-3")
+                with html.Div(classes="d-flex align-center"):
+                    with v3.VBtnToggle(v_model=("tool",), density="compact", mandatory=True, id="tool"):
+                        v3.VBtn("View", value="none", size="small", id="tool-none")
+                        v3.VBtn("Paint", value="paint", size="small", id="tool-paint")
+                        v3.VBtn("Erase", value="erase", size="small", id="tool-erase")
+                    v3.VBtn(icon="mdi-undo", click=self.undo, size="small", variant="text", id="undo",
+                            disabled=("!can_undo",))
+                    v3.VBtn(icon="mdi-redo", click=self.redo, size="small", variant="text", id="redo",
+                            disabled=("!can_redo",))
+                html.Div("{{ corrections }} correction(s) since the last threshold move", classes="text-caption",
+                         id="corrections")
+                html.Div("Download the segmentation", classes="text-body-2 mt-3")
+                with html.Div(classes="d-flex"):
+                    for kind, what in EXPORT_KINDS.items():
+                        v3.VBtn(what, size="small", classes="mr-2", id=f"export-{kind.replace('.', '-')}",
+                                click=f"utils.download(export_names['{kind}'], trigger('{self._exportTrigger()}', "
+                                      f"['{kind}']), 'application/octet-stream')")
+
+    def _exportTrigger(self) -> str:
+        if not getattr(self, "_exportName", None):
+            self._exportName = self.server.trigger_name(self.export)
+        return self._exportName
+
+    def _colourBar(self) -> None:
+        with html.Div(classes="mt-2", id="colour-bar"):
+            html.Div(style=("{background: colour_bar, height: '12px', borderRadius: '2px'}",))
+            with html.Div(classes="d-flex text-caption"):
+                html.Span("0")
+                v3.VSpacer()
+                html.Span("anomaly level; shown from the threshold up")
+                v3.VSpacer()
+                html.Span("1 and above")
+
+
+def serve(paths: list[str], host: str, port: int, model: str | None = None, open_browser: bool = False,
+          verbose: bool = False) -> None:
+    """Build the page, open the given scan or worklist, and serve until stopped."""
+    if not verbose:
+        # VTK's warnings about its own deprecations in trame-slicer's views say nothing to a reader
+        from vtkmodules.vtkCommonCore import vtkObject
+        vtkObject.GlobalWarningDisplayOff()
+    app = ViewerApp(host=host)
+    if model:  # checked by the command: an installed model
+        app.state.model = model
+    if paths:
+        message = app._guard(app.session.open, paths[0])
+        if message:
+            app.state.message = message
+            app.state.scan_path = paths[0]
+            app._refreshResult()
+    print(f"AnomalyLocalizer viewer: http://{host}:{port}/ "
+          f"({'this machine only; --host 0.0.0.0 lets other machines connect' if app.state.listening.startswith('this') else 'other machines can connect'})",
+          flush=True)
+    app.server.start(port=port, host=host, open_browser=open_browser, show_connection_info=False)

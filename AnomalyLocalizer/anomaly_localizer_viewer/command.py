@@ -1,0 +1,72 @@
+"""``anomaly-localizer view``: registered with the engine's command line through the entry
+point group ``anomaly_localizer.commands`` (pyproject.toml), so the engine never imports the
+viewer. Importing this module is cheap; trame and Slicer's classes load only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import ipaddress
+import sys
+from pathlib import Path
+
+EXIT_INPUT = 2  # the engine's code for bad input (anomaly_localizer.cli.common)
+NEEDED = ("trame", "trame_slicer", "slicer", "LayerDMLib")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("view", help="open a scan or a screening worklist in the browser viewer (Slicer's slice "
+                                    "views, live threshold, corrections, downloads; needs the 'viewer' extra)")
+    p.add_argument("paths", nargs="?", metavar="SCAN_OR_WORKLIST",
+                   help="a scan file, DICOM folder or worklist folder to open at start (the page opens others)")
+    p.add_argument("--port", type=int, default=8080, help="port to serve on (default 8080)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 lets other "
+                        "machines connect, with no login: use it only on a trusted network)")
+    p.add_argument("--model", help="model to run (default: the installed default model); the page offers the others")
+    p.add_argument("--open-browser", action="store_true", help="open the page in this machine's browser")
+    p.set_defaults(func=run_view)
+
+
+def missing_requirements() -> list[str]:
+    return [name for name in NEEDED if importlib.util.find_spec(name) is None]
+
+
+def check_options(args: argparse.Namespace) -> str | None:
+    """Why the options cannot work, in one line; None when they can."""
+    if not 0 < args.port < 65536:
+        return f"--port {args.port} is not a port number; give one between 1 and 65535 (e.g. 8080)"
+    if args.host not in ("localhost",):
+        try:
+            ipaddress.ip_address(args.host)
+        except ValueError:
+            return f"--host {args.host} is not an IP address; give 127.0.0.1 (this machine) or 0.0.0.0 (all)"
+    if args.paths and not Path(args.paths).exists():
+        return f"{args.paths} does not exist; give a scan file, a DICOM folder or a worklist folder"
+    missing = missing_requirements()
+    if missing:
+        return (f"the browser viewer needs {', '.join(missing)}, which are not installed; install them with "
+                "pip install 'anomaly-localizer[viewer]'")
+    if args.model:
+        from anomaly_localizer.core.installed import scan_packages
+        names = [package.name for package in scan_packages()[0]]
+        if args.model not in names:
+            return (f"--model {args.model} is not an installed model (installed: {', '.join(names) or 'none'}); "
+                    "give one of those names, or add its folder to ANOMALY_LOCALIZER_MODELS")
+    return None
+
+
+def run_view(args: argparse.Namespace) -> int:
+    problem = check_options(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_INPUT
+    import os
+    if not os.environ.get("DISPLAY") and sys.platform.startswith("linux"):
+        # No X server (a server, a container, CI): render offscreen with EGL instead of VTK
+        # first trying X and warning about it.
+        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    from .app import serve
+    serve([args.paths] if args.paths else [], host=args.host, port=args.port, model=args.model,
+          open_browser=args.open_browser, verbose=args.verbose)
+    return 0

@@ -1,0 +1,179 @@
+"""The viewer's session against real Slicer classes (trame-slicer's SlicerApp with offscreen
+slice views, no browser): opening, runs in a child process, cancel, worklists, uploads,
+corrections with undo, downloads, and that nothing on the server is written or overwritten."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from viewer_helpers import make_viewer_model, write_phantom
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("viewer-models")
+    make_viewer_model(root)
+    return root
+
+
+@pytest.fixture()
+def session(models, monkeypatch, tmp_path):
+    monkeypatch.setenv("ANOMALY_LOCALIZER_MODELS", str(models))
+    monkeypatch.setenv("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    from trame_slicer.core import SlicerApp
+    from trame_slicer.views import DirectViewFactory, ViewLayoutDefinition
+
+    from anomaly_localizer_viewer.session import ViewerSession
+    app = SlicerApp()
+    app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))
+    views = [app.view_manager.create_view(d) for d in (ViewLayoutDefinition.axial_view(),
+                                                        ViewLayoutDefinition.coronal_view())]
+    s = ViewerSession(app, workRoot=tmp_path)
+    s.views = views
+    yield s
+    s.close()
+
+
+def run(session, timeout: float = 120.0) -> str:
+    session.start("tiny")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = session.poll()
+        if status.state != "running":
+            return status.state
+        time.sleep(0.1)
+    raise AssertionError("the run did not end")
+
+
+def exported_voxels(session) -> int:
+    name, data = session.export("nii.gz")
+    path = Path(session._work) / f"check-{time.monotonic_ns()}-{name}"
+    path.write_bytes(data)
+    try:
+        return int(np.count_nonzero(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))))
+    finally:
+        path.unlink()
+
+
+def stroke(view, points) -> None:
+    """A left-button drag through ``points`` (display pixels) in a slice view, as the page's
+    mouse events reach it."""
+    interactor = view.interactor()
+    for i, (x, y) in enumerate(points):
+        interactor.SetEventPosition(x, y)
+        interactor.InvokeEvent("MouseMoveEvent")
+        if i == 0:
+            interactor.InvokeEvent("LeftButtonPressEvent")
+    interactor.InvokeEvent("LeftButtonReleaseEvent")
+
+
+def test_what_cannot_be_opened_is_said_in_one_line_and_changes_nothing(session, tmp_path):
+    from anomaly_localizer_viewer.session import ViewerError
+    nodes = session.logic.scene.GetNumberOfNodes()
+    with pytest.raises(ViewerError, match="does not exist"):
+        session.open(tmp_path / "missing.nii.gz")
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    with pytest.raises(ViewerError) as info:
+        session.open(text)
+    assert "\n" not in str(info.value) and "notes.txt" in str(info.value)
+    with pytest.raises(ViewerError, match="open a scan first"):
+        session.start("tiny")
+    with pytest.raises(ViewerError, match="run the analysis first"):
+        session.export("nii.gz")
+    assert session.logic.scene.GetNumberOfNodes() == nodes and session.scan is None
+
+
+def test_a_run_puts_its_result_in_the_scene_and_hands_the_segmentation_to_the_editor(session, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    scan = write_phantom(scans)
+    assert session.open(scan).startswith("opened phantom")
+    assert run(session) == "done"
+    assert session.hasResult and "rec" in session.methods()
+    start = session.setThreshold(session.logic.threshold)
+    assert start > 0 and exported_voxels(session) == start
+    assert "healthy brain voxels" in session.thresholdNote()
+    findings = session.findings()
+    assert findings and "mL" in findings[0]["text"]
+    session.centreOn(session.logic.findings()[0])
+    assert session.setThreshold(session.logic.threshold * 2) < start
+    name, data = session.export("seg.nrrd")
+    assert name == "phantom-anomaly.seg.nrrd" and len(data) > 0
+    assert sorted(p.name for p in scans.iterdir()) == ["phantom.nrrd"]  # nothing written beside the scan
+    assert session.logic.scene.GetNodeByID(session.slicer.segmentation_editor.active_segmentation_node.GetID())
+
+
+def test_paint_erase_and_undo_change_what_is_downloaded(session, tmp_path):
+    session.open(write_phantom(tmp_path))
+    assert run(session) == "done"
+    start = session.setThreshold(session.logic.threshold)
+    view = session.views[0]
+    view.render_window().SetSize(300, 300)
+    view.render()
+    session.setTool("paint")
+    stroke(view, [(x, 80) for x in range(90, 220, 10)])
+    painted = exported_voxels(session)
+    assert painted > start
+    session.undo()
+    assert exported_voxels(session) == start
+    session.redo()
+    assert exported_voxels(session) == painted
+    session.setThreshold(session.logic.threshold)  # the threshold's segmentation replaces corrections
+    assert exported_voxels(session) == start and not session.slicer.segmentation_editor.undo_stack.can_undo()
+    session.setTool("none")
+
+
+def test_one_run_at_a_time_and_cancel_leaves_the_scan_as_it_was(session, tmp_path):
+    from anomaly_localizer_viewer.session import ViewerError
+    session.open(write_phantom(tmp_path))
+    nodes = session.logic.scene.GetNumberOfNodes()
+    session.start("tiny")
+    with pytest.raises(ViewerError, match="in progress"):
+        session.start("tiny")
+    with pytest.raises(ViewerError, match="in progress"):
+        session.open(write_phantom(tmp_path, "other.nrrd"))
+    session.cancel()
+    assert session.poll().state == "cancelled"
+    assert session.logic.scene.GetNumberOfNodes() == nodes and not session.hasResult
+
+
+def test_an_upload_is_kept_in_the_session_folder_which_closing_removes(session, tmp_path):
+    scan = write_phantom(tmp_path, "sent.nrrd")
+    assert session.openUpload("../../sent.nrrd", scan.read_bytes()).startswith("opened sent")
+    kept = list(Path(session._work).rglob("sent.nrrd"))
+    assert len(kept) == 1 and Path(session._work) in kept[0].parents
+    work = Path(session._work)
+    session.close()
+    assert not work.exists()
+
+
+def test_a_worklist_opens_at_its_most_anomalous_scan_and_steps_in_rank_order(session, models, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_phantom(scans, "a.nrrd", lesion=False, seed=1)
+    write_phantom(scans, "b.nrrd", lesion=True, seed=2)
+    out = tmp_path / "worklist"
+    r = subprocess.run([sys.executable, "-m", "anomaly_localizer.cli", "screen", str(scans), "--out", str(out),
+                        "--model", "tiny", "--workers", "1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "2 screened scans" in session.open(out)
+    assert session.worklistPosition().startswith("scan 1 of 2: b") and session.hasResult
+    first = session.scan
+    assert session.stepWorklist(1).startswith("scan 2 of 2: a")
+    assert session.logic.scene.GetNodeByID(first.GetID()) is None  # one scan in the scene at a time
+    from anomaly_localizer_viewer.session import ViewerError
+    with pytest.raises(ViewerError, match="there is no scan 3"):
+        session.stepWorklist(2)
+
+
+def test_the_model_list_offers_anomaly_models_only(session):
+    names = [m["value"] for m in session.models()]
+    assert "tiny" in names and "brain-extraction-unet" not in names

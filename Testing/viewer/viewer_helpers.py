@@ -1,0 +1,130 @@
+"""Shared by the viewer's tests and the README screenshot: a served viewer and a tiny model."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_phantom(folder: Path, name: str = "phantom.nrrd", lesion: bool = True, seed: int = 0) -> Path:
+    from phantoms import image_from, phantom_array
+    path = folder / name
+    sitk.WriteImage(image_from(phantom_array(lesion=lesion, seed=seed)), str(path))
+    return path
+
+
+def make_viewer_model(folder: Path) -> Path:
+    """A tiny random-initialised model calibrated on healthy phantoms (as ``calibrate`` does on
+    healthy scans: each rate's threshold is that quantile of the healthy brains' voxels), so
+    that its default threshold flags the seeded lesion of a phantom and little else."""
+    from anomaly_localizer.core.package import load_package
+    from anomaly_localizer.core.pipeline import score_volume
+    from phantoms import TINY_CALIBRATION, image_from, make_tiny_package, phantom_array
+
+    make_tiny_package(folder / "draft" / "tiny", calibration=TINY_CALIBRATION)
+    draft = load_package(folder / "draft" / "tiny")
+    healthy = [score_volume(image_from(phantom_array(seed=seed)), draft, draft.default_methods()) for seed in (1, 2, 3)]
+    rates = [0.1, 0.01, 0.001, 0.0001]
+    pixel = {}
+    for method in healthy[0].maps:
+        voxels = np.concatenate([r.maps[method][r.brain_mask.astype(bool)] for r in healthy])
+        values = [float(np.quantile(voxels, 1 - rate)) for rate in rates]
+        pixel[method] = {"n_subjects": len(healthy), "thresholds": [{"fpr": r, "value": v} for r, v in
+                                                                    zip(rates[1:], values[1:])],
+                         "curve": {"fpr": rates, "values": values}}
+    calibration = {"default_fpr": 0.001, "pixel": pixel, "slice": TINY_CALIBRATION["slice"]}
+    make_tiny_package(folder / "tiny", calibration=calibration)
+    return folder / "tiny"
+
+
+class Server:
+    """``anomaly-localizer view`` in a child process, stopped by :meth:`stop`."""
+
+    def __init__(self, args: list[str], models: Path | None = None, timeout: float = 120.0):
+        self.port = free_port()
+        env = dict(os.environ)
+        if models is not None:
+            env["ANOMALY_LOCALIZER_MODELS"] = str(models)
+        self.process = subprocess.Popen([sys.executable, "-m", "anomaly_localizer.cli", "view", *args,
+                                         "--port", str(self.port)], stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, env=env)
+        self.first_line = self.process.stdout.readline().strip()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"the viewer stopped: {self.first_line} {self.process.stdout.read()}")
+                time.sleep(0.5)
+        raise RuntimeError("the viewer did not start listening")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def open_page(browser, url: str, width: int = 1400, height: int = 800):
+    page = browser.new_page(viewport={"width": width, "height": height}, accept_downloads=True)
+    page.goto(url)
+    page.wait_for_selector(".remote-controlled-area img.image-display-area", timeout=60000)
+    return page
+
+
+def voxels(page) -> int:
+    """The segmented voxel count the page shows under the threshold."""
+    text = page.inner_text("#threshold-label")
+    return int(re.search(r"\((\d+) voxels\)", text).group(1))
+
+
+def run_and_wait(page, timeout_ms: int = 120000) -> None:
+    page.click("#run")
+    page.wait_for_selector("#threshold-label", timeout=timeout_ms)
+
+
+def view_pixels(page, index: int = 0) -> np.ndarray:
+    """The pixels of slice view ``index`` (0 axial, 1 coronal, 2 sagittal) as the page shows it."""
+    import io
+    from PIL import Image
+    png = page.locator(".remote-controlled-area").nth(index).screenshot()
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+def wait_for_change(page, before: np.ndarray, index: int = 0, timeout: float = 20.0) -> np.ndarray:
+    """The view's pixels once they differ from ``before`` (the server renders asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = view_pixels(page, index)
+        if now.shape != before.shape or np.abs(now - before).mean() > 0.05:
+            return now
+        time.sleep(0.3)
+    return view_pixels(page, index)
+
+
+def download(page, selector: str, folder: Path) -> Path:
+    with page.expect_download(timeout=60000) as info:
+        page.click(selector)
+    target = folder / info.value.suggested_filename
+    info.value.save_as(target)
+    return target
