@@ -32,6 +32,17 @@ def missing_requirements() -> list[str]:
     return [name for name in NEEDED if importlib.util.find_spec(name) is None]
 
 
+def port_in_use(host: str, port: int) -> str | None:
+    """Why the server could not listen there (e.g. another program has the port), or None."""
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, port))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def check_options(args: argparse.Namespace) -> str | None:
     """Why the options cannot work, in one line; None when they can."""
     if not 0 < args.port < 65536:
@@ -41,6 +52,9 @@ def check_options(args: argparse.Namespace) -> str | None:
             ipaddress.ip_address(args.host)
         except ValueError:
             return f"--host {args.host} is not an IP address; give 127.0.0.1 (this machine) or 0.0.0.0 (all)"
+    in_use = port_in_use(args.host, args.port)
+    if in_use:
+        return f"cannot listen on {args.host}:{args.port} ({in_use}); choose another port with --port"
     if args.paths and not Path(args.paths).exists():
         return f"{args.paths} does not exist; give a scan file, a DICOM folder or a worklist folder"
     missing = missing_requirements()

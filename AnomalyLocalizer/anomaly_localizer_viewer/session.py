@@ -47,6 +47,16 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text.count("\n") == 0 else " ".join(line.strip() for line in text.splitlines())
 
 
+def _series_folder(root: Path) -> Path:
+    """The folder of an unpacked archive that holds the files: archives often wrap a series
+    in one or more folders of their own."""
+    while True:
+        entries = [e for e in root.iterdir() if not e.name.startswith((".", "__MACOSX"))]
+        if len(entries) != 1 or not entries[0].is_dir():
+            return root
+        root = entries[0]
+
+
 class ViewerSession:
     """One reader's scene, scan, run, threshold, edits and exports."""
 
@@ -102,11 +112,11 @@ class ViewerSession:
         if safe.lower().endswith(".zip"):
             import zipfile
             try:
-                with zipfile.ZipFile(target) as archive:
+                with zipfile.ZipFile(target) as archive:  # member paths cannot leave the folder
                     archive.extractall(folder / "dicom")
             except zipfile.BadZipFile:
                 raise ViewerError(f"{fileName} is not a readable zip archive") from None
-            return self.openScan(folder / "dicom", label=safe[:-4])
+            return self.openScan(_series_folder(folder / "dicom"), label=safe[:-4])
         return self.openScan(target, label=safe.split(".")[0])
 
     def openWorklist(self, path: str | Path) -> str:

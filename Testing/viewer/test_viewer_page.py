@@ -147,3 +147,15 @@ def test_bad_input_is_answered_in_the_page_in_one_line(served, browser, tmp_path
     finally:
         not_an_image.unlink()
     page.close()
+
+
+def test_an_uploaded_scan_opens_and_runs(served, browser, tmp_path):
+    server, _, _ = served
+    sent = write_phantom(tmp_path, "sent.nrrd", seed=3)
+    page = open_page(browser, server.url)
+    page.locator("input[type=file]").set_input_files(str(sent))
+    page.wait_for_function("() => document.querySelector('#message').innerText.startsWith('opened sent')")
+    assert "sent" in page.inner_text("#scan-label")
+    run_and_wait(page)
+    assert voxels(page) > 0
+    page.close()

@@ -177,3 +177,38 @@ def test_a_worklist_opens_at_its_most_anomalous_scan_and_steps_in_rank_order(ses
 def test_the_model_list_offers_anomaly_models_only(session):
     names = [m["value"] for m in session.models()]
     assert "tiny" in names and "brain-extraction-unet" not in names
+
+
+def test_the_command_refuses_what_cannot_work_before_serving(tmp_path, capsys):
+    import socket
+
+    from anomaly_localizer.cli import main
+    assert main(["view", str(tmp_path / "missing.nii.gz")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["view", "--port", "70000"]) == 2
+    assert "not a port number" in capsys.readouterr().err
+    assert main(["view", "--host", "example.org"]) == 2
+    assert "not an IP address" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["view", "--port", str(busy.getsockname()[1])]) == 2
+        assert "choose another port" in capsys.readouterr().err
+    assert main(["view", "--model", "no-such-model"]) == 2
+    assert "not an installed model" in capsys.readouterr().err
+
+
+def test_a_dicom_folder_and_an_uploaded_zip_of_one_open(session, tmp_path):
+    import zipfile
+
+    from phantoms import phantom_array, write_dicom_series
+    series = tmp_path / "series"
+    series.mkdir()
+    write_dicom_series(phantom_array(lesion=True).astype("int16"), series)
+    assert session.open(series).startswith("opened series")
+    archive = tmp_path / "series.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in sorted(series.iterdir()):
+            z.write(f, f"export/{f.name}")
+    assert session.openUpload("series.zip", archive.read_bytes()).startswith("opened series")
+    assert session.scan.GetImageData().GetDimensions() == (40, 48, 30)
