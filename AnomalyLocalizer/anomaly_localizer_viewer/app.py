@@ -21,7 +21,7 @@ from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
-from .session import EXPORT_KINDS, ViewerError, ViewerSession
+from .session import EXPORT_KINDS, ViewerError, ViewerSession, prepareSliceViews
 
 log = logging.getLogger(__name__)
 POLL_S = 0.25  # how often a running child run is polled (the page is never blocked by it)
@@ -224,6 +224,7 @@ class ViewerApp(TrameApp):
             with layout.content:
                 with v3.VContainer(fluid=True, classes="fill-height pa-0"):
                     self.layoutManager.initialize_layout_grid(layout)
+        prepareSliceViews(self.slicerApp.view_manager.get_slice_views())
 
     def _panel(self) -> None:
         with v3.VContainer(classes="pa-3"):

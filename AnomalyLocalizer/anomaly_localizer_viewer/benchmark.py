@@ -29,13 +29,14 @@ def main() -> int:
     from trame_slicer.views import DirectViewFactory, ViewLayoutDefinition
     from trame_slicer.views.render_scheduler import NoScheduleRendering
 
-    from .session import ViewerSession
+    from .session import ViewerSession, prepareSliceViews
 
     app = SlicerApp()
     app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))
     views = [app.view_manager.create_view(d) for d in (ViewLayoutDefinition.axial_view(),
                                                         ViewLayoutDefinition.coronal_view(),
                                                         ViewLayoutDefinition.sagittal_view())]
+    prepareSliceViews(views)  # as the page's views
     for view in views:
         # The server renders each changed view once per move, at most 30 times a second
         # (trame-slicer's asyncio scheduler); render once per move here as well, rather
