@@ -159,3 +159,30 @@ def test_an_uploaded_scan_opens_and_runs(served, browser, tmp_path):
     run_and_wait(page)
     assert voxels(page) > 0
     page.close()
+
+
+def test_a_worklist_opens_at_its_most_anomalous_scan_and_steps_with_next_and_previous(served, browser, tmp_path):
+    import subprocess
+    import sys
+    _, root, _ = served
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_phantom(scans, "calm.nrrd", lesion=False, seed=1)
+    write_phantom(scans, "lesioned.nrrd", lesion=True, seed=2)
+    worklist = tmp_path / "worklist"
+    env = dict(os.environ, ANOMALY_LOCALIZER_MODELS=str(root / "models"))
+    r = subprocess.run([sys.executable, "-m", "anomaly_localizer.cli", "screen", str(scans), "--out", str(worklist),
+                        "--model", "tiny", "--workers", "1"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    server = Server([str(worklist)], models=root / "models")
+    try:
+        page = open_page(browser, server.url)
+        page.wait_for_selector("#threshold-label")  # the worklist's results are shown, not recomputed
+        assert "scan 1 of 2: lesioned" in page.inner_text("#scan-label")
+        page.click("#next")
+        page.wait_for_function("() => document.querySelector('#scan-label').innerText.includes('scan 2 of 2: calm')")
+        page.click("#previous")
+        page.wait_for_function("() => document.querySelector('#scan-label').innerText.includes('scan 1 of 2')")
+        page.close()
+    finally:
+        server.stop()
