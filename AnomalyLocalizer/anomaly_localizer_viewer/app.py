@@ -73,7 +73,7 @@ class ViewerApp(TrameApp):
         s.change("upload")(self._onUpload)
 
     def _guard(self, action, *args):
-        """Run a session action; its one-line error goes to the page."""
+        """Run a session action; its one-line error goes to the page (and None comes back)."""
         try:
             result = action(*args)
             self.state.error = ""
@@ -81,6 +81,13 @@ class ViewerApp(TrameApp):
         except ViewerError as exc:
             self.state.error = str(exc)
             return None
+
+    def _opened(self, action, *args) -> None:
+        """Open something (scan, upload, worklist step) and show it with its result, if any."""
+        message = self._guard(action, *args)
+        if message:
+            self.state.message = message
+            self._refreshResult()
 
     def _refreshResult(self) -> None:
         """Every result control from the session (after a run, a worklist step, a method)."""
@@ -105,31 +112,26 @@ class ViewerApp(TrameApp):
 
     # --- handlers ------------------------------------------------------------------------
     def openPath(self) -> None:
-        message = self._guard(self.session.open, self.state.scan_path)
-        if message:
-            self.state.message = message
-            self._refreshResult()
+        self._opened(self.session.open, self.state.scan_path)
 
     def _onUpload(self, upload, **_):
         if not upload:
             return
         files = upload if isinstance(upload, list) else [upload]
         item = files[0]
-        message = self._guard(self.session.openUpload, item.get("name", "upload"), item.get("content") or b"")
-        if message:
-            self.state.message = message
-            self._refreshResult()
+        self._opened(self.session.openUpload, item.get("name", "upload"), item.get("content") or b"")
         self.state.upload = None
 
     def step(self, delta: int) -> None:
-        message = self._guard(self.session.stepWorklist, self.session.logic.worklistIndex + int(delta))
-        if message:
-            self.state.message = message
-            self._refreshResult()
+        self._opened(self.session.stepWorklist, self.session.logic.worklistIndex + int(delta))
 
     def run(self) -> None:
-        if self._guard(self.session.start, self.state.model) is None and self.state.error:
+        try:
+            self.session.start(self.state.model)
+        except ViewerError as exc:
+            self.state.error = str(exc)
             return
+        self.state.error = ""
         self.state.running, self.state.progress, self.state.run_message = True, 0, "starting"
         if self._poller is None or self._poller.done():
             self._poller = asyncio.ensure_future(self._follow())
@@ -180,8 +182,10 @@ class ViewerApp(TrameApp):
             self._refreshResult()
 
     def _onTool(self, tool, **_):
-        if self._guard(self.session.setTool, tool or "none") is None and self.state.error:
-            self.state.tool = "none"
+        try:
+            self.session.setTool(tool or "none")
+        except ViewerError as exc:
+            self.state.error, self.state.tool = str(exc), "none"
 
     def centre(self, rank: int) -> None:
         for finding in self.session.logic.findings():
@@ -282,16 +286,12 @@ class ViewerApp(TrameApp):
                 html.Div("{{ corrections }} correction(s) since the last threshold move", classes="text-caption",
                          id="corrections")
                 html.Div("Download the segmentation", classes="text-body-2 mt-3")
+                exportTrigger = self.server.trigger_name(self.export)  # the page asks for the file's bytes
                 with html.Div(classes="d-flex"):
                     for kind, what in EXPORT_KINDS.items():
                         v3.VBtn(what, size="small", classes="mr-2", id=f"export-{kind.replace('.', '-')}",
-                                click=f"utils.download(export_names['{kind}'], trigger('{self._exportTrigger()}', "
+                                click=f"utils.download(export_names['{kind}'], trigger('{exportTrigger}', "
                                       f"['{kind}']), 'application/octet-stream')")
-
-    def _exportTrigger(self) -> str:
-        if not getattr(self, "_exportName", None):
-            self._exportName = self.server.trigger_name(self.export)
-        return self._exportName
 
     def _colourBar(self) -> None:
         with html.Div(classes="mt-2", id="colour-bar"):
@@ -315,12 +315,9 @@ def serve(paths: list[str], host: str, port: int, model: str | None = None, open
     if model:  # checked by the command: an installed model
         app.state.model = model
     if paths:
-        message = app._guard(app.session.open, paths[0])
-        if message:
-            app.state.message = message
-            app.state.scan_path = paths[0]
-            app._refreshResult()
-    print(f"AnomalyLocalizer viewer: http://{host}:{port}/ "
-          f"({'this machine only; --host 0.0.0.0 lets other machines connect' if app.state.listening.startswith('this') else 'other machines can connect'})",
-          flush=True)
+        app.state.scan_path = paths[0]
+        app.openPath()
+    who = ("this machine only; --host 0.0.0.0 lets other machines connect" if app.state.listening.startswith("this")
+           else "other machines can connect; there is no login")
+    print(f"AnomalyLocalizer viewer: http://{host}:{port}/ ({who})", flush=True)
     app.server.start(port=port, host=host, open_browser=open_browser, show_connection_info=False)
