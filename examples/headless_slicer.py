@@ -1,6 +1,6 @@
 """Score a scan with the Slicer module's logic, without the Slicer application.
 
-Needs `pip install slicer-core==5.13.31053.0 vtk==9.6.2` beside the engine (the test extras:
+Needs `pip install slicer-core==5.11.0.6 vtk==9.6.0` beside the engine (the viewer and test extras:
 `pip install -e '.[test]'`). Run from the repository root:
 
     PYTHONPATH=AnomalyLocalizer python examples/headless_slicer.py SCAN.nii.gz OUT_DIR [--model NAME|PATH]

@@ -38,6 +38,6 @@ def browser():
         pytest.skip("no Chromium found (apt install chromium, or set CHROMIUM to its path)")
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        b = p.chromium.launch(executable_path=path, args=["--no-sandbox", "--disable-dev-shm-usage"])
         yield b
         b.close()

@@ -38,7 +38,8 @@ def main(demo: str, picture: str) -> int:
     server = Server([str(scan)])
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
+            browser = p.chromium.launch(executable_path=chromium_path(),
+                                        args=["--no-sandbox", "--disable-dev-shm-usage"])
             page = open_page(browser, server.url, width=1500, height=820)
             run_and_wait(page, timeout_ms=600000)
             start = voxels(page)
