@@ -43,8 +43,9 @@ class RunStatus:
 
 
 def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (the page shows one line)."""
     text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0] if text.count("\n") == 0 else " ".join(line.strip() for line in text.splitlines())
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def prepareSliceViews(views) -> None:
@@ -74,7 +75,6 @@ class ViewerSession:
         self.logic = AnomalyLocalizerLogic(slicerApp.app_logic)
         self.scan = None  # the volume node on show
         self.scanLabel = ""
-        self.model: str | None = None  # None: the default model
         # corrections can be undone (trame-slicer's segment editor records them on this stack)
         from undo_stack import UndoStack
         self.slicer.segmentation_editor.set_undo_stack(UndoStack(undo_limit=UNDO_LIMIT))
@@ -116,9 +116,11 @@ class ViewerSession:
             raise ViewerError(f"{fileName} is larger than {MAX_UPLOAD_BYTES // 1024 ** 3} GB")
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(fileName).name) or "upload"
         folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self._work))
-        target = folder / safe
-        target.write_bytes(content)
-        if safe.lower().endswith(".zip"):
+        try:
+            target = folder / safe
+            target.write_bytes(content)
+            if not safe.lower().endswith(".zip"):
+                return self.openScan(target, label=safe.split(".")[0])
             import zipfile
             try:
                 with zipfile.ZipFile(target) as archive:  # member paths cannot leave the folder
@@ -126,7 +128,9 @@ class ViewerSession:
             except zipfile.BadZipFile:
                 raise ViewerError(f"{fileName} is not a readable zip archive") from None
             return self.openScan(_series_folder(folder / "dicom"), label=safe[:-4])
-        return self.openScan(target, label=safe.split(".")[0])
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)  # a file that could not be opened is not kept
+            raise
 
     def openWorklist(self, path: str | Path) -> str:
         self._requireIdle()
@@ -134,9 +138,13 @@ class ViewerSession:
             count = self.logic.openWorklist(path)
         except ValueError as exc:
             raise ViewerError(_one_line(exc)) from None
-        if count == 0:
-            raise ViewerError(f"the worklist {path} has no screened scan yet; wait for screening to finish")
-        self.stepWorklist(0)
+        try:
+            if count == 0:
+                raise ViewerError(f"the worklist {path} has no screened scan yet; wait for screening to finish")
+            self.stepWorklist(0)
+        except ViewerError:
+            self.logic.worklist, self.logic.worklistIndex = None, -1
+            raise
         return f"opened the worklist {path}: {count} screened scans, most anomalous first"
 
     def stepWorklist(self, index: int) -> str:
@@ -152,6 +160,10 @@ class ViewerSession:
         self.scan = node
         self.scanLabel = node.GetName()
         self._afterResult()
+        self.resetViews()  # fit the views to this scan, then show its most anomalous slice again
+        row = self.logic.currentWorklistRow()
+        if row is not None and row.top_slice is not None:
+            self.logic.jumpToSlice(int(row.top_slice))
         return self.worklistPosition()
 
     def worklistPosition(self) -> str:
@@ -193,7 +205,6 @@ class ViewerSession:
             self.logic.startRun(self.scan, model=model or None)
         except (AnomalyLocalizerError, ValueError, OSError) as exc:
             raise ViewerError(_one_line(exc)) from None
-        self.model = model or None
         self._status = RunStatus("running", 0.0, "starting")
 
     def poll(self) -> RunStatus:
