@@ -98,7 +98,7 @@ class ViewerApp(TrameApp):
         s.is_worklist = bool(s.worklist_position)
         s.export_names = {k: f"{session.scanLabel or 'scan'}-anomaly.{k}" for k in EXPORT_KINDS}
         if not session.hasResult:
-            s.methods, s.method, s.findings, s.threshold_note = [], None, [], ""
+            s.methods, s.method, s.findings, s.threshold_note, s.tool = [], None, [], "", "none"
             return
         s.methods = session.methods()
         s.method = session.logic.method

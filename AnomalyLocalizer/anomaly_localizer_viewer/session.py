@@ -175,6 +175,7 @@ class ViewerSession:
 
     def _replaceScan(self, node) -> None:
         previous, self.scan = self.scan, node
+        self.slicer.segmentation_editor.deactivate_effect()  # no brush on the last scan's segmentation
         if previous is not None:
             if self.logic.inputVolume() is previous:
                 self.logic.clearResult()
