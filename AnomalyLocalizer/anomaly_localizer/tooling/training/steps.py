@@ -126,9 +126,25 @@ def load_best(run: StepRun) -> torch.nn.Module:
     return run.net.to(memory_format=torch.contiguous_format).eval()
 
 
+@dataclass
 class SliceContract:
-    """The input contract of a 2.5D U-Net training config (fields ``modality``,
-    ``spacing_mm`` and ``architecture`` with ``slice_size`` and ``in_channels``)."""
+    """What the 2.5D U-Net training configs (DAE, SSL) share: the input contract (with the
+    subclass's ``architecture``: ``slice_size`` and ``in_channels``), the subject split,
+    precision and the intensity augmentation."""
+
+    spacing_mm: float = 2.0  # the data's native resolution: a 6 mm anomaly is three pixels
+    modality: str = "T1w"
+    seed: int = 0  # also the subject split: the same seed splits as the other models do
+    batch_size: int = 16
+    weight_decay: float = 1e-4
+    bf16: bool | None = None  # None: where the CPU has bf16 matrix instructions (core.device.cpu_has_bf16)
+    flip_lr: bool = True
+    contrast: float = 0.15  # gain 1 +- this
+    gamma: float = 0.2  # exponent exp(+- this)
+    bias_field: float = 0.15  # smooth multiplicative field 1 +- this
+    val_fraction: float = 0.1
+    calibration_fraction: float = 0.15
+    test_fraction: float = 0.15
 
     @property
     def contract(self) -> dict[str, Any]:

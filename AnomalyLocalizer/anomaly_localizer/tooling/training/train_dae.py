@@ -39,24 +39,11 @@ VALIDATION_SLICES = 384
 @dataclass
 class DAETrainConfig(SliceContract):
     architecture: dict[str, Any] = field(default_factory=lambda: DAEArchitecture().model_dump(exclude={"type"}))
-    spacing_mm: float = 2.0  # the data's native resolution: a 6 mm anomaly is three pixels
-    modality: str = "T1w"
-    seed: int = 0  # also the subject split: the same seed splits as the other models do
-    batch_size: int = 16
     learning_rate: float = 2e-4
-    weight_decay: float = 1e-4
     steps: int = 4000
     validate_every: int = 200
     noise_std: float = 0.1  # in normalised intensity (the brain's IQR is 0.25)
     noise_res: int = 14  # coarse noise grid side (Kascenas: 16 for 128 px)
-    bf16: bool | None = None  # None: where the CPU has bf16 matrix instructions (core.device.cpu_has_bf16)
-    flip_lr: bool = True
-    contrast: float = 0.15  # gain 1 +- this
-    gamma: float = 0.2  # exponent exp(+- this)
-    bias_field: float = 0.15  # smooth multiplicative field 1 +- this
-    val_fraction: float = 0.1
-    calibration_fraction: float = 0.15
-    test_fraction: float = 0.15
     scoring: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_DAE_SCORING))
 
     @classmethod

@@ -43,12 +43,7 @@ DONOR_HEIGHT = 0.04  # a donor slice lies within this share of the brain's heigh
 @dataclass
 class SSLTrainConfig(SliceContract):
     architecture: dict[str, Any] = field(default_factory=lambda: SSLArchitecture().model_dump(exclude={"type"}))
-    spacing_mm: float = 2.0
-    modality: str = "T1w"
-    seed: int = 0  # also the subject split: the same seed splits as the other models do
-    batch_size: int = 16
     learning_rate: float = 5e-4
-    weight_decay: float = 1e-4
     steps: int = 3000
     validate_every: int = 250
     tasks: list[str] = field(default_factory=lambda: list(TRAIN_TASKS))
@@ -56,14 +51,6 @@ class SSLTrainConfig(SliceContract):
     healthy_share: float = 0.1  # an anomaly in about 90 % of samples (MOOD 2022 winner)
     max_anomalies: int = 3
     dice_weight: float = 1.0  # soft Dice beside the cross-entropy (segmentation_loss)
-    bf16: bool | None = None
-    flip_lr: bool = True
-    contrast: float = 0.15
-    gamma: float = 0.2
-    bias_field: float = 0.15
-    val_fraction: float = 0.1
-    calibration_fraction: float = 0.15
-    test_fraction: float = 0.15
     scoring: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SSL_SCORING))
 
     @classmethod
