@@ -56,10 +56,10 @@ def test_run_threshold_findings_paint_undo_and_download(served, browser, tmp_pat
     # the picture: the heatmap and segmentation over the phantom, as the reference shows them
     REFERENCE.mkdir(exist_ok=True)
     reference = REFERENCE / "axial-after-run.png"
-    if os.environ.get("ANOMALY_LOCALIZER_UPDATE_REFERENCE") == "1" or not reference.exists():
-        from PIL import Image
-        Image.fromarray(shown.astype(np.uint8)).save(reference)
     from PIL import Image
+    if os.environ.get("ANOMALY_LOCALIZER_UPDATE_REFERENCE") == "1":
+        Image.fromarray(shown.astype(np.uint8)).save(reference)
+    assert reference.exists(), "no reference picture: run once with ANOMALY_LOCALIZER_UPDATE_REFERENCE=1 and look at it"
     expected = np.asarray(Image.open(reference).convert("RGB"), dtype=np.int16)
     assert expected.shape == shown.shape
     assert np.abs(expected - shown).mean() < TOLERANCE

@@ -103,7 +103,9 @@ def test_a_run_puts_its_result_in_the_scene_and_hands_the_segmentation_to_the_ed
     assert "healthy brain voxels" in session.thresholdNote()
     findings = session.findings()
     assert findings and "mL" in findings[0]["text"]
-    session.centreOn(session.logic.findings()[0])
+    peak = session.centreOn(session.logic.findings()[0])
+    offsets = {view.get_orientation(): view.get_slice_value() for view in session.views}
+    assert offsets["Axial"] == pytest.approx(peak[2]) and offsets["Coronal"] == pytest.approx(peak[1])
     assert session.setThreshold(session.logic.threshold * 2) < start
     name, data = session.export("seg.nrrd")
     assert name == "phantom-anomaly.seg.nrrd" and len(data) > 0
