@@ -298,13 +298,8 @@ class ViewerSession:
         """The findings at the current threshold, for the page's list."""
         if not self.hasResult:
             return []
-        rows = []
-        for f in self.logic.findings():
-            first, last = f["axial_slices"]
-            rows.append({"rank": f["rank"], "text": f"#{f['rank']}: {f['volume_ml']:.2g} mL, peak level "
-                         f"{f['peak_level']:.3g}, {f['hemisphere']}, axial slices {first}-{last}",
-                         "peak_ras": [round(float(v), 2) for v in f["peak_ras"]]})
-        return rows
+        from anomaly_localizer.core.findings import describe_finding
+        return [{"rank": f["rank"], "text": describe_finding(f)} for f in self.logic.findings()]
 
     def centreOn(self, finding: dict) -> tuple[float, float, float]:
         return self.logic.centreOnFinding(finding)

@@ -117,16 +117,18 @@ def write_findings_csv(path: Path, findings: list[dict[str, Any]]) -> None:
                         *x["axial_slices"], x["hemisphere"]])
 
 
+def describe_finding(f: dict[str, Any]) -> str:
+    """One finding in one line: '#rank: size, side, peak position and level, axial slices'."""
+    r, a, s = f["peak_ras"]
+    return (f"#{f['rank']}: {f['volume_ml']:.2g} mL, {f['hemisphere']}, peak at R {r:.0f} A {a:.0f} S {s:.0f} mm "
+            f"(level {f['peak_level']:.2g}), axial slices {f['axial_slices'][0]}-{f['axial_slices'][1]}")
+
+
 def describe_findings(findings: list[dict[str, Any]], top: int = 3) -> str:
     """One line per finding, for a terminal or a picture: 'size, side, where, peak'."""
     if not findings:
         return "no finding at this threshold"
-    lines = []
-    for f in findings[:top]:
-        r, a, s = f["peak_ras"]
-        lines.append(f"#{f['rank']}: {f['volume_ml']:.2g} mL, {f['hemisphere']}, peak at R {r:.0f} A {a:.0f} "
-                     f"S {s:.0f} mm (level {f['peak_level']:.2g}), axial slices {f['axial_slices'][0]}-"
-                     f"{f['axial_slices'][1]}")
+    lines = [describe_finding(f) for f in findings[:top]]
     if len(findings) > top:
         lines.append(f"and {len(findings) - top} more")
     return "\n".join(lines)
