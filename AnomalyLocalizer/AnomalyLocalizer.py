@@ -345,10 +345,9 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic.result is None:  # the scored volume left the scene
             self.updateResultControls()
             return
-        fpr = self.logic.healthyFalsePositiveRate()
-        rate = "uncalibrated model" if fpr is None else f"flags {100 * fpr:.3g} % of healthy brain voxels"
         note = self.logic.thresholdNote()
-        self.ui.thresholdInfoLabel.text = f"{voxels} voxels; {rate}" + (f"\nNote: {note}" if note else "")
+        self.ui.thresholdInfoLabel.text = f"{voxels} voxels; {self.logic.healthyRateText()}" + \
+            (f"\nNote: {note}" if note else "")
         self._findingsTimer.start()  # restarted by every move: runs when the slider rests
 
     def updateFindings(self) -> None:

@@ -146,6 +146,11 @@ class ThresholdMixin:
         lvl = self.threshold if level is None else level
         return healthy_fpr(self._package.calibration, self.method, lvl * self.result.levelScale[self.method])
 
+    def healthyRateText(self) -> str:
+        """What the current threshold means, in words, for a panel's label."""
+        rate = self.healthyFalsePositiveRate()
+        return "uncalibrated model" if rate is None else f"flags {100 * rate:.3g} % of healthy brain voxels"
+
     def broadFlagNote(self) -> str | None:
         """A note when the current threshold flags far more of this brain than of healthy
         brains (a large lesion, or a scan unlike the model's training scans); else None."""

@@ -285,14 +285,8 @@ class ViewerSession:
 
     def thresholdNote(self) -> str:
         """The healthy false-positive rate of the threshold, and the broad-flag note if any."""
-        parts = []
-        rate = self.logic.healthyFalsePositiveRate()
-        if rate is not None:
-            parts.append(f"flags {100 * rate:.3g} % of healthy brain voxels")
         note = self.logic.thresholdNote()
-        if note:
-            parts.append(note)
-        return "; ".join(parts)
+        return self.logic.healthyRateText() + (f"; {note}" if note else "")
 
     def findings(self) -> list[dict]:
         """The findings at the current threshold, for the page's list."""
