@@ -85,8 +85,11 @@ class ViewerSession:
     def open(self, path: str | Path) -> str:
         """Open a scan file, DICOM folder, or a screening worklist folder; returns what was
         opened, in words."""
+        if not str(path or "").strip():
+            raise ViewerError("no path given; type the path of a scan file, a DICOM folder or a worklist folder on "
+                              "the server, or upload a scan")
         path = Path(str(path).strip()).expanduser()
-        if not str(path) or not path.exists():
+        if not path.exists():
             raise ViewerError(f"{path} does not exist; give the path of a scan file, a DICOM folder or a "
                               "worklist folder on the server")
         if path.is_dir() and (path / "worklist.json").is_file():

@@ -79,6 +79,8 @@ def test_what_cannot_be_opened_is_said_in_one_line_and_changes_nothing(session, 
     nodes = session.logic.scene.GetNumberOfNodes()
     with pytest.raises(ViewerError, match="does not exist"):
         session.open(tmp_path / "missing.nii.gz")
+    with pytest.raises(ViewerError, match="no path given"):
+        session.open("  ")
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
     with pytest.raises(ViewerError) as info:
