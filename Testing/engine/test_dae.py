@@ -12,7 +12,7 @@ from phantoms import (TINY_DAE_ARCH, image_from, make_tiny_dae_package, make_tin
 
 from anomaly_localizer.cli import main
 from anomaly_localizer.core.detectors import all_methods, detector_for
-from anomaly_localizer.core.detectors.dae import erode, median_filter, residual_map, top_k_mean
+from anomaly_localizer.core.detectors.dae import erode, median_filter, residual_map, ssim_terms, top_k_mean
 from anomaly_localizer.core.package import load_package
 from anomaly_localizer.core.installed import resolve_package_for
 from anomaly_localizer.core.pipeline import score_volume
@@ -54,6 +54,35 @@ def test_residual_is_zero_where_the_restoration_is_exact_and_stays_off_the_brain
     spike[0, 4, 4] = 5.0
     assert median_filter(spike, 3).abs().max() == 0  # an isolated pixel is not an anomaly
     assert torch.allclose(top_k_mean(torch.arange(10.0).view(1, 1, 10), 3), torch.tensor([8.0]))
+
+
+def test_ssim_residuals_see_lost_texture_and_ignore_a_faithful_restoration():
+    gen = torch.Generator().manual_seed(0)
+    x = 0.5 + 0.02 * torch.randn(1, 1, 32, 32, generator=gen)
+    mask = torch.ones(1, 1, 32, 32, dtype=torch.bool)
+    c, s = ssim_terms(x, x.clone())
+    assert torch.allclose(c, torch.ones_like(c), atol=1e-5) and torch.allclose(s, torch.ones_like(s), atol=1e-4)
+    for kind in ("contrast", "structure_contrast"):
+        assert residual_map(x, x.clone(), mask, 0, 1, kind).abs().max() < 1e-4
+    textured = x.clone()
+    textured[:, :, 10:20, 10:20] += 0.3 * (torch.arange(10)[:, None] + torch.arange(10)[None]) % 2
+    for kind in ("contrast", "structure_contrast"):
+        resid = residual_map(textured, x, mask, 0, 3, kind)[0]
+        assert resid[12:18, 12:18].min() > 0.5 and resid[:5, :5].max() < 0.05, kind
+    # a uniform shift keeps texture: the contrast term does not see it, |x - x_hat| does
+    assert residual_map(x + 0.2, x, mask, 0, 1, "contrast").max() < 1e-4
+    assert residual_map(x + 0.2, x, mask, 0, 1, "abs").min() > 0.19
+
+
+def test_a_dae_package_scores_with_the_residual_its_model_json_names(tmp_path):
+    from anomaly_localizer.core.package import update_meta
+    pkg = make_tiny_dae_package(tmp_path / "dae")
+    image = image_from(phantom_array(lesion=True))
+    absolute = score_volume(image, pkg, ["dae"]).maps["dae"]
+    update_meta(pkg.path, {**pkg.meta, "dae": {"residual": "contrast"}})
+    contrast = score_volume(image, load_package(pkg.path), ["dae"]).maps["dae"]
+    assert contrast.shape == absolute.shape and not np.allclose(contrast, absolute)
+    assert "contrast term" in "\n".join(detector_for("unet-dae").describe(load_package(pkg.path).meta))
 
 
 def test_coarse_noise_is_smooth_and_has_the_asked_scale():
@@ -119,6 +148,9 @@ def test_a_dae_package_with_a_bad_setting_is_refused_naming_the_field(tmp_path):
     meta["dae"] = {"median_px": 1000}
     update_meta(pkg.path, meta)
     with pytest.raises(PackageError, match="dae.median_px"):
+        load_package(pkg.path)
+    update_meta(pkg.path, {**meta, "dae": {"residual": "lpips"}})
+    with pytest.raises(PackageError, match="dae.residual"):
         load_package(pkg.path)
     assert make_tiny_package(tmp_path / "vae").methods != ("dae",)
 

@@ -5,9 +5,12 @@ added inside the brain) from healthy slices, so it maps a slice onto a healthy o
 changes is the anomaly. Here it works at the data's 2 mm in-plane and sees the slice with
 its neighbours (``context_slices`` channels, 2.5D); it restores the middle slice.
 
-Pixel score ``dae``: |x - x_hat| inside the brain mask eroded by ``erode_px`` model pixels (the
-brain's edge is where every reconstruction errs), median filtered (``median_px``), then the
-package's 3D smoothing like every map. Slice score ``dae``: the mean of the slice's
+Pixel score ``dae``: the residual between x and x_hat inside the brain mask eroded by
+``erode_px`` model pixels (the brain's edge is where every reconstruction errs), median filtered
+(``median_px``), then the package's 3D smoothing like every map. The residual (``residual``) is
+|x - x_hat| by default, or one of SSIM's weight-free terms over a Gaussian window (Huijben et
+al. 2024 found its contrast term the best single metric for an autoencoder's anomalies):
+``contrast``, 1 - c, or ``structure_contrast``, 1 - c * s. Slice score ``dae``: the mean of the slice's
 ``slice_top_k`` highest pixel scores. Training: :mod:`anomaly_localizer.tooling.training.train_dae`.
 """
 
@@ -43,9 +46,14 @@ class DAEScoring(Strict):
     erode_px: Optional[Annotated[int, Field(ge=0, le=10)]] = None
     median_px: Optional[Annotated[int, Field(ge=1, le=15)]] = None
     slice_top_k: Optional[Annotated[int, Field(ge=1, le=10000)]] = None
+    residual: Optional[Literal["abs", "contrast", "structure_contrast"]] = None
 
 
-DEFAULT_DAE_SCORING: dict[str, Any] = {"erode_px": 2, "median_px": 5, "slice_top_k": 20}
+DEFAULT_DAE_SCORING: dict[str, Any] = {"erode_px": 2, "median_px": 5, "slice_top_k": 20, "residual": "abs"}
+RESIDUAL_TEXT = {"abs": "|x - x_hat|", "contrast": "1 - SSIM's contrast term c(x, x_hat)",
+                 "structure_contrast": "1 - SSIM's contrast times structure terms c * s (x, x_hat)"}
+SSIM_SIGMA_PX = 1.5  # Gaussian window of SSIM (Wang et al. 2004), 7x7 pixels
+SSIM_C2 = 0.03 ** 2  # (K2 * L)^2 with the normalised intensity's range L taken as 1
 
 
 class DAEDetector(Detector):
@@ -76,7 +84,8 @@ class DAEDetector(Detector):
             f"AdamW {cfg.get('learning_rate')}, cosine schedule, {training.get('steps_run')} steps of "
             f"{cfg.get('batch_size')} slices, best validation loss at step {training.get('best_step')} "
             f"({'bf16' if training.get('bf16') else 'float32'}).",
-            f"- Scoring (`dae` in `model.json`): |x - x_hat| inside the brain eroded by {sc['erode_px']} pixels, "
+            f"- Scoring (`dae` in `model.json`): {RESIDUAL_TEXT[sc['residual']]} inside the brain eroded by "
+            f"{sc['erode_px']} pixels, "
             f"{sc['median_px']}x{sc['median_px']} median filter; slice score = mean of the slice's "
             f"{sc['slice_top_k']} highest pixel scores."]
 
@@ -92,7 +101,7 @@ class DAEDetector(Detector):
         restored = run_in_batches(net, x, ctx, BATCH_SLICES, "restored")
         middle = x[:, x.shape[1] // 2: x.shape[1] // 2 + 1]
         pixel = residual_map(middle, restored, prepared.mask, int(params["erode_px"]),
-                             int(params["median_px"]))
+                             int(params["median_px"]), params["residual"])
         return DetectorOutput(maps={"dae": pixel}, slice_scores={"dae": top_k_mean(pixel, int(params["slice_top_k"]))})
 
 
@@ -115,11 +124,43 @@ def median_filter(maps, size: int):
     return patches.median(dim=1).values.view(n, h, w)
 
 
-def residual_map(x, x_hat, mask, erode_px: int, median_px: int):
-    """|x - x_hat| (N,S,S) inside the eroded brain, median filtered; 0 outside the brain."""
+def residual_map(x, x_hat, mask, erode_px: int, median_px: int, residual: str = "abs"):
+    """The residual (N,S,S) of (N,1,S,S) x and x_hat inside the eroded brain, median
+    filtered; 0 outside the brain. ``residual``: a key of :data:`RESIDUAL_TEXT`."""
     inner = erode(mask, erode_px)[:, 0]
-    resid = (x - x_hat).abs()[:, 0] * inner
-    return median_filter(resid, median_px) * mask[:, 0]
+    if residual == "abs":
+        resid = (x - x_hat).abs()[:, 0]
+    else:
+        c, s = ssim_terms(x, x_hat)
+        resid = (1 - c if residual == "contrast" else 1 - c * s)[:, 0]
+    return median_filter(resid * inner, median_px) * mask[:, 0]
+
+
+def ssim_terms(x, y, sigma: float = SSIM_SIGMA_PX, c2: float = SSIM_C2):
+    """SSIM's contrast c = (2 sx sy + C2) / (sx^2 + sy^2 + C2) and structure
+    s = (sxy + C2/2) / (sx sy + C2/2) terms, per pixel of (N,1,S,S) images, over a Gaussian
+    window. The luminance term is left out: |x - x_hat| already carries it, and these terms are
+    what a reconstruction gets wrong in texture and edges whatever its mean."""
+    import torch
+    import torch.nn.functional as F
+    radius = int(round(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    g = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+
+    def blur(a):  # separable, reflected at the slice's border
+        a = F.pad(a, (radius, radius, radius, radius), mode="reflect")
+        a = F.conv2d(a, g.view(1, 1, 1, -1))
+        return F.conv2d(a, g.view(1, 1, -1, 1))
+
+    x, y = x.float(), y.float()
+    mx, my = blur(x), blur(y)
+    vx = (blur(x * x) - mx * mx).clamp_min(0)
+    vy = (blur(y * y) - my * my).clamp_min(0)
+    cov = blur(x * y) - mx * my
+    sx, sy = vx.sqrt(), vy.sqrt()
+    c3 = c2 / 2
+    return (2 * sx * sy + c2) / (vx + vy + c2), (cov + c3) / (sx * sy + c3)
 
 
 def top_k_mean(maps, k: int):
