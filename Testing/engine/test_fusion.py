@@ -9,7 +9,7 @@ import pytest
 from phantoms import healthy_folder, image_from, make_tiny_dae_package, make_tiny_ssl_package, phantom_array
 
 from anomaly_localizer.cli import main
-from anomaly_localizer.core.fusion import fuse_levels, top_area_slice_scores
+from anomaly_localizer.core.fusion import fuse_levels, standardised_slice_scores, top_area_slice_scores
 from anomaly_localizer.core.levels import level_scale
 from anomaly_localizer.core.package import load_package
 from anomaly_localizer.core.package import resolve_package
@@ -17,7 +17,7 @@ from anomaly_localizer.core.pipeline import score_volume
 from anomaly_localizer.errors import InputError, PackageError
 from anomaly_localizer.tooling.release.calibrate import calibrate_package
 from anomaly_localizer.tooling.data import find_subjects
-from anomaly_localizer.tooling.release.fusion import choose_rule, make_fused
+from anomaly_localizer.tooling.release.fusion import choose_rule, choose_slice_score, make_fused
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +127,62 @@ def test_a_weighted_mean_is_chosen_when_it_serves_best_and_real_cases_count_in_t
     assert b_share > 1 / 3  # more weight on "b" than the synthetic cases alone gave it (1 : 0.5)
 
 
+def _slice_cases(rng, n_cases=6, n_slices=40):
+    """Cases whose lesion slices a component's slice score "good" ranks well, "weak" a
+    little, and the fused map's top area not at all (its map is noise)."""
+    cases = []
+    for i in range(n_cases):
+        lesion = np.zeros(n_slices, int)
+        lesion[10 + i: 16 + i] = 50
+        pos = lesion > 0
+        cases.append({"id": f"c{i}", "levels": {"m": rng.random((n_slices, 8, 8)).astype(np.float32)},
+                      "brain": np.ones((n_slices, 8, 8), bool), "label": np.zeros((n_slices, 8, 8), bool),
+                      "axial_axis": 0, "spacing_zyx": (2.0, 2.0, 2.0), "lesion_per_slice": lesion,
+                      "brain_per_slice": np.full(n_slices, 64),
+                      "slices": {("vae", "good"): rng.normal(size=n_slices) + 3 * pos,
+                                 ("vae", "weak"): rng.normal(size=n_slices) + 0.5 * pos,
+                                 ("other", "good2"): rng.normal(size=n_slices) + 3 * pos}})
+    return cases
+
+
+def test_the_slice_score_is_chosen_on_validation_slices_among_the_kept_components_scores():
+    cases = _slice_cases(np.random.default_rng(0))
+    chosen_rule = {"methods": ["m"], "rule": "mean", "weights": [1.0]}
+    sel = choose_slice_score(cases, chosen_rule, {"vae"})
+    assert sel["table"][0]["slice_score"] == "top area of the fused map" and sel["table"][0]["slice_auroc"] < 0.7
+    assert sel["chosen"]["slice_auroc"] > 0.9 and sel["parts"][0] == {"model": "vae", "score": "good", "weight": 1.0}
+    assert all(p["model"] == "vae" for row in sel["table"][1:] for p in row["slice_score"])  # "other" was dropped
+    assert len(sel["table"]) == 1 + 2 + 3  # top area, each score, the pair under three weightings
+    assert "slice AUROC" in sel["rule"]
+
+
+def test_slice_scores_are_standardised_on_their_healthy_reference():
+    levels, quantiles = [0.0, 50.0, 99.0, 100.0], [0.0, 10.0, 14.0, 30.0]
+    assert np.allclose(standardised_slice_scores([10.0, 14.0, 6.0], levels, quantiles), [0.0, 1.0, -1.0])
+
+
+def test_a_fused_slice_score_of_component_scores_is_their_standardised_weighted_mean(fused, tmp_path):
+    import shutil
+    from anomaly_localizer.core.package import update_meta
+    path = tmp_path / "mixed"
+    shutil.copytree(fused.path, path)
+    meta = json.loads((path / "model.json").read_text())
+    meta["architecture"]["slice_score"] = {"parts": [{"model": "tiny-dae", "score": "dae", "weight": 1.0},
+                                                     {"model": "tiny-ssl", "score": "ssl", "weight": 3.0}]}
+    update_meta(path, meta)
+    pkg = load_package(path)
+    res = score_volume(image_from(phantom_array(lesion=True)), pkg, device="cpu")
+    dae, ssl = (resolve_package(n).calibration.slice for n in ("tiny-dae", "tiny-ssl"))
+    expected = 0.25 * standardised_slice_scores(res.slice_scores["dae"], dae["dae"].levels, dae["dae"].values) + \
+        0.75 * standardised_slice_scores(res.slice_scores["ssl"], ssl["ssl"].levels, ssl["ssl"].values)
+    assert np.allclose(res.slice_scores["fused"], expected, rtol=1e-4, atol=1e-5, equal_nan=True)
+    assert "0.75 x `ssl` of tiny-ssl" in res.info["volume_score_meaning"]
+    meta["architecture"]["slice_score"]["parts"][0]["model"] = "tiny-vae"
+    update_meta(path, meta)
+    with pytest.raises(PackageError, match="slice_score names tiny-vae"):
+        load_package(path)
+
+
 def test_the_command_line_writes_the_fused_map_first_and_says_what_it_combines(fused, world):
     out = world["root"] / "out"
     assert main(["score", str(world["data"] / "t1" / "S05_T1.nii.gz"), "--model", "tiny-fused", "--out", str(out),
@@ -183,11 +239,15 @@ def test_a_fused_model_json_is_validated_like_any_other(fused, tmp_path):
 def test_rule_auto_scores_validation_cases_and_records_the_choice(world, tmp_path):
     pkg = make_fused(["tiny-dae:dae", "tiny-ssl:ssl"], tmp_path / "auto", str(world["data"]), per_subject=1)
     record = pkg.meta["training"]["selection_record"]
-    assert record["chosen"] in record["table"] and len(record["table"]) == 6
+    assert record["chosen"] in record["table"] and len(record["table"]) == 6 and "slice AUROC" in record["rule"]
     chosen = record["chosen"]
     assert pkg.architecture["rule"] == chosen["rule"] and pkg.calibration.pixel
     assert [c["method"] for c in pkg.architecture["components"]] == chosen["methods"]
     assert chosen["figure"] >= max(r["figure"] for r in record["table"]) - 1e-6
+    slice_record = record["slice_score"]
+    assert slice_record["chosen"]["figure"] >= max(r["figure"] for r in slice_record["table"]) - 1e-6
+    mix = pkg.architecture.get("slice_score")
+    assert (mix is None) == (slice_record["chosen"]["slice_score"] == "top area of the fused map")
     if chosen["rule"] == "weighted":
         assert [c["weight"] for c in pkg.architecture["components"]] == chosen["weights"]
     res = score_volume(image_from(phantom_array()), pkg, device="cpu")

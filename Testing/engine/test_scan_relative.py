@@ -194,3 +194,28 @@ def test_bad_requests_are_refused_before_anything_is_written(healthy, tmp_path, 
     out = tmp_path / "nodata"
     assert main(["scan-relative", str(src.path), str(empty), "--method", "rec", "--out", str(out), "-q"]) == 2
     assert not out.exists()
+
+
+def test_real_cases_weigh_in_the_choice_and_are_recorded_by_name(healthy, tmp_path, capsys):
+    import SimpleITK as sitk
+    from phantoms import lesion_mask
+    src, data = healthy["package"], str(healthy["data"])
+    cases = tmp_path / "tumours"
+    for name in ("t1", "t2"):
+        (cases / name).mkdir(parents=True)
+        sitk.WriteImage(image_from(phantom_array(lesion=True)), str(cases / name / "image.nii.gz"))
+        sitk.WriteImage(image_from(lesion_mask().astype(np.uint8)), str(cases / name / "label.nii.gz"))
+    out = tmp_path / "with-real"
+    assert main(["scan-relative", str(src.path), data, "--method", "rec", "--per-subject", "1",
+                 "--select-cases", str(cases), "--select-ids", "t2", "--out", str(out), "-q"]) == 0
+    sel = load_package(out).meta["scan_relative"]["selection"]["rec"]
+    assert "real cases t2" in sel["rule"] and set(sel["real_cases_pixel_ap"]["rec"]["0.5"]) == {"t2"}
+    figure = {k: 0.5 * (sel["pixel_ap"]["rec"][k] + sel["real_cases_pixel_ap"]["rec"][k]["t2"])
+              for k in ("absolute", "0.5", "0.75", "0.9")}
+    best = max(("0.5", "0.75", "0.9"), key=figure.get)
+    block = load_package(out).meta["scan_relative"]
+    assert block.get("rec") == ({"quantile": float(best)} if figure[best] > figure["absolute"] else None)
+    refused = tmp_path / "refused"
+    assert main(["scan-relative", str(src.path), data, "--method", "rec", "--select-cases", str(cases),
+                 "--select-ids", "t9", "--out", str(refused), "-q"]) == 2
+    assert not refused.exists() and "no such case folder" in capsys.readouterr().err

@@ -13,10 +13,12 @@ from .common import (
     EXIT_OK,
     add_device,
     add_quiet,
+    add_select_cases,
     add_subjects,
     command_line,
     machine,
     say,
+    select_cases_of,
 )
 
 
@@ -60,6 +62,7 @@ def register(sub) -> None:
                    help="use this brain quantile (0.05-0.95) instead of choosing one on validation cases")
     v.add_argument("--absolute", action="store_true", help="make the methods' maps absolute again")
     v.add_argument("--per-subject", type=int, default=2, help="validation cases per subject (default 2)")
+    add_select_cases(v, "the choice")
     _add_change_arguments(v, "the changed model")
     v.set_defaults(func=run_scan_relative)
 
@@ -160,6 +163,7 @@ def run_scan_relative(args: argparse.Namespace) -> int:
         raise InputError("give --quantile or --absolute, not both")
     source = resolve_package(args.model)  # refused before any copy is made, naming the user's model
     check_methods(args.method, source)
+    real = select_cases_of(args)
     if source.detector is not None and source.detector.composite:
         components = [m for m in args.method if m not in source.detector.methods]
         if components:
@@ -174,7 +178,7 @@ def run_scan_relative(args: argparse.Namespace) -> int:
             selection = {"rule": f"quantile {args.quantile:g} given by the user"}
         else:
             found = choose_quantiles(package, subjects_of(package, args.data, "val", choosable=False), args.method,
-                                     args.per_subject, args.device, progress=say(args.quiet))
+                                     args.per_subject, args.device, progress=say(args.quiet), real_cases=real)
             quantiles, selection = found["chosen"], found["selection"]
         block = scan_relative_block(package, quantiles, selection)
         chosen = ", ".join(f"{m} " + (f"relative to its {100 * q:g}th percentile" if q else "absolute")

@@ -48,6 +48,29 @@ def add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
 
 
+def add_select_cases(parser: argparse.ArgumentParser, what: str) -> None:
+    """--select-cases and its companions: real cases with a ground truth that a choice made
+    on validation cases also weighs (``fuse``, ``scan-relative``)."""
+    parser.add_argument("--select-cases", metavar="FOLDER",
+                        help=f"real cases with a ground truth (one sub-folder each) that {what} also weighs; "
+                             "cases used here are no longer held out")
+    parser.add_argument("--select-ids", type=lambda v: [x for x in v.split(",") if x], metavar="ID1,ID2",
+                        help="with --select-cases: only these case folders (the others stay held out for evaluation)")
+    parser.add_argument("--image-name", default="image.nii.gz", help="with --select-cases: the image in each case folder")
+    parser.add_argument("--label-name", default="label.nii.gz", help="with --select-cases: the ground truth (> 0)")
+    parser.add_argument("--mask-name", help="with --select-cases: the brain mask in each case folder")
+
+
+def select_cases_of(args: argparse.Namespace) -> list | None:
+    """The real cases :func:`add_select_cases` named, loaded and checked before any scoring."""
+    from ..errors import InputError
+    from ..tooling.release.fusion import selection_cases
+    if args.select_ids and not args.select_cases:
+        raise InputError("--select-ids names case folders of --select-cases; give both")
+    return selection_cases(args.select_cases, args.select_ids, args.image_name, args.label_name,
+                           args.mask_name) if args.select_cases else None
+
+
 def add_subjects(parser: argparse.ArgumentParser, default: str, help: str) -> None:
     from ..tooling.release.edit import SUBJECT_SETS
     parser.add_argument("--subjects", default=default, choices=SUBJECT_SETS, help=help)

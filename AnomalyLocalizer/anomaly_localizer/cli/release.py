@@ -7,8 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import InputError
-from .common import EXIT_OK, add_device, add_quiet, say
+from .common import EXIT_OK, add_device, add_quiet, add_select_cases, say, select_cases_of
 
 
 def register(sub) -> None:
@@ -48,14 +47,7 @@ def register(sub) -> None:
                    help="auto: choose the components and rule (mean, max or weighted mean) with the best pixel AP on "
                         "validation cases (default)")
     f.add_argument("--per-subject", type=int, default=2, help="synthetic validation cases per subject (auto)")
-    f.add_argument("--select-cases", metavar="FOLDER",
-                   help="real cases with a ground truth (one sub-folder each) that the choice also weighs (auto); "
-                        "cases used here are no longer held out")
-    f.add_argument("--select-ids", type=lambda v: [x for x in v.split(",") if x], metavar="ID1,ID2",
-                   help="with --select-cases: only these case folders (the others stay held out for evaluation)")
-    f.add_argument("--image-name", default="image.nii.gz", help="with --select-cases: the image in each case folder")
-    f.add_argument("--label-name", default="label.nii.gz", help="with --select-cases: the ground truth (> 0)")
-    f.add_argument("--mask-name", help="with --select-cases: the brain mask in each case folder")
+    add_select_cases(f, "the choice (auto)")
     f.add_argument("--meta", help="JSON merged into model.json (summary, description, data statement, ...)")
     add_device(f, "cpu")
     f.add_argument("--force", action="store_true")
@@ -111,12 +103,9 @@ def run_join_folds(args: argparse.Namespace) -> int:
 
 
 def run_fuse(args: argparse.Namespace) -> int:
-    from ..tooling.release.fusion import make_fused, selection_cases
+    from ..tooling.release.fusion import make_fused
 
-    chosen = selection_cases(args.select_cases, args.select_ids, args.image_name, args.label_name, args.mask_name) \
-        if args.select_cases else None
-    if args.select_ids and not args.select_cases:
-        raise InputError("--select-ids names case folders of --select-cases; give both")
+    chosen = select_cases_of(args)
     package = make_fused(args.components, args.out, args.data, args.rule, args.per_subject, args.device, args.force,
                          say(args.quiet), meta_file=args.meta, select_cases=chosen)
     arch = package.architecture

@@ -1,5 +1,6 @@
 """Fusing component maps (the ``fused`` family, :mod:`.detectors.fused`): the voxel-wise
-rules, the fused slice score, and loading the components a fused package names (checked to
+rules, the fused slice scores (the fused map's top area, or a chosen weighted mean of the
+components' own slice scores, each standardised on its healthy slices), and loading the components a fused package names (checked to
 be the ones it was made and calibrated with). numpy only at import.
 """
 
@@ -76,3 +77,26 @@ def top_area_slice_scores(fused: Any, brain: Any, axial_axis: int, spacing_zyx: 
         row = top[i][np.isfinite(top[i])]
         out[i] = row.mean()
     return out
+
+
+def standardised_slice_scores(values: Any, levels: list[float], quantiles: list[float]) -> Any:
+    """Slice scores in units of their healthy spread: (s - healthy median) / (healthy 99th
+    percentile - median), from a calibration's slice reference (``levels`` in percent and
+    their ``quantiles``), so scores of different detectors can be averaged: 0 is a typical
+    healthy slice, 1 as high as the top 1 %."""
+    import numpy as np
+    q50, q99 = np.interp([50.0, 99.0], levels, quantiles)
+    return (np.asarray(values, np.float64) - q50) / max(q99 - q50, 1e-12)
+
+
+def combined_slice_scores(slice_scores: dict[str, Any], parts: list[dict[str, Any]],
+                          references: dict[str, Any]) -> Any:
+    """The weighted mean of standardised component slice scores (a fused package's
+    ``slice_score.parts``: model, score, weight); ``references``: {model: its Calibration}."""
+    import numpy as np
+    total = sum(p["weight"] for p in parts)
+    out = 0.0
+    for p in parts:
+        ref = references[p["model"]].slice[p["score"]]
+        out = out + p["weight"] / total * standardised_slice_scores(slice_scores[p["score"]], ref.levels, ref.values)
+    return np.asarray(out, np.float32)

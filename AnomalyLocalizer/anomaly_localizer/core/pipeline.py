@@ -175,7 +175,7 @@ def _score_fused(image: sitk.Image, package: ModelPackage, methods: list[str], m
                  model, t0: float, bf16: bool = False) -> ScoreResult:
     """A fused package (:mod:`.fusion`): each component model scores the volume with the
     brain mask found once; the fused map combines their maps in healthy anomaly levels."""
-    from .fusion import fuse_levels, top_area_slice_scores
+    from .fusion import combined_slice_scores, fuse_levels, top_area_slice_scores
     from .levels import level_scale
 
     arch = package.architecture
@@ -221,9 +221,13 @@ def _score_fused(image: sitk.Image, package: ModelPackage, methods: list[str], m
         levels = [maps[c["method"]] / scales[c["method"]] for c in comps]
         fused = fuse_levels(levels, arch["rule"], [c.get("weight", 1.0) for c in comps])
         maps = {"fused": np.where(mask_arr, fused, 0).astype(np.float32), **maps}
-        # axial_axis is SimpleITK's index axis; the arrays are in numpy (z, y, x) order.
-        slice_scores = {"fused": top_area_slice_scores(maps["fused"], mask_arr, 2 - axial_axis,
-                                                       image.GetSpacing()[::-1]), **slice_scores}
+        mix = (arch.get("slice_score") or {}).get("parts")
+        if mix:  # a chosen mix of the components' own slice scores
+            fused_slices = combined_slice_scores(slice_scores, mix, {p["model"]: loaded[p["model"]][0].calibration
+                                                                     for p in mix})
+        else:  # axial_axis is SimpleITK's index axis; the arrays are in numpy (z, y, x) order.
+            fused_slices = top_area_slice_scores(maps["fused"], mask_arr, 2 - axial_axis, image.GetSpacing()[::-1])
+        slice_scores = {"fused": fused_slices, **slice_scores}
         info["level_scales"] = scales
     # after the fused slice scores, which stay absolute (:mod:`.relative`); the components'
     # maps were made relative (or not) by their own packages
@@ -239,11 +243,17 @@ def _score_fused(image: sitk.Image, package: ModelPackage, methods: list[str], m
                        timings=timings,
                        info={"scored_slices": res.info["scored_slices"], "fov_coverage": res.info["fov_coverage"],
                              "brain_mask_source": source, "primary_slice_score": primary,
-                             "volume_score_meaning": package.detector.volume_score_meaning if primary == "fused"
+                             "volume_score_meaning": fused_volume_meaning(arch) if primary == "fused"
                              else res.info["volume_score_meaning"],
                              "map_smoothing": {k: v for p in parts for k, v in p["map_smoothing"].items()},
                              "scan_relative": {m: relative[m] for m in methods if m in relative}, "bf16": bf16,
                              "engine_version": __version__, "fusion": info})
+
+
+def fused_volume_meaning(arch: dict[str, Any]) -> str:
+    """What a fused package's volume score is, in words."""
+    from .detectors.fused import slice_score_text
+    return f"mean fused slice score ({slice_score_text(arch)}) of the 10 % most anomalous brain slices"
 
 
 def comp_calibration(loaded: dict[str, Any], component: dict[str, Any]):

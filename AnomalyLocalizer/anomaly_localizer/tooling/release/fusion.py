@@ -10,8 +10,10 @@ looks like the generator; real lesions can be given for the choice too (``select
 case folders with a ground truth, e.g. two BraTS tumours), and then the figure chosen on is
 the mean of the synthetic pixel AP and the real cases' mean pixel AP. Test subjects,
 calibration subjects and the tumour cases not named are never used for the choice, so the
-evaluation on them stays held out. The fused package is then calibrated on the components'
-calibration subjects like any model.
+evaluation on them stays held out. The slice score is chosen on the same cases by slice
+AUROC (:func:`choose_slice_score`): the chosen fused map's top area, one component's own
+slice score, or a weighted mean of two or three of them in units of their healthy spread.
+The fused package is then calibrated on the components' calibration subjects like any model.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 
 from ... import __version__
 from ...core.detectors.fused import FusionArchitecture
-from ...core.fusion import content_sha256
+from ...core.fusion import content_sha256, standardised_slice_scores
 from ...core.levels import level_scale
 from ...core.package import ModelPackage, save_package
 from ...core.package import resolve_package
@@ -74,14 +76,17 @@ def _splits_agree(components: list[tuple[ModelPackage, str]]) -> dict[str, list[
 
 
 def fused_meta(components: list[tuple[ModelPackage, str]], rule: str, name: str,
-               weights: list[float] | None = None, selection: dict[str, Any] | None = None) -> dict[str, Any]:
-    """model.json of a fused package (uncalibrated)."""
+               weights: list[float] | None = None, selection: dict[str, Any] | None = None,
+               slice_parts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """model.json of a fused package (uncalibrated). ``slice_parts``: its slice score as
+    component slice scores (:class:`.detectors.fused.FusedSliceScore`); None: top area."""
     finest = min((p for p, _ in components), key=lambda p: p.contract.spacing_mm)
     arch = FusionArchitecture.model_validate({
         "type": "fusion", "rule": rule,
         "components": [{"model": p.name, "method": m, "content_sha256": content_sha256(p.files),
                         **({"weight": w} if weights else {})}
-                       for (p, m), w in zip(components, weights or [1.0] * len(components))]})
+                       for (p, m), w in zip(components, weights or [1.0] * len(components))],
+        **({"slice_score": {"parts": slice_parts}} if slice_parts else {})})
     methods = ", ".join(m for _, m in components)
     return {
         "name": name,
@@ -115,17 +120,24 @@ def component_levels(components: list[tuple[ModelPackage, str]], subjects, per_s
     for p, m in components:
         by_model.setdefault(p.name, (p, []))[1].append(m)
     nets = {name: p.load_model(dev) for name, (p, _) in by_model.items()}
+    refs = {name: p.calibration.slice for name, (p, _) in by_model.items()}
     cases = []
     source = cases_in if cases_in is not None else case_set("hard", subjects, per_subject=per_subject,
                                                             seed=SELECTION_SEED)
     for case in source:
-        levels, brain = {}, None
+        levels, brain, slices = {}, None, {}
         for name, (p, ms) in by_model.items():
             res = score_volume(case.image, p, ms, mask=case.mask, device=str(dev), model=nets[name])
-            brain = res.brain_mask
+            brain, axis = res.brain_mask, 2 - res.axial_axis  # numpy axis of the axial index
             for m in ms:
                 levels[m] = (res.maps[m] / level_scale(p.calibration, m)[0]).astype(np.float32)
-        cases.append({"id": case.id, "levels": levels, "brain": brain, "label": case.label & brain})
+            slices.update({(name, k): standardised_slice_scores(v, refs[name][k].levels, refs[name][k].values)
+                           for k, v in res.slice_scores.items() if k in refs[name]})
+        label = case.label & brain
+        cases.append({"id": case.id, "levels": levels, "brain": brain, "label": label, "slices": slices,
+                      "axial_axis": axis, "spacing_zyx": case.image.GetSpacing()[::-1],
+                      "lesion_per_slice": np.moveaxis(label, axis, 0).reshape(label.shape[axis], -1).sum(1),
+                      "brain_per_slice": np.moveaxis(brain, axis, 0).reshape(brain.shape[axis], -1).sum(1)})
         if progress:
             progress(f"scored {case.id} with {', '.join(levels)}")
     return cases
@@ -181,6 +193,78 @@ def choose_rule(cases: list[dict[str, Any]], methods: list[str], progress: Calla
                     f"{real}; no test or calibration subject was used"}
 
 
+def slice_auroc(cases: list[dict[str, Any]], scores: list[Any]) -> float | None:
+    """Slice AUROC as the evaluation counts it (:func:`.evaluate._slice_metrics`): abnormal
+    with at least SLICE_MIN_LESION lesion voxels, normal with none, others left out."""
+    from ..evaluation.evaluate import SLICE_MIN_LESION
+    from ..metrics import auroc
+    ys, ss = [], []
+    for c, s in zip(cases, scores):
+        pos = c["lesion_per_slice"] >= SLICE_MIN_LESION
+        keep = (c["brain_per_slice"] > 0) & (pos | (c["lesion_per_slice"] == 0))
+        ys.append(pos[keep])
+        ss.append(np.nan_to_num(np.asarray(s, np.float64)[keep], nan=-1e9))
+    y = np.concatenate(ys)
+    return auroc(np.concatenate(ss), y) if 0 < y.sum() < y.size else None
+
+
+def choose_slice_score(cases: list[dict[str, Any]], chosen: dict[str, Any], models: set[str],
+                       progress: Callable[[str], None] | None = None,
+                       real_cases: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The slice score with the highest slice AUROC over ``cases`` (with ``real_cases``: the
+    mean of that and their mean slice AUROC): the top area of the fused map of the ``chosen``
+    rule (:func:`choose_rule`), one component slice score, or a weighted mean of two or three
+    (weights from :data:`WEIGHT_GRID` relative to the first), each standardised on its own
+    model's healthy slices; only slice scores of ``models`` (those the chosen rule keeps) are
+    candidates. Returns the record and ``parts`` (None for the top area)."""
+    from ...core.fusion import fuse_levels, top_area_slice_scores
+
+    def top_area(c):
+        fused = fuse_levels([c["levels"][m] for m in chosen["methods"]], chosen["rule"], chosen["weights"])
+        return top_area_slice_scores(np.where(c["brain"], fused, 0), c["brain"], c["axial_axis"], c["spacing_zyx"])
+
+    groups = [cases] + ([real_cases] if real_cases else [])
+    fused_slices = [[top_area(c) for c in g] for g in groups]
+    names = sorted(k for k in set.intersection(*(set(c["slices"]) for g in groups for c in g)) if k[0] in models)
+    candidates: list[list[tuple[tuple[str, str], float]] | None] = [None]
+    for k in (1, 2, 3):
+        for subset in itertools.combinations(names, k):
+            for rest in itertools.product(WEIGHT_GRID, repeat=k - 1):
+                candidates.append(list(zip(subset, (1.0,) + rest)))
+    table, best = [], None
+    for cand in candidates:
+        figures = []
+        for g, top in zip(groups, fused_slices):
+            if cand is None:
+                scores = top
+            else:
+                total = sum(w for _, w in cand)
+                scores = [sum(w / total * c["slices"][key] for key, w in cand) for c in g]
+            figures.append(slice_auroc(g, scores) if g is cases else
+                           [slice_auroc([c], [s]) for c, s in zip(g, scores)])
+        row: dict[str, Any] = {"slice_score": "top area of the fused map" if cand is None else
+                               [{"model": m, "score": k, "weight": w} for (m, k), w in cand],
+                               "slice_auroc": figures[0]}
+        figure = figures[0] or 0.0
+        if real_cases:
+            real = [f for f in figures[1] if f is not None]
+            row["real_slice_auroc"] = dict(zip((c["id"] for c in real_cases), figures[1]))
+            figure = 0.5 * (figure + float(np.mean(real))) if real else figure
+        row["figure"] = figure
+        table.append(row)
+        if best is None or figure > best["figure"] + 1e-6:
+            best = row
+    if progress:
+        progress(f"slice score chosen: {best['slice_score']} (figure {best['figure']:.4f}, validation slice AUROC "
+                 f"{best['slice_auroc']:.4f}; the fused map's top area {table[0]['slice_auroc']:.4f})")
+    return {"chosen": best, "table": table,
+            "rule": f"the slice score was chosen among the fused map's top area, each component slice score "
+                    f"({', '.join(f'{m}:{k}' for m, k in names)}) and weighted means of two or three of them (weights "
+                    f"{', '.join(f'{w:g}' for w in WEIGHT_GRID)}, each score in units of its healthy spread) by slice "
+                    "AUROC on the same cases" + (" (the mean with the real cases' mean slice AUROC)" if real_cases else ""),
+            "parts": None if best["slice_score"] == table[0]["slice_score"] else best["slice_score"]}
+
+
 def selection_cases(folder: str, ids: list[str] | None, image_name: str, label_name: str,
                     mask_name: str | None) -> list:
     """The real cases (:func:`.evaluate.folder_cases`) named by ``ids`` in ``folder`` (all
@@ -219,7 +303,7 @@ def make_fused(specs: list[str], out: str | Path, data: str | None, rule: str = 
     if not isinstance(extra, dict):
         raise InputError(f"{meta_file} must hold a JSON object of model.json keys")
     components = parse_components(specs)
-    selection, weights = None, None
+    selection, weights, slice_parts = None, None, None
     if rule == "auto":
         if not data:
             raise InputError("choosing the rule needs the healthy data folder (--data)")
@@ -228,6 +312,11 @@ def make_fused(specs: list[str], out: str | Path, data: str | None, rule: str = 
         real = component_levels(components, [], 0, device, say, cases_in=select_cases) if select_cases else None
         selection = choose_rule(cases, [m for _, m in components], say, real)
         chosen = selection["chosen"]
+        kept = {p.name for p, m in components if m in chosen["methods"]}
+        slice_choice = choose_slice_score(cases, chosen, kept, say, real)
+        slice_parts = slice_choice.pop("parts")
+        selection["slice_score"] = slice_choice
+        selection["rule"] += "; " + slice_choice.pop("rule")
         by_method = dict(zip(chosen["methods"], chosen["weights"]))
         components = [c for c in components if c[1] in by_method]
         weights = [by_method[m] for _, m in components]
@@ -235,7 +324,7 @@ def make_fused(specs: list[str], out: str | Path, data: str | None, rule: str = 
         say(f"chosen: {rule} of {', '.join(chosen['methods'])} (figure {chosen['figure']:.4f}, validation pixel AP "
             f"{chosen['pixel_ap']:.4f})")
     meta = fused_meta(components, rule, out.name, weights=weights if rule == "weighted" else None,
-                      selection=selection)
+                      selection=selection, slice_parts=slice_parts)
     meta.update({k: v for k, v in extra.items() if k not in ("architecture", "name", "calibration")})
     with building(out) as tmp:
         package = save_package(None, meta, tmp)
