@@ -215,6 +215,8 @@ def test_real_cases_weigh_in_the_choice_and_are_recorded_by_name(healthy, tmp_pa
     best = max(("0.5", "0.75", "0.9"), key=figure.get)
     block = load_package(out).meta["scan_relative"]
     assert block.get("rec") == ({"quantile": float(best)} if figure[best] > figure["absolute"] else None)
+    from anomaly_localizer.tooling.release.modelcard import _scan_relative_lines
+    assert "mean pixel AP of the real cases t2: absolute" in _scan_relative_lines(load_package(out).meta)
     refused = tmp_path / "refused"
     assert main(["scan-relative", str(src.path), data, "--method", "rec", "--select-cases", str(cases),
                  "--select-ids", "t9", "--out", str(refused), "-q"]) == 2

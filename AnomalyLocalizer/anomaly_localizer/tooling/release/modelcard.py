@@ -85,6 +85,11 @@ def _scan_relative_lines(meta: dict[str, Any]) -> str:
         ap = (sel.get("pixel_ap") or {}).get(m)
         figures = f" (pooled pixel AP on {sel.get('cases', '?')} validation cases: " + \
             ", ".join(f"{k} {v:.3f}" for k, v in ap.items()) + ")" if ap else f" ({sel.get('rule', '')})"
+        real = (sel.get("real_cases_pixel_ap") or {}).get(m)
+        if real:  # {candidate: {case: AP}}
+            figures += "; mean pixel AP of the real cases " + ", ".join(next(iter(real.values()))) + ": " + \
+                ", ".join(f"{k} {sum(v.values()) / len(v):.3f}" for k, v in real.items()) + \
+                " (chosen on the mean of the two figures)"
         what = f"divided by its own {100 * q:g}th percentile over each scan's brain" if q else "absolute (not made relative)"
         lines.append(f"`{m}` {what}{figures}")
     if not lines:
