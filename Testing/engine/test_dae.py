@@ -85,6 +85,13 @@ def test_a_dae_package_scores_with_the_residual_its_model_json_names(tmp_path):
     assert "contrast term" in "\n".join(detector_for("unet-dae").describe(load_package(pkg.path).meta))
 
 
+def test_a_training_started_before_the_residual_option_still_resumes():
+    """A run's checkpoint records its configuration, scoring defaults included, and resuming
+    refuses a different one: the defaults keep the keys they had (absent residual = abs)."""
+    from dataclasses import asdict
+    assert asdict(DAETrainConfig.from_json(None))["scoring"] == {"erode_px": 2, "median_px": 5, "slice_top_k": 20}
+
+
 def test_coarse_noise_is_smooth_and_has_the_asked_scale():
     gen = torch.Generator().manual_seed(0)
     noise = coarse_noise(64, 32, 4, 0.1, gen)

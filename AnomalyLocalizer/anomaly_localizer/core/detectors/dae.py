@@ -49,7 +49,9 @@ class DAEScoring(Strict):
     residual: Optional[Literal["abs", "contrast", "structure_contrast"]] = None
 
 
-DEFAULT_DAE_SCORING: dict[str, Any] = {"erode_px": 2, "median_px": 5, "slice_top_k": 20, "residual": "abs"}
+# ``residual`` is left out of the defaults (absent means "abs"): a training configuration
+# records these defaults, and one started before the option existed must still resume.
+DEFAULT_DAE_SCORING: dict[str, Any] = {"erode_px": 2, "median_px": 5, "slice_top_k": 20}
 RESIDUAL_TEXT = {"abs": "|x - x_hat|", "contrast": "1 - SSIM's contrast term c(x, x_hat)",
                  "structure_contrast": "1 - SSIM's contrast times structure terms c * s (x, x_hat)"}
 SSIM_SIGMA_PX = 1.5  # Gaussian window of SSIM (Wang et al. 2004), 7x7 pixels
@@ -84,7 +86,7 @@ class DAEDetector(Detector):
             f"AdamW {cfg.get('learning_rate')}, cosine schedule, {training.get('steps_run')} steps of "
             f"{cfg.get('batch_size')} slices, best validation loss at step {training.get('best_step')} "
             f"({'bf16' if training.get('bf16') else 'float32'}).",
-            f"- Scoring (`dae` in `model.json`): {RESIDUAL_TEXT[sc['residual']]} inside the brain eroded by "
+            f"- Scoring (`dae` in `model.json`): {RESIDUAL_TEXT[sc.get('residual') or 'abs']} inside the brain eroded by "
             f"{sc['erode_px']} pixels, "
             f"{sc['median_px']}x{sc['median_px']} median filter; slice score = mean of the slice's "
             f"{sc['slice_top_k']} highest pixel scores."]
@@ -101,7 +103,7 @@ class DAEDetector(Detector):
         restored = run_in_batches(net, x, ctx, BATCH_SLICES, "restored")
         middle = x[:, x.shape[1] // 2: x.shape[1] // 2 + 1]
         pixel = residual_map(middle, restored, prepared.mask, int(params["erode_px"]),
-                             int(params["median_px"]), params["residual"])
+                             int(params["median_px"]), params.get("residual") or "abs")
         return DetectorOutput(maps={"dae": pixel}, slice_scores={"dae": top_k_mean(pixel, int(params["slice_top_k"]))})
 
 
