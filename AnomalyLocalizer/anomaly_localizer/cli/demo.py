@@ -78,8 +78,9 @@ def run_demo(args: argparse.Namespace) -> int:
                                    "any one scan) and the same template with one synthetic lesion inserted",
                          notes={"healthy template": "Why anything is flagged here: an average of 152 brains is "
                                                     "smoother than any scan, most of all where brains differ "
-                                                    "most (the ventricles, the midline); the few flagged voxels "
-                                                    "sit there and form no finding."})
+                                                    "most (the ventricles, the midline, the brainstem); what is "
+                                                    "flagged on it sits there, and is that difference, not "
+                                                    "disease."})
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "lesion" / "segmentation.nii.gz"))) > 0
     seg_h = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "healthy" / "segmentation.nii.gz"))) > 0
     truth = label > 0

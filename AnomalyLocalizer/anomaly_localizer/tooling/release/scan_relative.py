@@ -4,11 +4,11 @@ and choosing whether and how on validation cases.
 The choice scores the tuning cases of :mod:`.tune_smoothing` (the hard synthetic set, seed 1,
 in the model's *validation* subjects) once with the maps absolute, and compares the pooled
 pixel AP of each method's map absolute and divided by each candidate quantile of its own
-brain values. Synthetic anomalies are small, so they reward a high quantile; a tumour that
-fills a fifth of the brain raises its scan's high quantiles and hides itself. Real cases
-with a ground truth can be given for the choice too (``real_cases``, e.g. two BraTS tumours),
-and then the figure is the mean of the synthetic pooled pixel AP and the real cases' mean
-pixel AP, as in ``fuse``. A quantile is kept only where it beats the absolute map, so a
+brain values. Real cases with a ground truth can be given too (``real_cases``, e.g. two BraTS
+tumours), and then the figure is the mean of the synthetic pooled pixel AP and the real
+cases' mean pixel AP, as in ``fuse``; but a case's own AP is blind to dividing its map by one
+number, so they are recorded rather than decisive. What a tumour does to the reference (it
+raises its scan's high quantiles) shows at the threshold; weighing that is a next step. A quantile is kept only where it beats the absolute map, so a
 method it does not help stays as it was. Test subjects, scans from other sources and real
 cases not named are never used; what it does to them is measured afterwards (``fpr``,
 ``evaluate``).
