@@ -62,7 +62,7 @@ def register(sub) -> None:
                    help="use this brain quantile (0.05-0.95) instead of choosing one on validation cases")
     v.add_argument("--absolute", action="store_true", help="make the methods' maps absolute again")
     v.add_argument("--per-subject", type=int, default=2, help="validation cases per subject (default 2)")
-    add_select_cases(v, "the choice")
+    add_select_cases(v, "the choice records beside its figures (a case's own AP does not change when its map is divided by one number, so they cannot move it)")
     _add_change_arguments(v, "the changed model")
     v.set_defaults(func=run_scan_relative)
 

@@ -48,11 +48,11 @@ def add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
 
 
-def add_select_cases(parser: argparse.ArgumentParser, what: str) -> None:
-    """--select-cases and its companions: real cases with a ground truth that a choice made
-    on validation cases also weighs (``fuse``, ``scan-relative``)."""
+def add_select_cases(parser: argparse.ArgumentParser, role: str) -> None:
+    """--select-cases and its companions: real cases with a ground truth for a choice made
+    on validation cases (``fuse``, ``scan-relative``); ``role`` says what they do there."""
     parser.add_argument("--select-cases", metavar="FOLDER",
-                        help=f"real cases with a ground truth (one sub-folder each) that {what} also weighs; "
+                        help=f"real cases with a ground truth (one sub-folder each), which {role}; "
                              "cases used here are no longer held out")
     parser.add_argument("--select-ids", type=lambda v: [x for x in v.split(",") if x], metavar="ID1,ID2",
                         help="with --select-cases: only these case folders (the others stay held out for evaluation)")

@@ -47,7 +47,7 @@ def register(sub) -> None:
                    help="auto: choose the components and rule (mean, max or weighted mean) with the best pixel AP on "
                         "validation cases (default)")
     f.add_argument("--per-subject", type=int, default=2, help="synthetic validation cases per subject (auto)")
-    add_select_cases(f, "the choice (auto)")
+    add_select_cases(f, "the choice (auto) also weighs")
     f.add_argument("--meta", help="JSON merged into model.json (summary, description, data statement, ...)")
     add_device(f, "cpu")
     f.add_argument("--force", action="store_true")
