@@ -7,7 +7,6 @@ is installed on first use, with the user's consent.
 """
 
 import logging
-import os
 from typing import Annotated, Optional, Union
 
 import qt
@@ -28,6 +27,10 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 DEVICES = ["auto", "cpu", "cuda", "mps"]
+# The engine's contrasts (anomaly_localizer.core.contrast.CONTRASTS, not imported when the
+# module loads): one input selector each, shown when the chosen model reads that contrast.
+CONTRASTS = ("t1", "t1c", "t2", "flair", "pd")
+INPUT_PARAMETERS = {"t1": "inputT1", "t1c": "inputT1c", "t2": "inputT2", "flair": "inputFlair", "pd": "inputPd"}
 FINDINGS_COLUMNS = ["#", "mL", "side", "peak level", "R", "A", "S"]
 
 
@@ -66,7 +69,12 @@ class AnomalyLocalizer(ScriptedLoadableModule):
 
 @parameterNodeWrapper
 class AnomalyLocalizerParameterNode:
-    inputVolume: vtkMRMLScalarVolumeNode
+    # the scans of one study, one per contrast the chosen model reads (the first is the grid of the outputs)
+    inputT1: Optional[vtkMRMLScalarVolumeNode]
+    inputT1c: Optional[vtkMRMLScalarVolumeNode]
+    inputT2: Optional[vtkMRMLScalarVolumeNode]
+    inputFlair: Optional[vtkMRMLScalarVolumeNode]
+    inputPd: Optional[vtkMRMLScalarVolumeNode]
     brainMask: Optional[Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]]
     device: Annotated[str, Choice(DEVICES)] = "auto"
     includeRestoration: bool = False
@@ -97,6 +105,12 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._findingsTimer.setSingleShot(True)
         self._findingsTimer.setInterval(250)
         self._findingsTimer.connect("timeout()", self.updateFindings)
+        self._inputSlots = []  # the inputs the chosen model reads (AnomalyLocalizerLib.inputs.SuggestedInput)
+        # volumes added to the scene fill empty inputs once added (a run's outputs are known as such only then)
+        self._fillTimer = qt.QTimer()
+        self._fillTimer.setSingleShot(True)
+        self._fillTimer.setInterval(100)
+        self._fillTimer.connect("timeout()", self.updateInputSelectors)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -108,8 +122,10 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         from AnomalyLocalizerLib.logic import AnomalyLocalizerLogic
         self.logic = AnomalyLocalizerLogic(slicer.app.applicationLogic())
+        self.logic.dicomDatabase = getattr(slicer, "dicomDatabase", None)  # to read the DICOM header of volumes
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelChanged)
@@ -134,6 +150,7 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         self._timer.stop()
         self._findingsTimer.stop()
+        self._fillTimer.stop()
         self.removeObservers()
         self._run = None
         if self.logic is not None:
@@ -151,7 +168,9 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         # The logic observes the same event: it cancels a running run and forgets the result.
         self._timer.stop()
+        self._fillTimer.stop()
         self._run = None
+        self._inputSlots = []  # their volumes leave with the scene
         self.ui.progressBar.setVisible(False)
         self.setParameterNode(None)
         self.updateApplyButton()
@@ -161,12 +180,12 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.parent.isEntered:
             self.initializeParameterNode()
 
+    def onNodeAdded(self, caller, event) -> None:
+        self._fillTimer.start()  # restarted by each node of a load: fills once the loading is done
+
     def initializeParameterNode(self) -> None:
         self.setParameterNode(AnomalyLocalizerParameterNode(self._moduleLogic().getParameterNode()))
-        if not self._parameterNode.inputVolume:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first:
-                self._parameterNode.inputVolume = first
+        self.updateInputSelectors()
 
     @staticmethod
     def _moduleLogic() -> ScriptedLoadableModuleLogic:
@@ -221,16 +240,51 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelSummaryLabel.text = models[index]["summary"] if 0 <= index < len(models) else \
                 "No model installed: see the README, 'Models'."
         self.ui.restorationCheckBox.enabled = 0 <= index < len(models) and "restoration" in models[index]["offers"]
+        self.updateInputSelectors()
+
+    # -------------------------------------------------------------------- inputs
+    def updateInputSelectors(self) -> None:
+        """One selector per input the chosen model reads, labelled and filled by the logic
+        (a volume already chosen stays); the others hidden."""
+        if not self._parameterNode or self.logic is None:
+            return
+        model = self.ui.modelSelector.currentData if self.ui.modelSelector.count else None
+        current = {c: getattr(self._parameterNode, INPUT_PARAMETERS[c]) for c in CONTRASTS}
+        previous, self._inputSlots = self._inputSlots, []  # set again once the selectors hold the suggestion
+        slots, suggested = self.logic.inputsBeforeInstall(), False
+        if model and not self._needsInstall:
+            try:
+                slots, suggested = self.logic.suggestInputs(model, current, previous), True
+            except Exception as e:  # a broken model: say it, keep the panel usable
+                logging.error("AnomalyLocalizer could not read the inputs of model %s: %s", model, e)
+        shown = {slot.contrast: slot for slot in slots}
+        for contrast in CONTRASTS:
+            label, selector = getattr(self.ui, f"{contrast}InputLabel"), getattr(self.ui, f"{contrast}InputSelector")
+            label.setVisible(contrast in shown)
+            selector.setVisible(contrast in shown)
+            if contrast in shown:
+                label.text = f"{shown[contrast].label}:"
+                if suggested:
+                    setattr(self._parameterNode, INPUT_PARAMETERS[contrast], shown[contrast].node)
+        self._inputSlots = slots
+        self.updateApplyButton()
+
+    def selectedInputs(self) -> tuple[dict, list]:
+        """The volumes chosen for the model's inputs (``{contrast: node}`` in its input order)
+        and the names of the required inputs still without one."""
+        selected = {c: getattr(self._parameterNode, INPUT_PARAMETERS[c]) for c in CONTRASTS}
+        return self.logic.selectInputs(self._inputSlots or self.logic.inputsBeforeInstall(), selected)
 
     # ----------------------------------------------------------------------- run
     def updateApplyButton(self, caller=None, event=None) -> None:
         running = self._run is not None
-        ready = bool(self._parameterNode and self._parameterNode.inputVolume
-                     and (self.ui.modelSelector.count or self._needsInstall))
+        missing = self.selectedInputs()[1] if self._parameterNode else ["T1"]
+        self.ui.inputsNoteLabel.text = self.logic.inputsNote(self._inputSlots) if self.logic else ""
+        ready = bool(self._parameterNode and not missing and (self.ui.modelSelector.count or self._needsInstall))
         self.ui.applyButton.text = "Cancel" if running else "Apply"
         self.ui.applyButton.enabled = running or ready
         self.ui.applyButton.toolTip = "Stop the analysis" if running else (
-            "Score the input volume" if ready else "Select an input volume and a model")
+            "Score the input volumes" if ready else f"Select a model and the inputs: {', '.join(missing) or 'none missing'}")
 
     def onApplyButton(self) -> None:
         # tryWithErrorDisplay shows an error and raises it again: the panel's state is restored
@@ -251,7 +305,8 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p = self._parameterNode
             with slicer.util.tryWithErrorDisplay("Could not start the analysis.", waitCursor=True):
                 model = self.ui.modelSelector.currentData
-                self._run = self.logic.startRun(p.inputVolume, model=model, mask=p.brainMask, device=p.device,
+                inputs, _ = self.selectedInputs()  # each volume given as the contrast of its selector
+                self._run = self.logic.startRun(inputs, model=model, mask=p.brainMask, device=p.device,
                                                 methods=self.logic.methodsFor(model, p.includeRestoration))
                 self.ui.progressBar.setVisible(True)
                 self.ui.progressBar.value = 0
@@ -274,7 +329,8 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             if run.state != "cancelled":
                 with slicer.util.tryWithErrorDisplay("The analysis failed.", waitCursor=True):
-                    self.logic.finishRun(run)
+                    result = self.logic.finishRun(run)
+                    self.ui.runInputsLabel.text = self.logic.runInputsText(result.summary)
                     self.showPlot()
             else:
                 run.cleanup()
@@ -284,36 +340,22 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def ensurePythonPackages(self) -> bool:
         """Install what the engine needs beyond Slicer's own packages, with the user's consent,
-        at the engine's version bounds (AnomalyLocalizerLib.install decides what is unmet)."""
-        from AnomalyLocalizerLib.install import unmet_requirements
+        at the engine's version bounds (AnomalyLocalizerLib.install decides what and how)."""
+        from AnomalyLocalizerLib.install import consent_text, install_unmet, unmet_requirements
 
         unmet = unmet_requirements()
         if not unmet:
             return True
-        if not slicer.util.confirmOkCancelDisplay(
-                "AnomalyLocalizer needs these Python packages: " + "; ".join(u.describe() for u in unmet)
-                + ". Install them now? PyTorch downloads several hundred MB (more with GPU support) "
-                  "and may take a few minutes.", windowTitle="AnomalyLocalizer: first use"):
+        if not slicer.util.confirmOkCancelDisplay(consent_text(unmet), windowTitle="AnomalyLocalizer: first use"):
             return False
+        try:
+            import PyTorchUtils  # the PyTorch extension picks the build for this computer's GPU
+            installTorch = lambda spec: PyTorchUtils.PyTorchUtilsLogic().installTorch(  # noqa: E731
+                askConfirmation=False, torchVersionRequirement=spec)
+        except ImportError:
+            installTorch = None
         with slicer.util.tryWithErrorDisplay("Could not install the packages AnomalyLocalizer needs.", waitCursor=True):
-            torch = next((u for u in unmet if u.name == "torch"), None)
-            if torch is not None:
-                try:
-                    import PyTorchUtils  # the PyTorch extension picks the build for this computer's GPU
-                except ImportError:
-                    PyTorchUtils = None
-                if PyTorchUtils is not None:
-                    PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                                  torchVersionRequirement=torch.specifier)
-                else:
-                    slicer.util.pip_install([torch.requirement])
-            others = [u.requirement for u in unmet if u.name != "torch"]
-            if others:
-                slicer.util.pip_install(others)
-            still = unmet_requirements()
-            if still:  # e.g. pydantic 1.x already imported into Slicer by another extension
-                raise RuntimeError("still unmet: " + "; ".join(u.describe() for u in still)
-                                   + ". Restart Slicer and press Apply again.")
+            install_unmet(unmet, slicer.util.pip_install, installTorch)
             return True
         return False
 
@@ -326,6 +368,7 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not hasResult:
             self._findings = []
             self.ui.findingsTable.setRowCount(0)
+            self.ui.runInputsLabel.text = ""
         if hasResult and self._parameterNode:
             # The maps of the last run (whatever detector made them), the recommended one selected.
             wasBlocked = self.ui.methodSelector.blockSignals(True)
@@ -345,9 +388,7 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic.result is None:  # the scored volume left the scene
             self.updateResultControls()
             return
-        note = self.logic.thresholdNote()
-        self.ui.thresholdInfoLabel.text = f"{voxels} voxels; {self.logic.healthyRateText()}" + \
-            (f"\nNote: {note}" if note else "")
+        self.ui.thresholdInfoLabel.text = self.logic.thresholdInfoText(voxels)
         self._findingsTimer.start()  # restarted by every move: runs when the slider rests
 
     def updateFindings(self) -> None:
@@ -356,10 +397,7 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table = self.ui.findingsTable
         table.setRowCount(len(self._findings))
         for row, f in enumerate(self._findings):
-            r, a, s = f["peak_ras"]
-            cells = [str(f["rank"]), f"{f['volume_ml']:.2g}", f["hemisphere"], f"{f['peak_level']:.2g}",
-                     f"{r:.0f}", f"{a:.0f}", f"{s:.0f}"]
-            for column, text in enumerate(cells):
+            for column, text in enumerate(self.logic.findingCells(f)):
                 table.setItem(row, column, qt.QTableWidgetItem(text))
         table.resizeColumnsToContents()
 
@@ -415,19 +453,18 @@ class AnomalyLocalizerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay("Cannot load the scan.", waitCursor=True):
             node = step()
-            if node is not None:
-                self._parameterNode.inputVolume = node
+            if node is not None:  # the scan on show becomes the model's first input
+                first = self._inputSlots[0].contrast if self._inputSlots else "t1"
+                setattr(self._parameterNode, INPUT_PARAMETERS[first], node)
+                self.ui.runInputsLabel.text = self.logic.runInputsText(self.logic.result.summary)
                 self.updateResultControls()
         self.updateWorklistControls()
 
     def updateWorklistControls(self) -> None:
-        rows, row = self.logic.worklistRows(), self.logic.currentWorklistRow()
-        self.ui.nextScanButton.enabled = self.logic.worklistIndex + 1 < len(rows)
+        self.ui.nextScanButton.enabled = self.logic.worklistIndex + 1 < len(self.logic.worklistRows())
         self.ui.previousScanButton.enabled = self.logic.worklistIndex > 0
-        if row is not None:
-            pct = "" if row.scan_percentile is None else f", healthy percentile {row.scan_percentile:.1f}"
-            self.ui.worklistLabel.text = (f"Scan {row.rank} of {len(rows)}: {row.id}{pct}"
-                                          + (f"\nNote: {row.note}" if row.note else ""))
+        if self.logic.currentWorklistRow() is not None:
+            self.ui.worklistLabel.text = self.logic.worklistPositionText()
 
 
 #
@@ -443,57 +480,14 @@ class AnomalyLocalizerTest(ScriptedLoadableModuleTest):
         self.test_AnomalyLocalizer_whole_flow()
 
     def test_AnomalyLocalizer_whole_flow(self):
-        """Load a brain tumour scan, score it with the default model, move the threshold,
-        jump to the worst slice, export, and rerun without duplicating nodes."""
-        import tempfile
-
-        import numpy as np
+        """Load a brain tumour scan and follow the whole flow with the installed models: score,
+        threshold, worst slice, export, rerun, fused components, restoration, latent space
+        restoration (AnomalyLocalizerLib.selfcheck, which the logic tests also run headless)."""
         import SampleData
         from AnomalyLocalizerLib.logic import AnomalyLocalizerLogic
+        from AnomalyLocalizerLib.selfcheck import wholeFlow
 
         self.delayDisplay("Loading sample data")
         volume = SampleData.downloadSample("MRBrainTumor1")
-        logic = AnomalyLocalizerLogic(slicer.app.applicationLogic())
-        models = logic.availableModels()
-        self.assertTrue(models, "no model installed")
-        # The sample is a whole head without a mask: the built-in brain extraction finds the brain.
-        self.delayDisplay("Scoring")
-        result = logic.run(volume, device="cpu")
-        heat = logic.outputNode(volume, f"heatmap.{logic.method}")
-        self.assertIsNotNone(heat)
-        self.assertEqual(heat.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
-        nodes = slicer.mrmlScene.GetNumberOfNodes()
-
-        low, high = logic.setThreshold(0.1), logic.setThreshold(0.9)
-        self.assertGreaterEqual(low, high)
-        logic.jumpToSlice(logic.worstSlice())
-
-        with tempfile.TemporaryDirectory() as tmp:
-            seg = logic.exportSegmentation(os.path.join(tmp, "anomaly.seg.nrrd"))
-            table = logic.exportSliceScores(os.path.join(tmp, "scores.csv"))
-            self.assertTrue(os.path.getsize(seg) > 0 and os.path.getsize(table) > 0)
-
-        logic.run(volume, device="cpu")
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
-        self.assertTrue(np.isfinite(result.summary["volume_score"]))
-
-        # The default fused map comes with each of its components, one click away.
-        if "fusion" in result.summary:
-            for component in result.summary["fusion"]["components"]:
-                self.assertIsNotNone(logic.outputNode(volume, f"heatmap.{component['method']}"))
-            logic.setMethod(result.summary["fusion"]["components"][0]["method"])
-
-        # The restoration methods: restoration on request with a VAE, lsr with the LSR model.
-        self.delayDisplay("Restoration and latent space restoration")
-        vae = next((m for m in models if "restoration" in m["offers"]), None)
-        if vae is not None:
-            restored = logic.run(volume, device="cpu", model=vae["path"],
-                                 methods=logic.methodsFor(vae["path"], includeRestoration=True))
-            self.assertIn("restoration", restored.maps)
-        if any("lsr" in m["offers"] for m in models):
-            lsr = logic.run(volume, device="cpu", methods=["lsr"])
-            self.assertEqual(list(lsr.maps), ["lsr"])
-            self.assertIsNotNone(logic.outputNode(volume, "heatmap.lsr"))
-            self.assertIsNone(logic.outputNode(volume, "heatmap.restoration"))  # a rerun replaces the last run
-            logic.jumpToSlice(logic.worstSlice())
+        wholeFlow(AnomalyLocalizerLogic(slicer.app.applicationLogic()), volume, say=self.delayDisplay)
         self.delayDisplay("Test passed")

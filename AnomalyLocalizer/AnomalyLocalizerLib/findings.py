@@ -62,6 +62,13 @@ class FindingsMixin:
         finally:
             node.EndModify(wasModifying)
 
+    @staticmethod
+    def findingCells(finding: dict[str, Any]) -> list[str]:
+        """A finding as the panel's table shows it: rank, mL, side, peak level, peak R, A, S (mm)."""
+        r, a, s = finding["peak_ras"]
+        return [str(finding["rank"]), f"{finding['volume_ml']:.2g}", finding["hemisphere"],
+                f"{finding['peak_level']:.2g}", f"{r:.0f}", f"{a:.0f}", f"{s:.0f}"]
+
     def centreOnFinding(self, finding: dict[str, Any]) -> tuple[float, float, float]:
         """Centre every slice view on a finding's peak; returns its RAS position."""
         ras = tuple(float(v) for v in finding["peak_ras"])

@@ -5,7 +5,8 @@ use, with the user's consent. A package counts as present only when its installe
 meets the engine's requirement (the same bounds as pyproject.toml, which a test compares):
 an older torch, or pydantic 1.x that another extension installed, is as good as missing.
 Nothing is imported to find out (importing torch into Slicer's process takes seconds and
-memory); the installed distributions' metadata say it.
+memory); the installed distributions' metadata say it. What to install, in which order and
+with which installer is decided here too (:func:`install_unmet`); the panel only asks.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import importlib.metadata
 import importlib.util
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 # The engine's requirements that Slicer does not ship: import name -> (distribution, specifier).
 REQUIREMENTS = {
@@ -87,3 +88,32 @@ def unmet_requirements() -> list[Unmet]:
         if version is None or not satisfies(version, specifier):
             unmet.append(Unmet(name, specifier, version))
     return unmet
+
+
+def consent_text(unmet: list[Unmet]) -> str:
+    """What the user is asked before anything is installed."""
+    return ("AnomalyLocalizer needs these Python packages: " + "; ".join(u.describe() for u in unmet)
+            + ". Install them now? PyTorch downloads several hundred MB (more with GPU support) "
+              "and may take a few minutes.")
+
+
+def install_unmet(unmet: list[Unmet], pip_install: Callable[[list[str]], Any],
+                  install_torch: Optional[Callable[[str], Any]] = None) -> None:
+    """Install ``unmet`` at the engine's bounds: PyTorch with ``install_torch(specifier)``
+    when given (Slicer's PyTorch extension, which picks the build for the computer's GPU),
+    else with ``pip_install``, as the others; then check again, and say what is still unmet
+    (e.g. pydantic 1.x already imported into Slicer by another extension) in a RuntimeError.
+    The installers are Slicer's (``slicer.util.pip_install``), passed in by the panel."""
+    torch = next((u for u in unmet if u.name == "torch"), None)
+    if torch is not None:
+        if install_torch is not None:
+            install_torch(torch.specifier)
+        else:
+            pip_install([torch.requirement])
+    others = [u.requirement for u in unmet if u.name != "torch"]
+    if others:
+        pip_install(others)
+    still = unmet_requirements()
+    if still:
+        raise RuntimeError("still unmet: " + "; ".join(u.describe() for u in still)
+                           + ". Restart Slicer and press Apply again.")

@@ -1,7 +1,8 @@
 """AnomalyLocalizerLogic: engine results as MRML nodes (no Qt; Slicer or slicer-core).
 
 Construct it from a Slicer application logic (``slicer.app.applicationLogic()`` inside
-Slicer). It turns a volume node into engine input, runs the engine (in this process for
+Slicer). It turns the volume nodes of a study (one or more co-registered scans, each with its
+contrast: :mod:`.inputs`) into engine input, runs the engine (in this process for
 scripts and tests, or in a child process with progress and cancel for the GUI), and turns
 the results into nodes on the input's exact geometry:
 
@@ -18,7 +19,8 @@ rerun's outputs replace the last run's, so heatmaps of methods it did not comput
 Nothing is added to the scene until a run has succeeded, and a failure while building
 nodes removes what that call added, so the scene is never left half-built.
 
-The class is assembled from one mixin per concern: running (:mod:`.run`), nodes and
+The class is assembled from one mixin per concern: input volumes and their contrasts
+(:mod:`.inputs`), running (:mod:`.run`), nodes and
 display (:mod:`.nodes`), the live threshold (:mod:`.threshold`), its findings (:mod:`.findings`), exports (:mod:`.export`) and
 stepping through a screening worklist (:mod:`.worklist`).
 """
@@ -32,12 +34,13 @@ import numpy as np
 from .export import ExportMixin
 from .findings import FindingsMixin
 from .geometry import copyGeometry, volumeNodeToImage
+from .inputs import InputsMixin, SuggestedInput
 from .nodes import HEAT_COLOR_NODE_NAME, REF_PREFIX, NodesMixin
 from .run import RunMixin, RunResult
 from .threshold import SEGMENT_NAME, ThresholdMixin
 from .worklist import WorklistMixin
 
-__all__ = ["AnomalyLocalizerLogic", "RunResult", "volumeNodeToImage", "copyGeometry", "REF_PREFIX",
+__all__ = ["AnomalyLocalizerLogic", "RunResult", "SuggestedInput", "volumeNodeToImage", "copyGeometry", "REF_PREFIX",
            "HEAT_COLOR_NODE_NAME", "SEGMENT_NAME"]
 
 
@@ -55,7 +58,7 @@ def _weakCallback(method):
     return callback
 
 
-class AnomalyLocalizerLogic(RunMixin, NodesMixin, ThresholdMixin, FindingsMixin, ExportMixin, WorklistMixin):
+class AnomalyLocalizerLogic(InputsMixin, RunMixin, NodesMixin, ThresholdMixin, FindingsMixin, ExportMixin, WorklistMixin):
     """Scriptable logic of the AnomalyLocalizer module; see the README's "Slicer" section."""
 
     def __init__(self, applicationLogic):

@@ -1,9 +1,11 @@
-"""Running the engine for a volume node: in this process (scripts, tests) or in a child
-process with progress and cancel (the GUI), and the models it can run."""
+"""Running the engine for the volume nodes of a study: in this process (scripts, tests) or in
+a child process with progress and cancel (the GUI), and the models it can run. Both apply the
+engine's rules for a study (:mod:`anomaly_localizer.core.study`) and record its inputs alike."""
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -13,13 +15,38 @@ import vtk
 
 from . import runner
 from .geometry import volumeNodeToImage
+from .inputs import studyVolumes
 
 log = logging.getLogger(__name__)
 
 
+def safeFileName(name: str) -> str:
+    """A volume's name as a file name (the child run's input files are named after the volumes)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name or "").strip("._")[:60] or "volume"
+
+
+def namedText(text: str, names: dict[str, str]) -> str:
+    """``text`` from a child run with its input files called by the names of the volumes
+    they were written from, as an in-process run calls them."""
+    for path, name in names.items():
+        text = text.replace(path, name)
+    return text
+
+
+def namedInputs(summary: dict, names: dict[str, str]) -> dict:
+    """A child run's summary with its inputs and their notes named as in :func:`namedText`."""
+    summary = dict(summary)
+    if "inputs" in summary:
+        summary["inputs"] = [{**i, "input": namedText(str(i.get("input", "")), names)} for i in summary["inputs"]]
+    if "input_notes" in summary:
+        summary["input_notes"] = [namedText(n, names) for n in summary["input_notes"]]
+    return summary
+
+
 @dataclass
 class RunResult:
-    """Engine results for one input, kept in memory so the threshold can move live."""
+    """Engine results for one study, kept in memory so the threshold can move live; they
+    belong to its first input volume (``inputNodeID``), on whose grid every map is."""
 
     inputNodeID: str
     maps: dict[str, np.ndarray]  # raw scores, the input's array order (k, j, i)
@@ -65,48 +92,77 @@ class RunMixin:
 
     def run(self, inputVolume, model: str | None = None, methods: list[str] | None = None, mask=None,
             device: str = "auto", progress: Callable[[float, str], None] | None = None,
-            cancel: Callable[[], bool] | None = None) -> RunResult:
-        """Score synchronously in this process and build or update the output nodes."""
-        from anomaly_localizer.core.pipeline import score_volume
+            cancel: Callable[[], bool] | None = None, contrasts: list[str] | None = None) -> RunResult:
+        """Score a study synchronously in this process and build or update the output nodes.
 
-        package = self.package(model, methods)
-        methods = methods or package.default_methods()
-        image = volumeNodeToImage(inputVolume)
-        maskImage = self._maskImage(mask, inputVolume)
-        res = score_volume(image, package, methods, mask=maskImage, device=device, progress=progress, cancel=cancel)
-        summary = {"model": {"name": package.name, "manifest_sha256": package.manifest_sha256},
-                   "methods": methods, "device": res.device, "timings_s": res.timings,
-                   "volume_score": res.volume_score, "brain_mask_source": res.info["brain_mask_source"],
+        ``inputVolume``: a volume node, a list of co-registered ones of one study (``contrasts``:
+        one per node, or None to have each read from its DICOM header or recognised from its
+        image), or ``{contrast: node}`` (:func:`.inputs.studyVolumes`). The outputs are on the
+        first volume's grid and belong to it. The engine's rules decide, in the order its
+        ``score`` command applies them (:func:`anomaly_localizer.core.scoring.score_study`):
+        the contrasts given, each input's grid, the brain, each input's contrast, the model
+        that reads them; ``model`` None is the installed model that reads the contrasts,
+        using most of them. Nothing is added to the scene when any of them refuses.
+        """
+        from anomaly_localizer.core.installed import check_methods
+        from anomaly_localizer.core.scoring import plan_study, run_plan
+        from anomaly_localizer.core.study import Study, StudyInput, check_given
+
+        nodes, contrasts = studyVolumes(inputVolume, contrasts)
+        given = check_given(contrasts, len(nodes))
+        if model is not None:
+            self.package(model, methods)  # an unknown model or method is refused before any work
+        elif methods:
+            check_methods(list(methods))
+        study = Study([StudyInput(node.GetName(), self._volumeImage(node)) for node in nodes])
+        # the engine's rules, in the order its score command applies them (one function for both)
+        plan = plan_study(study, given, self._maskImage(mask, nodes[0]), model, methods, "auto", device, progress)
+        package, methods = plan.package, plan.methods
+        res = run_plan(plan, device, progress, cancel)
+        source = plan.brain_source
+        ran = {"name": package.name, "path": str(package.path), "manifest_sha256": package.manifest_sha256}
+        summary = {"model": ran, "methods": methods, "device": res.device, "timings_s": res.timings,
+                   "volume_score": res.volume_score, "brain_mask_source": source,
                    "primary_slice_score": res.info["primary_slice_score"],
-                   "map_smoothing_mm": res.info["map_smoothing"]}
+                   "map_smoothing_mm": res.info["map_smoothing"], **plan.record()}
         if res.info.get("scan_relative"):  # what each scan-relative map was divided by, as summary.json says it
             from anomaly_localizer.core.relative import reference_summary
             summary["scan_relative"] = reference_summary(package, res.info["scan_relative"])
         if "fusion" in res.info:  # what a fused map combines, as summary.json says it
             from anomaly_localizer.core.results import fusion_block
             summary["fusion"] = fusion_block(package, res)
-        result = RunResult(inputVolume.GetID(), res.maps, res.brain_mask, res.slice_scores, res.axial_axis, summary)
-        self._applyResult(inputVolume, result, package)
+        result = RunResult(nodes[0].GetID(), res.maps, res.brain_mask, res.slice_scores, res.axial_axis, summary)
+        self._applyResult(nodes[0], result, package)
         return result
 
     def startRun(self, inputVolume, model: str | None = None, methods: list[str] | None = None, mask=None,
-                 device: str = "auto") -> runner.ChildRun:
-        """Start the engine in a child process; poll it, then call :meth:`finishRun`."""
-        package = self.package(model, methods)
-        methods = methods or package.default_methods()
+                 device: str = "auto", contrasts: list[str] | None = None) -> runner.ChildRun:
+        """Start the engine's ``score`` command in a child process on the volumes of a study
+        (as :meth:`run` takes them: each written to a file, with its DICOM header fields, and
+        ``--contrast`` for each when given); poll it, then call :meth:`finishRun`, which
+        reads what the engine wrote."""
+        nodes, contrasts = studyVolumes(inputVolume, contrasts)
+        package = self.package(model, methods) if model is not None else None
+        if package is not None:
+            methods = methods or package.default_methods()
         work = runner.new_work_dir()
         try:
-            sitk.WriteImage(volumeNodeToImage(inputVolume), str(work / "input.nrrd"))
-            args = ["score", str(work / "input.nrrd"), "--out", str(work / "out"), "--model", str(package.path),
-                    "--device", device]
-            if package.default_threshold(methods[0]) is None:
-                # The engine refuses an uncalibrated map without a threshold; the slider starts
-                # at the engine's own default level for such maps.
-                from anomaly_localizer.core.levels import UNCALIBRATED_LEVEL
-                args += ["--threshold-level", str(UNCALIBRATED_LEVEL)]
-            for m in methods:
+            files = [work / f"{k + 1}-{safeFileName(node.GetName())}.nrrd" for k, node in enumerate(nodes)]
+            for node, path in zip(nodes, files):
+                sitk.WriteImage(self._volumeImage(node), str(path))
+            args = ["score", *map(str, files), "--out", str(work / "out"), "--device", device]
+            for c in contrasts or []:
+                args += ["--contrast", str(c)]
+            if package is not None:
+                args += ["--model", str(package.path)]
+                if package.default_threshold(methods[0]) is None:
+                    # The engine refuses an uncalibrated map without a threshold; the slider starts
+                    # at the engine's own default level for such maps.
+                    from anomaly_localizer.core.levels import UNCALIBRATED_LEVEL
+                    args += ["--threshold-level", str(UNCALIBRATED_LEVEL)]
+            for m in methods or []:
                 args += ["--method", m]
-            maskImage = self._maskImage(mask, inputVolume)
+            maskImage = self._maskImage(mask, nodes[0])
             if maskImage is not None:
                 sitk.WriteImage(maskImage, str(work / "mask.nrrd"))
                 args += ["--mask", str(work / "mask.nrrd")]
@@ -115,9 +171,9 @@ class RunMixin:
             raise
         self.cancelRun()  # one run at a time: a new one replaces a running one
         run = runner.ChildRun(args=args, work_dir=work, out_dir=work / "out").start()
-        run.inputNodeID = inputVolume.GetID()  # type: ignore[attr-defined]
-        run.inputNode = inputVolume  # type: ignore[attr-defined]  # node IDs are reused after a scene clear
-        run.modelPath = str(package.path)  # type: ignore[attr-defined]
+        run.inputNodeID = nodes[0].GetID()  # type: ignore[attr-defined]
+        run.inputNode = nodes[0]  # type: ignore[attr-defined]  # node IDs are reused after a scene clear
+        run.inputNames = {str(path): node.GetName() for path, node in zip(files, nodes)}  # type: ignore[attr-defined]
         self.activeRun = run
         return run
 
@@ -139,15 +195,17 @@ class RunMixin:
             if state == "cancelled":
                 raise CancelledError("cancelled by the user")
             if state != "done":
-                raise AnomalyLocalizerError(run.error)
+                raise AnomalyLocalizerError(namedText(run.error, getattr(run, "inputNames", {})))
             inputVolume = self.scene.GetNodeByID(run.inputNodeID)  # type: ignore[attr-defined]
             if inputVolume is None or inputVolume is not run.inputNode:  # type: ignore[attr-defined]
                 raise AnomalyLocalizerError("the input volume was removed from the scene during the run; "
                                             "load it and run the analysis again")
             saved = read_results(run.out_dir)
+            summary = namedInputs(saved.summary, getattr(run, "inputNames", {}))
             result = RunResult(inputVolume.GetID(), saved.maps, saved.brain_mask, saved.slice_scores,
-                               saved.axial_axis, saved.summary)
-            self._applyResult(inputVolume, result, load_package(run.modelPath))  # type: ignore[attr-defined]
+                               saved.axial_axis, summary)
+            # the model the engine ran: the one named, or the one it chose for the study's contrasts
+            self._applyResult(inputVolume, result, load_package(summary["model"]["path"]))
             return result
         finally:
             if self.activeRun is run:

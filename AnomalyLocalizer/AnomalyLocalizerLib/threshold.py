@@ -151,6 +151,12 @@ class ThresholdMixin:
         rate = self.healthyFalsePositiveRate()
         return "uncalibrated model" if rate is None else f"flags {100 * rate:.3g} % of healthy brain voxels"
 
+    def thresholdInfoText(self, voxels: int) -> str:
+        """The label under the threshold: voxels flagged, what the level means on healthy
+        brains, and the note on this segmentation, if any."""
+        note = self.thresholdNote()
+        return f"{voxels} voxels; {self.healthyRateText()}" + (f"\nNote: {note}" if note else "")
+
     def broadFlagNote(self) -> str | None:
         """A note when the current threshold flags far more of this brain than of healthy
         brains (a large lesion, or a scan unlike the model's training scans); else None."""

@@ -90,6 +90,14 @@ class WorklistMixin:
             return None
         return self.loadWorklistScan(self.worklistIndex - 1, keepPrevious)
 
+    def worklistPositionText(self) -> str:
+        """'Scan 2 of 40: sub-07, healthy percentile 99.1' and the scan's note; empty without one."""
+        row = self.currentWorklistRow()
+        if row is None:
+            return ""
+        pct = "" if row.scan_percentile is None else f", healthy percentile {row.scan_percentile:.1f}"
+        return f"Scan {row.rank} of {len(self.worklistRows())}: {row.id}{pct}" + (f"\nNote: {row.note}" if row.note else "")
+
     def currentWorklistRow(self):
         rows = self.worklistRows()
         return rows[self.worklistIndex] if 0 <= self.worklistIndex < len(rows) else None

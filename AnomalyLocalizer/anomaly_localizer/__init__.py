@@ -11,13 +11,19 @@ Three layers inside it, each importing only those below:
 
 For Python, the entry points are importable from here::
 
-    from anomaly_localizer import resolve_package, score_volume
+    from anomaly_localizer import score_study           # files of one study into a results folder
+    score_study(["t1.nii.gz", "flair.nii.gz"], "results", contrasts=["t1", "flair"])
+
+    from anomaly_localizer import choose_model, score_volume   # images in memory
+    package = choose_model(["flair"])
+    result = score_volume(flair_image, package, study={"flair": flair_image})
 """
 
 __version__ = "0.2.0"
 
-_API = {"score_volume": "core.pipeline", "ScoreResult": "core.pipeline", "resolve_package": "core.package",
-        "resolve_package_for": "core.package", "load_package": "core.package"}
+_API = {"score_study": "core.scoring", "score_volume": "core.pipeline", "ScoreResult": "core.pipeline",
+        "choose_model": "core.study", "resolve_package": "core.package", "resolve_package_for": "core.installed",
+        "load_package": "core.package"}
 
 
 def __getattr__(name: str):

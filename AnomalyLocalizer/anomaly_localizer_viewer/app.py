@@ -1,7 +1,8 @@
 """The browser page: trame widgets wired to a :class:`~.session.ViewerSession`.
 
 Three Slicer slice views (axial, coronal, sagittal) rendered on the server by trame-slicer and
-streamed to the page; a side panel to open a scan or worklist, run a model with progress and
+streamed to the page; a side panel to open a scan or worklist, add the other series of its
+study and choose each series' contrast, run a model with progress and
 cancel, choose the map, move the threshold and opacity, read and centre the findings, paint or
 erase the segmentation (with undo) and download it. No decision is made here: each control
 calls one session method, and a session error becomes the red one-line message at the top.
@@ -20,6 +21,9 @@ from trame_slicer import module as trame_slicer_module
 from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
+
+from AnomalyLocalizerLib.inputs import contrastName
+from anomaly_localizer.core.contrast import CONTRASTS
 
 from .session import EXPORT_KINDS, ViewerError, ViewerSession, prepareSliceViews
 
@@ -55,6 +59,9 @@ class ViewerApp(TrameApp):
         s = self.state
         s.trame__title = "AnomalyLocalizer"
         s.scan_path, s.upload, s.message, s.error = "", None, "Open a scan to begin.", ""
+        s.series_path, s.series_upload, s.series, s.input_notes = "", None, [], []
+        s.contrast_items = [{"title": "recognised", "value": ""}] + [
+            {"title": contrastName(c), "value": c} for c in CONTRASTS]
         s.scan_label, s.worklist_position, s.is_worklist = "", "", False
         s.models = self.session.models()
         s.model = s.models[0]["value"] if s.models else None
@@ -71,6 +78,7 @@ class ViewerApp(TrameApp):
         s.change("method")(self._onMethod)
         s.change("tool")(self._onTool)
         s.change("upload")(self._onUpload)
+        s.change("series_upload")(self._onSeriesUpload)
 
     def _guard(self, action, *args):
         """Run a session action; its one-line error goes to the page (and None comes back)."""
@@ -97,6 +105,7 @@ class ViewerApp(TrameApp):
         s.worklist_position = session.worklistPosition()
         s.is_worklist = bool(s.worklist_position)
         s.export_names = {k: f"{session.scanLabel or 'scan'}-anomaly.{k}" for k in EXPORT_KINDS}
+        self._refreshSeries()
         if not session.hasResult:
             s.methods, s.method, s.findings, s.threshold_note, s.tool = [], None, [], "", "none"
             return
@@ -110,9 +119,38 @@ class ViewerApp(TrameApp):
         self._onThresholdRest()
         session.setOpacity(s.opacity)
 
+    def _refreshSeries(self) -> None:
+        """The study's series as the session states them, and the last run's notes on them."""
+        self.state.series = [{**row, "contrast": row["contrast"] or ""} for row in self.session.seriesRows()]
+        self.state.input_notes = self.session.inputNotes()
+
     # --- handlers ------------------------------------------------------------------------
     def openPath(self) -> None:
         self._opened(self.session.open, self.state.scan_path)
+
+    def addSeriesPath(self) -> None:
+        message = self._guard(self.session.addSeries, self.state.series_path)
+        if message:
+            self.state.message = message
+            self._refreshSeries()
+
+    def _onSeriesUpload(self, series_upload, **_):
+        if not series_upload:
+            return
+        item = (series_upload if isinstance(series_upload, list) else [series_upload])[0]
+        message = self._guard(self.session.openUpload, item.get("name", "upload"), item.get("content") or b"", True)
+        if message:
+            self.state.message = message
+            self._refreshSeries()
+        self.state.series_upload = None
+
+    def setContrast(self, index: int, contrast: str) -> None:
+        self._guard(self.session.setContrast, index, contrast or None)
+        self._refreshSeries()
+
+    def removeSeries(self, index: int) -> None:
+        self._guard(self.session.removeSeries, index)
+        self._refreshSeries()
 
     def _onUpload(self, upload, **_):
         if not upload:
@@ -244,6 +282,7 @@ class ViewerApp(TrameApp):
                 v3.VBtn("Next", click=(self.step, "[1]"), v_if="is_worklist", size="small", id="next")
             v3.VFileInput(v_model=("upload",), label="or upload a scan (.nii.gz, .nrrd, .mha; DICOM as .zip)",
                           density="compact", hide_details=True, id="upload", disabled=("running",))
+            self._seriesPanel()
             v3.VDivider(classes="my-3")
             v3.VSelect(v_model=("model",), items=("models",), label="Model", density="compact", hide_details=True,
                        id="model", disabled=("running",))
@@ -253,6 +292,8 @@ class ViewerApp(TrameApp):
                 v3.VBtn("Cancel", click=self.cancel, v_if="running", size="small", classes="ml-2", id="cancel")
             v3.VProgressLinear(v_if="running", model_value=("progress",), height=6, id="progress")
             html.Div("{{ run_message }}", v_if="running", classes="text-caption")
+            html.Div("{{ note }}", v_for="(note, k) in input_notes", key="k", classes="text-caption text-warning",
+                     id="input-notes")
             with html.Div(v_if="has_result"):
                 v3.VDivider(classes="my-3")
                 v3.VSelect(v_model=("method",), items=("methods",), label="Map", density="compact",
@@ -292,6 +333,31 @@ class ViewerApp(TrameApp):
                         v3.VBtn(what, size="small", classes="mr-2", id=f"export-{kind.replace('.', '-')}",
                                 click=f"utils.download(export_names['{kind}'], trigger('{exportTrigger}', "
                                       f"['{kind}']), 'application/octet-stream')")
+
+    def _seriesPanel(self) -> None:
+        """The study's series, each with its contrast (recognised, or chosen here), and the
+        controls that add another series of the same study."""
+        with html.Div(v_if="series.length", classes="mt-3", id="series"):
+            html.Div("Series of this study (the first is shown; the maps are on its grid)", classes="text-body-2")
+            with html.Div(v_for="s in series", key="s.index", classes="mt-2 series-row",
+                          id=("`series-${s.index}`",)):
+                with html.Div(classes="d-flex align-center"):
+                    html.Span("{{ s.label }}", classes="text-body-2 mr-2 series-label")
+                    v3.VSelect(model_value=("s.contrast",), items=("contrast_items",), label="Contrast",
+                               density="compact", hide_details=True, disabled=("running",), classes="series-contrast",
+                               id=("`contrast-${s.index}`",),
+                               update_modelValue=(self.setContrast, "[s.index, $event]"))
+                    v3.VBtn(icon="mdi-close", v_if="s.index > 0", size="small", variant="text",
+                            click=(self.removeSeries, "[s.index]"), disabled=("running",),
+                            id=("`remove-series-${s.index}`",))
+                html.Div("{{ s.how }}", classes="text-caption series-how")
+            v3.VTextField(v_model=("series_path",), label="Add another series of this study (path on the server)",
+                          density="compact", hide_details=True, id="series-path", classes="mt-2",
+                          keyup_enter=self.addSeriesPath, disabled=("running",))
+            with html.Div(classes="d-flex my-2"):
+                v3.VBtn("Add series", click=self.addSeriesPath, id="add-series", size="small", disabled=("running",))
+            v3.VFileInput(v_model=("series_upload",), label="or upload another series", density="compact",
+                          hide_details=True, id="series-upload", disabled=("running",))
 
     def _colourBar(self) -> None:
         with html.Div(classes="mt-2", id="colour-bar"):

@@ -6,7 +6,13 @@ same logic the Slicer module uses. Every decision lives here so that it is teste
 real Slicer classes; :mod:`.app` only wires the page to these methods.
 
 What it promises:
-- one scan in the scene at a time (opening another removes the last one and its outputs);
+- one study in the scene at a time: one or more co-registered series of one patient, the first
+  being the scan on show and the grid of every output (opening another study removes the
+  last one and its outputs; adding a series adds it to the study on show);
+- each series' contrast is shown as the engine recognises it (DICOM header, else the image,
+  else a guess from its name) and can be chosen instead; a run applies the engine's rules for
+  a study through the same logic as the Slicer module (a series the model does not read is
+  recorded, not used, and the page says so);
 - a run goes to a child process (the engine's command line); :meth:`poll` reports it, the
   page never waits on it, and :meth:`cancel` ends its whole process tree;
 - bad input is answered with the engine's one-line message (:class:`ViewerError`) and leaves
@@ -20,10 +26,12 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from AnomalyLocalizerLib.geometry import imageToVolumeNode
+from AnomalyLocalizerLib.inputs import HOW_KNOWN, ContrastGuess, setDicomTags, shortName
 from AnomalyLocalizerLib.logic import AnomalyLocalizerLogic
 
 EXPORT_KINDS = {"seg.nrrd": "Slicer segmentation (.seg.nrrd)", "nii.gz": "label map (NIfTI)"}
@@ -33,6 +41,24 @@ MAX_UPLOAD_BYTES = 2 * 1024 ** 3  # a 1 mm whole head is ~30 MB; a DICOM series 
 
 class ViewerError(Exception):
     """A one-line message for the page: what was wrong and what to do."""
+
+
+@dataclass
+class Series:
+    """One series of the study on show: its volume node, its name on the page, its contrast
+    as recognised when it was opened, the contrast the reader chose (None: the recognised
+    one), and what the last run recorded of it (summary.json's row for it)."""
+
+    node: Any
+    label: str
+    recognised: ContrastGuess
+    chosen: str | None = None
+    read: dict = field(default_factory=dict)
+
+    @property
+    def contrast(self) -> str | None:
+        return self.chosen or self.recognised.contrast
+
 
 
 @dataclass
@@ -73,8 +99,9 @@ class ViewerSession:
     def __init__(self, slicerApp, workRoot: str | Path | None = None):
         self.slicer = slicerApp
         self.logic = AnomalyLocalizerLogic(slicerApp.app_logic)
-        self.scan = None  # the volume node on show
+        self.scan = None  # the volume node on show: the study's first series
         self.scanLabel = ""
+        self.series: list[Series] = []  # the study's series, the scan on show first
         # corrections can be undone (trame-slicer's segment editor records them on this stack)
         from undo_stack import UndoStack
         self.slicer.segmentation_editor.set_undo_stack(UndoStack(undo_limit=UNDO_LIMIT))
@@ -97,24 +124,101 @@ class ViewerSession:
         return self.openScan(path)
 
     def openScan(self, path: str | Path, label: str | None = None) -> str:
+        """Open a scan file or DICOM folder as a new study (its first series)."""
+        self._requireIdle()
+        node, image = self._readSeries(path, label)
+        self._replaceScan(node)
+        self.logic.worklist, self.logic.worklistIndex = None, -1
+        self.scanLabel = node.GetName()
+        self.series = [Series(node, node.GetName(), self.logic.contrastGuess(node, lookAtImage=True))]
+        return (f"opened {node.GetName()}: {image.GetSize()[0]}x{image.GetSize()[1]}x{image.GetSize()[2]} voxels, "
+                f"{self.series[0].recognised.text}")
+
+    def addSeries(self, path: str | Path, label: str | None = None) -> str:
+        """Add a scan file or DICOM folder to the study on show as one more series (of the same
+        patient, co-registered: the engine resamples it onto the first series' grid when scored
+        and refuses it if they do not overlap)."""
+        if self.scan is None:
+            raise ViewerError("open a scan first; then add the other series of its study")
+        if not str(path or "").strip():
+            raise ViewerError("no path given; type the path of another series of this study on the server")
+        path = Path(str(path).strip()).expanduser()
+        self._requireIdle()
+        node, _ = self._readSeries(path, label)
+        series = Series(node, node.GetName(), self.logic.contrastGuess(node, lookAtImage=True))
+        self.series.append(series)
+        return f"added {series.label} to the study: {series.recognised.text}"
+
+    def _readSeries(self, path: str | Path, label: str | None):
+        """A volume node of a scan file or DICOM folder (its DICOM header's contrast fields
+        kept on it) and the image read."""
         from anomaly_localizer.core.imageio import as_3d, read_image
         from anomaly_localizer.errors import AnomalyLocalizerError
 
-        self._requireIdle()
         try:
             image = as_3d(read_image(path, "SCAN"))
         except (AnomalyLocalizerError, OSError, RuntimeError, ValueError) as exc:
             raise ViewerError(_one_line(exc)) from None
         name = label or Path(path).name.split(".")[0] or "scan"
         node = imageToVolumeNode(self.logic.scene, image, name)
-        self._replaceScan(node)
-        self.logic.worklist, self.logic.worklistIndex = None, -1
-        self.scanLabel = name
-        return f"opened {name}: {image.GetSize()[0]}x{image.GetSize()[1]}x{image.GetSize()[2]} voxels"
+        setDicomTags(node, image)
+        return node, image
 
-    def openUpload(self, fileName: str, content: bytes) -> str:
+    # --- the study's series ----------------------------------------------------------------
+    def seriesRows(self) -> list[dict]:
+        """The study's series for the page: index, name, contrast (chosen or recognised;
+        None: unknown) and how it is known or what the last run did with it."""
+        rows = []
+        for k, s in enumerate(self.series):
+            if s.read:
+                how = f"read as {shortName(s.read.get('contrast'))} ({HOW_KNOWN.get(s.read.get('source'), '?')})" + \
+                    ("" if s.read.get("used", True) else ", recorded, not used by this model")
+            elif s.chosen:
+                how = f"chosen; {s.recognised.text}" if s.recognised.contrast else "chosen"
+            else:
+                how = s.recognised.text
+            rows.append({"index": k, "label": s.label, "contrast": s.contrast, "how": how})
+        return rows
+
+    def setContrast(self, index: int, contrast: str | None) -> None:
+        """Choose the contrast of series ``index``; None or "" goes back to the recognised one."""
+        from anomaly_localizer.core.contrast import parse_contrast
+
+        self._requireIdle()
+        if not 0 <= int(index) < len(self.series):
+            raise ViewerError(f"the study has {len(self.series)} series; there is no series {int(index) + 1}")
+        try:
+            chosen = parse_contrast(contrast) if contrast else None
+        except ValueError as exc:
+            raise ViewerError(_one_line(exc)) from None
+        self.series[int(index)].chosen = chosen
+
+    def removeSeries(self, index: int) -> None:
+        """Remove an added series from the study (the first one is the study: open another)."""
+        self._requireIdle()
+        if not 1 <= int(index) < len(self.series):
+            raise ViewerError("only an added series can be removed; open another scan to change the first one")
+        series = self.series.pop(int(index))
+        self.logic.scene.RemoveNode(series.node)
+
+    def studyInputs(self) -> tuple[list, list[str] | None]:
+        """The run's volumes and contrasts: the series in order; their contrasts given when the
+        reader chose any (then every series' as shown, which must all be known), else none,
+        so that the engine reads each from its DICOM header or recognises it from its image,
+        as the page showed it (the engine's rules take all contrasts or none)."""
+        nodes = [s.node for s in self.series]
+        if not any(s.chosen for s in self.series):
+            return nodes, None
+        unknown = next((s for s in self.series if s.contrast is None), None)
+        if unknown is not None:
+            raise ViewerError(f"choose the contrast of {unknown.label} too: a chosen contrast gives every series' "
+                              "contrast as shown")
+        return nodes, [s.contrast for s in self.series]
+
+    def openUpload(self, fileName: str, content: bytes, add: bool = False) -> str:
         """A file sent from the browser: kept in the session's own folder, then opened like
-        a path (a .zip is unpacked there and opened as a DICOM folder)."""
+        a path (a .zip is unpacked there and opened as a DICOM folder); ``add``: as one more
+        series of the study on show."""
         if len(content) > MAX_UPLOAD_BYTES:
             raise ViewerError(f"{fileName} is larger than {MAX_UPLOAD_BYTES // 1024 ** 3} GB")
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(fileName).name) or "upload"
@@ -122,15 +226,16 @@ class ViewerSession:
         try:
             target = folder / safe
             target.write_bytes(content)
+            open_ = self.addSeries if add else self.openScan
             if not safe.lower().endswith(".zip"):
-                return self.openScan(target, label=safe.split(".")[0])
+                return open_(target, label=safe.split(".")[0])
             import zipfile
             try:
                 with zipfile.ZipFile(target) as archive:  # member paths cannot leave the folder
                     archive.extractall(folder / "dicom")
             except zipfile.BadZipFile:
                 raise ViewerError(f"{fileName} is not a readable zip archive") from None
-            return self.openScan(_series_folder(folder / "dicom"), label=safe[:-4])
+            return open_(_series_folder(folder / "dicom"), label=safe[:-4])
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)  # a file that could not be opened is not kept
             raise
@@ -160,8 +265,10 @@ class ViewerSession:
             raise ViewerError(_one_line(exc)) from None
         if previous is not None and previous is not node:
             self.logic.removeScan(previous)
+        self._removeAddedSeries()
         self.scan = node
         self.scanLabel = node.GetName()
+        self.series = [Series(node, node.GetName(), self.logic.contrastGuess(node))]  # what it read: _afterResult
         self._afterResult()
         self.resetViews()  # fit the views to this scan, then show its most anomalous slice again
         row = self.logic.currentWorklistRow()
@@ -176,9 +283,21 @@ class ViewerSession:
         row = rows[self.logic.worklistIndex]
         return f"scan {self.logic.worklistIndex + 1} of {len(rows)}: {row.id}"
 
+    def _removeAddedSeries(self) -> None:
+        for series in self.series[1:]:
+            if self.logic.scene.GetNodeByID(series.node.GetID()) is series.node:
+                self.logic.scene.RemoveNode(series.node)
+        self.series = self.series[:1]
+
+    def _readOf(self, index: int) -> dict:
+        """What the last result recorded of input ``index`` (summary.json's "inputs")."""
+        inputs = (self.logic.result.summary.get("inputs") or []) if self.logic.result is not None else []
+        return dict(inputs[index]) if index < len(inputs) else {}
+
     def _replaceScan(self, node) -> None:
         previous, self.scan = self.scan, node
         self.slicer.segmentation_editor.deactivate_effect()  # no brush on the last scan's segmentation
+        self._removeAddedSeries()
         if previous is not None:
             if self.logic.inputVolume() is previous:
                 self.logic.clearResult()
@@ -199,16 +318,20 @@ class ViewerSession:
         return [{"title": f"{m['name']} (default)" if m["default"] else m["name"], "value": m["name"]} for m in models]
 
     def start(self, model: str | None = None) -> None:
-        """Score the scan on show in a child process; :meth:`poll` follows it."""
+        """Score the study on show (its series, :meth:`studyInputs`) in a child process;
+        :meth:`poll` follows it."""
         from anomaly_localizer.errors import AnomalyLocalizerError
 
         if self.scan is None:
             raise ViewerError("open a scan first")
         self._requireIdle()
+        nodes, contrasts = self.studyInputs()
         try:
-            self.logic.startRun(self.scan, model=model or None)
+            self.logic.startRun(nodes, contrasts=contrasts, model=model or None)
         except (AnomalyLocalizerError, ValueError, OSError) as exc:
             raise ViewerError(_one_line(exc)) from None
+        for series in self.series:
+            series.read = {}  # what this run reads is said when it is done
         self._status = RunStatus("running", 0.0, "starting")
 
     def poll(self) -> RunStatus:
@@ -244,9 +367,17 @@ class ViewerSession:
             raise ViewerError("a run is in progress; cancel it or wait for it to finish")
 
     def _afterResult(self) -> None:
-        """Show the result and hand its segmentation to the segment editor (paint, erase)."""
+        """Show the result, say what it read of each series, and hand its segmentation to the
+        segment editor (paint, erase)."""
         self.logic.showResult(self.scan)
+        for k, series in enumerate(self.series):
+            series.read = self._readOf(k)
         self._attachEditor()
+
+    def inputNotes(self) -> list[str]:
+        """The engine's notes on the last run's inputs (resampled, looked like another
+        contrast than chosen, recorded but not used), one line each."""
+        return list(self.logic.result.summary.get("input_notes") or []) if self.hasResult else []
 
     def _attachEditor(self) -> None:
         segmentation = self.logic.outputNode(self.scan, "segmentation")

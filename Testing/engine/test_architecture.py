@@ -94,7 +94,8 @@ def test_only_the_command_line_imports_the_command_line():
 
 
 TOOLING_LAYERS = ("evaluation", "release", "training", "screening")  # lowest first
-TOOLING_BASE = ("anomaly_localizer.tooling", "anomaly_localizer.tooling.data", "anomaly_localizer.tooling.metrics")
+TOOLING_BASE = ("anomaly_localizer.tooling", "anomaly_localizer.tooling.data", "anomaly_localizer.tooling.rendering",
+                "anomaly_localizer.tooling.metrics")  # data: scans, their renderings in other contrasts, metrics
 
 
 def test_tooling_groups_import_only_the_groups_below_them():

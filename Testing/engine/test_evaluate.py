@@ -128,7 +128,7 @@ def test_per_kind_and_intensity_only_figures_pool_the_right_cases(monkeypatch):
     cases = [case("shift_up", 1, True), case("uniform", 2, True), case("sink", 3, False)]
     found = {c.id: f for c, f in cases}
 
-    def fake_score(image, package, methods, mask=None, device=None, model=None, bf16=False):
+    def fake_score(image, package, methods, mask=None, device=None, model=None, bf16=False, study=None):
         arr = sitk.GetArrayFromImage(image)
         lesion = arr > 1.5
         cid = next(c.id for c, _ in cases if np.array_equal(lesion, c.label))

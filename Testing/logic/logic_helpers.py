@@ -18,6 +18,9 @@ from AnomalyLocalizerLib.headless import SlicerApp  # noqa: E402,F401
 sys.path.insert(0, str(ROOT / "Testing" / "engine"))
 import phantoms as engine  # noqa: E402  (the engine tests' tiny model and phantoms)
 
+sys.path.insert(0, str(ROOT / "Testing" / "viewer"))
+from viewer_helpers import flair_phantom_array  # noqa: E402,F401  (the phantom as a FLAIR shows it)
+
 
 def segmentArray(app: SlicerApp, segmentationNode, segmentName: str, referenceVolume):
     """A segment as a numpy array on the reference volume's grid (slicer.util's helper needs

@@ -49,3 +49,20 @@ def test_a_missing_or_too_old_package_is_unmet_and_nothing_is_imported(monkeypat
     assert unmet[1].describe() == "pydantic>=2.7,<3 (1.10.13 installed)"
     assert unmet[1].requirement == "pydantic>=2.7,<3"
     assert set(sys.modules) == imported_before
+
+
+def test_what_is_unmet_is_installed_torch_first_through_the_pytorch_extension_when_there(monkeypatch):
+    """The panel only asks (install.consent_text) and passes Slicer's installers in; what to
+    install, in which order and with which installer is install_unmet's."""
+    unmet = [install.Unmet("torch", ">=2.1,<3", None), install.Unmet("pydantic", ">=2.7,<3", "1.10.13")]
+    assert "torch>=2.1,<3 (not installed)" in install.consent_text(unmet)
+    calls = []
+    monkeypatch.setattr(install, "unmet_requirements", lambda: [])
+    install.install_unmet(unmet, lambda reqs: calls.append(("pip", reqs)), lambda spec: calls.append(("torch", spec)))
+    assert calls == [("torch", ">=2.1,<3"), ("pip", ["pydantic>=2.7,<3"])]
+    calls.clear()
+    install.install_unmet(unmet, lambda reqs: calls.append(("pip", reqs)))  # no PyTorch extension: pip for all
+    assert calls == [("pip", ["torch>=2.1,<3"]), ("pip", ["pydantic>=2.7,<3"])]
+    monkeypatch.setattr(install, "unmet_requirements", lambda: unmet[1:])  # pydantic 1.x still imported
+    with pytest.raises(RuntimeError, match="still unmet: pydantic>=2.7,<3 .* Restart Slicer"):
+        install.install_unmet(unmet[1:], lambda reqs: None)

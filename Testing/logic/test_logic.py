@@ -404,3 +404,20 @@ def test_a_fused_model_shows_its_map_first_with_every_component_one_click_away(s
         assert logic.outputNode(scan, f"heatmap.{m}") is not None
     logic.setMethod("dae")
     assert logic.method == "dae" and logic.worstSlice() is not None
+
+
+def test_the_in_app_tests_whole_flow_runs_headless(slicerApp, tmp_path, monkeypatch):
+    """The module's in-app test follows AnomalyLocalizerLib.selfcheck.wholeFlow inside Slicer on
+    a real scan; the same flow here, on the phantom with tiny models (a VAE with restoration
+    and an LSR model) as the only installed ones."""
+    from AnomalyLocalizerLib.selfcheck import wholeFlow
+    make_tiny_package(tmp_path / "models" / "tiny", calibration=CALIBRATION)
+    engine.make_tiny_lsr_package(tmp_path / "models" / "tiny-lsr")
+    monkeypatch.setenv("ANOMALY_LOCALIZER_MODELS", str(tmp_path / "models"))
+    monkeypatch.setattr("anomaly_localizer.core.package.SHIPPED_MODELS_DIRS", ())
+    monkeypatch.setattr("anomaly_localizer.core.package.USER_MODELS_DIR", tmp_path / "no-user-models")
+    slicerApp.addSliceView("Red")
+    _, scan = _load(slicerApp, tmp_path)
+    said = []
+    wholeFlow(AnomalyLocalizerLogic(slicerApp.app), scan, say=said.append)
+    assert said == ["Scoring", "Restoration and latent space restoration"]

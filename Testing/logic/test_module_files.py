@@ -186,3 +186,32 @@ def test_help_links_nowhere_that_does_not_exist_and_credits_every_method():
     for authors in ("Zimmerer", "Chen", "Konukoglu", "Naval Marimont", "Tarroni", "Kascenas", "Baugh", "IXI",
                     "BraTS"):
         assert authors in SCRIPT.read_text(), authors
+
+
+def test_one_input_selector_per_engine_contrast_each_bound_to_its_parameter():
+    """The panel shows one selector per contrast the chosen model reads: the .ui has one for
+    each of the engine's contrasts, bound to its parameter, scene-aware, and never filled by
+    Qt itself (noneEnabled: the logic suggests the volumes)."""
+    from anomaly_localizer.core.contrast import CONTRASTS
+    names = {}
+    for node in ast.parse(SCRIPT.read_text()).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id in ("CONTRASTS", "INPUT_PARAMETERS"):
+                names[node.targets[0].id] = ast.literal_eval(node.value)
+    assert tuple(names["CONTRASTS"]) == CONTRASTS and set(names["INPUT_PARAMETERS"]) == set(CONTRASTS)
+    widgets, bound = _ui_widgets()
+    scene_aware = {c.find("receiver").text for c in ET.parse(UI).iter("connection")
+                   if c.find("slot").text == "setMRMLScene(vtkMRMLScene*)"}
+    for contrast in CONTRASTS:
+        selector = f"{contrast}InputSelector"
+        assert widgets[selector].get("class") == "qMRMLNodeComboBox" and f"{contrast}InputLabel" in widgets
+        assert bound[selector] == names["INPUT_PARAMETERS"][contrast]
+        props = {p.get("name"): p for p in widgets[selector].findall("property")}
+        assert props["noneEnabled"].find("bool").text == "true"
+        assert selector in scene_aware
+    assert "inputSelector" not in widgets and "inputVolume" not in _parameter_fields()
+    text = SCRIPT.read_text()
+    # the widget only wires: which inputs, which volumes and what a run read come from the logic
+    for call in ("self.logic.suggestInputs(", "self.logic.selectInputs(", "self.logic.inputsBeforeInstall(",
+                 "self.logic.runInputsText(", "self.logic.startRun(inputs,"):
+        assert call in text, call

@@ -77,3 +77,19 @@ def test_the_module_imports_only_names_slicer_58_provides():
     imports = set(re.findall(r"^from (slicer[\w.]*) import", SCRIPT.read_text(), re.M))
     assert imports <= {"slicer", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule", "slicer.util"}
     assert "slicer.packaging" not in SCRIPT.read_text()
+
+
+def test_the_input_selectors_reached_by_contrast_use_only_their_classes_members():
+    """The input selectors and their labels are reached by contrast (``selector`` and ``label``
+    in updateInputSelectors), which the table above checks too."""
+    text = SCRIPT.read_text()
+    assert 'label, selector = getattr(self.ui, f"{contrast}InputLabel"), getattr(self.ui, f"{contrast}InputSelector")' \
+        in text
+    used = {("qMRMLNodeComboBox", m) for m in re.findall(r"\bselector\.(\w+)", text)}
+    used |= {("QLabel", m) for m in re.findall(r"\blabel\.(\w+)", text)}
+    assert used
+    problems = [f"{cls}.{member}" for cls, member in used if member not in API[cls][0] | API[cls][2]]
+    assert not problems, problems
+    classes = _ui_classes()
+    assert {classes[n] for n in classes if n.endswith("InputSelector")} == {"qMRMLNodeComboBox"}
+    assert {classes[n] for n in classes if n.endswith("InputLabel")} == {"QLabel"}

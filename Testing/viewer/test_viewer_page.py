@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from viewer_helpers import Server, make_viewer_model, download, open_page, run_and_wait, view_pixels, voxels, wait_for_change, write_phantom
+from viewer_helpers import (Server, download, make_viewer_model, open_page, run_and_wait, view_pixels, voxels,
+                            wait_for_change, write_flair_phantom, write_phantom)
 
 REFERENCE = Path(__file__).parent / "reference"
 # Mean absolute difference (0-255 scale) allowed against the reference picture: renders differ
@@ -153,7 +154,7 @@ def test_an_uploaded_scan_opens_and_runs(served, browser, tmp_path):
     server, _, _ = served
     sent = write_phantom(tmp_path, "sent.nrrd", seed=3)
     page = open_page(browser, server.url)
-    page.locator("input[type=file]").set_input_files(str(sent))
+    page.locator("input#upload").set_input_files(str(sent))  # not #series-upload
     page.wait_for_function("() => document.querySelector('#message').innerText.startsWith('opened sent')")
     assert "sent" in page.inner_text("#scan-label")
     run_and_wait(page)
@@ -186,3 +187,36 @@ def test_a_worklist_opens_at_its_most_anomalous_scan_and_steps_with_next_and_pre
         page.close()
     finally:
         server.stop()
+
+
+def test_two_series_of_a_study_open_with_their_contrasts_and_run(served, browser, tmp_path):
+    """Open a T1, add the FLAIR of the same study: each series' contrast is recognised and
+    shown; choose another for the FLAIR; run: the T1 model reads the T1, the FLAIR is recorded
+    and not used, and the page says so, with the engine's note that it looked like FLAIR."""
+    server, _, scans = served
+    flair = write_flair_phantom(tmp_path, "flair.nrrd")
+    page = open_page(browser, server.url)
+    page.fill("#scan-path", str(scans / "phantom.nrrd"))
+    page.click("#open")
+    page.wait_for_function("() => document.querySelector('#message').innerText.startsWith('opened phantom')")
+    assert "T1 by its image" in page.inner_text("#series-0 .series-how")
+    page.fill("#series-path", str(flair))
+    page.click("#add-series")
+    page.wait_for_selector("#series-1")
+    assert page.inner_text("#series-1 .series-label") == "flair"
+    assert "FLAIR by its image" in page.inner_text("#series-1 .series-how")
+    # the reader chooses the second series' contrast in its list
+    page.click("#series-1 .series-contrast")
+    page.locator(".v-overlay-container .v-list-item", has_text="T2").first.click()
+    page.wait_for_function("() => document.querySelector('#series-1 .series-how').innerText.startsWith('chosen')")
+    run_and_wait(page)
+    assert voxels(page) > 0
+    page.wait_for_function("() => document.querySelector('#series-1 .series-how').innerText.includes('not used')")
+    assert page.inner_text("#series-0 .series-how") == "read as T1 (chosen)"
+    assert page.inner_text("#series-1 .series-how") == "read as T2 (chosen), recorded, not used by this model"
+    notes = page.locator("#input-notes").all_inner_texts()
+    assert any("looks like FLAIR" in n for n in notes) and any("recorded but not used" in n for n in notes)
+    # an added series can be removed again
+    page.click("#remove-series-1")
+    page.wait_for_selector("#series-1", state="detached")
+    page.close()

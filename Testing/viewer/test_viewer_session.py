@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from viewer_helpers import make_viewer_model, write_phantom
+from viewer_helpers import make_viewer_model, write_flair_phantom, write_phantom
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +216,44 @@ def test_a_dicom_folder_and_an_uploaded_zip_of_one_open(session, tmp_path):
             z.write(f, f"export/{f.name}")
     assert session.openUpload("series.zip", archive.read_bytes()).startswith("opened series")
     assert session.scan.GetImageData().GetDimensions() == (40, 48, 30)
+
+
+def test_a_study_of_two_series_is_scored_with_each_series_contrast(session, tmp_path):
+    """A T1 and a FLAIR of one study: each contrast recognised when opened and shown; scored
+    as recognised, then with a contrast chosen; the T1 model reads the T1 and records the FLAIR
+    unused; an added series can be removed, and opening another study removes it."""
+    from anomaly_localizer_viewer.session import ViewerError
+    t1 = write_phantom(tmp_path, "t1.nrrd")
+    flair = write_flair_phantom(tmp_path, "flair.nrrd")
+    with pytest.raises(ViewerError, match="open a scan first"):
+        session.addSeries(flair)
+    assert "T1 by its image" in session.open(t1)
+    assert "FLAIR by its image" in session.addSeries(flair)
+    assert [(r["label"], r["contrast"]) for r in session.seriesRows()] == [("t1", "t1"), ("flair", "flair")]
+    assert session.studyInputs()[1] is None  # nothing chosen: the engine recognises each, as shown
+    assert run(session) == "done"
+    rows = session.seriesRows()
+    assert rows[0]["how"] == "read as T1 (recognised from its image)"
+    assert rows[1]["how"] == "read as FLAIR (recognised from its image), recorded, not used by this model"
+    assert session.inputNotes() == ["flair (flair) is recorded but not used: model tiny reads t1"]
+    assert session.logic.inputVolume() is session.scan  # the maps are the first series'
+
+    # a contrast chosen gives every series' contrast as shown; the reader's word wins, noted
+    session.setContrast(1, "T2")
+    assert session.studyInputs()[1] == ["t1", "t2"] and session.seriesRows()[1]["contrast"] == "t2"
+    with pytest.raises(ViewerError, match="unknown contrast"):
+        session.setContrast(1, "dwi")
+    assert run(session) == "done"
+    assert session.seriesRows()[1]["how"] == "read as T2 (chosen), recorded, not used by this model"
+    assert any("was given as T2 but looks like FLAIR" in note for note in session.inputNotes())
+    session.setContrast(1, None)
+    assert session.seriesRows()[1]["contrast"] == "flair"
+
+    with pytest.raises(ViewerError, match="only an added series"):
+        session.removeSeries(0)
+    removed = session.series[1].node
+    session.removeSeries(1)
+    assert session.logic.scene.GetNodeByID(removed.GetID()) is None and len(session.series) == 1
+    added = session.addSeries(flair) and session.series[1].node
+    session.open(t1)
+    assert len(session.series) == 1 and session.logic.scene.GetNodeByID(added.GetID()) is None

@@ -29,6 +29,29 @@ def write_phantom(folder: Path, name: str = "phantom.nrrd", lesion: bool = True,
     return path
 
 
+def flair_phantom_array(lesion: bool = True, seed: int = 0) -> np.ndarray:
+    """The phantom (:func:`phantoms.phantom_array`) as a FLAIR shows a brain: grey matter
+    brighter than white, a dark rim of CSF at the surface, the lesion bright. The engine
+    recognises it as FLAIR, as it recognises the phantom itself as T1."""
+    from phantoms import phantom_array
+    arr = phantom_array(lesion=lesion, seed=seed)
+    out = arr.copy()
+    white, grey = (arr > 750) & (arr < 1200), (arr > 450) & (arr <= 750)
+    out[white] = arr[white] - 100
+    out[grey] = arr[grey] + 500
+    brain = sitk.GetImageFromArray((arr > 0).astype(np.uint8))
+    rim = (arr > 0) & (sitk.GetArrayFromImage(sitk.BinaryErode(brain, [1, 1, 1])) == 0)
+    out[rim] = 250 + 0.5 * (arr[rim] - arr[rim].mean())
+    return out.astype(np.float32)
+
+
+def write_flair_phantom(folder: Path, name: str = "flair.nrrd", seed: int = 0) -> Path:
+    from phantoms import image_from
+    path = folder / name
+    sitk.WriteImage(image_from(flair_phantom_array(seed=seed)), str(path))
+    return path
+
+
 def make_viewer_model(folder: Path) -> Path:
     """A tiny random-initialised model calibrated on healthy phantoms (as ``calibrate`` does on
     healthy scans: each rate's threshold is that quantile of the healthy brains' voxels), so

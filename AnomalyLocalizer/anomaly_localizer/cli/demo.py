@@ -70,7 +70,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     for name, path in (("healthy", image_path), ("lesion", lesion_path)):
         print(f"scoring {path.name} -> {out / name}", file=sys.stderr)
-        score_file(str(path), str(out / name), model=args.model, mask=str(mask_path), quiet=True)
+        score_file(str(path), str(out / name), model=args.model, mask=str(mask_path), quiet=True, contrasts=["t1"])
     png = write_overview([("healthy template", image_path, out / "healthy"),
                           ("template + synthetic lesion", lesion_path, out / "lesion")],
                          out / "overview.png", truth={"template + synthetic lesion": label_path},

@@ -8,6 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..core.contrast import CONTRASTS
 from ..errors import InputError
 from .common import (
     EXIT_OK,
@@ -26,7 +27,13 @@ def register(sub) -> None:
     e.add_argument("model", help="model name or folder")
     e.add_argument("--synthetic", metavar="DATA", help="healthy scans to insert seeded synthetic anomalies into")
     e.add_argument("--cases", metavar="DIR", help="real cases: one sub-folder per case with image and label")
-    e.add_argument("--image-name", default="image.nii.gz", help="image file in each case folder")
+    e.add_argument("--image-name", action="append", metavar="NAME",
+                   help="image file in each case folder (default image.nii.gz); repeat it with --contrast for cases "
+                        "of several co-registered contrasts (the first one's grid is the reference)")
+    e.add_argument("--contrast", action="append", metavar="C", choices=CONTRASTS,
+                   help="the contrast of the cases' images (one per --image-name), or of the --synthetic scans "
+                        "(renderings of other contrasts are then taken); the models must read them. Default: the "
+                        "first model's contrasts")
     e.add_argument("--label-name", default="label.nii.gz", help="ground-truth file in each case folder (> 0 = anomaly)")
     e.add_argument("--mask-name", help="brain mask file in each case folder (optional)")
     e.add_argument("--title", help="title of this case set in reports")
@@ -86,6 +93,10 @@ def register(sub) -> None:
                         "the MNI152 template (--data: the shared data folder holding ixi_t1_2mm and "
                         "brats2015_t1c_flair), each in its own process for its peak memory, and `score` end to end "
                         "on a 1 mm whole-head scan")
+    b.add_argument("--contrasts", metavar="RENDERS",
+                   help="instead: `score` end to end on a 1 mm study of one contrast and of two (T1, FLAIR, T1 + "
+                        "FLAIR) made from --data's first subject and its renderings in RENDERS (`render`), each with "
+                        "the model the engine chooses for it")
     b.add_argument("--json", help="also write the figures to this JSON file")
     b.set_defaults(func=run_benchmark)
 
@@ -122,6 +133,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from ..core.restoration import REFERENCE_RESTORATION
     from ..tooling.release.edit import subjects_of
     from ..tooling.evaluation.evaluate import case_set, evaluate, folder_cases, format_table
+    from ..core.contrast import parse_contrast
+    from ..core.study import reads
+    from ..tooling.rendering import rendered_contrast
 
     package = resolve_package(args.model)
     runs = [(package, [m for m in (args.method or package.methods) if m in package.methods])]
@@ -139,20 +153,35 @@ def run_evaluate(args: argparse.Namespace) -> int:
             if "restoration" in p.methods:
                 p.meta["restoration"] = {**p.settings("restoration"), **REFERENCE_RESTORATION}
     runs = [(p, ms) for p, ms in runs if ms]
+    contrasts = [parse_contrast(c) for c in args.contrast] if args.contrast else list(package.contract.contrasts)
+    for p, _ in runs:  # no map is made of a contrast its model was not made for
+        ok, _ = reads(p, contrasts)
+        if not ok:
+            raise InputError(f"model {p.name} reads {', '.join(p.contract.contrasts)}, not "
+                             f"{' + '.join(contrasts)}; evaluate it on its own contrasts, or give --contrast")
     if bool(args.synthetic) == bool(args.cases):
         raise InputError("give either --synthetic DATA (healthy scans) or --cases DIR (cases with ground truth)")
     if args.synthetic:
-        subjects = subjects_of(package, args.synthetic, args.subjects)
+        if len(contrasts) > 1:
+            raise InputError("--synthetic takes one contrast; give several only with --cases")
+        subjects = [s for s in subjects_of(package, args.synthetic, args.subjects)
+                    if rendered_contrast(s.id) in (None, contrasts[0])]
+        if not subjects:
+            raise InputError(f"none of the model's {args.subjects} subjects in {args.synthetic} is a "
+                             f"{contrasts[0]} scan or rendering")
         if args.limit:
             subjects = subjects[: args.limit]
         cases = case_set(args.case_set, subjects, per_subject=args.per_subject, seed=args.seed)
         record = {"kind": "synthetic", "set": args.case_set, "data": str(args.synthetic), "subjects": args.subjects,
-                  "per_subject": args.per_subject, "seed": args.seed}
+                  "per_subject": args.per_subject, "seed": args.seed, "contrasts": contrasts}
         title = f"synthetic anomalies ({args.case_set} set) in the model's '{args.subjects}' subjects"
     else:
-        cases = folder_cases(args.cases, args.image_name, args.label_name, args.mask_name)
-        record = {"kind": "folder", "data": str(args.cases), "image": args.image_name, "label": args.label_name}
-        title = args.title or f"cases in {args.cases} ({args.image_name})"
+        names = args.image_name or ["image.nii.gz"]
+        cases = folder_cases(args.cases, names, args.label_name, args.mask_name,
+                             contrasts if args.contrast else None)
+        record = {"kind": "folder", "data": str(args.cases), "image": names[0] if len(names) == 1 else names,
+                  "label": args.label_name, "contrasts": contrasts}
+        title = args.title or f"cases in {args.cases} ({' + '.join(names)})"
     result = evaluate(runs, cases, device=args.device, progress=say(args.quiet), bf16=args.bf16)
     result.update(restoration_optimiser=args.restoration, case_set=record, title=title, command=command_line(),
                   machine=machine())
@@ -213,6 +242,14 @@ def run_brainmask_dice(args: argparse.Namespace) -> int:
 def run_benchmark(args: argparse.Namespace) -> int:
     from ..tooling.evaluation.benchmark import run_benchmark as bench
 
+    if args.contrasts:
+        from ..tooling.evaluation.benchmark_contrasts import format_contrast_benchmark, run_contrast_benchmark
+        result = run_contrast_benchmark(args.data, args.contrasts, args.repeats, args.device, say(False))
+        print(format_contrast_benchmark(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps({**result, "command": command_line(), "machine": machine()},
+                                                  indent=2) + "\n")
+        return EXIT_OK
     if args.worst_case:
         from ..tooling.evaluation.benchmark_worst import run_worst_case
         data = Path(args.data)

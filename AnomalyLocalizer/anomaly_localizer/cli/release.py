@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..core.contrast import CONTRASTS
 from .common import EXIT_OK, add_device, add_quiet, add_select_cases, say, select_cases_of
 
 
@@ -25,6 +26,9 @@ def register(sub) -> None:
     r.add_argument("--data", required=True, help="the healthy data the model was trained on (for recalibration)")
     r.add_argument("--meta", help="JSON merged into model.json (summary, description, data statement, ...)")
     r.add_argument("--half", action="store_true", help="store weights as float16 (half the size)")
+    r.add_argument("--contrast", choices=CONTRASTS,
+                   help="the contrast the released model reads (one release per contrast of a network trained on "
+                        "renderings of several), calibrated on --data's renderings of it")
     add_device(r, "cpu")
     r.add_argument("--force", action="store_true")
     add_quiet(r)
@@ -54,10 +58,25 @@ def register(sub) -> None:
     add_quiet(f)
     f.set_defaults(func=run_fuse)
 
+    u = sub.add_parser("make-rule", help="make a model of the intensity rule (brighter than the brain's median, "
+                                         "smoothed) for one contrast, calibrated on healthy scans or renderings")
+    u.add_argument("data", help="healthy scans or renderings of the contrast (e.g. a folder made by `render`)")
+    u.add_argument("--contrast", required=True, choices=CONTRASTS)
+    u.add_argument("--out", required=True, help="new package folder; its name becomes the model name")
+    u.add_argument("--direction", default="bright", choices=("bright", "dark", "both"))
+    u.add_argument("--smoothing", type=float, default=1.0, help="Gaussian sigma in model pixels (2 mm)")
+    u.add_argument("--meta", help="JSON merged into model.json (summary, data statement, limitations)")
+    u.add_argument("--force", action="store_true")
+    add_quiet(u)
+    u.set_defaults(func=run_make_rule)
+
     i = sub.add_parser("index", help="pin the models of a folder in its index.json (after adding or changing one)")
     i.add_argument("folder", help="a models folder, e.g. models/")
     i.add_argument("--default", help="the default anomaly model")
     i.add_argument("--brain-extraction", help="the default brain extraction model")
+    i.add_argument("--prefer", action="append", metavar="MODEL",
+                   help="models in order of preference when several read a study's contrasts (repeatable; "
+                        "replaces the folder's list)")
     i.set_defaults(func=run_index)
 
 
@@ -88,7 +107,7 @@ def run_release(args: argparse.Namespace) -> int:
     from ..tooling.release.edit import release_package
 
     package, n = release_package(args.model, args.out, args.data, args.meta, args.half, args.force, args.device,
-                                 say(args.quiet))
+                                 say(args.quiet), contrast=args.contrast)
     calibrated = f", calibrated on {n} subjects" if n else ""
     print(f"released {package.path} from {args.model} ({'float16' if args.half else 'float32'} weights){calibrated}")
     return EXIT_OK
@@ -118,6 +137,15 @@ def run_index(args: argparse.Namespace) -> int:
     """Write DIR/index.json: the default models and each package's pinned manifest hash."""
     from ..tooling.release.edit import write_index
 
-    index = write_index(args.folder, args.default, args.brain_extraction)
+    index = write_index(args.folder, args.default, args.brain_extraction, args.prefer)
     print(f"wrote {Path(args.folder) / 'index.json'} ({len(index['models'])} models)")
+    return EXIT_OK
+
+
+def run_make_rule(args: argparse.Namespace) -> int:
+    from ..tooling.release.rule import make_rule_package
+    package = make_rule_package(args.out, args.contrast, args.data, direction=args.direction,
+                                smoothing_px=args.smoothing, force=args.force, progress=say(args.quiet),
+                                meta_file=args.meta)
+    print(f"wrote {package.path}")
     return EXIT_OK

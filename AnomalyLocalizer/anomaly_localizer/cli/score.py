@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..core.contrast import CONTRASTS
 from .common import EXIT_OK, add_device, add_quiet, progress_printer
 
 
@@ -16,9 +17,14 @@ def register(sub) -> None:
 
     methods = ", ".join(m for d in all_detectors() for m in d.methods)
     s = sub.add_parser("score", help="heatmaps, segmentation and slice scores of one volume")
-    s.add_argument("input", help="image file (NIfTI, NRRD, MHA, ...) or DICOM series folder")
+    s.add_argument("input", nargs="+", help="image file (NIfTI, NRRD, MHA, ...) or DICOM series folder; several "
+                   "co-registered scans of one study (e.g. T1 and FLAIR): the maps are written on the first one's grid")
+    s.add_argument("--contrast", action="append", metavar="C",
+                   help=f"contrast of each input in order ({', '.join(CONTRASTS)}), repeatable; default: from "
+                        "the DICOM header, else recognised from the image (refused when it cannot tell)")
     s.add_argument("--out", required=True, help="output folder (must not exist or must be empty, unless --force)")
-    s.add_argument("--model", help="model name or package folder (default: the default installed model)")
+    s.add_argument("--model", help="model name or package folder (default: the installed model that reads the "
+                   "inputs' contrasts, using most of them)")
     s.add_argument("--method", action="append", metavar="M",
                    help=f"pixel score, repeatable: {methods} (default: all of the model's except opt-in ones such as "
                         "restoration); the first one makes the segmentation. A method of another model family "
@@ -44,59 +50,39 @@ def register(sub) -> None:
 
 def run_score(args: argparse.Namespace) -> int:
     return score_file(args.input, args.out, args.model, args.method, args.mask, args.brain_extraction, args.threshold,
-                      args.threshold_level, args.device, args.force, args.quiet)
+                      args.threshold_level, args.device, args.force, args.quiet, contrasts=args.contrast)
 
 
-def score_file(input: str, out: str, model: str | None = None, methods: list[str] | None = None,
+def score_file(input: str | list[str], out: str, model: str | None = None, methods: list[str] | None = None,
                mask: str | None = None, brain_extraction: str = "auto", threshold: float | None = None,
                threshold_level: float | None = None, device: str = "auto", force: bool = False,
-               quiet: bool = False) -> int:
-    """The ``score`` command: one image file into a results folder."""
-    from ..core.imageio import as_3d, read_image
-    from ..core.installed import check_methods, resolve_package_for
-    from ..core.pipeline import score_volume
-    from ..core.results import (
-        check_output_dir,
-        check_threshold_options,
-        resolve_threshold,
-        run_summary,
-        write_results,
-    )
+               quiet: bool = False, contrasts: list[str] | None = None) -> int:
+    """The ``score`` command: one study (one or more files) into a results folder
+    (:func:`anomaly_localizer.core.scoring.score_study`), with what a reader needs said on stderr."""
+    from ..core.scoring import score_study
 
     t0 = time.perf_counter()
-    out = Path(out)
-    # Everything that can be refused is checked before any work and before any write.
-    check_output_dir(out, force)
-    package = resolve_package_for(methods, model)
-    methods = check_methods(methods or package.default_methods(), package)
-    check_threshold_options(package, methods[0], threshold, threshold_level)
-    image = as_3d(read_image(input, "INPUT"))
-    mask_image = as_3d(read_image(mask, "MASK")) if mask else None
-    t_read = time.perf_counter() - t0
-
-    result = score_volume(image, package, methods, mask=mask_image, device=device,
-                          progress=progress_printer(quiet), brain_extraction=brain_extraction)
-    chosen = resolve_threshold(package, result, methods[0], threshold, threshold_level)
-    summary = run_summary(package, result, chosen, input=str(Path(input).resolve()),
-                          mask=str(Path(mask).resolve()) if mask else None)
-    summary["timings_s"] = {"read": t_read, **summary["timings_s"]}
-    t_write = time.perf_counter()
-    written = write_results(out, image, result, chosen, summary, force=force)
+    inputs = [input] if isinstance(input, str) else list(input)
+    written = score_study(inputs, out, contrasts=contrasts, model=model, methods=methods, mask=mask,
+                          brain_extraction=brain_extraction, threshold=threshold, threshold_level=threshold_level,
+                          device=device, force=force, progress=progress_printer(quiet))
+    for line in written.get("input_notes", []):  # shown even with -q: they change what was read
+        print(f"note: {line}", file=sys.stderr)
     note = written.get("note")
     if note:  # shown even with -q, as one line: it changes how to read the result
         from ..core.levels import first_sentences
         print(f"note: {first_sentences(note)} (the whole note: 'note' in {out}/summary.json)", file=sys.stderr)
-    if package.shadows:
-        print(f"note: model {package.name} from {package.path} is used; it shadows {', '.join(package.shadows)}",
-              file=sys.stderr)
+    shadows = written["model"].get("shadows")
+    if shadows:
+        print(f"note: model {written['model']['name']} from {written['model']['path']} is used; it shadows "
+              f"{', '.join(shadows)}", file=sys.stderr)
     if not quiet:
         from ..core.findings import describe_findings
-        print(f"findings at anomaly level {chosen.level:.3g} ({len(written['findings'])}; all in {out}/findings.csv):\n"
+        level = written["threshold"]["level"]
+        print(f"findings at anomaly level {level:.3g} ({len(written['findings'])}; all in {out}/findings.csv):\n"
               + "\n".join("  " + line for line in describe_findings(written["findings"]).splitlines()),
               file=sys.stderr)
-    if not quiet:
-        print(f"PROGRESS 100.0 wrote {out} in {time.perf_counter() - t0:.1f} s "
-              f"(writing {time.perf_counter() - t_write:.1f} s)", file=sys.stderr)
+        print(f"PROGRESS 100.0 wrote {out} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return EXIT_OK
 
 
@@ -107,7 +93,9 @@ def run_models(args: argparse.Namespace) -> int:
     default = default_model_name()
     good, broken = scan_packages()
     rows = [{"name": p.name, "path": str(p.path), "default": p.name == default, "ok": True,
-             "summary": p.meta.get("summary", ""), "methods": list(p.methods), "shadows": p.shadows} for p in good]
+             "summary": p.meta.get("summary", ""), "contrasts": list(p.contract.contrasts),
+             "optional_contrasts": list(p.contract.optional_contrasts), "methods": list(p.methods),
+             "shadows": p.shadows} for p in good]
     rows += [{"name": path.name, "path": str(path), "default": False, "ok": False, "error": reason}
              for path, reason in broken]
     if args.json:
@@ -116,7 +104,8 @@ def run_models(args: argparse.Namespace) -> int:
         for r in rows:
             flag = "*" if r["default"] else " "
             if r["ok"]:
-                state = r["summary"] + (f" (methods: {', '.join(r['methods'])})" if r["methods"] else "")
+                reads = " + ".join(c + ("?" if c in r["optional_contrasts"] else "") for c in r["contrasts"])
+                state = f"[{reads}] " + r["summary"] + (f" (methods: {', '.join(r['methods'])})" if r["methods"] else "")
                 if r["shadows"]:
                     state += f" [shadows {', '.join(r['shadows'])}]"
             else:

@@ -17,8 +17,13 @@ def register(sub) -> None:
                    help="image file, folder (searched recursively; each image file and each DICOM series is a scan; "
                         "files named like masks or labels are left out) or CSV list with a 'path' column and "
                         "optional 'mask' and 'id' columns")
+    s.add_argument("--studies", action="store_true",
+                   help="each sub-folder of a folder INPUT is one study: its scans (e.g. T1 and FLAIR) are scored "
+                        "together, contrasts recognised, on the first one's grid (a CSV row is a study when it has "
+                        "path_2, path_3 ... columns, with optional contrast, contrast_2 ...)")
     s.add_argument("--out", required=True, help="worklist folder: new, or an earlier screening's folder to resume")
-    s.add_argument("--model", help="model name or package folder (default: the default installed model)")
+    s.add_argument("--model", help="model name or package folder (default: the default installed model); one model "
+                   "scores the whole worklist, and a scan of a contrast it does not read fails with advice")
     s.add_argument("--method", action="append", metavar="M",
                    help="pixel score, repeatable (default: the model's defaults); the first one ranks and segments")
     s.add_argument("--brain-extraction", default="auto", metavar="auto|off|MODEL",
@@ -57,7 +62,7 @@ def run_screen(args: argparse.Namespace) -> int:
     options = ScreenOptions(str(package.path.resolve()), package.name, package.manifest_sha256, tuple(methods),
                             args.threshold, args.threshold_level, args.brain_extraction, args.device)
     rows = run_screening(args.inputs, Path(args.out), options, args.workers, args.cluster, args.retry_failed,
-                         progress_printer(args.quiet), say(args.quiet), args.force)
+                         progress_printer(args.quiet), say(args.quiet), args.force, studies=args.studies)
     failed = [r for r in rows if r.status == "failed"]
     if not args.quiet:
         for r in rows[:10]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..core.contrast import CONTRASTS
 from .common import EXIT_OK, add_device, add_quiet, say
 
 DATA_HELP = "folder of healthy scans (t1/ + brainmask/, or images with *_brainmask beside)"
@@ -52,6 +53,19 @@ def register(sub) -> None:
                      help="tasks held out of training that choose the checkpoint (default poisson,source)")
     ssl.set_defaults(func=run_train_ssl)
 
+    r = sub.add_parser("render", help="render healthy T1 scans with parcellations in other contrasts (FLAIR, T2, "
+                                      "T1c, PD), a folder to train, calibrate and evaluate models of those contrasts")
+    r.add_argument("data", help="folder of healthy T1 scans with a dlmuse/ folder of parcellations (IXI layout)")
+    r.add_argument("--out", required=True, help="folder to create")
+    r.add_argument("--contrast", action="append", required=True, metavar="C[:N]",
+                   help="a contrast to render and how many renderings per subject (default 1), repeatable: "
+                        "--contrast flair:2 --contrast t2")
+    r.add_argument("--subjects", type=lambda v: v.split(","), metavar="ID,ID", help="only these subjects")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--force", action="store_true", help="write into a folder that is not empty")
+    add_quiet(r)
+    r.set_defaults(func=run_render)
+
     b = sub.add_parser("train-brainmask", help="train the brain extraction U-Net on scans with reference masks")
     b.add_argument("data", help="folder of scans with brain masks (IXI layout or *_brainmask beside)")
     b.add_argument("--out", required=True)
@@ -75,6 +89,11 @@ def _add_step_options(p: argparse.ArgumentParser, config_class: str) -> None:
                    help="stop after this many steps of this run, at a checkpoint (continue later with --resume)")
     p.add_argument("--bf16", dest="bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: where the CPU has bf16 matrix instructions, else float32)")
+    p.add_argument("--contrast", action="append", metavar="C", choices=CONTRASTS,
+                   help="the contrast the model reads, repeatable for several inputs (default t1, or the first "
+                        "contrast of a folder made by `render`)")
+    p.add_argument("--init", metavar="MODEL",
+                   help="start from the weights of this installed model or package folder (same architecture)")
     add_device(p, "cpu")
     _add_run_options(p)
 
@@ -119,8 +138,11 @@ def run_train_ssl(args: argparse.Namespace) -> int:
 
 
 def _run_steps_training(args: argparse.Namespace, config_class, train_fn, **family_options) -> int:
+    from ..tooling.rendering import rendered_contrasts
+
+    contrasts = args.contrast or (rendered_contrasts(args.data) or [])[:1] or None
     cfg = config_class.from_json(args.config, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                                 bf16=args.bf16, **family_options)
+                                 bf16=args.bf16, contrasts=contrasts, init_from=args.init, **family_options)
     train_fn(args.data, args.out, cfg, resume=args.resume, force=args.force, device=args.device,
              cache_dir=args.cache, progress=say(args.quiet), calibrate=not args.no_calibration,
              stop_after=args.stop_after)
@@ -133,4 +155,21 @@ def run_train_brainmask(args: argparse.Namespace) -> int:
     train_brainmask(args.data, args.out, epochs=args.epochs, seed=args.seed, force=args.force,
                     arch={"slice_size": args.slice_size} if args.slice_size else None, progress=say(args.quiet))
     print(f"wrote {args.out}")
+    return EXIT_OK
+
+
+def run_render(args: argparse.Namespace) -> int:
+    from ..errors import InputError
+    from ..tooling.rendering import render_folder
+
+    counts: dict[str, int] = {}
+    for item in args.contrast:
+        name, _, n = item.partition(":")
+        if name not in CONTRASTS or (n and not (n.isdigit() and 1 <= int(n) <= 50)):
+            raise InputError(f"--contrast {item}: give a contrast ({', '.join(CONTRASTS)}) and optionally :N "
+                             "renderings per subject (1-50), e.g. flair:2")
+        counts[name] = int(n or 1)
+    out = render_folder(args.data, args.out, counts, seed=args.seed, subjects=args.subjects, force=args.force,
+                        progress=say(args.quiet))
+    print(f"wrote {out}")
     return EXIT_OK

@@ -45,6 +45,11 @@ def resolve_components(package: Any, resolve: Callable[[str], Any]) -> dict[str,
                                f"(weights and model.json {c['content_sha256'][:12]}, installed "
                                f"{content_sha256(comp.files)[:12]}); "
                                "rebuild it with anomaly-localizer fuse, or reinstall the models it names")
+        foreign = [x for x in comp.contract.contrasts if x not in package.contract.contrasts]
+        if foreign:
+            raise PackageError(f"model {package.name} reads {', '.join(package.contract.contrasts)} but its component "
+                               f"{c['model']} reads {', '.join(foreign)}; a fused model's contract must list every "
+                               "contrast its components read. Rebuild it with anomaly-localizer fuse")
         if comp.detector is None or comp.detector.composite or c["method"] not in comp.methods:
             raise PackageError(f"model {package.name}: component {c['model']} does not offer {c['method']}")
         loaded[c["model"]] = comp

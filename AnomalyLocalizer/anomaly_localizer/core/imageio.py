@@ -168,7 +168,18 @@ def _read_dicom_series(folder: Path, what: str, wanted: str | None = None) -> si
     problem = uneven_slices(reader, image)
     if problem:
         raise InputError(f"{what} folder {folder}: {problem}")
+    # the header fields that say the series' contrast (core.contrast.from_dicom) travel with it
+    from .contrast import KEYWORDS
+    for key in KEYWORDS:
+        if reader.HasMetaDataKey(0, key):
+            image.SetMetaData(key, reader.GetMetaData(0, key).strip())
     return image
+
+
+def dicom_tags(image: sitk.Image) -> dict[str, str]:
+    """The contrast-related DICOM header fields a series read by :func:`read_image` carries."""
+    from .contrast import KEYWORDS
+    return {key: image.GetMetaData(key) for key in KEYWORDS if image.HasMetaDataKey(key)}
 
 
 SLICE_GAP_TOLERANCE = 0.1  # a gap between slice positions this share beyond the others' is a missing slice

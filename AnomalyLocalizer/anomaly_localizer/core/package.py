@@ -232,6 +232,8 @@ class ModelPackage:
         if self.detector is not None and self.detector.composite:
             from .fusion import load_components
             return load_components(self, device, resolve_package)
+        if self.detector is not None and not self.detector.has_weights:
+            return None  # a rule: nothing to load
 
         import torch
         data = _read_inside(self.path, WEIGHTS_FILE)

@@ -59,7 +59,8 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
                  mask: sitk.Image | None = None, device: str = "auto", batch_size: int | None = None,
                  progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
                  model=None, brain_extraction: str | None = "auto",
-                 smoothing: bool = True, bf16: bool = False) -> ScoreResult:
+                 smoothing: bool = True, bf16: bool = False,
+                 study: dict[str, sitk.Image] | None = None) -> ScoreResult:
     """Heatmaps, slice scores and the volume score of one 3D image.
 
     ``methods``: default, the model's default methods (:meth:`ModelPackage.default_methods`).
@@ -71,7 +72,9 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
     smoothing (:mod:`anomaly_localizer.core.smoothing`); off only to tune it (the maps then
     also stay absolute, :mod:`.relative`). ``bf16``: run
     the networks of the families that score without input gradients (dae, ssl) under bf16
-    autocast, to measure what it changes (the default is float32).
+    autocast, to measure what it changes (the default is float32). ``study``: the images of a
+    co-registered study by contrast, all on ``image``'s grid (:mod:`.study`); the model reads
+    the one of its contrast (a fused model's components each their own), else ``image``.
     """
     detector = package.detector
     if detector is None:
@@ -87,7 +90,9 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
     mask_arr, source = find_brain(image, mask, brain_extraction, dev, progress)
     if detector.composite:
         return _score_fused(image, package, methods, mask_arr, source, dev, batch_size, progress, cancel, model,
-                            t0, bf16)
+                            t0, bf16, study)
+    if study:
+        image = next((study[c] for c in package.contract.contrasts if c in study), image)
     prepared: PreparedVolume = prepare_volume(image, mask_arr, package.contract, model_slices=True)
     if prepared.slices.shape[0] == 0:
         raise InputError(no_brain_slices_message(image, mask_arr, source))
@@ -172,7 +177,7 @@ def find_brain(image: sitk.Image, mask: sitk.Image | None, brain_extraction: str
 
 def _score_fused(image: sitk.Image, package: ModelPackage, methods: list[str], mask_arr: np.ndarray, source: str,
                  dev, batch_size: int | None, progress: ProgressFn | None, cancel: Callable[[], bool] | None,
-                 model, t0: float, bf16: bool = False) -> ScoreResult:
+                 model, t0: float, bf16: bool = False, study: dict[str, sitk.Image] | None = None) -> ScoreResult:
     """A fused package (:mod:`.fusion`): each component model scores the volume with the
     brain mask found once; the fused map combines their maps in healthy anomaly levels."""
     from .fusion import combined_slice_scores, fuse_levels, top_area_slice_scores
@@ -206,7 +211,7 @@ def _score_fused(image: sitk.Image, package: ModelPackage, methods: list[str], m
             if progress else None
         t = time.perf_counter()
         res = score_volume(image, comp, ms, mask=mask_img, device=str(dev), batch_size=batch_size, progress=sub,
-                           cancel=cancel, model=net, bf16=bf16)
+                           cancel=cancel, model=net, bf16=bf16, study=study)
         timings[f"{name}_s"] = time.perf_counter() - t
         timings["smoothing_s"] = timings.get("smoothing_s", 0.0) + res.timings.get("smoothing_s", 0.0)
         for m in ms:

@@ -120,11 +120,25 @@ class InputContract(Strict):
     with ``context_slices`` neighbouring slices as channels (1 = the slice alone)."""
 
     modality: str = "T1w"
+    #: the contrast of each input the model reads, in input order (:mod:`.contrast`); a model
+    #: of several inputs says which it can work without (``optional_contrasts``)
+    contrasts: Annotated[list[Literal["t1", "t1c", "t2", "flair", "pd"]], Field(min_length=1, max_length=5)] = ["t1"]
+    optional_contrasts: list[Literal["t1", "t1c", "t2", "flair", "pd"]] = []
     orientation: Literal["axial"] = "axial"
     slice_size: SliceSize
     spacing_mm: Annotated[float, Field(ge=0.1, le=20.0)]
     normalisation: Normalisation = Normalisation()
     context_slices: Annotated[int, Field(ge=1, le=9)] = 1
+
+    @model_validator(mode="after")
+    def _contrasts(self) -> "InputContract":
+        if len(set(self.contrasts)) != len(self.contrasts):
+            raise ValueError("contrasts must not repeat")
+        if set(self.optional_contrasts) - set(self.contrasts):
+            raise ValueError("optional_contrasts must be some of contrasts")
+        if set(self.optional_contrasts) == set(self.contrasts):
+            raise ValueError("at least one of contrasts must be required (not in optional_contrasts)")
+        return self
 
     @field_validator("context_slices")
     @classmethod

@@ -29,6 +29,7 @@ import torch
 from ..core.imageio import as_3d, read_image
 from ..core.volume import NORMALISATION, brain_mask, prepare_volume
 from ..errors import InputError
+from .rendering import rendered_contrast, rendered_from, source_subject
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -43,6 +44,18 @@ class Subject:
     id: str
     image: Path
     mask: Path | None
+    # a rendering's contrast and the subject's other scans on the same grid (the T1 it was
+    # rendered from): together a co-registered study (:func:`read_study`)
+    contrast: str | None = None
+    others: tuple[tuple[str, Path], ...] = ()
+
+
+def read_study(subject: Subject, image):
+    """``{contrast: image}`` of a subject that is a study (a rendering and the T1 it was
+    rendered from; ``image`` the subject's own, perhaps changed), else None."""
+    if subject.contrast is None or not subject.others:
+        return None
+    return {subject.contrast: image, **{c: as_3d(read_image(p)) for c, p in subject.others}}
 
 
 def _stem(p: Path) -> str:
@@ -69,12 +82,18 @@ def find_subjects(data: str | Path) -> list[Subject]:
     else:
         files = [f for f in sorted(data.iterdir()) if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES)]
         mask_like = re.compile(r"_(brain)?mask$")
+        by_stem: dict[str, Path] = {}
+        for f in files:
+            by_stem.setdefault(_stem(f), f)
         for img in files:
             stem = _stem(img)
             if mask_like.search(stem):
                 continue
-            masks = [f for f in files if _stem(f) in (f"{stem}_brainmask", f"{stem}_mask")]
-            subjects.append(Subject(stem, img, masks[0] if masks else None))
+            masks = [by_stem[n] for n in (f"{stem}_brainmask", f"{stem}_mask") if n in by_stem]
+            contrast = rendered_contrast(stem)
+            source_t1 = rendered_from(data, stem) if contrast else None
+            subjects.append(Subject(stem, img, masks[0] if masks else None, contrast,
+                                    (("t1", source_t1),) if source_t1 else ()))
     if not subjects:
         raise InputError(f"no images found in {data}; expected t1/ and brainmask/ folders or image files")
     return subjects
@@ -88,14 +107,24 @@ def split_subjects(ids: list[str], seed: int, val_fraction: float, calibration_f
     healthy subjects that set the thresholds; test: healthy subjects held back from
     everything, on which the thresholds' false-positive rates are checked and synthetic
     anomalies are evaluated.
+
+    Renderings of one subject in other contrasts (``<subject>~<contrast>~<k>``,
+    :mod:`.rendering`) stay together on one side: the split is drawn over subjects, and a
+    subject's split is the same as in the T1 folder it was rendered from.
     """
-    order = sorted(ids)
+    groups: dict[str, list[str]] = {}
+    for i in ids:
+        groups.setdefault(source_subject(i), []).append(i)
+    order = sorted(groups)
     random.Random(seed).shuffle(order)
     n = len(order)
     sizes = [max(1, round(f * n)) if n >= 4 else 0 for f in (test_fraction, calibration_fraction, val_fraction)]
     a, b, c = sizes[0], sizes[0] + sizes[1], sum(sizes)
-    return {"test": sorted(order[:a]), "calibration": sorted(order[a:b]), "val": sorted(order[b:c]),
-            "train": sorted(order[c:])}
+
+    def members(part: list[str]) -> list[str]:
+        return sorted(i for g in part for i in groups[g])
+    return {"test": members(order[:a]), "calibration": members(order[a:b]), "val": members(order[b:c]),
+            "train": members(order[c:])}
 
 
 @dataclass

@@ -10,8 +10,10 @@ Synthetic cases also get a pixel AP and a slice AUROC per anomaly kind, which sh
 method misses, and both figures pooled over the intensity anomalies alone (every kind but
 the sink/source deformations, which no reconstruction-based score finds: the share of the
 headline figures they cost is then visible).
-A non-learned baseline is scored on the same cases: the
-robust intensity outlier |x - median| / IQR inside the brain.
+Two non-learned baselines are scored on the same cases: the
+robust intensity outlier |x - median| / IQR inside the brain, and the FLAIR rule (Meissen et
+al. 2021: (x - median) / IQR where positive, smoothed by one voxel), on the case's FLAIR when
+it is a study that has one; a method "beats the baseline" when its pixel AP is above both.
 
 Case sets: synthetic anomalies (:mod:`anomaly_localizer.synthetic`) inserted into healthy
 subjects, seeded; or folders of real cases with ground truth (:func:`folder_cases`, e.g.
@@ -28,16 +30,17 @@ from typing import Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from ...core.imageio import as_3d, read_image
+from ...core.imageio import as_3d, read_image, same_grid
 from ...core.package import ModelPackage
 from ...core.pipeline import score_volume
 from ...errors import InputError
-from ..data import Subject
+from ..data import Subject, read_study
 from ..metrics import auroc, average_precision, best_dice, dice_at
 from .hard_cases import SIZE_BINS
 from .synthetic import DEFORMATION_KINDS, make_case
 
 BASELINE = "baseline_intensity"
+BRIGHT_RULE = "baseline_bright_rule"  # the FLAIR rule, on the case's FLAIR when it has one
 SLICE_MIN_LESION = 20
 INTENSITY_ONLY = "intensity anomalies (no sink/source)"
 
@@ -53,6 +56,8 @@ class Case:
     # group; None: the whole label belongs to ``group``
     parts: dict[str, np.ndarray] | None = None
     sizes: dict[str, np.ndarray] | None = None
+    # a co-registered study: each contrast's image on ``image``'s grid (``image`` is the first)
+    study: dict[str, sitk.Image] | None = None
 
 
 CASE_SETS = ("hard", "balls")  # hard: the default since 0.2; balls: one hard-edged ball per case (0.1's set)
@@ -78,7 +83,9 @@ def hard_cases(subjects: list[Subject], per_subject: int = 2, seed: int = 0) -> 
                     parts[a.kind] = parts.get(a.kind, np.zeros(ids.shape, bool)) | (ids == j + 1)
                     sizes[a.size_bin] = sizes.get(a.size_bin, np.zeros(ids.shape, bool)) | (ids == j + 1)
             kinds = "+".join(a.kind for a in anomalies)
-            yield Case(f"{s.id}#{k}:{kinds}", out, mask_img, ids > 0, anomalies[0].kind, parts, sizes)
+            # a rendering's study: the anomalies are in the rendering only (its T1 unchanged)
+            yield Case(f"{s.id}#{k}:{kinds}", out, mask_img, ids > 0, anomalies[0].kind, parts, sizes,
+                       study=read_study(s, out))
 
 
 def case_set(name: str, subjects: list[Subject], per_subject: int = 2, seed: int = 0) -> Iterator[Case]:
@@ -105,21 +112,44 @@ def synthetic_cases(subjects: list[Subject], per_subject: int = 2, seed: int = 0
             yield Case(f"{s.id}#{k}:{kind}", out, mask_img, label.astype(bool), kind)
 
 
-def folder_cases(root: str | Path, image_name: str, label_name: str, mask_name: str | None = None) -> Iterator[Case]:
+def folder_cases(root: str | Path, image_name: str | list[str], label_name: str, mask_name: str | None = None,
+                 contrasts: list[str] | None = None) -> Iterator[Case]:
     """Real cases with ground truth: one sub-folder per case holding ``image_name``,
-    ``label_name`` (anomaly = label > 0) and optionally ``mask_name`` (the brain)."""
+    ``label_name`` (anomaly = label > 0) and optionally ``mask_name`` (the brain).
+    Several image names with their ``contrasts`` make each case a co-registered study
+    (later images resampled onto the first one's grid)."""
     root = Path(root)
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and (p / image_name).is_file())
+    names = [image_name] if isinstance(image_name, str) else list(image_name)
+    if contrasts is not None and len(contrasts) != len(names):
+        raise InputError(f"{len(contrasts)} --contrast for {len(names)} --image-name; give one contrast per image")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and all((p / n).is_file() for n in names))
     if not folders:
-        raise InputError(f"no case folder in {root} holds {image_name}; check --cases and --image-name")
+        raise InputError(f"no case folder in {root} holds {', '.join(names)}; check --cases and --image-name")
     for folder in folders:
-        image = as_3d(read_image(folder / image_name))
+        image = as_3d(read_image(folder / names[0]))
+        study = None
+        if contrasts:
+            study = {contrasts[0]: image}
+            for c, n in zip(contrasts[1:], names[1:]):
+                other = as_3d(read_image(folder / n))
+                study[c] = other if same_grid(image, other) else sitk.Resample(
+                    sitk.Cast(other, sitk.sitkFloat32), image, sitk.Transform(), sitk.sitkLinear, 0.0)
         label = sitk.GetArrayFromImage(as_3d(read_image(folder / label_name, "LABEL"))) > 0
         mask = as_3d(read_image(folder / mask_name, "MASK")) if mask_name and (folder / mask_name).is_file() else None
         if label.shape != sitk.GetArrayViewFromImage(image).shape:
             raise InputError(f"case {folder.name}: {label_name} is not on the grid of {image_name}; "
                              "resample the label onto the image")
-        yield Case(folder.name, image, mask, label)
+        yield Case(folder.name, image, mask, label, study=study)
+
+
+def bright_rule_map(image: sitk.Image, brain: np.ndarray) -> np.ndarray:
+    """The FLAIR rule (Meissen et al. 2021): (x - median) / IQR inside the brain where
+    positive, smoothed by a Gaussian of one voxel; on FLAIR the baseline every map must beat."""
+    arr = sitk.GetArrayFromImage(image).astype(np.float32)
+    q1, med, q3 = np.percentile(arr[brain], [25, 50, 75])
+    z = np.where(brain, np.maximum(arr - med, 0) / max(q3 - q1, 1e-6), 0).astype(np.float32)
+    smooth = sitk.DiscreteGaussian(sitk.GetImageFromArray(z), 1.0, 32, 0.01, False)
+    return np.where(brain, sitk.GetArrayFromImage(smooth), 0).astype(np.float32)
 
 
 def baseline_map(image: sitk.Image, brain: np.ndarray) -> np.ndarray:
@@ -156,7 +186,7 @@ def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None, bf
     loaded = [(p, list(ms), p.load_model(select_device(device))) for p, ms in runs]
     methods = [m for _, ms, _ in loaded for m in ms]
     source = {m: p for p, ms, _ in loaded for m in ms}
-    names = methods + [BASELINE]
+    names = methods + [BASELINE, BRIGHT_RULE]
     records = []  # per case: brain voxel labels and scores, per-slice scores and counts
     slice_names: list[str] = []  # the models' own slice scores, as their results name them
     seconds = {p.name: [] for p, _, _ in loaded}
@@ -166,7 +196,8 @@ def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None, bf
         case_slice_scores: dict[str, np.ndarray] = {}
         for package, ms, model in loaded:
             t0 = time.perf_counter()
-            res = score_volume(case.image, package, ms, mask=case.mask, device=device, model=model, bf16=bf16)
+            res = score_volume(case.image, package, ms, mask=case.mask, device=device, model=model, bf16=bf16,
+                               study=case.study)
             seconds[package.name].append(time.perf_counter() - t0)
             if brain is None:
                 brain, axial_axis = res.brain_mask, res.axial_axis
@@ -174,6 +205,7 @@ def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None, bf
             case_slice_scores.update({f"slice_{k}": v for k, v in res.slice_scores.items()})
         slice_names = slice_names or list(case_slice_scores)
         maps[BASELINE] = baseline_map(case.image, brain)
+        maps[BRIGHT_RULE] = bright_rule_map((case.study or {}).get("flair", case.image), brain)
         label = case.label & brain
         ax = 2 - axial_axis  # numpy axis of the axial index
         parts = case.parts if case.parts is not None else ({case.group: label} if case.group else {})
@@ -197,11 +229,11 @@ def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None, bf
         s = np.concatenate([r["pix"][m] for r in records])
         row = {"pixel_auroc": auroc(s, y), "pixel_ap": average_precision(s, y)}
         row["best_dice"], row["best_dice_threshold"] = best_dice(s, y)
-        calibrated = source[m].default_threshold(m) if m != BASELINE else None
+        calibrated = source[m].default_threshold(m) if m in source else None
         row["dice_at_calibrated"] = dice_at(s, y, calibrated[0]) if calibrated else None
         row["healthy_voxels_flagged_at_calibrated"] = float((s[~y] > calibrated[0]).mean()) if calibrated else None
         row["slice_auroc"], row["slice_ap"] = _slice_metrics(records, m, None)
-        if m != BASELINE:
+        if m in source:
             row["model"] = source[m].name
         table[m] = row
     for k in slice_names:
@@ -217,7 +249,7 @@ def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None, bf
         if intensity and len(intensity) < len(kinds):
             table[m]["intensity_anomalies_only"] = {"pixel_ap": _group_ap(records, m, intensity),
                                                     "slice_auroc": _slice_metrics(records, m, intensity)[0]}
-    base_ap = table[BASELINE]["pixel_ap"]
+    base_ap = max(table[BASELINE]["pixel_ap"], table[BRIGHT_RULE]["pixel_ap"])
     for m in methods:
         table[m]["beats_baseline"] = bool(table[m]["pixel_ap"] > base_ap)
     first = loaded[0][0]

@@ -16,7 +16,7 @@ import numpy as np
 from ...core.imageio import as_3d, read_image
 from ...core.package import ModelPackage, load_package, update_meta
 from ...core.pipeline import score_volume
-from ..data import Subject
+from ..data import Subject, read_study
 
 FPRS = (0.01, 0.001, 0.0001)
 DEFAULT_FPR = 0.001
@@ -37,7 +37,8 @@ def score_subjects(package: ModelPackage, subjects: list[Subject], methods=None,
         image = as_3d(read_image(s.image))
         mask = as_3d(read_image(s.mask, "MASK")) if s.mask else None
         t0 = time.perf_counter()
-        res = score_volume(image, package, methods, mask=mask, device=device, model=model)
+        res = score_volume(image, package, methods, mask=mask, device=device, model=model,
+                           study=read_study(s, image))
         if progress:
             progress(f"scored {s.id} ({i + 1}/{len(subjects)}) in {time.perf_counter() - t0:.1f} s")
         yield s, res

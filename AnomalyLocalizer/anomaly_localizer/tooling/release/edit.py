@@ -23,18 +23,25 @@ from ...core.package import (
 from ...core.package import resolve_package
 from ...errors import InputError
 from ..data import Subject, find_subjects
+from ..rendering import rendered_contrast
 
 SUBJECT_SETS = ("all", "calibration", "test", "val")
 
 
-def subjects_of(package: ModelPackage, data: str, which: str, choosable: bool = True) -> list[Subject]:
+def subjects_of(package: ModelPackage, data: str, which: str, choosable: bool = True,
+                contrasts: list[str] | None = None) -> list[Subject]:
     """The scans of ``data`` in the model's recorded subject set ``which`` (or all of them).
-    ``choosable``: the command offers ``--subjects`` (the advice names it only then)."""
+    ``choosable``: the command offers ``--subjects`` (the advice names it only then).
+    Renderings (``<subject>~<contrast>~<k>``) count only in the contrasts the model reads
+    (or ``contrasts``); a subject's set is its source subject's."""
+    from ..rendering import source_subject
+    reads = (None, *(contrasts or package.contract.contrasts))
     subjects = find_subjects(data)
     if which == "all":
-        return subjects
+        return [s for s in subjects if rendered_contrast(s.id) in reads]
     recorded = set(package.meta.get("provenance", {}).get("subjects", {}).get(which, []))
-    chosen = [s for s in subjects if s.id in recorded]
+    chosen = [s for s in subjects if (s.id in recorded or source_subject(s.id) in recorded)
+              and rendered_contrast(s.id) in reads]
     if not chosen:
         advice = ("pass --subjects all to use every scan there (they must be healthy and not used for training)"
                   if choosable else "give the data folder the model was made from")
@@ -113,10 +120,13 @@ def building(out: Path):
 
 def release_package(source: str | Path, out: str | Path, data: str, meta_file: str | None = None, half: bool = False,
                     force: bool = False, device: str = "cpu",
-                    progress: Callable[[str], None] | None = None) -> tuple[ModelPackage, int]:
+                    progress: Callable[[str], None] | None = None,
+                    contrast: str | None = None) -> tuple[ModelPackage, int]:
     """Turn a trained package into a shippable one: new name, optional float16 weights,
-    descriptive metadata, recalibrated (the weights may have changed). Returns the package and
-    the number of calibration subjects."""
+    descriptive metadata, recalibrated (the weights may have changed). ``contrast``: the one
+    contrast the released model reads (a network trained on renderings of several contrasts
+    is released once per contrast, each calibrated on its own renderings). Returns the package
+    and the number of calibration subjects."""
     from .calibrate import calibrate_package
 
     src = load_package(source)
@@ -136,6 +146,8 @@ def release_package(source: str | Path, out: str | Path, data: str, meta_file: s
             raise InputError(f"{meta_file} must hold a JSON object of model.json keys")
         meta.update(extra)
     meta["name"] = out.name
+    if contrast is not None:
+        meta["input_contract"] = {**meta["input_contract"], "contrasts": [contrast], "optional_contrasts": []}
     meta["calibration"] = {}
     meta.setdefault("provenance", {})["data"] = str(data)  # as given, not this machine's absolute path
     meta["weights_dtype"] = "float16" if half else "float32"
@@ -149,7 +161,8 @@ def release_package(source: str | Path, out: str | Path, data: str, meta_file: s
     return load_package(out), len(subjects)
 
 
-def write_index(folder: str | Path, default: str | None = None, brain_extraction: str | None = None) -> dict[str, Any]:
+def write_index(folder: str | Path, default: str | None = None, brain_extraction: str | None = None,
+                prefer: list[str] | None = None) -> dict[str, Any]:
     """Write FOLDER/index.json: the default models and each package's pinned manifest hash."""
     folder = Path(folder)
     old = json.loads((folder / "index.json").read_text()) if (folder / "index.json").is_file() else {}
@@ -165,5 +178,12 @@ def write_index(folder: str | Path, default: str | None = None, brain_extraction
              "brain_extraction": brain_extraction or old.get("brain_extraction") or
              (extraction[0] if extraction else None),
              "models": models}
+    kept = old.get("preference") if isinstance(old.get("preference"), list) else []
+    unknown = [n for n in prefer or [] if n not in models]
+    if unknown:
+        raise InputError(f"--prefer {', '.join(unknown)}: not a model of {folder}")
+    preference = [n for n in (prefer if prefer is not None else kept) if n in models]
+    if preference:  # the order in which models of several contrasts are chosen (core.study.preference)
+        index["preference"] = preference
     (folder / "index.json").write_text(json.dumps(index, indent=2) + "\n")
     return index

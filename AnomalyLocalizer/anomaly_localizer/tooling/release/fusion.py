@@ -93,8 +93,11 @@ def fused_meta(components: list[tuple[ModelPackage, str]], rule: str, name: str,
         "summary": f"Fused default map: the {'weighted mean' if rule == 'weighted' else rule} of the healthy anomaly "
                    f"levels of {methods}",
         "architecture": arch.model_dump(),
-        # The contract of the finest component: what the fused map's resolution is limited by.
-        "input_contract": finest.meta["input_contract"],
+        # The contract of the finest component (what the fused map's resolution is limited by),
+        # reading every contrast a component reads, in the components' order.
+        "input_contract": {**finest.meta["input_contract"],
+                           "contrasts": list(dict.fromkeys(c for p, _ in components for c in p.contract.contrasts)),
+                           "optional_contrasts": []},
         "recommended_method": "fused",
         "calibration": {},
         "provenance": {"engine_version": __version__, "subjects": _splits_agree(components),
@@ -127,7 +130,8 @@ def component_levels(components: list[tuple[ModelPackage, str]], subjects, per_s
     for case in source:
         levels, brain, slices = {}, None, {}
         for name, (p, ms) in by_model.items():
-            res = score_volume(case.image, p, ms, mask=case.mask, device=str(dev), model=nets[name])
+            res = score_volume(case.image, p, ms, mask=case.mask, device=str(dev), model=nets[name],
+                               study=getattr(case, "study", None))
             brain, axis = res.brain_mask, 2 - res.axial_axis  # numpy axis of the axial index
             for m in ms:
                 levels[m] = (res.maps[m] / level_scale(p.calibration, m)[0]).astype(np.float32)
@@ -303,11 +307,13 @@ def make_fused(specs: list[str], out: str | Path, data: str | None, rule: str = 
     if not isinstance(extra, dict):
         raise InputError(f"{meta_file} must hold a JSON object of model.json keys")
     components = parse_components(specs)
+    # renderings of any contrast a component reads (with the T1 they were rendered from, a study)
+    contrasts = list(dict.fromkeys(c for p, _ in components for c in p.contract.contrasts))
     selection, weights, slice_parts = None, None, None
     if rule == "auto":
         if not data:
             raise InputError("choosing the rule needs the healthy data folder (--data)")
-        val = subjects_of(components[0][0], data, "val", choosable=False)
+        val = subjects_of(components[0][0], data, "val", choosable=False, contrasts=contrasts)
         cases = component_levels(components, val, per_subject, device, say)
         real = component_levels(components, [], 0, device, say, cases_in=select_cases) if select_cases else None
         selection = choose_rule(cases, [m for _, m in components], say, real)
@@ -330,6 +336,6 @@ def make_fused(specs: list[str], out: str | Path, data: str | None, rule: str = 
         package = save_package(None, meta, tmp)
         if calibrate and data:
             from .calibrate import calibrate_package
-            calibration = subjects_of(components[0][0], data, "calibration", choosable=False)
+            calibration = subjects_of(components[0][0], data, "calibration", choosable=False, contrasts=contrasts)
             package = calibrate_package(package, calibration, device=device, progress=say)
     return load_package(out)

@@ -116,15 +116,21 @@ def render_card(package: ModelPackage, extra_sections: str = "") -> str:
     prov, training = meta.get("provenance", {}), meta.get("training", {})
     subjects = prov.get("subjects", {})
     cfg = training.get("config", {})
+    reads = " + ".join(c.upper() for c in package.contract.contrasts)
+    optional = package.contract.optional_contrasts
+    first_note = f"\n**{meta['calibration_note']}**\n" if meta.get("calibration_note") else ""
     return f"""# {package.name}
 
+**Reads: {reads}**{f" ({', '.join(c.upper() for c in optional)} optional)" if optional else ""}. The engine
+never runs it on another contrast (docs/contrasts.md).
+{first_note}
 {meta.get('summary', '')}
 
 {meta.get('description', '')}
 
 ## Model
 {_family_lines(package)}
-- Input contract: {contract['modality']} brain MRI, {contract['orientation']} slices of
+- Input contract: {reads} brain MRI, {contract['orientation']} slices of
   {contract['slice_size']}x{contract['slice_size']} pixels at {contract['spacing_mm']:g} mm{_context(contract)}
   (field of view {contract['slice_size'] * contract['spacing_mm']:g} mm, centred on the brain), intensities normalised per
   volume inside the brain ({contract['normalisation']['method']}: median to {contract['normalisation'].get('median_to')},

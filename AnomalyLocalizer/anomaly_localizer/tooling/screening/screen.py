@@ -90,24 +90,18 @@ def _threads_for_this_worker(threads: int | None) -> None:
 
 def screen_one(scan: Scan, key: str, out: str, options: ScreenOptions, redo: bool = False,
                threads: int | None = None) -> Row:
-    """Score one scan into ``out/<id>`` and return its worklist row. Never raises for a
-    problem of the scan (it becomes the row's error); only an interruption propagates."""
-    from ...core.imageio import as_3d, read_image
-    from ...core.pipeline import score_volume
-    from ...core.results import resolve_threshold, run_summary, write_results
+    """Score one scan (or study) into ``out/<id>`` exactly as ``score`` does
+    (:func:`anomaly_localizer.core.scoring.score_study`) and return its worklist row. Never
+    raises for a problem of the scan (it becomes the row's error); only an interruption
+    propagates."""
+    from ...core.scoring import score_study
     from .thumbnail import render_thumbnail, write_png
 
     t0 = time.perf_counter()
     _threads_for_this_worker(threads)
     row = Row(scan.id, scan.path, series=scan.series, mask=scan.mask, sha256=key)
-    try:
-        package, model = _package_and_model(options)
-        image = as_3d(read_image(scan.path, "INPUT", scan.series))
-        mask = as_3d(read_image(scan.mask, "MASK")) if scan.mask else None
-        methods = list(options.methods)
-        result = score_volume(image, package, methods, mask=mask, device=options.device, model=model,
-                              brain_extraction=options.brain_extraction)
-        chosen = resolve_threshold(package, result, methods[0], options.threshold, options.threshold_level)
+
+    def annotate(result, package, chosen, study):
         primary = result.info["primary_slice_score"]
         per_slice = result.slice_scores.get(primary)
         top = int(np.nanargmax(per_slice)) if per_slice is not None and np.isfinite(per_slice).any() else None
@@ -119,8 +113,6 @@ def screen_one(scan: Scan, key: str, out: str, options: ScreenOptions, redo: boo
                                                 "score is at most this scan's (percent)",
                      "top_slice": top, "top_slice_score": primary, "top_slice_percentile": top_pct,
                      "seconds": time.perf_counter() - t0}
-        summary = run_summary(package, result, chosen, input=scan.path, series=scan.series, mask=scan.mask)
-        summary["screening"] = screening
         scale, _ = levels.level_scale(package.calibration, chosen.method, result.maps[chosen.method],
                                       result.brain_mask)
 
@@ -129,10 +121,17 @@ def screen_one(scan: Scan, key: str, out: str, options: ScreenOptions, redo: boo
             findings = written.get("findings") or []
             where = findings[0]["peak_index_ijk"][result.axial_axis] if findings else top
             if where is not None:
-                write_png(render_thumbnail(image, result.maps[chosen.method] / scale, seg, result.brain_mask, where,
-                                           chosen.level), folder / THUMBNAIL)
+                write_png(render_thumbnail(study.reference, result.maps[chosen.method] / scale, seg,
+                                           result.brain_mask, where, chosen.level), folder / THUMBNAIL)
+        return {"series": scan.series, "screening": screening}, thumbnail
 
-        written = write_results(Path(out) / scan.id, image, result, chosen, summary, force=redo, extras=thumbnail)
+    try:
+        package, model = _package_and_model(options)
+        written = score_study(scan.inputs(), Path(out) / scan.id, contrasts=list(scan.contrasts) or None,
+                              model=package, methods=list(options.methods), mask=scan.mask,
+                              brain_extraction=options.brain_extraction, threshold=options.threshold,
+                              threshold_level=options.threshold_level, device=options.device, force=redo,
+                              network=model, annotate=annotate)
         row = row_from_summary(row, written)
     except AnomalyLocalizerError as exc:
         row.status, row.error = FAILED, str(exc)
@@ -297,17 +296,18 @@ def check_same_options(out: Path, options: ScreenOptions, force: bool) -> None:
 
 def run_screening(inputs: list[str], out: Path, options: ScreenOptions, workers: int | None = None,
                   cluster: str | None = None, retry_failed: bool = False, progress: Progress | None = None,
-                  say: Callable[[str], None] | None = None, force: bool = False) -> list[Row]:
+                  say: Callable[[str], None] | None = None, force: bool = False, studies: bool = False) -> list[Row]:
     """Screen every scan the inputs name into ``out``; return the ranked rows.
     ``workers`` 1 (and no ``cluster``) scores in this process; otherwise on Dask. An earlier
-    worklist in ``out`` is resumed; one made with other options only with ``force``."""
+    worklist in ``out`` is resumed; one made with other options only with ``force``.
+    ``studies``: each sub-folder of a folder input is one study of several scans."""
     out = Path(out)
     check_folder(out)
     known: dict[tuple[str, str | None], str] = {}
     if (out / WORKLIST_JSON).is_file():
         check_same_options(out, options, force)
         known = earlier_ids(out)
-    scans, messages = find_scans(inputs, exclude=out, known=known)
+    scans, messages = find_scans(inputs, exclude=out, known=known, studies=studies)
     gone = len(set(known) - {(s.path, s.series) for s in scans})
     if gone:
         messages.append(f"{gone} scan(s) of the earlier worklist are not among the inputs now; their folders are kept "

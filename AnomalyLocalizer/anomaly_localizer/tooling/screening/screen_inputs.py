@@ -7,7 +7,12 @@ stable id (its results folder's name) and a content hash.
   labels (``*mask*``, ``*seg*``, ``*label*`` as a word of the name) are not scans; give masks
   through a CSV.
 - A CSV file lists scans in a ``path`` column, with optional ``mask`` and ``id`` columns;
-  relative paths are relative to the CSV file's folder.
+  relative paths are relative to the CSV file's folder. A row is a study of several
+  co-registered scans when it has ``path_2`` (``path_3``, ...) columns, each scan's contrast
+  optionally in ``contrast`` (``contrast_2``, ...); maps go on the first scan's grid.
+- With ``studies``, every sub-folder of a folder is one study: its image files and DICOM
+  series (in name order, the first the reference) are scored together, their contrasts
+  recognised (:mod:`anomaly_localizer.core.study`).
 """
 
 from __future__ import annotations
@@ -41,9 +46,15 @@ class Scan:
     path: str
     series: str | None = None  # DICOM series instance UID when ``path`` is a folder
     mask: str | None = None
+    more: tuple[tuple[str, str | None], ...] = ()  # a study's further scans: (path, DICOM series)
+    contrasts: tuple[str | None, ...] = ()  # given contrasts, one per scan (None: recognise); () all recognised
 
     def label(self) -> str:
         return f"{self.path} (DICOM series {self.series})" if self.series else self.path
+
+    def inputs(self) -> list[tuple[str, str | None]]:
+        """Every scan of the study, the reference first."""
+        return [(self.path, self.series), *self.more]
 
 
 def _is_image(path: Path) -> bool:
@@ -119,14 +130,21 @@ def _read_csv(path: Path) -> list[tuple[str, str, Scan]]:
         row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
         if not row.get("path"):
             raise InputError(f"the list {path}, line {i}: the path is empty; give a file or DICOM folder")
-        scan_path = (path.parent / row["path"]).resolve()
         mask = str((path.parent / row["mask"]).resolve()) if row.get("mask") else None
-        name = row.get("id") or _stem(scan_path)
-        series = None
-        if scan_path.is_dir():
-            uids = dicom_series_in(scan_path)
-            series = uids[0] if len(uids) == 1 else None  # several: the reader says so in the row
-        out.append((name, name, Scan("", str(scan_path), series=series, mask=mask)))
+        located = []
+        for k, key in enumerate(["path"] + [f"path_{n}" for n in range(2, 10)]):
+            if not row.get(key):
+                break
+            scan_path = (path.parent / row[key]).resolve()
+            series = None
+            if scan_path.is_dir():
+                uids = dicom_series_in(scan_path)
+                series = uids[0] if len(uids) == 1 else None  # several: the reader says so in the row
+            located.append((str(scan_path), series, row.get("contrast" if k == 0 else f"contrast_{k + 1}") or None))
+        name = row.get("id") or _stem(Path(located[0][0]))
+        contrasts = tuple(c for _, _, c in located) if any(c for _, _, c in located) else ()
+        out.append((name, name, Scan("", located[0][0], series=located[0][1], mask=mask,
+                                     more=tuple((p, s) for p, s, _ in located[1:]), contrasts=contrasts)))
         line.append(i)
     seen: dict[tuple[str, str | None], int] = {}
     for (name, _, scan), i in zip(out, line):
@@ -139,12 +157,31 @@ def _read_csv(path: Path) -> list[tuple[str, str, Scan]]:
     return out
 
 
+def _studies_in(root: Path, exclude: Path | None) -> tuple[list[tuple[str, str, Scan]], list[str]]:
+    """One study per sub-folder of ``root``: its scans (image files and DICOM series, mask-like
+    names left out) in name order, the first the reference."""
+    found, messages = [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if exclude is not None and (folder == exclude or exclude in folder.parents):
+            continue
+        scans, _ = _search_folder(folder, None)
+        if not scans:
+            messages.append(f"{folder}: no image files or DICOM series found; not a study")
+            continue
+        parts = [(sc.path, sc.series) for _, _, sc in sorted(scans, key=lambda t: (t[2].path, t[2].series or ""))]
+        found.append((folder.name, "_".join([root.name, folder.name]),
+                      Scan("", parts[0][0], series=parts[0][1], more=tuple(parts[1:]))))
+    return found, messages
+
+
 def find_scans(inputs: list[str], exclude: Path | None = None,
-               known: dict[tuple[str, str | None], str] | None = None) -> tuple[list[Scan], list[str]]:
+               known: dict[tuple[str, str | None], str] | None = None,
+               studies: bool = False) -> tuple[list[Scan], list[str]]:
     """Every scan the inputs name, with unique ids, in a stable order; and messages about
     what was left out. A path that does not exist is refused before any work. ``known``:
     the ids an earlier run gave scans ((path, series) -> id); those scans keep them, so a
-    rerun with inputs added or removed never renames a screened scan's folder."""
+    rerun with inputs added or removed never renames a screened scan's folder. ``studies``:
+    every sub-folder of a folder input is one study of several scans (:func:`_studies_in`)."""
     pairs: list[tuple[str, str, Scan]] = []
     messages: list[str] = []
     exclude = exclude.resolve() if exclude is not None else None
@@ -156,6 +193,12 @@ def find_scans(inputs: list[str], exclude: Path | None = None,
             pairs += _read_csv(p)
         elif p.is_file():
             pairs.append((_stem(p), _stem(p), Scan("", str(p.resolve()))))
+        elif studies:
+            found, notes = _studies_in(p.resolve(), exclude)
+            messages += notes
+            if not found:
+                messages.append(f"{given}: no sub-folder holds a study")
+            pairs += found
         else:
             found, skipped = _search_folder(p.resolve(), exclude)
             if skipped:
@@ -184,14 +227,15 @@ def find_scans(inputs: list[str], exclude: Path | None = None,
     scans = []
     for (short, long, scan), key in zip(unique, shorts):
         if (scan.path, scan.series) in kept:
-            scans.append(Scan(kept[(scan.path, scan.series)], scan.path, scan.series, scan.mask))
+            scans.append(Scan(kept[(scan.path, scan.series)], scan.path, scan.series, scan.mask, scan.more,
+                              scan.contrasts))
             continue
         base = safe_id(short) if counts[key] == 1 else safe_id(long)
         sid, n = base, 2
         while sid.lower() in used:  # case-insensitive: folders on macOS and Windows
             sid, n = f"{base}-{n}", n + 1
         used.add(sid.lower())
-        scans.append(Scan(sid, scan.path, scan.series, scan.mask))
+        scans.append(Scan(sid, scan.path, scan.series, scan.mask, scan.more, scan.contrasts))
     return scans, messages
 
 
@@ -206,18 +250,23 @@ def content_sha256(scan: Scan) -> str:
     file), or the series' files in slice order; and the mask's. Unreadable parts hash
     their error, so a scan that cannot be read still gets a stable key."""
     h = hashlib.sha256()
-    path = Path(scan.path)
     try:
-        if scan.series:
-            files = [Path(f) for f in dicom_series_files(path, scan.series)]
-        elif path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file())
-        else:
-            files = [path] + [path.with_name(_stem(path) + s) for s in _DATA_SUFFIXES
-                              if path.with_name(_stem(path) + s).is_file()]
-        for f in files:
-            h.update(f.name.encode() + b"\0")
-            _hash_file(h, f)
+        for n, (where, uid) in enumerate(scan.inputs()):
+            path = Path(where)
+            if n:  # a study's further scans, and the contrasts given (the first scan alone hashes as before)
+                h.update(f"scan {n}\0".encode())
+            if uid:
+                files = [Path(f) for f in dicom_series_files(path, uid)]
+            elif path.is_dir():
+                files = sorted(p for p in path.iterdir() if p.is_file())
+            else:
+                files = [path] + [path.with_name(_stem(path) + s) for s in _DATA_SUFFIXES
+                                  if path.with_name(_stem(path) + s).is_file()]
+            for f in files:
+                h.update(f.name.encode() + b"\0")
+                _hash_file(h, f)
+        if scan.contrasts:
+            h.update(("contrasts " + ",".join(c or "-" for c in scan.contrasts)).encode())
         if scan.mask:
             h.update(b"mask\0")
             _hash_file(h, Path(scan.mask))

@@ -134,6 +134,8 @@ class SliceContract:
 
     spacing_mm: float = 2.0  # the data's native resolution: a 6 mm anomaly is three pixels
     modality: str = "T1w"
+    init_from: str | None = None  # a package whose weights the network starts from
+    contrasts: list[str] | None = None  # the input contract's; None: t1, or a rendering folder's first contrast
     seed: int = 0  # also the subject split: the same seed splits as the other models do
     batch_size: int = 16
     weight_decay: float = 1e-4
@@ -150,7 +152,8 @@ class SliceContract:
     def contract(self) -> dict[str, Any]:
         from ...core.volume import NORMALISATION
         arch = self.architecture  # type: ignore[attr-defined]
-        return {"modality": self.modality, "orientation": "axial",  # type: ignore[attr-defined]
+        return {"modality": self.modality, "contrasts": list(self.contrasts or ["t1"]),
+                "orientation": "axial",  # type: ignore[attr-defined]
                 "slice_size": int(arch["slice_size"]), "spacing_mm": float(self.spacing_mm),  # type: ignore[attr-defined]
                 "normalisation": NORMALISATION, "context_slices": int(arch["in_channels"])}
 
@@ -248,8 +251,24 @@ def set_up(data: str | Path, out: Path, cfg: Any, arch_type: str, resume: bool, 
     use_bf16 = dev.type == "cpu" and (cpu_has_bf16() if cfg.bf16 is None else cfg.bf16)
     torch.manual_seed(cfg.seed)
     memory = torch.channels_last if use_bf16 else torch.contiguous_format  # channels-last helps bf16 only
-    net = build_network({"type": arch_type, **cfg.architecture}).to(dev).to(memory_format=memory)
+    net = build_network({"type": arch_type, **cfg.architecture})
+    if cfg.init_from and not resume:
+        net.load_state_dict(initial_weights(cfg.init_from, arch_type, cfg.architecture).state_dict())
+        say(f"starting from the weights of {cfg.init_from}")
+    net = net.to(dev).to(memory_format=memory)
     run = start_run(net, cfg, out, resume, say)
     return Setup(dev, split, by_id, train_set, val_set, run, use_bf16, memory,
                  torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16))
 
+
+
+def initial_weights(model: str, arch_type: str, architecture: dict[str, Any]) -> torch.nn.Module:
+    """The network of installed model or package ``model``, refused unless it is ``arch_type``
+    with the same architecture (a fine-tuning starts from it)."""
+    from ...core.package import resolve_package
+    package = resolve_package(model)
+    theirs = {k: v for k, v in package.architecture.items() if k != "type"}
+    if package.arch_type != arch_type or theirs != {k: v for k, v in architecture.items() if k in theirs}:
+        raise InputError(f"--init {model}: its architecture ({package.arch_type} {theirs}) is not the one trained "
+                         f"here ({arch_type} {architecture}); start from a model of the same architecture")
+    return package.load_model("cpu")

@@ -1,0 +1,181 @@
+"""Score one study into a results folder: the engine's use case, which the command line's
+``score`` and the Python API call (argument parsing around it, as TorchIO's command line is).
+
+Everything that can be refused is checked before any scoring and before any write, in one
+order: the output folder, the contrasts given, the methods, the inputs (readable, one grid
+or overlapping), the brain mask, each input's contrast, the model that reads them, the
+threshold. Then the model scores, and the folder is written all or nothing
+(:func:`.results.write_results`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import InputError
+
+ProgressFn = Callable[[float, str], None]
+
+
+Input = "str | Path | tuple[str, str | None]"  # a file or DICOM folder, or (DICOM folder, series UID)
+Annotate = Callable[..., "tuple[dict[str, Any], Callable[[Path, np.ndarray, dict[str, Any]], None] | None]"]
+
+
+def score_study(inputs: Sequence[Input], out: str | Path, contrasts: Sequence[str | None] | None = None,
+                model: str | None = None, methods: Sequence[str] | None = None, mask: str | Path | None = None,
+                brain_extraction: str = "auto", threshold: float | None = None, threshold_level: float | None = None,
+                device: str = "auto", force: bool = False, progress: ProgressFn | None = None,
+                cancel: Callable[[], bool] | None = None, network: Any = None,
+                annotate: Annotate | None = None) -> dict[str, Any]:
+    """Score the co-registered scans ``inputs`` of one study (files or DICOM folders; maps
+    on the first one's grid) into ``out`` and return the summary as written.
+
+    ``contrasts``: one per input (``t1``, ``t1c``, ``t2``, ``flair``, ``pd``; None for one
+    to recognise), or None to have each read from its DICOM header or recognised from its
+    image (:mod:`.study`). ``model``: a model name or folder, or None for the installed
+    model that reads the study's contrasts. ``network``: that model's network, already
+    loaded (screening loads it once per worker). ``annotate(result, package, threshold,
+    study)`` returns what a caller adds to the summary and a function that adds files to the
+    folder before it is published (screening: its ranking record and a thumbnail). The other
+    arguments are the ``score`` command's.
+    """
+    from .imageio import as_3d, read_image
+    from .installed import check_methods
+    from .results import check_output_dir, check_threshold_options, resolve_threshold, run_summary, write_results
+    from .study import Study, StudyInput, check_given
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    if not inputs:
+        raise InputError("no input given; give one or more scans of one study")
+    check_output_dir(out, force)
+    given = check_given(contrasts, len(inputs))
+    if methods:
+        check_methods(list(methods))
+    many = len(inputs) > 1
+
+    def read(k: int, item) -> StudyInput:
+        path, series = (item if isinstance(item, tuple) else (item, None))
+        what = f"INPUT {k + 1}" if many else "INPUT"
+        return StudyInput(str(path) + (f" (DICOM series {series})" if series else ""),
+                          as_3d(read_image(path, what, series)))
+    study = Study([read(k, p) for k, p in enumerate(inputs)])
+    mask_image = as_3d(read_image(mask, "MASK")) if mask else None
+    plan = plan_study(study, given, mask_image, model, methods, brain_extraction, device, progress)
+    check_threshold_options(plan.package, plan.methods[0], threshold, threshold_level)
+    t_read = time.perf_counter() - t0
+
+    result = run_plan(plan, device, progress, cancel, brain_extraction, network)
+    chosen = resolve_threshold(plan.package, result, plan.methods[0], threshold, threshold_level)
+    first = inputs[0][0] if isinstance(inputs[0], tuple) else inputs[0]
+    summary = run_summary(plan.package, result, chosen, input=str(Path(first).resolve()),
+                          mask=str(Path(mask).resolve()) if mask else None)
+    summary.update(plan.record())
+    summary["timings_s"] = {"read": t_read, **summary["timings_s"]}
+    extras = None
+    if annotate is not None:
+        added, extras = annotate(result, plan.package, chosen, study)
+        summary.update(added)
+    return write_results(out, study.reference, result, chosen, summary, force=force, extras=extras)
+
+
+@dataclass
+class StudyPlan:
+    """A study with everything decided before scoring: its brain (and where it came from),
+    each input's contrast, the model that reads them and the contrasts it uses."""
+
+    study: Any
+    brain: np.ndarray
+    brain_source: str
+    package: Any
+    methods: list[str]
+    used: list[str]
+
+    def record(self) -> dict[str, Any]:
+        """What summary.json says of the inputs (:meth:`.study.Study.record`)."""
+        out: dict[str, Any] = {"inputs": self.study.record(self.used), "contrasts_read": list(self.used)}
+        if self.study.notes:
+            out["input_notes"] = list(self.study.notes)
+        return out
+
+
+def plan_study(study, given: Sequence[str | None], mask: sitk.Image | None, model: Any = None,
+               methods: Sequence[str] | None = None, brain_extraction: str | None = "auto", device: str = "auto",
+               progress: ProgressFn | None = None) -> StudyPlan:
+    """The engine's rules for a study read into memory (:mod:`.study`), in one order: the
+    contrasts given or in DICOM headers, every input on the first one's grid, the brain,
+    each input's contrast (recognised where not known), the model that reads them (``model``
+    given or chosen), its methods; inputs it does not read are noted. Refuses (InputError or
+    PackageError) before any scoring. The Slicer logic's in-process run uses it as is."""
+    from .installed import check_methods
+    from .study import (
+        align,
+        check_extraction,
+        choose_model,
+        evidence_without_image,
+        inputs_text,
+        reads,
+        recognise,
+        unknown_contrast_message,
+    )
+
+    for inp, g in zip(study.inputs, given):
+        inp.evidence = evidence_without_image(inp.image, g)
+    align(study)
+    brain, source = study_brain(study, mask, brain_extraction, device, progress)
+    recognise(study, given, brain)
+    check_extraction(study)
+    unknown = [i for i in study.inputs if i.contrast is None]
+    if unknown:
+        raise InputError(unknown_contrast_message(unknown[0]))
+    package = choose_model(study.contrasts, model, methods, lambda: inputs_text(study))
+    chosen = check_methods(list(methods) if methods else package.default_methods(), package)
+    _, used = reads(package, study.contrasts)
+    for i in study.inputs:
+        if i.contrast not in used:
+            study.notes.append(f"{i.source} ({i.contrast}) is recorded but not used: model {package.name} reads "
+                               f"{', '.join(package.contract.contrasts)}")
+    return StudyPlan(study, brain, source, package, chosen, list(used))
+
+
+def run_plan(plan: StudyPlan, device: str = "auto", progress: ProgressFn | None = None,
+             cancel: Callable[[], bool] | None = None, brain_extraction: str | None = "auto",
+             network: Any = None):
+    """Score a planned study: maps on its first input's grid (:func:`.pipeline.score_volume`)."""
+    from .pipeline import score_volume
+    mask_img = sitk.GetImageFromArray(plan.brain.astype(np.uint8))
+    mask_img.CopyInformation(plan.study.reference)
+    result = score_volume(plan.study.reference, plan.package, plan.methods, mask=mask_img, device=device,
+                          progress=progress, cancel=cancel, brain_extraction=brain_extraction,
+                          study=plan.study.images(), model=network)
+    result.info["brain_mask_source"] = plan.brain_source
+    return result
+
+
+def study_brain(study, mask: sitk.Image | None, brain_extraction: str | None, device: str,
+                progress: ProgressFn | None) -> tuple[np.ndarray, str]:
+    """The study's brain mask on the first input's grid and where it came from: the mask
+    given, the first input's non-zero region when it is skull-stripped, else brain extraction
+    on the study's T1 (given or from its header) or, failing one, on the first input; the
+    extraction model's contrasts are checked once the contrasts are known (:func:`check_extraction`)."""
+    from .device import select_device
+    from .pipeline import find_brain
+    from .volume import brain_mask
+
+    if mask is not None:
+        return brain_mask(study.reference, mask), "given"
+    try:
+        return brain_mask(study.reference, None, None), "non-zero region of a skull-stripped input"
+    except InputError:
+        if brain_extraction in (None, "off"):
+            raise
+    target = next((i for i in study.inputs if i.contrast in ("t1", "t1c")), study.inputs[0])
+    arr, source = find_brain(target.image, None, brain_extraction, select_device(device), progress)
+    study.extracted_on = target
+    return arr, source + (f" on {target.source}" if len(study.inputs) > 1 else "")
