@@ -162,10 +162,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if bool(args.synthetic) == bool(args.cases):
         raise InputError("give either --synthetic DATA (healthy scans) or --cases DIR (cases with ground truth)")
     if args.synthetic:
-        if len(contrasts) > 1:
-            raise InputError("--synthetic takes one contrast; give several only with --cases")
-        subjects = [s for s in subjects_of(package, args.synthetic, args.subjects)
-                    if rendered_contrast(s.id) in (None, contrasts[0])]
+        # the anomalies go into the scans (or renderings) of the first contrast; a rendering's
+        # study adds the T1 it was rendered from, unchanged
+        subjects = [s for s in subjects_of(package, args.synthetic, args.subjects, contrasts=contrasts)
+                    if rendered_contrast(s.id) in (None, contrasts[0])
+                    and all(c in (contrasts[0], *dict(s.others)) for c in contrasts)]
         if not subjects:
             raise InputError(f"none of the model's {args.subjects} subjects in {args.synthetic} is a "
                              f"{contrasts[0]} scan or rendering")

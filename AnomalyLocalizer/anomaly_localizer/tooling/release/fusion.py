@@ -65,11 +65,12 @@ def parse_components(specs: list[str]) -> list[tuple[ModelPackage, str]]:
 def _splits_agree(components: list[tuple[ModelPackage, str]]) -> dict[str, list[str]]:
     """The subject split the components share; refused when a component trained on another
     component's calibration or validation subjects (the fused figures would not be held out)."""
+    from ..rendering import source_subject  # a rendering counts as the subject it was rendered from
     splits = [p.meta.get("provenance", {}).get("subjects", {}) for p, _ in components]
     first = splits[0]
-    trained = set().union(*(set(s.get("train", [])) for s in splits))
+    trained = {source_subject(i) for s in splits for i in s.get("train", [])}
     for key in ("calibration", "val", "test"):
-        if trained & set(first.get(key, [])):
+        if trained & {source_subject(i) for s in splits for i in s.get(key, [])}:
             raise InputError(f"a component was trained on subjects that are {key} subjects of "
                              f"{components[0][0].name}; fuse models trained with the same subject split")
     return first
