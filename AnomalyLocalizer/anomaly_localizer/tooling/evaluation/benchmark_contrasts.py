@@ -35,9 +35,11 @@ def _write_cases(data: Path, renders: Path, folder: Path) -> dict[str, list[tupl
         raise InputError(f"no subject of {data} has a FLAIR rendering in {renders}; make them with "
                          "anomaly-localizer render")
     flair = rendered[f"{pick.id}~flair~0"]
-    t1 = one_mm_grid(sitk.ReadImage(str(pick.image)))
-    fl = sitk.Resample(sitk.ReadImage(str(flair.image)), t1, sitk.Transform(), sitk.sitkLinear, 0.0)
-    mask = sitk.Resample(sitk.ReadImage(str(flair.mask)), t1, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    source = sitk.ReadImage(str(pick.image), sitk.sitkFloat32)
+    grid = one_mm_grid(source)  # an empty 1 mm grid around the head
+    t1 = sitk.Resample(source, grid, sitk.Transform(), sitk.sitkLinear, 0.0)
+    fl = sitk.Resample(sitk.ReadImage(str(flair.image), sitk.sitkFloat32), grid, sitk.Transform(), sitk.sitkLinear, 0.0)
+    mask = sitk.Resample(sitk.ReadImage(str(flair.mask)), grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     paths = {"t1": folder / "t1_1mm.nii.gz", "flair": folder / "flair_1mm.nii.gz", "mask": folder / "mask_1mm.nii.gz"}
     sitk.WriteImage(t1, str(paths["t1"]))
     sitk.WriteImage(fl, str(paths["flair"]))
