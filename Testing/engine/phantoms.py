@@ -54,6 +54,17 @@ def make_tiny_lsr_package(path, seed: int = 0, scoring: dict | None = None):
     return save_package(model, meta, path, card="# tiny LSR test model\n")
 
 
+def make_tiny_package_reading(path, contrasts, optional=(), seed: int = 0):
+    """A tiny calibrated VAE package that reads ``contrasts`` (``optional`` among them)."""
+    from anomaly_localizer.core.package import load_package, update_meta
+    pkg = make_tiny_package(path, seed=seed, calibration=TINY_CALIBRATION)
+    meta = dict(pkg.meta)
+    meta["input_contract"] = {**meta["input_contract"], "contrasts": list(contrasts),
+                              "optional_contrasts": list(optional)}
+    update_meta(pkg.path, meta)
+    return load_package(pkg.path)
+
+
 def phantom_array(shape_zyx=(30, 48, 40), lesion: bool = False, seed: int = 0) -> np.ndarray:
     """A skull-stripped 'brain' in canonical-ish array order (z=axial, y=AP, x=LR).
 

@@ -12,7 +12,7 @@ from anomaly_localizer.cli import main
 from anomaly_localizer.core.contrast import from_dicom, from_image, parse_contrast
 from anomaly_localizer.core.package import PackageError, load_package, save_package, update_meta
 
-from phantoms import TINY_CALIBRATION, make_tiny_package, psr_image, write_dicom_series
+from phantoms import make_tiny_package, make_tiny_package_reading, psr_image, write_dicom_series
 
 # A brain of real size (the recogniser measures depth in mm): CSF at its surface, a cortical
 # ribbon, white matter inside and two ventricles; intensities of each tissue per contrast.
@@ -111,12 +111,7 @@ def test_packages_declare_their_contrasts_and_old_ones_read_t1(tmp_path):
 
 
 def tiny_of(folder, name, contrasts, optional=()):
-    pkg = make_tiny_package(folder / name, calibration=TINY_CALIBRATION)
-    meta = dict(pkg.meta)
-    meta["input_contract"] = {**meta["input_contract"], "contrasts": list(contrasts),
-                              "optional_contrasts": list(optional)}
-    update_meta(pkg.path, meta)
-    return load_package(pkg.path)
+    return make_tiny_package_reading(folder / name, contrasts, optional)
 
 
 @pytest.fixture()

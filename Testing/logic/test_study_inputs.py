@@ -13,7 +13,6 @@ from logic_helpers import engine, flair_phantom_array, vtk
 from AnomalyLocalizerLib.logic import AnomalyLocalizerLogic
 
 from anomaly_localizer.core.contrast import contrast_from_name
-from anomaly_localizer.core.package import load_package, update_meta
 from anomaly_localizer.errors import AnomalyLocalizerError, InputError
 
 image_from, phantom_array = engine.image_from, engine.phantom_array
@@ -21,12 +20,7 @@ image_from, phantom_array = engine.image_from, engine.phantom_array
 
 def _model(folder, contrasts, optional=()):
     """A tiny calibrated model that reads ``contrasts``."""
-    pkg = engine.make_tiny_package(folder, calibration=engine.TINY_CALIBRATION)
-    meta = dict(pkg.meta)
-    meta["input_contract"] = {**meta["input_contract"], "contrasts": list(contrasts),
-                              "optional_contrasts": list(optional)}
-    update_meta(pkg.path, meta)
-    return load_package(pkg.path)
+    return engine.make_tiny_package_reading(folder, contrasts, optional)
 
 
 @pytest.fixture()
