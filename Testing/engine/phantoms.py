@@ -194,3 +194,43 @@ def write_dicom_series(arr: np.ndarray, folder, uid: str = "1.2.826.0.1.3680043.
         writer.SetFileName(str(folder / f"{k:03d}.dcm"))
         writer.Execute(s)
     return folder
+
+
+# DLMUSE indices: 1 cortical CSF, 51/52 lateral ventricles, 100 a cortical region (grey), 81 white matter
+CSF, VENT, GREY, WHITE = 1, 51, 100, 81
+
+
+def parcellation(shape=(40, 48, 44)):
+    """A DLMUSE-like parcellation of an ellipsoid brain: cortical CSF, grey, white, two ventricles."""
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    r = np.sqrt((z / 0.9) ** 2 + (y / 0.95) ** 2 + (x / 0.9) ** 2)
+    labels = np.zeros(shape, np.int32)
+    labels[r < 1] = CSF
+    labels[r < 0.93] = GREY
+    labels[r < 0.75] = WHITE
+    labels[((z / 0.25) ** 2 + (y / 0.35) ** 2 + ((np.abs(x) - 0.15) / 0.1) ** 2) < 1] = VENT
+    return labels
+
+
+def t1_of(labels, seed=0, texture=20.0):
+    """A T1 of a :func:`parcellation`: CSF < grey < white, Gaussian texture."""
+    rng = np.random.default_rng(seed)
+    values = {0: 0, CSF: 300, VENT: 280, GREY: 650, WHITE: 1000}
+    arr = np.vectorize(values.get)(labels).astype(np.float32)
+    return np.where(labels > 0, arr + rng.normal(0, texture, labels.shape), 0).astype(np.float32)
+
+
+def parcellated_folder(root, n=6, shape=(40, 48, 44)):
+    """An IXI-style folder of n parcellated phantom T1s (t1/, dlmuse/, brainmask/), 4 mm voxels."""
+    for sub in ("t1", "dlmuse", "brainmask"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    ids = [f"S{i:02d}" for i in range(n)]
+    for i, sid in enumerate(ids):
+        labels = parcellation(shape)
+        for arr, path in ((t1_of(labels, i), root / "t1" / f"{sid}_T1.nii.gz"),
+                          (labels.astype(np.uint8), root / "dlmuse" / f"{sid}_T1_DLMUSE.nii.gz"),
+                          ((labels > 0).astype(np.uint8), root / "brainmask" / f"{sid}_brainmask.nii.gz")):
+            img = sitk.GetImageFromArray(arr)
+            img.SetSpacing((4.0, 4.0, 4.0))
+            sitk.WriteImage(img, str(path))
+    return ids

@@ -6,33 +6,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from phantoms import CSF, GREY, VENT, WHITE, parcellated_folder, parcellation, t1_of
+
 from anomaly_localizer.cli import main
 from anomaly_localizer.core.package import load_package
 from anomaly_localizer.core.pipeline import score_volume
 from anomaly_localizer.tooling.data import find_subjects, split_subjects
 from anomaly_localizer.tooling.rendering import render, render_folder, rendered_contrast, source_subject
-
-# DLMUSE indices: 1 cortical CSF, 51/52 lateral ventricles, 100 a cortical region (grey), 81 white matter
-CSF, VENT, GREY, WHITE = 1, 51, 100, 81
-
-
-def parcellation(shape=(40, 48, 44)):
-    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
-    r = np.sqrt((z / 0.9) ** 2 + (y / 0.95) ** 2 + (x / 0.9) ** 2)
-    labels = np.zeros(shape, np.int32)
-    labels[r < 1] = CSF
-    labels[r < 0.93] = GREY
-    labels[r < 0.75] = WHITE
-    labels[((z / 0.25) ** 2 + (y / 0.35) ** 2 + ((np.abs(x) - 0.15) / 0.1) ** 2) < 1] = VENT
-    return labels
-
-
-def t1_of(labels, seed=0, texture=20.0):
-    rng = np.random.default_rng(seed)
-    values = {0: 0, CSF: 300, VENT: 280, GREY: 650, WHITE: 1000}
-    arr = np.vectorize(values.get)(labels).astype(np.float32)
-    return np.where(labels > 0, arr + rng.normal(0, texture, labels.shape), 0).astype(np.float32)
-
 
 def medians(arr, labels):
     return {name: float(np.median(arr[np.isin(labels, ids)]))
@@ -63,17 +43,7 @@ def test_a_rendering_keeps_the_t1_texture_and_depends_only_on_its_seed():
 
 def test_a_folder_of_renderings_is_split_by_subject_like_its_t1_folder(tmp_path):
     data = tmp_path / "ixi"
-    for sub in ("t1", "dlmuse", "brainmask"):
-        (data / sub).mkdir(parents=True)
-    ids = [f"S{i:02d}" for i in range(8)]
-    for i, sid in enumerate(ids):
-        labels = parcellation()
-        for arr, path in ((t1_of(labels, i), data / "t1" / f"{sid}_T1.nii.gz"),
-                          (labels.astype(np.uint8), data / "dlmuse" / f"{sid}_T1_DLMUSE.nii.gz"),
-                          ((labels > 0).astype(np.uint8), data / "brainmask" / f"{sid}_brainmask.nii.gz")):
-            img = sitk.GetImageFromArray(arr)
-            img.SetSpacing((4.0, 4.0, 4.0))
-            sitk.WriteImage(img, str(path))
+    ids = parcellated_folder(data, n=8)
     assert main(["render", str(data), "--contrast", "flair:2", "--contrast", "t2", "--out", str(tmp_path / "r"),
                  "-q"]) == 0
     record = json.loads((tmp_path / "r" / "rendering.json").read_text())

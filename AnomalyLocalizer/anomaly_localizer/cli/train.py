@@ -1,4 +1,5 @@
-"""``train`` (VAE, ceVAE), ``train-lsr`` (VQ-VAE and prior), ``train-dae``, ``train-ssl`` and ``train-brainmask``."""
+"""``train`` (VAE, ceVAE), ``train-lsr`` (VQ-VAE and prior), ``train-dae``, ``train-ssl``, ``train-tissue``
+and ``train-brainmask``."""
 
 from __future__ import annotations
 
@@ -52,6 +53,22 @@ def register(sub) -> None:
     ssl.add_argument("--held-out", type=lambda v: v.split(","), metavar="T1,T2",
                      help="tasks held out of training that choose the checkpoint (default poisson,source)")
     ssl.set_defaults(func=run_train_ssl)
+
+    tt = sub.add_parser("train-tissue", help="train the contrast-agnostic tissue segmenter of the anatomy-conditioned "
+                                             "score (method anatomy) on parcellated T1 scans and their renderings")
+    tt.add_argument("data", help="folder of healthy T1 scans with a dlmuse/ folder of parcellations (IXI layout)")
+    tt.add_argument("--renders", help="a folder made by `render` from DATA: its renderings train beside the T1s")
+    tt.add_argument("--out", required=True, help="model package folder to create")
+    tt.add_argument("--config", help="JSON training configuration (keys of TissueTrainConfig), or a package's "
+                                     "model.json")
+    tt.add_argument("--steps", type=int, help="training steps (batches)")
+    tt.add_argument("--batch-size", type=int)
+    tt.add_argument("--seed", type=int)
+    tt.add_argument("--stop-after", type=int, metavar="STEPS",
+                    help="stop after this many steps of this run, at a checkpoint (continue later with --resume)")
+    add_device(tt, "cpu")
+    _add_run_options(tt)
+    tt.set_defaults(func=run_train_tissue)
 
     r = sub.add_parser("render", help="render healthy T1 scans with parcellations in other contrasts (FLAIR, T2, "
                                       "T1c, PD), a folder to train, calibrate and evaluate models of those contrasts")
@@ -146,6 +163,15 @@ def _run_steps_training(args: argparse.Namespace, config_class, train_fn, **fami
     train_fn(args.data, args.out, cfg, resume=args.resume, force=args.force, device=args.device,
              cache_dir=args.cache, progress=say(args.quiet), calibrate=not args.no_calibration,
              stop_after=args.stop_after)
+    return EXIT_OK
+
+
+def run_train_tissue(args: argparse.Namespace) -> int:
+    from ..tooling.training.train_tissue import TissueTrainConfig, train_tissue
+    cfg = TissueTrainConfig.from_json(args.config, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    out = train_tissue(args.data, args.out, cfg, renders=args.renders, resume=args.resume, force=args.force,
+                       device=args.device, cache_dir=args.cache, progress=say(args.quiet), stop_after=args.stop_after)
+    print(f"wrote {out}")
     return EXIT_OK
 
 

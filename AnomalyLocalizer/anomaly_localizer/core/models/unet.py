@@ -1,5 +1,6 @@
 """A 2D U-Net on axial slices: brain extraction (one logit per pixel) and the denoising
-autoencoder of :mod:`anomaly_localizer.core.detectors.dae` (the middle slice, restored).
+autoencoder of :mod:`anomaly_localizer.core.detectors.dae` (the middle slice, restored) and the
+tissue segmenter of :mod:`anomaly_localizer.core.detectors.anatomy` (``out_channels`` logits).
 
 ``in_channels`` > 1 takes neighbouring slices as channels (2.5D). ``norm`` is "batch"
 (brain extraction, as trained) or "group" (GroupNorm: independent of the batch, so a slice
@@ -27,7 +28,7 @@ class UNet2D(nn.Module):
     """U-Net with ``len(feature_maps)`` resolution levels; slice_size must divide by 2**(levels-1)."""
 
     def __init__(self, slice_size: int = 128, feature_maps=(16, 32, 64, 128), in_channels: int = 1,
-                 norm: str = "batch", groups: int = 8, **_):
+                 norm: str = "batch", groups: int = 8, out_channels: int = 1, **_):
         super().__init__()
         self.slice_size = int(slice_size)
         maps = [int(m) for m in feature_maps]
@@ -41,10 +42,10 @@ class UNet2D(nn.Module):
         for m_hi, m_lo in zip(maps[-2::-1], maps[:0:-1]):
             self.up.append(nn.ConvTranspose2d(m_lo, m_hi, 2, stride=2))
             self.merge.append(_block(2 * m_hi, m_hi, norm, groups))
-        self.head = nn.Conv2d(maps[0], 1, 1)
+        self.head = nn.Conv2d(maps[0], int(out_channels), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N,C,S,S) -> (N,1,S,S): brain logits, or the restored middle slice."""
+        """x (N,C,S,S) -> (N,out_channels,S,S): brain logits, the restored middle slice, or tissue logits."""
         skips = []
         for i, block in enumerate(self.down):
             x = block(x if i == 0 else nn.functional.max_pool2d(x, 2))
