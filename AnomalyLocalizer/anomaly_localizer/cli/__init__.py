@@ -29,7 +29,8 @@ HELP_SECTIONS = {
     "Reading scans": ("score", "screen", "view", "models", "demo", "compare-worklists"),
     "Making models (training, calibration, release)": (
         "render", "train", "train-lsr", "train-dae", "train-ssl", "train-tissue", "train-brainmask", "calibrate",
-        "standardise", "scan-relative", "tune-restoration", "tune-smoothing", "release", "join-folds", "fuse", "make-rule", "index", "card"),
+        "standardise", "scan-relative", "tune-restoration", "tune-smoothing", "release", "join-folds", "fuse",
+        "make-rule", "index", "card"),
     "Measuring models": ("evaluate", "fpr", "brainmask-dice", "benchmark", "benchmark-screen", "paper-fmnist"),
 }
 
