@@ -120,3 +120,25 @@ def test_train_tissue_writes_a_package_whose_map_knows_anatomy(tmp_path):
     # an existing package is not overwritten
     assert main(["train-tissue", str(data), "--out", str(tmp_path / "tissue"), "--config", str(cfg),
                  "--steps", "2", "-q"]) == 2
+
+
+def test_a_model_reading_flair_and_t1_takes_the_tissue_classes_from_the_t1(tmp_path):
+    from anomaly_localizer.core.package import build_network, save_package
+    arch = {"type": "tissue-unet", "slice_size": 32, "feature_maps": [4, 8]}
+    contract = {"contrasts": ["flair", "t1"], "optional_contrasts": ["t1"], "orientation": "axial",
+                "slice_size": 32, "spacing_mm": 4.0, "context_slices": 1}
+    torch.manual_seed(0)
+    pkg = save_package(build_network(arch), {"name": "fa", "architecture": arch, "input_contract": contract,
+                                             "recommended_method": "anatomy", "calibration": {},
+                                             "provenance": {"trained_on": "nothing (random weights)"}},
+                       tmp_path / "fa", card="# test\n")
+    labels = parcellation((24, 30, 28))
+    t1 = sitk.GetImageFromArray(t1_of(labels, 1))
+    flair = sitk.GetImageFromArray(np.where(labels == GREY, t1_of(labels, 2) * 1.9, t1_of(labels, 2)))
+    for img in (t1, flair):
+        img.SetSpacing((4.0, 4.0, 4.0))
+    mask = sitk.Cast(t1 > 0, sitk.sitkUInt8)
+    both = score_volume(flair, pkg, ["anatomy"], mask=mask, study={"flair": flair, "t1": t1})
+    alone = score_volume(flair, pkg, ["anatomy"], mask=mask, study={"flair": flair})
+    assert both.info["tissue_classes_from"] == "t1" and alone.info["tissue_classes_from"] == "flair"
+    assert not np.array_equal(both.maps["anatomy"], alone.maps["anatomy"])

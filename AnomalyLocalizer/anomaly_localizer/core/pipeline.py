@@ -91,11 +91,15 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
     if detector.composite:
         return _score_fused(image, package, methods, mask_arr, source, dev, batch_size, progress, cancel, model,
                             t0, bf16, study)
-    if study:
-        image = next((study[c] for c in package.contract.contrasts if c in study), image)
+    read = next((c for c in package.contract.contrasts if c in (study or {})), None)
+    if read is not None:
+        image = study[read]
     prepared: PreparedVolume = prepare_volume(image, mask_arr, package.contract, model_slices=True)
     if prepared.slices.shape[0] == 0:
         raise InputError(no_brain_slices_message(image, mask_arr, source))
+    # the study's other contrasts this model reads, on the same model slices (same grid and mask)
+    guides = {c: prepare_volume(study[c], mask_arr, package.contract, model_slices=True)
+              for c in package.contract.contrasts if study and c in study and c != read}
     timings["prepare_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -107,7 +111,7 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
         progress(_SCORING_STARTS, f"scoring {prepared.slices.shape[0]} slices on {dev.type}")
     span = _SCORING_ENDS - _SCORING_STARTS
     sub = (lambda f, msg: progress(_SCORING_STARTS + span * f, msg)) if progress else None  # noqa: E731
-    out = detector.score(net, prepared, package, methods, ScoringContext(dev, batch_size, sub, cancel, bf16))
+    out = detector.score(net, prepared, package, methods, ScoringContext(dev, batch_size, sub, cancel, bf16, guides))
     timings.update(out.timings)
     timings["score_s"] = time.perf_counter() - t2
 

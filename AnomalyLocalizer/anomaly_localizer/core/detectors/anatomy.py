@@ -15,6 +15,11 @@ label, so a lesion is labelled as the tissue it sits in rather than as its own c
 median and the inter-quartile range keep a large lesion from moving its class's reference
 much.
 
+A model that reads several contrasts (``input_contract.contrasts``, e.g. FLAIR then T1) scores
+the first and takes the tissue classes from the first of the others the study holds: on a T1
+the anatomy is clearest and a FLAIR lesion faintest, so a lesion is less likely to be labelled
+as a tissue of its own brightness.
+
 Pixel score ``anatomy``: in model space, for every class c with probability at least
 ``min_probability`` (and the most probable class always), z_c = (x - median_c) / IQR_c kept
 where positive (``direction`` "bright"; "dark": its negative; "both": its magnitude); the
@@ -107,14 +112,20 @@ class AnatomyDetector(Detector):
         from .dae import top_k_mean
         from .rule import gaussian_blur
         params = {**DEFAULT_ANATOMY_SCORING, **package.settings("anatomy")}
-        x = prepared.with_context(package.contract.context_slices)
-        logits = run_in_batches(net, x, ctx, BATCH_SLICES, "segmented")
+        context = package.contract.context_slices
+        x = prepared.with_context(context)
+        # the tissue classes from another contrast of the study where the model reads one (a
+        # T1 shows anatomy best and a FLAIR lesion least), else from the scored scan itself
+        guide = next((c for c in package.contract.contrasts[1:] if c in ctx.guides), None)
+        seen = ctx.guides[guide].with_context(context) if guide else x
+        logits = run_in_batches(net, seen, ctx, BATCH_SLICES, "segmented")
         middle = x[:, x.shape[1] // 2]
         pixel = tissue_deviation(middle, logits.softmax(1), prepared.mask[:, 0], params["direction"],
                                  float(params["min_probability"]))
         pixel = gaussian_blur(pixel, float(params["smoothing_px"])) * prepared.mask[:, 0]
         return DetectorOutput(maps={"anatomy": pixel},
-                              slice_scores={"anatomy": top_k_mean(pixel, int(params["slice_top_k"]))})
+                              slice_scores={"anatomy": top_k_mean(pixel, int(params["slice_top_k"]))},
+                              info={"tissue_classes_from": guide or package.contract.contrasts[0]})
 
 
 def class_references(x, probs, brain):

@@ -27,13 +27,16 @@ ProgressFn = Callable[[float, str], None]
 class ScoringContext:
     """How to run: the torch device, an optional batch size, progress (fraction 0..1 of the
     scoring work, message), a cancel callback, and whether the networks run under bf16
-    autocast (:func:`run_in_batches`; families that need input gradients stay float32)."""
+    autocast (:func:`run_in_batches`; families that need input gradients stay float32).
+    ``guides``: for a model that reads several contrasts of a study, the other contrasts'
+    prepared volumes on the same model slices, by contrast (the scored one is ``prepared``)."""
 
     device: Any
     batch_size: int | None = None
     progress: ProgressFn | None = None
     cancel: Callable[[], bool] | None = None
     bf16: bool = False
+    guides: dict[str, Any] = field(default_factory=dict)
 
     def report(self, fraction: float, message: str) -> None:
         if self.progress is not None:
