@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import vtk
-from anomaly_localizer.core.findings import find_findings
+from anomaly_localizer.core.findings import apply_finding_rule, find_findings
 
 FINDINGS_ROLE = "findings"  # output role of the markups node of the peaks
 
@@ -25,19 +25,30 @@ def nodeGeometryLPS(volumeNode) -> tuple[tuple, tuple, tuple]:
 class FindingsMixin:
     """Findings of :class:`AnomalyLocalizerLogic`'s current heatmap and threshold."""
 
+    belowFindingRule: list[dict[str, Any]] = []  # regions of the segmentation that are not findings
+
     def findings(self) -> list[dict[str, Any]]:
         """The findings of the segmentation at the current threshold (the engine's
         :func:`~anomaly_localizer.core.findings.find_findings`: connected regions ranked by
-        peak anomaly level, with positions in RAS and LPS); updates the peaks' markup points."""
+        peak anomaly level, with positions in RAS and LPS) that pass the map's finding rule;
+        the regions below it are in ``belowFindingRule``. Updates the peaks' markup points."""
         inputVolume = self.inputVolume()
         if inputVolume is None or self._mask is None:
             return []
         origin, spacing, direction = nodeGeometryLPS(inputVolume)
         levels = self.result.maps[self.method] / self.result.levelScale[self.method]
-        found = find_findings(self._mask, levels, self.result.brainMask, origin, spacing, direction,
-                              self.result.axialAxis)
+        regions = find_findings(self._mask, levels, self.result.brainMask, origin, spacing, direction,
+                                self.result.axialAxis)
+        found, self.belowFindingRule = apply_finding_rule(regions, self.findingRule())
         self._showPeaks(inputVolume, found)
         return found
+
+    def findingRule(self) -> dict[str, Any] | None:
+        """The current map's calibrated finding rule (regions smaller and fainter than healthy
+        scans show are not findings; :mod:`anomaly_localizer.core.findings`), or None."""
+        package = getattr(self, "_package", None)
+        rule = package.calibration.findings.get(self.method) if package is not None else None
+        return rule.model_dump(exclude_none=True) if rule is not None else None
 
     def _showPeaks(self, inputVolume, found: list[dict[str, Any]]) -> None:
         """One markup point per finding's peak, labelled with its rank and volume; the node

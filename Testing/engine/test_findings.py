@@ -9,7 +9,15 @@ import SimpleITK as sitk
 from phantoms import image_from, lesion_mask, make_tiny_package, phantom_array
 
 from anomaly_localizer.cli import main
-from anomaly_localizer.core.findings import MIN_FINDING_ML, describe_findings, find_findings
+from anomaly_localizer.core.findings import (
+    MIN_FINDING_ML,
+    apply_finding_rule,
+    choose_finding_rule,
+    describe_findings,
+    describe_rule,
+    find_findings,
+    region_sizes_and_peaks,
+)
 
 SPACING, ORIGIN = (2.0, 2.0, 2.0), (-40.0, -50.0, -30.0)  # LPS; identity direction: i runs to the patient's left
 
@@ -90,3 +98,54 @@ def test_score_writes_findings_that_match_its_segmentation(tmp_path):
                  "--method", "rec", "--threshold-level", "1e9"]) == 0
     assert json.loads((tmp_path / "none" / "summary.json").read_text())["findings"] == []
     assert open(tmp_path / "none" / "findings.csv").read().count("\n") == 1  # the header only
+
+
+def test_the_finding_rule_lets_about_one_healthy_scan_in_ten_show_a_finding():
+    rng = np.random.default_rng(0)
+    # 40 healthy scans, each with a few small regions of the default threshold's level and up
+    scans = [[(float(rng.gamma(1.5, 0.3)), float(1.0 + rng.gamma(1.0, 0.4))) for _ in range(rng.integers(0, 5))]
+             for _ in range(40)]
+    rule = choose_finding_rule(scans, rate=0.1, threshold_level=1.0)
+    with_finding = [any(v >= rule["min_volume_ml"] or p >= rule["min_peak_level"] for v, p in r) for r in scans]
+    assert sum(with_finding) <= 4 and rule["scans_with_finding"] == sum(with_finding) / 40
+    assert rule["scans_with_region"] > 0.7 and rule["findings_per_scan"] < 0.2 < rule["regions_per_scan"]
+    assert rule["min_volume_ml"] >= MIN_FINDING_ML and rule["min_peak_level"] >= 1.0
+    assert "at least" in describe_rule(rule) and "no finding rule" in describe_rule(None)
+    # no region on any healthy scan: every region is a finding
+    empty = choose_finding_rule([[] for _ in range(10)])
+    assert empty["min_volume_ml"] == MIN_FINDING_ML and empty["scans_with_finding"] == 0
+
+
+def test_regions_below_the_rule_are_kept_apart_and_both_lists_ranked():
+    regions = [{"rank": 1, "volume_ml": 0.2, "peak_level": 3.0}, {"rank": 2, "volume_ml": 5.0, "peak_level": 1.5},
+               {"rank": 3, "volume_ml": 0.3, "peak_level": 1.2}]
+    kept, below = apply_finding_rule(regions, {"min_volume_ml": 2.0, "min_peak_level": 2.5})
+    assert [r["volume_ml"] for r in kept] == [0.2, 5.0] and [r["rank"] for r in kept] == [1, 2]
+    assert [r["volume_ml"] for r in below] == [0.3] and below[0]["rank"] == 1
+    assert apply_finding_rule(regions, None) == (regions, [])
+    brain = phantom_array() > 0
+    levels = np.where(lesion_mask() & brain, 2.0, 0.0)
+    sizes = region_sizes_and_peaks(levels > 1.0, levels, 0.064)
+    assert len(sizes) == 1 and sizes[0][1] == 2.0 and abs(sizes[0][0] - (levels > 1).sum() * 0.064) < 1e-9
+
+
+def test_calibration_chooses_the_rule_and_score_lists_only_findings(tmp_path):
+    from phantoms import healthy_folder, make_tiny_dae_package
+
+    from anomaly_localizer.core.package import load_package
+    from anomaly_localizer.tooling.data import find_subjects
+    from anomaly_localizer.tooling.release.calibrate import calibrate_package
+    subjects = find_subjects(healthy_folder(tmp_path / "healthy", n=6))
+    pkg = calibrate_package(make_tiny_dae_package(tmp_path / "models" / "tiny"), subjects)
+    rule = pkg.calibration.findings["dae"]
+    assert rule.n_subjects == 6 and rule.false_finding_rate == 0.1 and rule.scans_with_finding <= 0.1
+    sitk.WriteImage(image_from(phantom_array(lesion=True)), str(tmp_path / "scan.nii.gz"))
+    assert main(["score", str(tmp_path / "scan.nii.gz"), "--out", str(tmp_path / "out"), "--model", str(pkg.path),
+                 "-q"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["findings_rule"]["calibrated"]["min_volume_ml"] == rule.min_volume_ml
+    assert "healthy calibration scans" in summary["findings_rule"]["finding"]
+    below = summary["below_finding_rule"]
+    assert all(f["volume_ml"] >= rule.min_volume_ml or f["peak_level"] >= rule.min_peak_level
+               for f in summary["findings"])
+    assert below["count"] == 0 or all(r["volume_ml"] < rule.min_volume_ml for r in below["largest"])

@@ -79,9 +79,11 @@ def score_file(input: str | list[str], out: str, model: str | None = None, metho
     if not quiet:
         from ..core.findings import describe_findings
         level = written["threshold"]["level"]
+        below = written.get("below_finding_rule", {}).get("count", 0)
         print(f"findings at anomaly level {level:.3g} ({len(written['findings'])}; all in {out}/findings.csv):\n"
-              + "\n".join("  " + line for line in describe_findings(written["findings"]).splitlines()),
-              file=sys.stderr)
+              + "\n".join("  " + line for line in describe_findings(written["findings"]).splitlines())
+              + (f"\n  ({below} smaller region{'s' * (below != 1)} below the finding rule, as healthy brains show: "
+                 "in the segmentation, not listed)" if below else ""), file=sys.stderr)
         print(f"PROGRESS 100.0 wrote {out} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return EXIT_OK
 

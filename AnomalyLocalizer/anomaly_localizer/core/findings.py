@@ -9,6 +9,15 @@ of the brain. The midline is taken as the brain mask's centre of mass along the 
 left-right axis, which is right for a brain in a usual head position and approximate for a
 tilted one; a region with at least :data:`BOTH_SIDES_SHARE` of its voxels on each side is
 "both".
+
+A healthy brain has regions above any threshold too (at the default threshold 0.1 % of its
+voxels), so a region is a finding only when it is unlikely on a healthy brain, as
+neuroimaging does with cluster-extent thresholds: a model's calibration holds, per map, a
+finding rule chosen on its healthy calibration scans (:func:`choose_finding_rule`): a region is
+a finding when its volume or its peak level reaches what at most one healthy scan in twenty
+shows, so that about one healthy scan in ten shows any finding (:data:`FALSE_FINDING_RATE`).
+The regions below the rule stay in the segmentation and are counted apart
+(:func:`apply_finding_rule`), never listed as findings.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ CONNECTIVITY = "26-connected (voxels sharing a face, an edge or a corner)"
 MIN_FINDING_ML = 0.05  # smaller regions are listed nowhere (noise-sized; 50 voxels of 1 mm)
 MAX_FINDINGS = 100  # the highest-peaked ones; a map flagging more regions than this is broadly raised
 BOTH_SIDES_SHARE = 0.2
+FALSE_FINDING_RATE = 0.1  # share of healthy calibration scans a finding rule lets show any finding
 CSV_COLUMNS = ["rank", "volume_ml", "voxels", "peak_level", "mean_level",
                "peak_r", "peak_a", "peak_s", "centroid_r", "centroid_a", "centroid_s",
                "peak_lps_l", "peak_lps_p", "peak_lps_s", "axial_first", "axial_last", "hemisphere"]
@@ -105,6 +115,90 @@ def findings_rule(min_ml: float = MIN_FINDING_ML, limit: int = MAX_FINDINGS) -> 
             "ranked_by": "peak anomaly level", "coordinates": "millimetres: RAS as Slicer shows them, LPS as DICOM",
             "axial_slices": "first and last index along the input grid's foot-to-head axis",
             "hemisphere": "patient side, against the brain mask's centre of mass (midline approximate if tilted)"}
+
+
+def region_sizes_and_peaks(segmentation: np.ndarray, levels: np.ndarray, voxel_ml: float,
+                           min_ml: float = MIN_FINDING_ML) -> list[tuple[float, float]]:
+    """(volume in mL, peak level) of each connected region of a segmentation (26-connected,
+    at least ``min_ml``), as :func:`find_findings` delimits them; for calibration."""
+    seg = np.ascontiguousarray(segmentation, dtype=np.uint8)
+    if not seg.any():
+        return []
+    components = sitk.ConnectedComponent(sitk.GetImageFromArray(seg), True)
+    labels = sitk.GetArrayFromImage(sitk.RelabelComponent(components, max(1, int(np.ceil(min_ml / voxel_ml)))))
+    inside = labels > 0
+    lab, lev = labels[inside].astype(np.int64), np.asarray(levels, dtype=np.float64)[inside]
+    n = int(labels.max())
+    counts = np.bincount(lab, minlength=n + 1)[1:]
+    peaks = np.full(n + 1, -np.inf)
+    np.maximum.at(peaks, lab, lev)
+    return [(float(c * voxel_ml), float(p)) for c, p in zip(counts, peaks[1:])]
+
+
+def choose_finding_rule(regions_per_scan: list[list[tuple[float, float]]], rate: float = FALSE_FINDING_RATE,
+                        threshold_level: float = 1.0) -> dict[str, Any]:
+    """The finding rule of a map from its healthy calibration scans' regions at the default
+    threshold (one list of (volume mL, peak level) per scan): a region is a finding when its
+    volume reaches ``min_volume_ml`` or its peak reaches ``min_peak_level``, each chosen so
+    that at most ``rate / 2`` of the scans have a region reaching it (so at most ``rate`` of
+    them show any finding). Never below :data:`MIN_FINDING_ML` or the threshold's own level."""
+    n = len(regions_per_scan)
+    allowed = int(np.floor(rate / 2 * n))
+
+    def bound(values: list[float], floor: float) -> float:
+        top = sorted(values, reverse=True)
+        # just above the (allowed + 1)-th largest scan maximum, on a 0.0001 grid (it is stored
+        # rounded): only ``allowed`` scans reach it
+        above = float(np.floor(top[allowed] * 1e4) + 1) / 1e4 if allowed < len(top) else floor
+        return max(floor, above)
+
+    largest = [max((v for v, _ in r), default=0.0) for r in regions_per_scan]
+    highest = [max((p for _, p in r), default=0.0) for r in regions_per_scan]
+    rule = {"min_volume_ml": bound(largest, MIN_FINDING_ML), "min_peak_level": bound(highest, threshold_level),
+            "false_finding_rate": rate, "n_subjects": n, "threshold_level": threshold_level}
+    shown = sum(any(is_finding(v, p, rule) for v, p in r) for r in regions_per_scan)
+    rule.update(scans_with_region=sum(bool(r) for r in regions_per_scan) / max(n, 1),
+                scans_with_finding=shown / max(n, 1),
+                regions_per_scan=sum(len(r) for r in regions_per_scan) / max(n, 1),
+                findings_per_scan=sum(is_finding(v, p, rule) for r in regions_per_scan for v, p in r) / max(n, 1))
+    return rule
+
+
+def is_finding(volume_ml: float, peak_level: float, rule: dict[str, Any] | None) -> bool:
+    """Whether a region passes a finding rule (every region does without one)."""
+    if not rule:
+        return True
+    return volume_ml >= rule["min_volume_ml"] or peak_level >= rule["min_peak_level"]
+
+
+def apply_finding_rule(regions: list[dict[str, Any]], rule: dict[str, Any] | None
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(findings, regions below the rule) of :func:`find_findings`'s regions, each list ranked
+    again from 1 by peak level."""
+    kept = [dict(r) for r in regions if is_finding(r["volume_ml"], r["peak_level"], rule)]
+    below = [dict(r) for r in regions if not is_finding(r["volume_ml"], r["peak_level"], rule)]
+    for group in (kept, below):
+        for rank, r in enumerate(group, start=1):
+            r["rank"] = rank
+    return kept, below
+
+
+def below_rule_summary(below: list[dict[str, Any]], top: int = 5) -> dict[str, Any]:
+    """What summary.json says of the regions below the finding rule: how many, and the largest."""
+    largest = sorted(below, key=lambda r: -r["volume_ml"])[:top]
+    return {"count": len(below), "total_ml": round(sum(r["volume_ml"] for r in below), 4),
+            "largest": [{k: r[k] for k in ("volume_ml", "peak_level", "peak_ras", "hemisphere")} for r in largest]}
+
+
+def describe_rule(rule: dict[str, Any] | None) -> str:
+    """The finding rule in words, for summary.json and cards."""
+    if not rule:
+        return (f"every region of at least {MIN_FINDING_ML:g} mL (no finding rule calibrated for this map: healthy "
+                "brains show such regions too)")
+    return (f"a region of at least {rule['min_volume_ml']:.3g} mL or with a peak level of at least "
+            f"{rule['min_peak_level']:.3g}, sizes and peaks that at most 1 in {round(2 / rule['false_finding_rate'])} "
+            f"of {rule['n_subjects']} healthy calibration scans reach (chosen so that at most "
+            f"{100 * rule['false_finding_rate']:.0f} % of healthy scans show any finding)")
 
 
 def write_findings_csv(path: Path, findings: list[dict[str, Any]]) -> None:

@@ -26,7 +26,14 @@ import SimpleITK as sitk
 from .. import __version__
 from ..errors import InputError
 from . import levels
-from .findings import find_findings, findings_rule, write_findings_csv
+from .findings import (
+    apply_finding_rule,
+    below_rule_summary,
+    describe_rule,
+    find_findings,
+    findings_rule,
+    write_findings_csv,
+)
 from .imageio import write_image
 from .package import ModelPackage
 from .pipeline import ScoreResult
@@ -44,6 +51,7 @@ class Threshold:
     source: str  # "calibrated" | "user" (raw score) | "user level"
     meaning: str
     healthy_rate: float | None
+    finding_rule: dict[str, Any] | None = None  # the map's calibrated finding rule (:mod:`.findings`)
 
 
 def check_threshold_options(package: ModelPackage, method: str, raw: float | None, level: float | None) -> None:
@@ -74,8 +82,10 @@ def resolve_threshold(package: ModelPackage, result: ScoreResult, method: str, r
             raise InputError(f"model {package.name} has no calibrated threshold for {method}; pass --threshold")
         value, meaning = default
         source = "calibrated"
+    rule = package.calibration.findings.get(method)
     return Threshold(method, value, value / scale, source, meaning,
-                     levels.healthy_fpr(package.calibration, method, value))
+                     levels.healthy_fpr(package.calibration, method, value),
+                     rule.model_dump(exclude_none=True) if rule is not None else None)
 
 
 def level_block(package: ModelPackage, result: ScoreResult) -> dict[str, Any]:
@@ -240,11 +250,15 @@ def write_results(out: Path, reference: sitk.Image, result: ScoreResult, thresho
                    "segmented_ml": float(seg.sum() * np.prod(reference.GetSpacing()[:3]) / 1000.0),
                    "segmented_brain_share": share}
         per_level = threshold.level / threshold.value if threshold.value else 1.0
-        findings = find_findings(seg, result.maps[threshold.method] * per_level, result.brain_mask,
-                                 reference.GetOrigin(), reference.GetSpacing()[:3], reference.GetDirection(),
-                                 result.axial_axis)
+        regions = find_findings(seg, result.maps[threshold.method] * per_level, result.brain_mask,
+                                reference.GetOrigin(), reference.GetSpacing()[:3], reference.GetDirection(),
+                                result.axial_axis)
+        findings, below = apply_finding_rule(regions, threshold.finding_rule)
         summary["findings"] = findings
-        summary["findings_rule"] = {**findings_rule(), "method": threshold.method, "units": "anomaly levels"}
+        summary["findings_rule"] = {**findings_rule(), "method": threshold.method, "units": "anomaly levels",
+                                    "finding": describe_rule(threshold.finding_rule),
+                                    **({"calibrated": threshold.finding_rule} if threshold.finding_rule else {})}
+        summary["below_finding_rule"] = below_rule_summary(below)
         write_findings_csv(tmp / "findings.csv", findings)
         note = levels.threshold_note(summary, threshold.method, share, threshold.healthy_rate)
         if note:

@@ -188,8 +188,28 @@ class VolumeCalibration(Strict):
     values: list[Finite] = []
 
 
+Share = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class FindingRule(Strict):
+    """Which regions of a map's segmentation are findings (:mod:`core.findings`): volume or
+    peak level unlikely on a healthy brain, chosen on the calibration scans at the default
+    threshold, with what it did there."""
+
+    min_volume_ml: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+    min_peak_level: Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+    false_finding_rate: Rate
+    n_subjects: Annotated[int, Field(ge=1)]
+    threshold_level: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 1.0
+    scans_with_region: Optional[Share] = None
+    scans_with_finding: Optional[Share] = None
+    regions_per_scan: Optional[Annotated[float, Field(ge=0.0)]] = None
+    findings_per_scan: Optional[Annotated[float, Field(ge=0.0)]] = None
+
+
 class Calibration(Strict):
-    """Healthy thresholds per pixel method, healthy quantiles per slice score."""
+    """Healthy thresholds per pixel method, healthy quantiles per slice score, and the
+    finding rule per pixel method."""
 
     default_fpr: Rate = 0.001
     subjects: list[str] = []
@@ -199,6 +219,7 @@ class Calibration(Strict):
     # per scan-relative method (:mod:`core.relative`): each healthy calibration scan's own
     # reference value (its map's brain quantile before dividing), sorted
     scan_reference: dict[str, list[Finite]] = {}
+    findings: dict[str, FindingRule] = {}
     date: Optional[str] = None
 
 

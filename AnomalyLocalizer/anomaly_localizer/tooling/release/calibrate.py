@@ -3,7 +3,9 @@
 For each pixel score, the thresholds at which 1 %, 0.1 % and 0.01 % of healthy brain
 voxels are flagged; for each slice score (and the volume score), the healthy distribution
 as quantiles, so a score can be shown as a percentile of healthy slices. The default
-threshold of the engine is the 0.1 % one (``default_fpr``).
+threshold of the engine is the 0.1 % one (``default_fpr``). For each pixel score, also the
+finding rule (:func:`..core.findings.choose_finding_rule`): the region sizes and peaks at the
+default threshold that healthy scans rarely reach.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def score_subjects(package: ModelPackage, subjects: list[Subject], methods=None,
         t0 = time.perf_counter()
         res = score_volume(image, package, methods, mask=mask, device=device, model=model,
                            study=read_study(s, image))
+        res.info["voxel_ml"] = float(np.prod(image.GetSpacing()[:3])) / 1000.0  # for the finding rule
         if progress:
             progress(f"scored {s.id} ({i + 1}/{len(subjects)}) in {time.perf_counter() - t0:.1f} s")
         yield s, res
@@ -51,8 +54,10 @@ def compute_calibration(results) -> dict[str, Any]:
     slices: dict[str, list] = {}
     volume_scores, ids = [], []
     references: dict[str, list[float]] = {}  # scan-relative maps: each scan's own reference value
+    kept: list[tuple[dict[str, np.ndarray], np.ndarray, float]] = []  # maps, brain, voxel mL: for the finding rule
     for s, res in results:
         ids.append(s.id)
+        kept.append((res.maps, res.brain_mask, float(res.info.get("voxel_ml", 0.008))))
         for m, r in res.info.get("scan_relative", {}).items():
             references.setdefault(m, []).append(float(r["scan_value"]))
         for m, v in res.maps.items():
@@ -67,12 +72,31 @@ def compute_calibration(results) -> dict[str, Any]:
                     "thresholds": [{"fpr": f, "value": float(np.quantile(v, 1 - f, method="higher"))} for f in FPRS],
                     "curve": {"fpr": list(CURVE_FPRS),
                               "values": [float(x) for x in np.quantile(v, [1 - f for f in CURVE_FPRS], method="higher")]}}
+    findings = finding_rules(kept, pixel)
     slice_block = {k: {"levels": QUANTILE_LEVELS.tolist(),
                        "values": np.percentile(np.concatenate(v), QUANTILE_LEVELS).tolist()} for k, v in slices.items()}
     return {"default_fpr": DEFAULT_FPR, "subjects": ids, "pixel": pixel, "slice": slice_block,
             "volume": {"values": sorted(float(x) for x in volume_scores)},
             **({"scan_reference": {m: sorted(v) for m, v in references.items()}} if references else {}),
-            "date": time.strftime("%Y-%m-%d")}
+            "findings": findings, "date": time.strftime("%Y-%m-%d")}
+
+
+def finding_rules(scans: list[tuple[dict[str, np.ndarray], np.ndarray, float]], pixel: dict[str, Any]
+                  ) -> dict[str, dict[str, Any]]:
+    """Per pixel method, the finding rule chosen on the healthy ``scans`` (maps, brain, voxel
+    mL) at the default threshold, in anomaly levels (1.0 = the 0.01 % threshold)."""
+    from ...core.findings import choose_finding_rule, region_sizes_and_peaks
+    from ...core.levels import ANOMALY_LEVEL_FPR
+    rules = {}
+    for m, entry in pixel.items():
+        by_fpr = {t["fpr"]: t["value"] for t in entry["thresholds"]}
+        value, unit = by_fpr.get(DEFAULT_FPR), by_fpr.get(ANOMALY_LEVEL_FPR)
+        if value is None or not unit or unit <= 0:
+            continue
+        regions = [region_sizes_and_peaks((maps[m] > value) & brain, maps[m] / unit, voxel_ml)
+                   for maps, brain, voxel_ml in scans if m in maps]
+        rules[m] = choose_finding_rule(regions, threshold_level=value / unit)
+    return rules
 
 
 def calibrate_package(package: ModelPackage, subjects: list[Subject], device: str = "cpu",
