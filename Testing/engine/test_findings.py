@@ -135,7 +135,8 @@ def test_calibration_chooses_the_rule_and_score_lists_only_findings(tmp_path):
     from anomaly_localizer.core.package import load_package
     from anomaly_localizer.tooling.data import find_subjects
     from anomaly_localizer.tooling.release.calibrate import calibrate_package
-    subjects = find_subjects(healthy_folder(tmp_path / "healthy", n=6))
+    data = healthy_folder(tmp_path / "healthy", n=6)
+    subjects = find_subjects(data)
     pkg = calibrate_package(make_tiny_dae_package(tmp_path / "models" / "tiny"), subjects)
     rule = pkg.calibration.findings["dae"]
     assert rule.n_subjects == 6 and rule.false_finding_rate == 0.1 and rule.scans_with_finding <= 0.1
@@ -149,3 +150,9 @@ def test_calibration_chooses_the_rule_and_score_lists_only_findings(tmp_path):
     assert all(f["volume_ml"] >= rule.min_volume_ml or f["peak_level"] >= rule.min_peak_level
                for f in summary["findings"])
     assert below["count"] == 0 or all(r["volume_ml"] < rule.min_volume_ml for r in below["largest"])
+    # fpr reports findings per healthy scan beside the voxel rates
+    assert main(["fpr", str(pkg.path), str(data), "--subjects", "all", "--json", str(tmp_path / "fpr.json"),
+                 "-q"]) == 0
+    row = json.loads((tmp_path / "fpr.json").read_text())["findings"]["dae"]
+    assert row["rule"] and row["scans"] == 6 and row["findings_per_scan"] <= row["regions_per_scan"]
+    assert row["scans_with_finding"] <= 0.1 + 1e-9  # the calibration scans themselves

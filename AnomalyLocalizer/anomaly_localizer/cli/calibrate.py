@@ -116,7 +116,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 def run_fpr(args: argparse.Namespace) -> int:
     from ..core.package import resolve_package
-    from ..tooling.release.calibrate import flagged_fraction, score_subjects
+    from ..tooling.release.calibrate import findings_per_scan, flagged_fraction, score_subjects
     from ..tooling.release.edit import subjects_of
 
     package = resolve_package(args.model)
@@ -125,15 +125,23 @@ def run_fpr(args: argparse.Namespace) -> int:
     subjects = subjects_of(package, args.data, args.subjects)
     results = list(score_subjects(package, subjects, device=args.device, progress=say(args.quiet)))
     table = flagged_fraction(results, package)
+    found = findings_per_scan(results, package)
     print(f"Share of healthy brain voxels flagged by {package.name}'s calibrated thresholds "
           f"on {len(subjects)} '{args.subjects}' subjects of {args.data}:")
     print(f"{'method':<10} " + " ".join(f"{'target ' + k:>14}" for k in next(iter(table.values()))))
     for m, row in table.items():
         print(f"{m:<10} " + " ".join(f"{100 * v:13.3f}%" for v in row.values()))
+    print("Findings on these healthy scans at the default threshold (regions: every connected region of at least "
+          "0.05 mL; findings: those that pass the map's calibrated finding rule):")
+    print(f"{'method':<10} {'regions/scan':>13} {'findings/scan':>14} {'scans with a finding':>21} {'largest':>9}")
+    for m, row in found.items():
+        print(f"{m:<10} {row['regions_per_scan']:13.2f} {row['findings_per_scan']:14.2f} "
+              f"{100 * row['scans_with_finding']:20.0f}% {row['largest_finding_ml']:6.2f} mL"
+              + ("" if row["rule"] else "  (no finding rule calibrated: every region counts)"))
     if args.json:
         Path(args.json).write_text(json.dumps({"model": package.name, "subjects": [s.id for s in subjects],
-                                               "flagged_fraction": table, "command": command_line(),
-                                               "machine": machine()}, indent=2) + "\n")
+                                               "flagged_fraction": table, "findings": found,
+                                               "command": command_line(), "machine": machine()}, indent=2) + "\n")
     return EXIT_OK
 
 

@@ -124,3 +124,32 @@ def flagged_fraction(results, package: ModelPackage, methods=None) -> dict[str, 
             ts = [t.value for t in package.calibration.pixel[m].thresholds]
             counts[m] += [(v > t).sum() for t in ts]
     return {m: {f"{f:g}": float(c / max(total, 1)) for f, c in zip(FPRS, counts[m])} for m in methods}
+
+
+def findings_per_scan(results, package: ModelPackage, methods=None) -> dict[str, dict[str, float]]:
+    """Per method, at its default threshold on healthy scans: regions and findings (regions
+    that pass the calibrated finding rule) per scan, the share of scans with any, and the
+    largest. Without a rule every region counts as a finding."""
+    from ...core.findings import is_finding, region_sizes_and_peaks
+    from ...core.levels import level_scale
+    methods = [m for m in (methods or package.methods) if package.default_threshold(m) is not None]
+    regions: dict[str, list[list[tuple[float, float]]]] = {m: [] for m in methods}
+    for _, res in results:
+        for m in methods:
+            value = package.default_threshold(m)[0]
+            unit, _ = level_scale(package.calibration, m)
+            regions[m].append(region_sizes_and_peaks((res.maps[m] > value) & res.brain_mask, res.maps[m] / unit,
+                                                     float(res.info.get("voxel_ml", 0.008))))
+    table = {}
+    for m, scans in regions.items():
+        rule = package.calibration.findings.get(m)
+        rule = rule.model_dump() if rule is not None else None
+        found = [[(v, p) for v, p in r if is_finding(v, p, rule)] for r in scans]
+        n = max(len(scans), 1)
+        table[m] = {"scans": len(scans), "rule": bool(rule),
+                    "regions_per_scan": sum(map(len, scans)) / n,
+                    "scans_with_region": sum(bool(r) for r in scans) / n,
+                    "findings_per_scan": sum(map(len, found)) / n,
+                    "scans_with_finding": sum(bool(r) for r in found) / n,
+                    "largest_finding_ml": max((v for r in found for v, _ in r), default=0.0)}
+    return table
