@@ -100,6 +100,23 @@ def _scan_relative_lines(meta: dict[str, Any]) -> str:
             "scores stay absolute.\n")
 
 
+def _finding_rule_lines(calib: dict[str, Any]) -> str:
+    """The calibrated finding rules (:mod:`...core.findings`) and what they did on the
+    calibration scans."""
+    from ...core.findings import describe_rule
+    rules = calib.get("findings") or {}
+    if not rules:
+        return ("\nFindings: no finding rule is calibrated; every region of at least 0.05 mL above the threshold is "
+                "listed, and healthy brains show such regions too.\n")
+    lines = ["\nFindings at the default threshold (a region of the segmentation is listed as a finding only when "
+             "healthy brains rarely show one like it; the others stay in the segmentation, counted apart):"]
+    for m, r in rules.items():
+        lines.append(f"- `{m}`: {describe_rule(r)}; on those scans {r.get('regions_per_scan', 0):.2f} regions and "
+                     f"{r.get('findings_per_scan', 0):.2f} findings per scan, "
+                     f"{100 * r.get('scans_with_finding', 0):.0f} % of them with a finding.")
+    return "\n".join(lines) + "\n"
+
+
 def _context(contract: dict[str, Any]) -> str:
     n = int(contract.get("context_slices", 1))
     return f", each with its {n - 1} nearest neighbouring slices as input channels" if n > 1 else ""
@@ -155,7 +172,7 @@ Thresholds at which the stated share of healthy brain voxels is flagged, from
 The engine's default threshold is the 0.1 % one. Slice scores ({', '.join(calib.get('slice', {}) or ['none'])}) come with
 their healthy distribution (`model.json`, `calibration.slice`), so a slice can be shown as a
 percentile of healthy slices.
-
+{_finding_rule_lines(calib)}
 {_limitations(meta)}{extra_sections}"""
 
 
@@ -181,6 +198,15 @@ def results_sections(evaluations: list[dict[str, Any]], fpr: dict[str, Any] | No
         for m, row in fpr["flagged_fraction"].items():
             parts.append(f"| {m} | " + " | ".join(f"{100 * v:.3f} %" for v in row.values()) + " |")
         parts.append("")
+        if fpr.get("findings"):
+            parts.append("Findings on the same scans at the default threshold (regions of at least 0.05 mL; findings: "
+                         "those that pass the map's calibrated finding rule):\n")
+            parts.append("| pixel score | regions per scan | findings per scan | scans with a finding | largest finding |")
+            parts.append("|---|---|---|---|---|")
+            for m, row in fpr["findings"].items():
+                parts.append(f"| {m} | {row['regions_per_scan']:.2f} | {row['findings_per_scan']:.2f} | "
+                             f"{100 * row['scans_with_finding']:.0f} % | {row['largest_finding_ml']:.2f} mL |")
+            parts.append("")
     for ev in evaluations:
         cs = ev.get("case_set", {})
         if cs.get("kind") != "synthetic":
