@@ -156,3 +156,17 @@ def test_calibration_chooses_the_rule_and_score_lists_only_findings(tmp_path):
     row = json.loads((tmp_path / "fpr.json").read_text())["findings"]["dae"]
     assert row["rule"] and row["scans"] == 6 and row["findings_per_scan"] <= row["regions_per_scan"]
     assert row["scans_with_finding"] <= 0.1 + 1e-9  # the calibration scans themselves
+
+
+def test_findings_only_calibration_keeps_the_thresholds(tmp_path):
+    from phantoms import TINY_CALIBRATION, healthy_folder, make_tiny_dae_package
+
+    from anomaly_localizer.core.package import load_package
+    calibration = {"default_fpr": 0.001, "pixel": {"dae": TINY_CALIBRATION["pixel"]["rec"]}}
+    pkg = make_tiny_dae_package(tmp_path / "tiny", calibration=calibration)
+    data = healthy_folder(tmp_path / "healthy", n=4)
+    assert main(["calibrate", str(pkg.path), str(data), "--out", str(tmp_path / "copy"), "--findings-only",
+                 "-q"]) == 0
+    copy = load_package(tmp_path / "copy")
+    assert copy.calibration.pixel == pkg.calibration.pixel and copy.calibration.findings["dae"].n_subjects == 4
+    assert load_package(pkg.path).calibration.findings == {}  # the original is untouched

@@ -29,6 +29,8 @@ def register(sub) -> None:
     add_subjects(c, "all", "which scans of DATA: all, or the model's recorded subjects of that set")
     c.add_argument("--out", help="write a recalibrated copy here")
     c.add_argument("--in-place", action="store_true", help="overwrite the model's own calibration")
+    c.add_argument("--findings-only", action="store_true",
+                   help="keep the thresholds; only choose the finding rule of the recommended map on these scans")
     add_device(c)
     add_quiet(c)
     c.set_defaults(func=run_calibrate)
@@ -104,13 +106,17 @@ def _add_change_arguments(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from ..tooling.release.calibrate import calibrate_package
+    from ..tooling.release.calibrate import calibrate_findings, calibrate_package
     from ..tooling.release.edit import changed_copy, subjects_of
 
     with changed_copy(args.model, args.out, args.in_place) as package:
         subjects = subjects_of(package, args.data, args.subjects)
-        calibrate_package(package, subjects, device=args.device, progress=say(args.quiet))
-    print(f"calibrated {package.path} on {len(subjects)} subjects")
+        if args.findings_only:
+            calibrate_findings(package, subjects, device=args.device, progress=say(args.quiet))
+        else:
+            calibrate_package(package, subjects, device=args.device, progress=say(args.quiet))
+    print(f"calibrated {'the finding rule of ' if args.findings_only else ''}{package.path} on {len(subjects)} "
+          "subjects")
     return EXIT_OK
 
 

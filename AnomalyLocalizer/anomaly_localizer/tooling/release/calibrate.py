@@ -18,6 +18,7 @@ import numpy as np
 from ...core.imageio import as_3d, read_image
 from ...core.package import ModelPackage, load_package, update_meta
 from ...core.pipeline import score_volume
+from ...errors import InputError
 from ..data import Subject, read_study
 
 FPRS = (0.01, 0.001, 0.0001)
@@ -109,6 +110,27 @@ def calibrate_package(package: ModelPackage, subjects: list[Subject], device: st
     if progress:
         rec = calib["pixel"].get("combi") or next(iter(calib["pixel"].values()))
         progress(f"calibrated on {len(subjects)} healthy subjects ({rec['n_voxels']} brain voxels)")
+    return load_package(package.path)
+
+
+def calibrate_findings(package: ModelPackage, subjects: list[Subject], methods: list[str] | None = None,
+                       device: str = "cpu", progress: Callable[[str], None] | None = None) -> ModelPackage:
+    """Add the finding rule of ``methods`` (default: the recommended one) to a calibrated
+    package, chosen on healthy ``subjects`` at its calibrated default threshold; the
+    thresholds themselves are left as they are (a fused model that pins this package must be
+    fused again: its model.json changes)."""
+    methods = methods or [package.meta.get("recommended_method") or package.default_methods()[0]]
+    missing = [m for m in methods if package.default_threshold(m) is None]
+    if missing:
+        raise InputError(f"model {package.name} has no calibrated threshold for {', '.join(missing)}; "
+                         "calibrate it first (anomaly-localizer calibrate)")
+    kept = [(res.maps, res.brain_mask, float(res.info["voxel_ml"]))
+            for _, res in score_subjects(package, subjects, methods, device, progress)]
+    pixel = {m: package.calibration.pixel[m].model_dump() for m in methods}
+    meta = dict(package.meta)
+    meta["calibration"] = {**meta["calibration"],
+                           "findings": {**meta["calibration"].get("findings", {}), **finding_rules(kept, pixel)}}
+    update_meta(package.path, meta)
     return load_package(package.path)
 
 
