@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import vtk
-from anomaly_localizer.core.findings import apply_finding_rule, find_findings
+from anomaly_localizer.core.findings import apply_finding_rule, find_findings, format_ml, format_mm
 
 FINDINGS_ROLE = "findings"  # output role of the markups node of the peaks
 
@@ -68,7 +68,7 @@ class FindingsMixin:
         try:
             node.RemoveAllControlPoints()
             for f in found:
-                index = node.AddControlPoint(vtk.vtkVector3d(*f["peak_ras"]), f"#{f['rank']} {f['volume_ml']:.2g} mL")
+                index = node.AddControlPoint(vtk.vtkVector3d(*f["peak_ras"]), f"#{f['rank']} {format_ml(f['volume_ml'])}")
                 node.SetNthControlPointLocked(index, True)
         finally:
             node.EndModify(wasModifying)
@@ -77,8 +77,8 @@ class FindingsMixin:
     def findingCells(finding: dict[str, Any]) -> list[str]:
         """A finding as the panel's table shows it: rank, mL, side, peak level, peak R, A, S (mm)."""
         r, a, s = finding["peak_ras"]
-        return [str(finding["rank"]), f"{finding['volume_ml']:.2g}", finding["hemisphere"],
-                f"{finding['peak_level']:.2g}", f"{r:.0f}", f"{a:.0f}", f"{s:.0f}"]
+        return [str(finding["rank"]), format_ml(finding["volume_ml"]).removesuffix(" mL"), finding["hemisphere"],
+                f"{finding['peak_level']:.2g}", format_mm(r), format_mm(a), format_mm(s)]
 
     def centreOnFinding(self, finding: dict[str, Any]) -> tuple[float, float, float]:
         """Centre every slice view on a finding's peak; returns its RAS position."""

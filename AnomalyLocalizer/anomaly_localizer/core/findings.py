@@ -211,10 +211,22 @@ def write_findings_csv(path: Path, findings: list[dict[str, Any]]) -> None:
                         *x["axial_slices"], x["hemisphere"]])
 
 
+def format_ml(volume_ml: float) -> str:
+    """A volume as a reader writes it: '290 mL', '12 mL', '1.4 mL', '0.06 mL' (never 2.9e+02)."""
+    if volume_ml >= 10:
+        return f"{volume_ml:.0f} mL"
+    return f"{volume_ml:.2g} mL"
+
+
+def format_mm(value: float) -> str:
+    """A coordinate in whole millimetres, without a negative zero ('-0')."""
+    return str(int(round(value)))
+
+
 def describe_finding(f: dict[str, Any]) -> str:
     """One finding in one line: '#rank: size, side, peak position and level, axial slices'."""
-    r, a, s = f["peak_ras"]
-    return (f"#{f['rank']}: {f['volume_ml']:.2g} mL, {f['hemisphere']}, peak at R {r:.0f} A {a:.0f} S {s:.0f} mm "
+    r, a, s = (format_mm(v) for v in f["peak_ras"])
+    return (f"#{f['rank']}: {format_ml(f['volume_ml'])}, {f['hemisphere']}, peak at R {r} A {a} S {s} mm "
             f"(level {f['peak_level']:.2g}), axial slices {f['axial_slices'][0]}-{f['axial_slices'][1]}")
 
 

@@ -216,7 +216,8 @@ def fusion_block(package: ModelPackage, result: ScoreResult) -> dict[str, Any]:
     """What a fused map combines: rule, components (model, manifest, method, level scale)."""
     info = result.info["fusion"]
     scales = info.get("level_scales", {})
-    return {"rule": info["rule"], "meaning": f"the {info['rule']} of the component maps' healthy anomaly levels "
+    rule = {"weighted": "weighted mean", "mean": "mean", "max": "maximum"}.get(info["rule"], info["rule"])
+    return {"rule": info["rule"], "meaning": f"the {rule} of the component maps' healthy anomaly levels "
                                              "(each map divided by its model's 0.01 % healthy threshold)",
             "components": [{"model": c["model"], "method": c["method"], "weight": c.get("weight", 1.0),
                             "raw_score_per_level": scales.get(c["method"])}
