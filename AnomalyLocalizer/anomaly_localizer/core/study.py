@@ -231,12 +231,10 @@ def _anomaly_model(model: str, wanted: list[str]):
     extraction model)."""
     from .installed import resolve_package_for
 
-    package = resolve_package_for(None, model)  # the methods wanted are checked against it next
+    package = resolve_package_for(wanted or None, model)  # methods asked for: "does not offer" says it
     if package.detector is None:
         raise InputError(f"model {package.name} is a {package.arch_type} model (brain extraction), not an anomaly model; "
                          "choose another --model (anomaly-localizer models lists them) or leave --model out")
-    if wanted:
-        return resolve_package_for(wanted, package.path if model.startswith(".") or "/" in model else model)
     return package
 
 
