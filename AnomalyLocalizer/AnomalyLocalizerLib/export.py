@@ -25,8 +25,10 @@ class ExportMixin:
         segment with any corrections made in a segment editor."""
         path = Path(path)
         inputVolume = self._requireResult()
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; choose another file name or allow overwriting")
+        sidecar = path.with_name(path.name + ".json")  # the record written beside it
+        for target in (path, sidecar):
+            if target.exists() and not overwrite:
+                raise FileExistsError(f"{target} exists; choose another file name or allow overwriting")
         name = path.name.lower()
         if name.endswith(".seg.nrrd"):
             node = self.outputNode(inputVolume, "segmentation")
@@ -46,7 +48,7 @@ class ExportMixin:
             self.scene.RemoveNode(storage)
             if node.GetAttribute(EXPORT_TEMPORARY) is not None:
                 self.scene.RemoveNode(node)
-        path.with_name(path.name + ".json").write_text(json.dumps(self.provenance(), indent=2) + "\n")
+        sidecar.write_text(json.dumps(self.provenance(), indent=2) + "\n")
         return path
 
     def _segmentationAsLabelmap(self, inputVolume):

@@ -115,6 +115,9 @@ class RunMixin:
         elif methods:
             check_methods(list(methods))
         study = Study([StudyInput(node.GetName(), self._volumeImage(node)) for node in nodes])
+        from anomaly_localizer.core.imageio import check_image
+        for node, inp in zip(nodes, study.inputs):  # what the score command refuses (a single slice, NaN, ...)
+            check_image(inp.image, None, f"the volume {node.GetName()}")
         # the engine's rules, in the order its score command applies them (one function for both)
         plan = plan_study(study, given, self._maskImage(mask, nodes[0]), model, methods, "auto", device, progress)
         package, methods = plan.package, plan.methods

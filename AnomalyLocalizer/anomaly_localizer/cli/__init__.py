@@ -66,10 +66,17 @@ def _plugins() -> list:
     return found
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's refusal in one line (its usage block is what --help is for)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_INPUT, f"error: {self.prog}: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    p = argparse.ArgumentParser(prog="anomaly-localizer", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = OneLineParser(prog="anomaly-localizer", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Unsupervised anomaly localisation in brain MRI.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -66,7 +66,7 @@ def score_file(input: str | list[str], out: str, model: str | None = None, metho
     written = score_study(inputs, out, contrasts=contrasts, model=model, methods=methods, mask=mask,
                           brain_extraction=brain_extraction, threshold=threshold, threshold_level=threshold_level,
                           device=device, force=force, progress=progress_printer(quiet))
-    for line in written.get("input_notes", []):  # shown even with -q: they change what was read
+    for line in written.get("input_notes", []) + written.get("run_notes", []):  # shown even with -q
         print(f"note: {line}", file=sys.stderr)
     note = written.get("note")
     if note:  # shown even with -q, as one line: it changes how to read the result

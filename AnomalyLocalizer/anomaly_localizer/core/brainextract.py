@@ -94,13 +94,43 @@ def extract_brain(image: sitk.Image, package: ModelPackage, device: str = "cpu",
     return postprocess(prob)
 
 
+def check_brain_extraction(choice: str | None) -> ModelPackage | None:
+    """The brain extraction model a ``--brain-extraction`` value names (None for auto and
+    off), refused in one line when it is empty or not a brain extraction model."""
+    from .package import resolve_package
+    if choice in (None, "auto", "off"):
+        return None
+    if not str(choice).strip():
+        raise InputError("--brain-extraction is empty; give auto, off or a brain extraction model's name or folder")
+    package = resolve_package(choice)
+    if package.arch_type not in BRAIN_EXTRACTION_TYPES:
+        raise InputError(f"--brain-extraction {choice}: model {package.name} is an anomaly model ({package.arch_type}), "
+                         "not a brain extraction model; give auto, off or a brain extraction model (e.g. "
+                         "brain-extraction-unet)")
+    return package
+
+
 def default_extractor() -> ModelPackage | None:
-    """The installed brain extraction model named in a models index, else the first found."""
+    """The installed brain extraction model named in a models index, else the first found.
+    A broken package of that name earlier in the model folders is said (a warning), not
+    skipped without a word."""
+    from .package import all_package_paths
     for d in model_dirs():
         index = d / "index.json"
         if index.is_file():
-            name = json.loads(index.read_text()).get("brain_extraction")
+            try:
+                name = json.loads(index.read_text()).get("brain_extraction")
+            except (ValueError, AttributeError, RecursionError, OSError):
+                continue
             if name and (d / name).is_dir():
+                for earlier in [p for p in all_package_paths() if p.name == name]:
+                    if earlier.resolve() == (d / name).resolve():
+                        break
+                    try:
+                        load_package(earlier)
+                    except AnomalyLocalizerError as exc:
+                        log.warning("the brain extraction model %s is broken and not used (%s); %s is used instead: "
+                                    "fix or remove it", earlier, str(exc).splitlines()[0][:160], d / name)
                 return load_package(d / name)
     for path in list_packages():
         try:

@@ -24,6 +24,8 @@ MIN_SPACING_MM, MAX_SPACING_MM = 0.05, 20.0  # beyond these a header's voxel siz
 def read_image(path: str | os.PathLike, what: str = "INPUT", series: str | None = None) -> sitk.Image:
     """Read a 3D scalar image from a file or a DICOM series folder, with one-line errors.
     ``series``: the DICOM series instance UID to read from a folder holding several."""
+    from .paths import check_name, check_readable_kind, undecodable_entry
+    check_name(path, what)  # before any system call: SimpleITK aborts the process on such a name
     path = Path(path)
     if not path.exists():
         blocked = next((p for p in path.absolute().parents if p.exists() and not os.access(p, os.X_OK)), None)
@@ -32,21 +34,27 @@ def read_image(path: str | os.PathLike, what: str = "INPUT", series: str | None 
         raise InputError(f"{what} {path} does not exist; check the path")
     if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
         raise InputError(f"cannot read {what} {path}: permission denied; make it readable or copy it")
+    check_readable_kind(path, what)  # a FIFO would block the first open for ever
+    if path.is_dir():
+        odd = undecodable_entry(path)
+        if odd is not None:
+            raise InputError(f"{what} folder {path} holds a file whose name is not UTF-8 text ({odd}); rename it or "
+                             "move it out of the folder")
     if path.is_file() and _is_nifti(path):
-        problem = nifti_sform_problem(path)
+        problem = nifti_sform_problem(path) or nifti_type_problem(path)
         if problem:
             raise InputError(f"{what} {path}: {problem}")
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's multi-line warnings: the checks below say it in words
+    from .cstderr import quiet_c_stderr
     try:
-        if path.is_dir():
-            image = _read_dicom_series(path, what, series)
-        else:
-            image = sitk.ReadImage(str(path))
+        with quiet_c_stderr() as said:  # ITK's and its C readers' own lines: the checks below say it in words
+            if path.is_dir():
+                image = _read_dicom_series(path, what, series)
+            else:
+                image = sitk.ReadImage(str(path))
     except InputError:
         raise
-    except RuntimeError as exc:
-        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    except (RuntimeError, TypeError) as exc:
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()] + said
         # ITK reports a file it could not finish reading with a stale system error ("No such
         # file or directory") although the file is there: say what it is instead.
         lines = [ln for ln in lines if "No such file or directory" not in ln] or ["the file is incomplete or corrupt"]
@@ -54,8 +62,6 @@ def read_image(path: str | os.PathLike, what: str = "INPUT", series: str | None 
         raise InputError(f"cannot read {what} {path} ({reason[:160]}): the file is incomplete, corrupt or not an "
                          "image; copy it again, or give a complete NIfTI, NRRD, MHA file or a DICOM series folder") \
             from exc
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     check_image(image, path, what)
     if path.is_file() and _is_nifti(path):
         problem = nifti_geometry_problem(path, image)
@@ -100,6 +106,41 @@ def nifti_geometry_problem(path: Path, image: sitk.Image) -> str | None:
                 "scan would be scored mirrored or shifted. Rewrite the header so that qform and sform agree (e.g. "
                 "with the tool that wrote it, or nibabel) and try again")
     return None
+
+
+def nifti_type_problem(path: Path) -> str | None:
+    """Why a NIfTI file's voxel type or header cannot be scored, or None: complex values
+    (ITK would read their real part without a word), a negative voxel size, or a qform and
+    sform that disagree (:mod:`.nifti_header`)."""
+    from .nifti_header import header_problem
+    head = _nifti_head(path)
+    if head is None:
+        return None
+    endian, head = head
+    problem = header_problem(head, endian)
+    if problem:
+        return problem
+    datatype = int(np.frombuffer(head[70:72], endian + "i2")[0])
+    if datatype in (32, 1792, 2048):
+        return ("its voxels are complex numbers (magnitude and phase); give the magnitude image as a real-valued "
+                "volume (e.g. exported as magnitude by the scanner or converted with nibabel)")
+    return None
+
+
+def _nifti_head(path: Path) -> tuple[str, bytes] | None:
+    """(endianness, first 348 bytes) of a NIfTI-1 file, or None."""
+    try:
+        opener = gzip.open if _is_gzip(path) else open
+        with opener(path, "rb") as f:
+            head = f.read(348)
+    except (OSError, EOFError):
+        return None
+    if len(head) < 348:
+        return None
+    endian = "<" if int(np.frombuffer(head[:4], "<i4")[0]) == 348 else ">"
+    if int(np.frombuffer(head[:4], endian + "i4")[0]) != 348:
+        return None
+    return endian, head
 
 
 def nifti_sform_problem(path: Path) -> str | None:
@@ -212,6 +253,9 @@ def uneven_slices(reader: sitk.ImageSeriesReader, image: sitk.Image) -> str | No
 def check_image(image: sitk.Image, path: Path | None = None, what: str = "INPUT") -> None:
     """Refuse images the engine cannot score: not 3D, not scalar, non-finite voxels."""
     name = f"{what} {path}" if path is not None else what
+    if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise InputError(f"{name} has complex-valued voxels (magnitude and phase); give the magnitude image as a "
+                         "real-valued volume")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
                          "(colour or vector image); give a single-channel MRI volume")
@@ -351,9 +395,6 @@ def as_3d(image: sitk.Image) -> sitk.Image:
 def write_image(image: sitk.Image, path: Path, compression_level: int = 1) -> None:
     """Write an image; gzip level 1 because the default level costs seconds per volume.
     ITK's multi-line warnings are not shown: a failure raises, and callers say it in one line."""
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
+    from .cstderr import quiet_c_stderr
+    with quiet_c_stderr():
         sitk.WriteImage(image, str(path), True, compression_level)
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)

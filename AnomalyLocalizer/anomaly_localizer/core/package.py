@@ -444,6 +444,9 @@ def resolve_package(model: str | None) -> ModelPackage:
         if model is None:
             raise PackageError("no model is installed; pass --model PATH to a model folder "
                                "or set ANOMALY_LOCALIZER_MODELS")
+    if not str(model).strip():
+        raise PackageError("the model given is empty; give a model name (anomaly-localizer models lists them) or a "
+                           "model folder")
     p = Path(model)
     if p.is_dir() or os.sep in model or model.startswith("."):
         if p.exists() and not p.is_dir():

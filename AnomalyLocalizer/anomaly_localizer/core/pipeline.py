@@ -76,6 +76,10 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
     co-registered study by contrast, all on ``image``'s grid (:mod:`.study`); the model reads
     the one of its contrast (a fused model's components each their own), else ``image``.
     """
+    from .imageio import check_image
+    check_image(image, None, "the image")  # the command line's checks, for the Python API too
+    if mask is not None:
+        check_image(mask, None, "the brain mask")
     detector = package.detector
     if detector is None:
         raise InputError(f"model {package.name} is a {package.arch_type} model, not an anomaly "
@@ -163,9 +167,8 @@ def find_brain(image: sitk.Image, mask: sitk.Image | None, brain_extraction: str
     source = {"value": "given" if mask is not None else "non-zero region of a skull-stripped input"}
 
     def extractor(img: sitk.Image) -> np.ndarray:
-        from .brainextract import default_extractor, extract_brain
-        from .package import resolve_package
-        ext = default_extractor() if brain_extraction == "auto" else resolve_package(brain_extraction)
+        from .brainextract import check_brain_extraction, default_extractor, extract_brain
+        ext = default_extractor() if brain_extraction == "auto" else check_brain_extraction(brain_extraction)
         if ext is None:
             raise InputError("the image does not look skull-stripped and no brain extraction model is installed; "
                              "pass a brain mask with --mask")

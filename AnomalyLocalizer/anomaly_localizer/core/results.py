@@ -36,6 +36,7 @@ from .findings import (
 )
 from .imageio import write_image
 from .package import ModelPackage
+from .paths import clean_stale_partials, partial_prefix
 from .pipeline import ScoreResult
 from .relative import reference_summary
 from .volume import image_like
@@ -99,9 +100,18 @@ def level_block(package: ModelPackage, result: ScoreResult) -> dict[str, Any]:
 def check_output_dir(out: Path, force: bool) -> None:
     """Refuse, before any work, an output folder that cannot be written or replaced: an
     existing DIR without --force, a file in its place, the current folder or one above it,
-    a parent folder that is missing or not writable."""
+    a parent folder that is missing or not writable, a name that is not UTF-8 or too long,
+    a symbolic link to nothing, another user's folder."""
+    from .paths import check_out_name
+    check_out_name(out)
+    if out.is_symlink() and not out.exists():
+        raise InputError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist; give a real "
+                         "folder or remove the link")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder; choose another output folder")
+    if out.exists() and any(out.iterdir()) and not force and _owner(out) not in (None, os.getuid()):
+        raise InputError(f"output folder {out} already exists and belongs to another user ({_owner_name(out)}), "
+                         "who may be filling it; choose another --out folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise InputError(f"output folder {out} already exists; pass --force to replace it or choose another folder")
     resolved = out.resolve()
@@ -119,12 +129,28 @@ def check_output_dir(out: Path, force: bool) -> None:
                          "choose another --out folder")
 
 
+def _owner(path: Path) -> int | None:
+    try:
+        return path.stat().st_uid if hasattr(os, "getuid") else None
+    except OSError:
+        return None
+
+
+def _owner_name(path: Path) -> str:
+    uid = _owner(path)
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError, TypeError):
+        return f"uid {uid}"
+
+
 def probe_folder(parent: Path, name: str) -> None:
     """Create and remove the kind of hidden folder a run writes into ``parent``: a folder
     that refuses it (a read-only or virtual file system such as /proc) is refused before
     any work, not after it."""
     try:
-        Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)).rmdir()
+        Path(tempfile.mkdtemp(prefix=partial_prefix(name), dir=parent)).rmdir()
     except OSError as exc:
         raise InputError(f"cannot create folders in {parent} ({exc.strerror or exc}); choose an --out folder you "
                          "can write") from None
@@ -236,7 +262,8 @@ def write_results(out: Path, reference: sitk.Image, result: ScoreResult, thresho
     rest or not at all."""
     check_output_dir(out, force)
     parent = out.resolve().parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    clean_stale_partials(parent, out.name)  # left by a killed run into the same place
+    tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(out.name), dir=parent))
     try:
         _user_mode_dir(tmp)
         for method, arr in result.maps.items():

@@ -48,6 +48,8 @@ def score_study(inputs: Sequence[Input], out: str | Path, contrasts: Sequence[st
     from .imageio import as_3d, read_image
     from .installed import check_methods
     from .results import check_output_dir, check_threshold_options, resolve_threshold, run_summary, write_results
+    from .brainextract import check_brain_extraction
+    from .paths import check_force_keeps
     from .study import Study, StudyInput, check_given
 
     t0 = time.perf_counter()
@@ -55,6 +57,10 @@ def score_study(inputs: Sequence[Input], out: str | Path, contrasts: Sequence[st
     if not inputs:
         raise InputError("no input given; give one or more scans of one study")
     check_output_dir(out, force)
+    paths_used = [("input", p[0] if isinstance(p, tuple) else p) for p in inputs] + [("mask", mask)]
+    if force:
+        check_force_keeps(out, paths_used)
+    check_brain_extraction(brain_extraction)
     given = check_given(contrasts, len(inputs))
     if methods:
         check_methods(list(methods))
@@ -69,6 +75,10 @@ def score_study(inputs: Sequence[Input], out: str | Path, contrasts: Sequence[st
     mask_image = as_3d(read_image(mask, "MASK")) if mask else None
     plan = plan_study(study, given, mask_image, model, methods, brain_extraction, device, progress)
     check_threshold_options(plan.package, plan.methods[0], threshold, threshold_level)
+    if force:  # the model in use, and a brain extraction model named, are kept too
+        extraction = check_brain_extraction(brain_extraction)
+        check_force_keeps(out, [("model", plan.package.path)] + ([("brain extraction model", extraction.path)]
+                                                               if extraction is not None else []))
     t_read = time.perf_counter() - t0
 
     result = run_plan(plan, device, progress, cancel, brain_extraction, network)
@@ -77,12 +87,35 @@ def score_study(inputs: Sequence[Input], out: str | Path, contrasts: Sequence[st
     summary = run_summary(plan.package, result, chosen, input=str(Path(first).resolve()),
                           mask=str(Path(mask).resolve()) if mask else None)
     summary.update(plan.record())
+    notes = run_notes(plan, result, chosen, reference=study.reference)
+    if notes:
+        summary["run_notes"] = notes
     summary["timings_s"] = {"read": t_read, **summary["timings_s"]}
     extras = None
     if annotate is not None:
         added, extras = annotate(result, plan.package, chosen, study)
         summary.update(added)
     return write_results(out, study.reference, result, chosen, summary, force=force, extras=extras)
+
+
+SMALL_MASK_ML = 200.0  # a brain mask below this is noted: a brain is 1000-1800 mL
+
+
+def run_notes(plan: "StudyPlan", result, chosen, reference: sitk.Image) -> list[str]:
+    """What a reader must know of how this run was scored, said on stderr and kept in
+    summary.json ``run_notes``: a brain mask far smaller than a brain, a raw threshold of 0
+    or below (every map is 0 or above, so it flags the whole brain)."""
+    notes = []
+    voxels = int(result.brain_mask.sum())
+    ml = voxels * float(np.prod(reference.GetSpacing()[:3])) / 1000.0
+    if ml < SMALL_MASK_ML:
+        notes.append(f"the brain mask ({plan.brain_source}) covers only {voxels} voxels ({ml:.3g} mL; a brain is "
+                     "1000-1800 mL): the volume and slice scores assume a whole brain and are not comparable with "
+                     "healthy scans")
+    if chosen.source == "user" and chosen.value <= 0:
+        notes.append(f"--threshold {chosen.value:g} is 0 or below: every brain voxel scoring above it is flagged, nearly "
+                     "the whole brain (the maps are 0 or above); give a positive raw score or --threshold-level")
+    return notes
 
 
 @dataclass

@@ -199,7 +199,7 @@ def choose_model(contrasts: Sequence[str], model: str | None = None, methods: Se
     wanted = list(methods or [])
     if model is not None:
         # a package already loaded (screening resolves its model once) or a name or folder
-        package = model if hasattr(model, "contract") else resolve_package_for(wanted or None, model)
+        package = model if hasattr(model, "contract") else _anomaly_model(model, wanted)
         ok, _ = reads(package, contrasts)
         if not ok:
             accepted = _contract_text(package)
@@ -224,6 +224,18 @@ def choose_model(contrasts: Sequence[str], model: str | None = None, methods: Se
                            "or install a model for it (README, 'Models')")
     best.check_components()
     return best
+
+
+def _anomaly_model(model: str, wanted: list[str]):
+    """The package ``model`` names, refused when it is not an anomaly model (e.g. the brain
+    extraction model)."""
+    from .installed import resolve_package_for
+
+    package = resolve_package_for(wanted or None, model)  # methods asked for: "does not offer" says it
+    if package.detector is None:
+        raise InputError(f"model {package.name} is a {package.arch_type} model (brain extraction), not an anomaly model; "
+                         "choose another --model (anomaly-localizer models lists them) or leave --model out")
+    return package
 
 
 def _best_installed(contrasts: Sequence[str], methods: Sequence[str]):

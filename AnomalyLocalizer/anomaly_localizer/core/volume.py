@@ -148,6 +148,9 @@ def normalise_intensities(arr: np.ndarray, mask: np.ndarray, normalisation: Norm
     ``iqr_to``; no clipping; ``background`` outside the mask."""
     norm = normalisation or Normalisation()
     values = arr[mask].astype(np.float64)
+    if not np.isfinite(values).all():
+        raise InputError(f"the brain region holds {int((~np.isfinite(values)).sum())} NaN or infinite voxel values; "
+                         "replace them (e.g. by 0) and retry")
     q1, median, q3 = np.percentile(values, [25.0, 50.0, 75.0])
     if not q3 > q1:
         raise InputError("the brain region has (almost) uniform intensity; check the image and the brain mask")

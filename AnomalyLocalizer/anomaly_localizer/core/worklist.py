@@ -143,7 +143,17 @@ def find_worklist(path: str | os.PathLike) -> Path:
 def read_worklist(path: str | os.PathLike) -> Worklist:
     """Read a worklist folder (or its worklist.json / worklist.csv / worklist.html)."""
     folder = find_worklist(path)
-    record = json.loads((folder / WORKLIST_JSON).read_text())
+    try:
+        record = json.loads((folder / WORKLIST_JSON).read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError(f"{folder / WORKLIST_JSON} is nested too deeply to be a worklist; it was edited or damaged. "
+                         "Screen again into a new folder") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{folder / WORKLIST_JSON} is not UTF-8 text; it was edited or damaged. Screen again into a "
+                         "new folder") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{folder / WORKLIST_JSON} holds no worklist record; it was edited or damaged. Screen again "
+                         "into a new folder")
     if record.get("format") != FORMAT:
         raise ValueError(f"{folder / WORKLIST_JSON} has format {record.get('format')!r}; this engine reads {FORMAT}")
     if not isinstance(record.get("rows"), list) or not isinstance(record.get("options", {}), dict):

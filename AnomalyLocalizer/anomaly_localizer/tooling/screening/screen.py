@@ -31,7 +31,7 @@ import numpy as np
 from ...core import levels
 from ...core.worklist import DONE, FAILED, PENDING, THUMBNAIL, WORKLIST_JSON, Row, read_worklist, write_worklist
 from ...errors import AnomalyLocalizerError, InputError
-from .screen_inputs import Scan, content_sha256, find_scans
+from .screen_inputs import Scan, content_sha256, find_scans, scan_problem, shown
 from .worklist_html import write_html
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,8 @@ LOCK = ".screening.lock"  # held by the one run that writes into a worklist fold
 
 def check_folder(out: Path) -> None:
     """Refuse a worklist folder that is a file, holds other files, or cannot be created."""
+    from ...core.paths import check_out_name
+    check_out_name(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder; choose another output folder")
     if out.exists() and any(p.name != LOCK for p in out.iterdir()) and not (out / WORKLIST_JSON).is_file() \
@@ -242,6 +244,11 @@ def plan(scans: list[Scan], out: Path, options: ScreenOptions, retry_failed: boo
         if progress and time.perf_counter() - said > 2.0:  # hashing is quick: a line now and then
             said = time.perf_counter()
             progress(0.0, f"checking what is already screened: {i}/{len(scans)} scans")
+        problem = scan_problem(scan)
+        if problem is not None:  # recorded with its reason; the batch goes on
+            rows[scan.id] = Row(scan.id, shown(scan.path), FAILED, series=scan.series,
+                                mask=shown(scan.mask) if scan.mask else None, error=problem)
+            continue
         key = options.scan_key(content_sha256(scan))
         folder = out / scan.id
         summary = _screened_summary(folder) if folder.exists() else None
@@ -303,6 +310,10 @@ def run_screening(inputs: list[str], out: Path, options: ScreenOptions, workers:
     ``studies``: each sub-folder of a folder input is one study of several scans."""
     out = Path(out)
     check_folder(out)
+    if cluster is None and workers is not None and workers > default_workers():
+        log.warning("--workers %d is more than the %d cores this run may use; %d workers are used (more would only "
+                    "compete for the cores)", workers, default_workers(), default_workers())
+        workers = default_workers()
     known: dict[tuple[str, str | None], str] = {}
     if (out / WORKLIST_JSON).is_file():
         check_same_options(out, options, force)
@@ -346,7 +357,7 @@ def _screen_locked(scans: list[Scan], inputs: list[str], out: Path, options: Scr
     prepare_folder(out)
     rows, jobs = plan(scans, out, options, retry_failed, progress)
     order = [s.id for s in scans]
-    record = {**asdict(options), "methods": list(options.methods), "inputs": [str(Path(i).resolve()) for i in inputs]}
+    record = {**asdict(options), "methods": list(options.methods), "inputs": [shown(str(Path(i).resolve())) for i in inputs]}
 
     def save() -> list[Row]:
         ranked = write_worklist(out, [rows[i] for i in order], record)

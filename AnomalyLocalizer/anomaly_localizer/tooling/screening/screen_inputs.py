@@ -239,6 +239,33 @@ def find_scans(inputs: list[str], exclude: Path | None = None,
     return scans, messages
 
 
+def scan_problem(scan: Scan) -> str | None:
+    """Why a scan cannot be read at all, said in its worklist row instead of stopping the
+    batch: a name that is not UTF-8 text (in its path, a DICOM folder's files or its mask),
+    or something that is neither a file nor a folder (a FIFO would block for ever)."""
+    from ...core.paths import check_name, check_readable_kind, undecodable_entry
+    try:
+        for where, _ in scan.inputs():
+            check_name(where, "INPUT")
+            check_readable_kind(where, "INPUT")
+            if Path(where).is_dir():
+                odd = undecodable_entry(Path(where))
+                if odd is not None:
+                    return (f"INPUT folder {shown(where)} holds a file whose name is not UTF-8 text ({odd}); rename it "
+                            "or move it out of the folder")
+        if scan.mask:
+            check_name(scan.mask, "MASK")
+            check_readable_kind(scan.mask, "MASK")
+    except InputError as exc:
+        return str(exc)
+    return None
+
+
+def shown(path: str) -> str:
+    from ...core.paths import shown as _shown
+    return _shown(path)
+
+
 def _hash_file(h, path: Path) -> None:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -272,4 +299,6 @@ def content_sha256(scan: Scan) -> str:
             _hash_file(h, Path(scan.mask))
     except OSError as exc:
         h.update(f"unreadable: {exc.strerror}".encode())
+    except (TypeError, UnicodeError) as exc:  # a file name that is not UTF-8 text
+        h.update(f"unreadable: {type(exc).__name__}".encode())
     return h.hexdigest()
