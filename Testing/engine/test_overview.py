@@ -37,3 +37,33 @@ def test_the_picture_shows_the_lesion_centre_first_then_the_largest_findings(tmp
     png = write_overview([("scan", tmp_path / "scan.nii.gz", tmp_path / "out")], tmp_path / "o.png",
                          truth={"scan": tmp_path / "truth.nii.gz"}, scan_note="a phantom")
     assert png.stat().st_size > 10_000
+
+
+def test_below_the_threshold_the_map_is_not_drawn_as_a_flag():
+    from anomaly_localizer.tooling.evaluation.overview import BELOW_COLOUR, level_colours
+    from matplotlib import colors
+    cmap, norm = level_colours(0.6, 1.0, 3.0)
+    pale = colors.to_rgba(BELOW_COLOUR)
+    assert np.allclose(cmap(norm(0.7)), pale) and np.allclose(cmap(norm(0.99)), pale)
+    assert not np.allclose(cmap(norm(1.05)), pale) and cmap(norm(1.05))[0] > 0.9  # red above the threshold
+
+
+def test_the_demo_lesion_is_darker_than_white_matter_irregular_and_soft_edged():
+    from anomaly_localizer.tooling.evaluation.demo_lesion import insert_t1_lesion
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in (60, 72, 64)], indexing="ij")
+    brain = (z / 0.9) ** 2 + (y / 0.95) ** 2 + (x / 0.9) ** 2 < 1
+    rng = np.random.default_rng(0)
+    t1 = np.where(brain, 1000 + rng.normal(0, 20, brain.shape), 0).astype(np.float32)  # white matter
+    t1[brain & (np.sqrt(z ** 2 + y ** 2 + x ** 2) > 0.8)] = 600  # a rim of grey matter
+    out, label = insert_t1_lesion(t1, brain, (1.5, 1.5, 1.5), np.random.default_rng(3))
+    lesion = label > 0
+    assert 500 < lesion.sum() and not (lesion & ~brain).any()
+    assert np.median(out[lesion]) < 0.8 * np.median(t1[lesion])  # darker than the white matter it replaced
+    changed = np.abs(out - t1) > 1.0
+    assert (changed & ~lesion).sum() > 0.1 * lesion.sum()  # a soft edge fades out beyond the label
+    box = np.argwhere(lesion)
+    extent = box.max(0) - box.min(0) + 1
+    assert lesion.sum() < 0.4 * np.prod(extent)  # irregular: fills well under its bounding box (a ball fills 52 %)
+    shape = sitk.LabelShapeStatisticsImageFilter()
+    shape.Execute(sitk.GetImageFromArray(lesion.astype(np.uint8)))
+    assert shape.GetRoundness(1) < 0.85  # a ball's roundness is 1

@@ -1,5 +1,7 @@
 """The README's demo: score a real brain with the shipped model, with and without a
-synthetic lesion, and write heatmaps, segmentations, slice scores and a PNG overview.
+synthetic lesion (darker than white matter, irregular and soft-edged, as a T1 shows a lesion:
+:mod:`..tooling.evaluation.demo_lesion`), and write heatmaps, segmentations, slice scores and a
+PNG overview with the segmentation at the model's default threshold.
 
 The brain is the MNI ICBM152 2009 T1 template (1 mm) and its brain mask, which ship inside
 the PyPI package nilearn (no download). Run: ``anomaly-localizer demo --out DIR`` (``make demo``).
@@ -17,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..tooling.evaluation.overview import write_overview
-from ..tooling.evaluation.synthetic import insert_anomaly
+from ..tooling.evaluation.demo_lesion import insert_t1_lesion
 from .common import EXIT_INPUT, EXIT_OK
 
 
@@ -60,8 +62,7 @@ def run_demo(args: argparse.Namespace) -> int:
     image = sitk.ReadImage(str(image_path), sitk.sitkFloat32)
     arr = sitk.GetArrayFromImage(image)
     brain = sitk.GetArrayFromImage(sitk.ReadImage(str(mask_path))) > 0
-    lesioned, label = insert_anomaly(arr, brain, image.GetSpacing()[::-1], "shift_up",
-                                     np.random.default_rng(args.seed), radius_mm=(12.0, 16.0))
+    lesioned, label = insert_t1_lesion(arr, brain, image.GetSpacing()[::-1], np.random.default_rng(args.seed))
     lesion_path, label_path = out / "inputs" / "mni152_t1_1mm_lesion.nii.gz", out / "inputs" / "lesion_truth.nii.gz"
     for arr_out, path in ((lesioned, lesion_path), (label, label_path)):
         img = sitk.GetImageFromArray(arr_out)
@@ -74,13 +75,10 @@ def run_demo(args: argparse.Namespace) -> int:
     png = write_overview([("healthy template", image_path, out / "healthy"),
                           ("template + synthetic lesion", lesion_path, out / "lesion")],
                          out / "overview.png", truth={"template + synthetic lesion": label_path},
-                         scan_note="Scans: the MNI152 template (an average of 152 healthy adult brains, smoother than "
-                                   "any one scan) and the same template with one synthetic lesion inserted",
-                         notes={"healthy template": "Why anything is flagged here: an average of 152 brains is "
-                                                    "smoother than any scan, most of all where brains differ "
-                                                    "most (the ventricles, the midline, the brainstem); what is "
-                                                    "flagged on it sits there, and is that difference, not "
-                                                    "disease."})
+                         scan_note="Scans: the MNI152 template (an average of 152 healthy adult brains) and the same "
+                                   "template with one synthetic lesion, darker than white matter as on a T1",
+                         notes={"healthy template": "An average of 152 brains is smoother than any scan: what is "
+                                                    "raised on it (ventricles, midline) is that, not disease."})
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "lesion" / "segmentation.nii.gz"))) > 0
     seg_h = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "healthy" / "segmentation.nii.gz"))) > 0
     truth = label > 0

@@ -5,7 +5,8 @@ scan with a known lesion, the lesion's centre first), each as the plain image be
 slice with the map in anomaly levels and the segmentation's outline (and the true lesion's,
 where known), then the findings as text. Under the rows, the scans' slice scores on one plot,
 so that where they part is visible without a healthy reference that may not fit the scan.
-One colour bar with the threshold written on it. Needs matplotlib.
+One colour bar in anomaly levels with the threshold on it: below the threshold the map is drawn
+in a pale blue that does not read as a flag, above it in red to yellow. Needs matplotlib.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ...core.findings import MIN_FINDING_ML, describe_findings
+from ...core.findings import describe_findings
 from ...core.volume import axial_layout
 
 SEGMENTATION_COLOUR = "#00ff66"  # the segmentation's outline
 TRUTH_COLOUR = "#ff33ff"  # the true lesion's outline (dotted), unlike green in hue and dash
-MAP_COLOURS = "autumn"  # red to yellow: no dark end that reads as a hole in the brain
-DISPLAY_FLOOR = 0.8  # share of the threshold's level below which the map is transparent
+MAP_COLOURS = "autumn"  # red to yellow above the threshold: no dark end that reads as a hole in the brain
+BELOW_COLOUR = "#9ecae1"  # below the threshold: pale blue, not a flag
+DISPLAY_FLOOR = 0.6  # share of the threshold's level below which the map is transparent
 FONT = 12
 
 
@@ -55,6 +57,17 @@ def _slices_to_show(summary: dict, layout, lab: np.ndarray | None, n_slices: int
     return chosen or [fallback]
 
 
+def level_colours(floor: float, threshold: float, vmax: float):
+    """(colormap, norm) of the map in anomaly levels from ``floor`` to ``vmax``: pale blue up to
+    the threshold, then red to yellow, so that only what is flagged looks like a flag."""
+    from matplotlib import colormaps, colors
+    n = 256
+    below = max(1, int(round(n * (threshold - floor) / max(vmax - floor, 1e-6))))
+    above = colormaps[MAP_COLOURS](np.linspace(0.0, 1.0, max(1, n - below)))
+    table = np.vstack([np.tile(colors.to_rgba(BELOW_COLOUR), (below, 1)), above])
+    return colors.ListedColormap(table), colors.Normalize(floor, vmax)
+
+
 def write_overview(cases: list[tuple[str, Path, Path]], png: Path, method: str | None = None,
                    truth: dict[str, Path] | None = None, scan_note: str = "", n_slices: int = 2,
                    notes: dict[str, str] | None = None) -> Path:
@@ -64,7 +77,7 @@ def write_overview(cases: list[tuple[str, Path, Path]], png: Path, method: str |
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib import cm, colors
+    from matplotlib import cm
     from matplotlib.lines import Line2D
 
     truth = truth or {}
@@ -102,8 +115,8 @@ def write_overview(cases: list[tuple[str, Path, Path]], png: Path, method: str |
                 a.text(0.02, 0.5, "R", color="white", transform=a.transAxes, fontsize=FONT, va="center", weight="bold")
                 a.text(0.98, 0.5, "L", color="white", transform=a.transAxes, fontsize=FONT, va="center", ha="right",
                        weight="bold")
-            over.imshow(np.ma.masked_less(levels[z], floor), cmap=MAP_COLOURS, vmin=floor, vmax=vmax, alpha=0.8,
-                        interpolation="nearest")
+            cmap, norm = level_colours(floor, thr_level, vmax)
+            over.imshow(np.ma.masked_less(levels[z], floor), cmap=cmap, norm=norm, alpha=0.8, interpolation="nearest")
             if seg[z].any():
                 over.contour(seg[z], levels=[0.5], colors=[SEGMENTATION_COLOUR], linewidths=1.6)
             if lab is not None and lab[z].any():
@@ -118,10 +131,10 @@ def write_overview(cases: list[tuple[str, Path, Path]], png: Path, method: str |
         lines = [f"{title}", f"{int(seg.sum())} voxels segmented ({share:.2f} % of the brain)", "",
                  f"findings ({len(found)}):"]
         lines += [textwrap.fill(line, 44, subsequent_indent="    ") for line in describe_findings(found).splitlines()]
-        in_findings = sum(f["voxels"] for f in found)
-        if seg.sum() > in_findings:
-            lines.append(textwrap.fill(f"{int(seg.sum()) - in_findings} voxels in regions under "
-                                       f"{MIN_FINDING_ML:g} mL (not findings)", 44))
+        below = summary.get("below_finding_rule", {}).get("count", 0)
+        if below:
+            lines.append(textwrap.fill(f"{below} smaller region{'s' * (below != 1)} above the threshold that healthy "
+                                       "brains show too (not findings)", 44))
         if lab is not None and lab.any():
             full = seg
             dice = 2 * (full & lab).sum() / max(1, full.sum() + lab.sum())
@@ -142,7 +155,7 @@ def write_overview(cases: list[tuple[str, Path, Path]], png: Path, method: str |
             p.axvspan(zs.min() * spacing, zs.max() * spacing, color=TRUTH_COLOUR, alpha=0.2,
                       label="slices of the inserted lesion")
     p.set_xlabel("position from the lowest slice, foot to head (mm)", fontsize=FONT)
-    p.set_ylabel(f"{plot_rows[0][4]} slice score", fontsize=FONT)
+    p.set_ylabel(f"{plot_rows[0][4]} slice score\n(the map's raw units; higher: less healthy)", fontsize=FONT)
     p.set_title("slice scores of the scans above: where they part, the slices differ", fontsize=FONT)
     p.legend(fontsize=FONT - 1, loc="upper left")
     p.tick_params(labelsize=FONT - 1)
@@ -155,10 +168,10 @@ def write_overview(cases: list[tuple[str, Path, Path]], png: Path, method: str |
                loc="upper left", fontsize=FONT - 1, frameon=False)
     bar = fig.add_axes((0.77, 0.08, 0.16, 0.025))
     floor = DISPLAY_FLOOR * thr_level
-    fig.colorbar(cm.ScalarMappable(norm=colors.Normalize(floor, vmax), cmap=MAP_COLOURS), cax=bar,
-                 orientation="horizontal")
+    cmap, norm = level_colours(floor, thr_level, vmax)
+    fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), cax=bar, orientation="horizontal")
     bar.axvline(thr_level, color="black", lw=2.5)
-    bar.set_title(f"anomaly level; black line: threshold {thr_level:.2f}"
+    bar.set_title(f"anomaly level (blue: below the threshold; black line: threshold {thr_level:.2f})"
                   + (f"\n(flags {100 * rate:.2g} % of healthy brain voxels)" if rate else ""), fontsize=FONT - 1)
     bar.tick_params(labelsize=FONT - 2)
     fig.suptitle(f"Where each scan departs from healthy brains (map: {m})" + (f"\n{scan_note}" if scan_note else ""),
