@@ -117,6 +117,12 @@ def test_train_tissue_writes_a_package_whose_map_knows_anatomy(tmp_path):
     res = score_volume(img, pkg, ["anatomy"], mask=mask)
     m = res.maps["anatomy"]
     assert np.isfinite(m).all() and (m[~res.brain_mask] == 0).all() and (m >= 0).all()
+    # released to read T2, its tissue classes from the study's T1 where given; calibrated on T2 renderings
+    assert main(["release", str(tmp_path / "tissue"), "--out", str(tmp_path / "t2-anatomy"), "--data",
+                 str(tmp_path / "r"), "--contrast", "t2", "--contrast", "t1", "-q"]) == 0
+    released = load_package(tmp_path / "t2-anatomy")
+    assert released.contract.contrasts == ["t2", "t1"] and released.contract.optional_contrasts == ["t1"]
+    assert released.calibration.pixel["anatomy"].n_subjects >= 1 and "anatomy" in released.calibration.findings
     # an existing package is not overwritten
     assert main(["train-tissue", str(data), "--out", str(tmp_path / "tissue"), "--config", str(cfg),
                  "--steps", "2", "-q"]) == 2

@@ -26,9 +26,11 @@ def register(sub) -> None:
     r.add_argument("--data", required=True, help="the healthy data the model was trained on (for recalibration)")
     r.add_argument("--meta", help="JSON merged into model.json (summary, description, data statement, ...)")
     r.add_argument("--half", action="store_true", help="store weights as float16 (half the size)")
-    r.add_argument("--contrast", choices=CONTRASTS,
+    r.add_argument("--contrast", choices=CONTRASTS, action="append",
                    help="the contrast the released model reads (one release per contrast of a network trained on "
-                        "renderings of several), calibrated on --data's renderings of it")
+                        "renderings of several), calibrated on --data's renderings of it; repeated, the others are "
+                        "optional inputs of a study (e.g. --contrast flair --contrast t1: an anatomy model that "
+                        "takes the tissue classes from the study's T1 where given)")
     add_device(r, "cpu")
     r.add_argument("--force", action="store_true")
     add_quiet(r)

@@ -121,12 +121,14 @@ def building(out: Path):
 def release_package(source: str | Path, out: str | Path, data: str, meta_file: str | None = None, half: bool = False,
                     force: bool = False, device: str = "cpu",
                     progress: Callable[[str], None] | None = None,
-                    contrast: str | None = None) -> tuple[ModelPackage, int]:
+                    contrast: str | list[str] | None = None) -> tuple[ModelPackage, int]:
     """Turn a trained package into a shippable one: new name, optional float16 weights,
-    descriptive metadata, recalibrated (the weights may have changed). ``contrast``: the one
+    descriptive metadata, recalibrated (the weights may have changed). ``contrast``: the
     contrast the released model reads (a network trained on renderings of several contrasts
-    is released once per contrast, each calibrated on its own renderings). Returns the package
-    and the number of calibration subjects."""
+    is released once per contrast, each calibrated on its own renderings); several: the first
+    is read and calibrated on, the others are optional inputs of a study the model uses where
+    given (an anatomy model's tissue classes from a T1). Returns the package and the number of
+    calibration subjects."""
     from .calibrate import calibrate_package
 
     src = load_package(source)
@@ -146,8 +148,9 @@ def release_package(source: str | Path, out: str | Path, data: str, meta_file: s
             raise InputError(f"{meta_file} must hold a JSON object of model.json keys")
         meta.update(extra)
     meta["name"] = out.name
-    if contrast is not None:
-        meta["input_contract"] = {**meta["input_contract"], "contrasts": [contrast], "optional_contrasts": []}
+    if contrast:
+        reads = [contrast] if isinstance(contrast, str) else list(contrast)
+        meta["input_contract"] = {**meta["input_contract"], "contrasts": reads, "optional_contrasts": reads[1:]}
     meta["calibration"] = {}
     meta.setdefault("provenance", {})["data"] = str(data)  # as given, not this machine's absolute path
     meta["weights_dtype"] = "float16" if half else "float32"
