@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()  # imports torch and the engine: Ctrl-C here is a cancel too
         args = parser.parse_args(argv)
+        from ..core.device import configure_threads
+        configure_threads()  # process-wide: set here, by the entry point, never by library code
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                             format="%(levelname)s: %(message)s", stream=sys.stderr)
         return args.func(args)
