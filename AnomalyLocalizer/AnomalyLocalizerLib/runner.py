@@ -69,13 +69,21 @@ class ChildRun:
     state: str = "running"  # running | done | failed | cancelled
     _reader: threading.Thread | None = None
     _ender: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def start(self) -> "ChildRun":
+        """Start the child; when it cannot start (no Python executable, no memory), the work
+        folder is removed, the state is "failed" and the error raised."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        self.process = subprocess.Popen([python_executable(), "-m", "anomaly_localizer.cli", *self.args],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                                        **_own_group_options())
+        try:
+            self.process = subprocess.Popen([python_executable(), "-m", "anomaly_localizer.cli", *self.args],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                                            **_own_group_options())
+        except BaseException:
+            self.state = "failed"
+            self.cleanup()
+            raise
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         return self
@@ -95,9 +103,9 @@ class ChildRun:
             elif line:
                 self.error_lines.append(line)
         code = self.process.wait()
-        if self.state == "cancelled":
-            return
-        self.state = "done" if code == 0 else "failed"
+        with self._lock:  # a cancel that comes now must not be overwritten (nor come after "done")
+            if self.state == "running":
+                self.state = "done" if code == 0 else "failed"
 
     def poll(self) -> str:
         return self.state
@@ -121,9 +129,10 @@ class ChildRun:
         """Stop the run and its whole process tree; returns at once (a GUI must not wait).
         The tree is asked to stop, killed if it has not after :data:`CANCEL_GRACE_S`, and
         the work folder removed once it has ended; :meth:`wait` waits for all of that."""
-        if self.state != "running":
-            return
-        self.state = "cancelled"
+        with self._lock:
+            if self.state != "running":
+                return
+            self.state = "cancelled"
         if self.process is None:
             self.cleanup()
             return

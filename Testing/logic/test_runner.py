@@ -84,3 +84,14 @@ def test_cancel_after_the_end_changes_nothing(tmp_path):
     run.cancel()
     assert run.poll() == state != "cancelled"
     run.cleanup()
+
+
+def test_a_child_that_cannot_start_leaves_no_work_folder(monkeypatch):
+    monkeypatch.setattr(runner, "python_executable", lambda: "/nonexistent/PythonSlicer")
+    work = runner.new_work_dir()
+    run = runner.ChildRun(args=["score"], work_dir=work, out_dir=work / "out")
+    with pytest.raises(OSError):
+        run.start()
+    assert not work.exists() and run.state == "failed"
+    run.cancel()  # nothing to cancel: stays "failed"
+    assert run.state == "failed"

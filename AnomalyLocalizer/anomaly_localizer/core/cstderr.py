@@ -17,17 +17,43 @@ import threading
 from typing import Iterator
 
 _LOCK = threading.Lock()
+_ITK_LOCK = threading.Lock()
+_itk_quiet = {"depth": 0, "shown": True}
+
+
+@contextlib.contextmanager
+def itk_warnings_off() -> Iterator[None]:
+    """ITK's (process-wide) warning display off within the block, and back as it was after
+    the last of several threads' overlapping blocks ends (a plain save-and-restore in two
+    threads could leave it off for good)."""
+    import SimpleITK as sitk
+
+    with _ITK_LOCK:
+        if _itk_quiet["depth"] == 0:
+            _itk_quiet["shown"] = bool(sitk.ProcessObject.GetGlobalWarningDisplay())
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        _itk_quiet["depth"] += 1
+    try:
+        yield
+    finally:
+        with _ITK_LOCK:
+            _itk_quiet["depth"] -= 1
+            if _itk_quiet["depth"] == 0:
+                sitk.ProcessObject.SetGlobalWarningDisplay(_itk_quiet["shown"])
 
 
 @contextlib.contextmanager
 def quiet_c_stderr() -> Iterator[list[str]]:
     """Silence C-level output on stderr and ITK's warnings within the block. Yields a list
     that holds, after the block, the lines the libraries printed."""
-    import SimpleITK as sitk
+    with itk_warnings_off():
+        with _stderr_captured() as said:
+            yield said
 
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
     said: list[str] = []
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     saved = None
     capture = None
     # only the main thread redirects: another thread's prints must not vanish with them
@@ -46,7 +72,6 @@ def quiet_c_stderr() -> Iterator[list[str]]:
     try:
         yield said
     finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
         if saved is not None:
             try:
                 os.dup2(saved, 2)

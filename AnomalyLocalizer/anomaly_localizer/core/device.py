@@ -69,14 +69,25 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def configure_threads() -> None:
-    """Use every core the process may run on (torch sometimes picks fewer), or the number
-    in ``ANOMALY_LOCALIZER_THREADS`` (set for screening workers that share a machine)."""
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's (process-wide) thread count: ``threads``, else the number in
+    ``ANOMALY_LOCALIZER_THREADS`` when the user set it, else every core the process may run
+    on (torch sometimes picks fewer). Called by the command line's entry point and by a
+    screening's worker processes once, never by library code on each score: a Slicer
+    session or a threaded worker shares the setting. Returns the count."""
     n = usable_cores()
     if os.environ.get(THREADS_ENV, "").strip().isdigit() and int(os.environ[THREADS_ENV]) > 0:
         n = int(os.environ[THREADS_ENV])
+    if threads is not None and threads > 0:
+        n = int(threads)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+    return n
+
+
+def float64_ok(device: torch.device) -> bool:
+    """Whether ``device`` computes in float64 (Apple MPS does not)."""
+    return torch.device(device).type != "mps"
 
 
 def keep_freed_memory() -> bool:

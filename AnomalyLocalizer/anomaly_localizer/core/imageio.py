@@ -178,12 +178,9 @@ def dicom_series_in(folder: Path) -> list[str]:
     """The DICOM series instance UIDs of the files directly in ``folder`` (not below it).
     ITK warns on stderr, over several lines, when a folder holds no series; callers say it
     in one line, so ITK's warning is silenced for this call."""
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
+    from .cstderr import itk_warnings_off
+    with itk_warnings_off():  # restored, and safe when threads overlap
         return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def dicom_series_files(folder: Path, series: str) -> list[str]:

@@ -84,7 +84,9 @@ def resample(prior, grids: torch.Tensor, positions: torch.Tensor, flags: torch.T
             r, c = divmod(t, G)
             rows = torch.nonzero(flags[:, r, c]).flatten()
             logits = prior(grids[rows, :r + 1], positions[rows])[:, :, r, c]
-            grids[rows, r, c] = torch.multinomial(F.softmax(logits.double(), dim=1), 1, generator=gen).flatten()
+            # drawn on the CPU in float64 (which MPS lacks) from a CPU generator: every device draws the same codes
+            probs = F.softmax(logits.float().cpu().double(), dim=1)
+            grids[rows, r, c] = torch.multinomial(probs, 1, generator=gen).flatten().to(grids.device)
     return grids, len(needed)
 
 
@@ -121,7 +123,7 @@ def lsr_scores(model, slices: torch.Tensor, mask: torch.Tensor, positions: torch
         if cancel is not None and cancel():
             raise CancelledError("cancelled by the user")
         e = min(n, s + CHUNK_SLICES)
-        gen = torch.Generator(device=slices.device).manual_seed(int(params["seed"]) * 1000003 + chunk)
+        gen = torch.Generator().manual_seed(int(params["seed"]) * 1000003 + chunk)  # a CPU stream (:func:`resample`)
         grids = codes[s:e].repeat_interleave(k, 0)
         pos = positions[s:e].repeat_interleave(k, 0)
         flags = flagged[s:e].repeat_interleave(k, 0)

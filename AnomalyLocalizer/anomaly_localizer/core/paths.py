@@ -152,3 +152,31 @@ def clean_stale_partials(parent: Path, name: str) -> list[Path]:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
+
+
+def new_folder(parent: Path, prefix: str) -> Path:
+    """A new folder ``parent/prefix<random>`` with the mode the user's umask gives new
+    folders (``mkdtemp`` makes 0700 ones; reading the umask means setting it, which changes
+    it for every thread of the process, so the kernel applies it here instead)."""
+    import secrets
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path, 0o777)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free name for a new folder {prefix}* in {parent}")
+
+
+def new_file(parent: Path, prefix: str) -> tuple[int, Path]:
+    """An open descriptor (write-only) and the path of a new file ``parent/prefix<random>``
+    with the mode the user's umask gives new files (as :func:`new_folder`)."""
+    import secrets
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free name for a new file {prefix}* in {parent}")

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from .. import __version__
 from ..errors import InputError
 from .detectors import ScoringContext
-from .device import configure_threads, select_device
+from .device import select_device
 from .package import ALL_METHODS, ModelPackage
 from .installed import check_methods
 from .relative import apply_scan_relative
@@ -86,8 +86,7 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
                          "model; choose another --model")
     methods = check_methods(list(methods) if methods else package.default_methods(), package)
     timings: dict[str, float] = {}
-    configure_threads()
-    dev = select_device(device)
+    dev = select_device(device)  # the thread count is the caller's (the command line sets it once)
     t0 = time.perf_counter()
     if progress:
         progress(0.0, "preparing volume")

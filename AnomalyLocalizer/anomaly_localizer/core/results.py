@@ -36,7 +36,7 @@ from .findings import (
 )
 from .imageio import write_image
 from .package import ModelPackage
-from .paths import clean_stale_partials, partial_prefix
+from .paths import clean_stale_partials, new_folder, partial_prefix
 from .pipeline import ScoreResult
 from .relative import reference_summary
 from .volume import image_like
@@ -156,21 +156,21 @@ def probe_folder(parent: Path, name: str) -> None:
                          "can write") from None
 
 
-def _user_mode_dir(path: Path) -> None:
-    """Give a folder made by mkdtemp (mode 0700) the mode the user's umask gives new folders."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
-
-
 def _publish(tmp: Path, out: Path, force: bool) -> None:
     """Move the finished folder ``tmp`` to ``out``. Without ``force`` this never replaces a
     folder that is not empty, so of two runs into one new folder exactly one succeeds. With
     ``force`` the old folder is moved aside first and put back if the move fails."""
     try:
-        os.rename(tmp, out)  # atomic; onto an empty folder it replaces it, onto a full one it fails
+        os.rename(tmp, out)  # atomic; onto an empty folder it replaces it (not on Windows), onto a full one it fails
         return
     except OSError:
+        if _is_empty_dir(out):  # Windows: a folder is never replaced by rename, even an empty one
+            try:
+                out.rmdir()  # fails if someone filled it meanwhile: then it is theirs
+                os.rename(tmp, out)
+                return
+            except OSError:
+                pass
         if not out.exists() or not force:
             if out.exists():
                 raise InputError(f"output folder {out} was created by another run (or someone else) while this run "
@@ -190,6 +190,24 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
         raise InputError(f"could not replace {out} ({exc.strerror}); it was left as it was") from None
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_empty_dir(path: Path) -> bool:
+    try:
+        return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+    except OSError:
+        return False
+
+
+class _WriteFailed(Exception):
+    """A file of the results could not be written (ITK says so with a RuntimeError)."""
+
+
+def _write(image: sitk.Image, path: Path) -> None:
+    try:
+        write_image(image, path)
+    except RuntimeError as exc:
+        raise _WriteFailed(str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else "write failed") from exc
 
 
 def segmentation_from(heatmap: np.ndarray, mask: np.ndarray, threshold: float) -> np.ndarray:
@@ -263,14 +281,13 @@ def write_results(out: Path, reference: sitk.Image, result: ScoreResult, thresho
     check_output_dir(out, force)
     parent = out.resolve().parent
     clean_stale_partials(parent, out.name)  # left by a killed run into the same place
-    tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(out.name), dir=parent))
+    tmp = new_folder(parent, partial_prefix(out.name))  # the user's umask applies, as to any new folder
     try:
-        _user_mode_dir(tmp)
         for method, arr in result.maps.items():
-            write_image(image_like(arr.astype(np.float32), reference), tmp / f"{method}.nii.gz")
+            _write(image_like(arr.astype(np.float32), reference), tmp / f"{method}.nii.gz")
         seg = segmentation_from(result.maps[threshold.method], result.brain_mask, threshold.value)
-        write_image(image_like(seg, reference, sitk.sitkUInt8), tmp / "segmentation.nii.gz")
-        write_image(image_like(result.brain_mask.astype(np.uint8), reference, sitk.sitkUInt8),
+        _write(image_like(seg, reference, sitk.sitkUInt8), tmp / "segmentation.nii.gz")
+        _write(image_like(result.brain_mask.astype(np.uint8), reference, sitk.sitkUInt8),
                     tmp / "brainmask.nii.gz")
         write_slice_scores(tmp / "slice_scores.csv", result)
         share = float(seg.sum() / max(1, result.brain_mask.sum()))
@@ -295,9 +312,9 @@ def write_results(out: Path, reference: sitk.Image, result: ScoreResult, thresho
             extras(tmp, seg, summary)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         _publish(tmp, out, force)
-    except (OSError, RuntimeError) as exc:  # a full disk, a vanished folder, an ITK writer error
+    except (OSError, _WriteFailed) as exc:  # a full disk, a vanished folder, an ITK writer error; a bug is no I/O
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[-1][:160]
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc).strip() or type(exc).__name__)
         raise InputError(f"could not write the results into {out} ({reason}); nothing was written. "
                          "Free some space or choose another --out") from None
     except BaseException:

@@ -15,7 +15,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -77,13 +76,11 @@ def rank_rows(rows: list[Row]) -> list[Row]:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    from .paths import new_file
+    fd, tmp = new_file(path.parent, f".{path.name}.")  # the user's umask applies, as to any new file
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

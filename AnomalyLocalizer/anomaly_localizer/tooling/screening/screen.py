@@ -76,29 +76,16 @@ def _package_and_model(options: ScreenOptions):
     return _LOADED[key]
 
 
-def _threads_for_this_worker(threads: int | None) -> None:
-    """Share the machine's cores among the scans a Dask worker runs at once."""
-    from ...core.device import THREADS_ENV
-    if threads is None:
-        try:
-            from distributed import get_worker
-            threads = max(1, (os.cpu_count() or 1) // max(1, get_worker().state.nthreads))
-        except (ImportError, ValueError, AttributeError):
-            return  # not in a worker: every core
-    os.environ[THREADS_ENV] = str(threads)
-
-
-def screen_one(scan: Scan, key: str, out: str, options: ScreenOptions, redo: bool = False,
-               threads: int | None = None) -> Row:
+def screen_one(scan: Scan, key: str, out: str, options: ScreenOptions, redo: bool = False) -> Row:
     """Score one scan (or study) into ``out/<id>`` exactly as ``score`` does
     (:func:`anomaly_localizer.core.scoring.score_study`) and return its worklist row. Never
     raises for a problem of the scan (it becomes the row's error); only an interruption
-    propagates."""
+    propagates. Torch's thread count is the process's (set once by the command line, or per
+    Dask worker by :func:`.screen_cluster.run_on_dask`), never changed here."""
     from ...core.scoring import score_study
     from .thumbnail import render_thumbnail, write_png
 
     t0 = time.perf_counter()
-    _threads_for_this_worker(threads)
     row = Row(scan.id, scan.path, series=scan.series, mask=scan.mask, sha256=key)
 
     def annotate(result, package, chosen, study):

@@ -70,9 +70,10 @@ def connect(address: str):
 def run_on_dask(task: Callable[..., Row], jobs: list, out: str, options, finished: Callable[[Row], None],
                 workers: int, threads: int | None, address: str | None = None,
                 say: Callable[[str], None] | None = None, client=None) -> None:
-    """Run ``task(scan, key, out, options, redo, threads)`` for ``jobs`` ((scan, key, redo)
+    """Run ``task(scan, key, out, options, redo)`` for ``jobs`` ((scan, key, redo)
     triples) as Dask tasks; call ``finished`` with each row as it comes back. ``threads``:
-    the torch threads of each scan (None: the worker machine's cores over its task slots).
+    the torch threads of each scan (None: the worker machine's cores over its task slots),
+    set once in each worker process before any task (:func:`worker_threads`).
     ``client``: one already connected (:func:`connect`), closed here."""
     from distributed import as_completed
 
@@ -83,9 +84,10 @@ def run_on_dask(task: Callable[..., Row], jobs: list, out: str, options, finishe
         if say:
             say(f"screening on {'the Dask cluster at ' + address if address else 'a local Dask cluster'} "
                 f"({n} worker{'s' * (n != 1)})")
+        client.run(worker_threads, threads)
         by_future = {}
         for scan, key, redo in jobs:
-            f = client.submit(task, scan, key, out, options, redo, threads, key=f"screen-{scan.id}-{key[:12]}",
+            f = client.submit(task, scan, key, out, options, redo, key=f"screen-{scan.id}-{key[:12]}",
                               pure=False)
             by_future[f.key] = (scan, key)
             futures.append(f)
@@ -105,3 +107,14 @@ def run_on_dask(task: Callable[..., Row], jobs: list, out: str, options, finishe
         if cluster is not None:
             cluster.close()
 
+
+def worker_threads(threads: int | None, dask_worker=None) -> int:
+    """Run in each Dask worker process once, as its start: torch's threads for the scans it
+    runs at once to share its machine's cores (``threads``, else the cores over its task slots)."""
+    import os
+
+    from ...core.device import configure_threads
+    if threads is None:
+        slots = getattr(getattr(dask_worker, "state", None), "nthreads", None) or getattr(dask_worker, "nthreads", 1)
+        threads = max(1, (os.cpu_count() or 1) // max(1, int(slots or 1)))
+    return configure_threads(threads)

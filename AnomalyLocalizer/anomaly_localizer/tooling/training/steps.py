@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from ...errors import InputError
-from .train import _load_checkpoint, _save_checkpoint
+from .loop import Placement, load_checkpoint, place, save_checkpoint
 
 BatchLoss = Callable[[int, torch.Generator], torch.Tensor]  # (step, generator) -> loss of one batch
 Validate = Callable[[], tuple[float, dict[str, float]]]  # -> (figure that picks the best, other figures)
@@ -48,7 +48,7 @@ def start_run(net: torch.nn.Module, cfg: Any, out: Path, resume: bool, say: Call
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # the rate is set per step
     state: dict[str, Any] = {"step": 0, "best_val": None, "best_step": 0, "history": [], "config": asdict(cfg)}
     if resume:
-        state = _load_checkpoint(ckpt_dir, net, optimizer, sched)
+        state = load_checkpoint(ckpt_dir, net, optimizer, sched)
         if {**state["config"], "steps": None} != {**json.loads(json.dumps(asdict(cfg))), "steps": None}:
             raise InputError(f"the configuration differs from the one {out} was trained with; "
                              "resume with the same options or start over with --force")
@@ -116,7 +116,7 @@ def run_steps(run: StepRun, cfg: Any, batch_loss: BatchLoss, validate: Validate,
 
 def _save(run: StepRun) -> None:
     state = {k: v for k, v in run.state.items() if not k.startswith("_")}
-    _save_checkpoint(run.ckpt_dir, run.net, run.optimizer, run.sched, state)
+    save_checkpoint(run.ckpt_dir, run.net, run.optimizer, run.sched, state)
 
 
 def load_best(run: StepRun) -> torch.nn.Module:
@@ -139,7 +139,7 @@ class SliceContract:
     seed: int = 0  # also the subject split: the same seed splits as the other models do
     batch_size: int = 16
     weight_decay: float = 1e-4
-    bf16: bool | None = None  # None: where the CPU has bf16 matrix instructions (core.device.cpu_has_bf16)
+    bf16: bool | None = None  # None: where fast (CUDA with bf16, a CPU with bf16 matrix instructions; .loop.use_bf16)
     flip_lr: bool = True
     contrast: float = 0.15  # gain 1 +- this
     gamma: float = 0.2  # exponent exp(+- this)
@@ -189,7 +189,7 @@ def write_trained_package(run: StepRun, cfg: Any, out: Path, data: str | Path, a
     say(f"wrote {out} (best step {state['best_step']}, {best_key.replace('_', ' ')} {state['best_val']:.5f})")
     if calibrate and split["calibration"]:
         from ..release.calibrate import calibrate_package
-        calibrate_package(package, [by_id[i] for i in split["calibration"]], device=str(dev), progress=say)
+        calibrate_package(package, [by_id[i] for i in split["calibration"]], device=dev.type, progress=say)
     return out
 
 
@@ -218,48 +218,57 @@ def load_config(cls: Any, path: str | Path | None, architecture: Any, default_sc
 
 @dataclass
 class Setup:
-    """What a 2.5D step training works with: device, split and slices, the run, precision."""
+    """What a 2.5D step training works with: where it runs, split and slices, the run."""
 
-    dev: torch.device
+    where: Placement
     split: dict[str, list[str]]
     by_id: dict[str, Any]
     train_set: Any
     val_set: Any
     run: StepRun
-    use_bf16: bool
-    memory: torch.memory_format
-    autocast: Any
+
+    @property
+    def dev(self) -> torch.device:
+        return self.where.device
+
+    @property
+    def use_bf16(self) -> bool:
+        return self.where.bf16
+
+    @property
+    def memory(self) -> torch.memory_format:
+        return self.where.memory
+
+    @property
+    def autocast(self) -> Any:
+        return self.where.autocast()
 
 
 def set_up(data: str | Path, out: Path, cfg: Any, arch_type: str, resume: bool, force: bool, device: str,
            cache_dir: str | Path | None, say: Callable[[str], None], describe: str) -> Setup:
     """Refuse a used ``out`` (unless resuming or forced), split the subjects, load their
     slices, build the ``arch_type`` network and the run (resumed from its checkpoint), and
-    choose the precision: bf16 autocast with channels-last tensors only where the CPU has bf16
-    matrix instructions (emulated bf16 is about ten times slower than float32)."""
-    from ...core.device import configure_threads, cpu_has_bf16, keep_freed_memory, select_device
+    place it (:func:`.loop.place`: the device, and bf16 autocast with channels-last tensors
+    where the device has fast bf16; emulated bf16 is about ten times slower than float32)."""
+    from ...core.device import keep_freed_memory
     from ...core.package import build_network
     from ..data import check_run_folder, split_slices
 
     check_run_folder(out, resume, force, out / "checkpoint" / "checkpoint.json")
-    configure_threads()
-    keep_freed_memory()
-    dev = select_device(device)
+    where = place(device, cfg.bf16, what=f"train-{arch_type.split('-')[-1]}")
+    if where.device.type == "cpu":
+        keep_freed_memory()
     split, by_id, train_set, val_set = split_slices(data, cfg, Path(cache_dir) if cache_dir else out / ".cache")
     say(f"{len(split['train'])} training subjects ({len(train_set)} slices), {len(split['val'])} validation "
         f"({len(val_set)} slices); {cfg.steps} steps of {cfg.batch_size}; {describe}")
-    use_bf16 = dev.type == "cpu" and (cpu_has_bf16() if cfg.bf16 is None else cfg.bf16)
     torch.manual_seed(cfg.seed)
-    memory = torch.channels_last if use_bf16 else torch.contiguous_format  # channels-last helps bf16 only
     net = build_network({"type": arch_type, **cfg.architecture})
     if cfg.init_from and not resume:
         net.load_state_dict(initial_weights(cfg.init_from, arch_type, cfg.architecture).state_dict())
         say(f"starting from the weights of {cfg.init_from}")
-    net = net.to(dev).to(memory_format=memory)
+    net = net.to(where.device).to(memory_format=where.memory)
     run = start_run(net, cfg, out, resume, say)
-    return Setup(dev, split, by_id, train_set, val_set, run, use_bf16, memory,
-                 torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16))
-
+    return Setup(where, split, by_id, train_set, val_set, run)
 
 
 def initial_weights(model: str, arch_type: str, architecture: dict[str, Any]) -> torch.nn.Module:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,13 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from ... import __version__
-from ...core.device import configure_threads, select_device
 from ...core.models.vae import DEFAULT_ARCHITECTURE
 from ...core.package import build_network, save_package
 from ...core.scores import kl_divergence, rec_nll
 from ...core.volume import NORMALISATION
 from ...errors import InputError
 from ..data import SliceSet, find_subjects, load_slices, split_subjects
+from .loop import load_checkpoint, normal_like, place, save_checkpoint, to_device
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +142,7 @@ def square_masks(n: int, size: int, cfg: TrainConfig, gen: torch.Generator) -> t
 def vae_loss(model, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean negative ELBO of a batch and its mean reconstruction and KL terms."""
     mu, logvar = model.encode(x)
-    z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
+    z = mu + normal_like(mu) * (0.5 * logvar).exp() if sample else mu  # drawn on the CPU: the same on every device
     _, rec = rec_nll(x, model.decode(z), model)
     kl = kl_divergence(mu, logvar)
     return (rec + kl).mean(), rec.mean(), kl.mean()
@@ -177,39 +176,7 @@ class Objective(torch.nn.Module):
 
 # --------------------------------------------------------------------------- checkpoints
 
-def _save_checkpoint(path: Path, model, optimizer, sched, state: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    opt = optimizer.state_dict()
-    for pid, st in opt["state"].items():
-        for k, v in st.items():
-            tensors[f"optim.{pid}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    tensors["rng.torch"] = torch.get_rng_state()
-    tmp = path / "checkpoint.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    meta = {**state, "param_groups": opt["param_groups"], "scheduler": sched.state_dict()}
-    (path / "checkpoint.json.tmp").write_text(json.dumps(meta, default=float))
-    tmp.replace(path / "checkpoint.safetensors")
-    (path / "checkpoint.json.tmp").replace(path / "checkpoint.json")
-
-
-def _load_checkpoint(path: Path, model, optimizer, sched) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path / "checkpoint.safetensors"))
-    meta = json.loads((path / "checkpoint.json").read_text())
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, pid, name = k.split(".", 2)
-            opt_state.setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta.pop("param_groups")})
-    sched.load_state_dict(meta.pop("scheduler"))
-    torch.set_rng_state(tensors["rng.torch"])
-    return meta
+_save_checkpoint, _load_checkpoint = save_checkpoint, load_checkpoint  # older names, kept for callers
 
 
 # ------------------------------------------------------------------------------ training
@@ -244,17 +211,13 @@ def _state_hash(model) -> str:
     return h.hexdigest()
 
 
-def _dist_info() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def evaluate_loss(model, data: SliceSet, batch: int = 256) -> float:
     """Mean negative ELBO (z = mean) on validation slices: deterministic."""
     model.eval()
     total, n = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(data), batch):
-            x = data.x[s:s + batch]
+            x = to_device(model, data.x[s:s + batch])
             loss, _, _ = vae_loss(model, x, sample=False)
             total += loss.item() * x.shape[0]
             n += x.shape[0]
@@ -266,19 +229,14 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = Fa
           device: str = "cpu", cache_dir: str | Path | None = None, progress: bool = True,
           calibrate: bool = True) -> Path:
     """Train a VAE or ceVAE and write a model package into ``out``. Returns ``out``."""
-    rank, world = _dist_info()
     out = Path(out)
     ckpt_dir = out / "checkpoint"
     if out.exists() and any(out.iterdir()) and not (resume or force):
         raise InputError(f"{out} already exists; pass --resume to continue its training or --force to start over")
     if resume and not (ckpt_dir / "checkpoint.json").is_file():
         raise InputError(f"nothing to resume in {out} (no checkpoint); start without --resume")
-    configure_threads()
-    if world > 1:
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    dev = select_device(device)
+    where = place(device, bf16=False, distributed=True, what="train")  # the VAE trains in float32
+    dev, rank, world = where.device, where.rank, where.world
 
     subjects = find_subjects(data)
     split = split_subjects([s.id for s in subjects], cfg.seed, cfg.val_fraction, cfg.calibration_fraction,
@@ -296,12 +254,12 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = Fa
     model = build_network(cfg.architecture).to(dev)
     ce = cfg.architecture["type"] == "cevae"
     objective = Objective(model, cfg.ce_weight if ce else 0.0)
-    net = torch.nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
+    net = where.wrap(objective)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=cfg.plateau_patience)
     state: dict[str, Any] = {"epoch": 0, "best_val": None, "best_epoch": 0, "history": [], "config": asdict(cfg)}
     if resume:
-        state = _load_checkpoint(ckpt_dir, model, optimizer, sched)
+        state = load_checkpoint(ckpt_dir, model, optimizer, sched)
         now = json.loads(json.dumps(asdict(cfg)))
         # max_epochs may grow on resume ("--resume --epochs N"); everything else must match.
         if {**state["config"], "max_epochs": None} != {**now, "max_epochs": None}:
@@ -323,8 +281,8 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = Fa
         epoch_t0 = time.perf_counter()
         for b in range(n_batches):
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank::world]
-            x = augment(train_set.x[idx], cfg, rank_gen).to(dev)
-            masks = square_masks(x.shape[0], S, cfg, rank_gen).to(dev) if ce else None
+            x = where.to(augment(train_set.x[idx], cfg, rank_gen))
+            masks = where.to(square_masks(x.shape[0], S, cfg, rank_gen)) if ce else None
             loss, rec, kl = net(x, masks)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -347,7 +305,7 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = Fa
                 from safetensors.torch import save_file
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
                 save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(best_path))
-            _save_checkpoint(ckpt_dir, model, optimizer, sched, state)
+            save_checkpoint(ckpt_dir, model, optimizer, sched, state)
         pr.line(f"epoch {epoch}: train {sums[0] / max(n_batches, 1):.2f}, validation {val:.2f}"
                 f"{' (best)' if improved else ''}, lr {optimizer.param_groups[0]['lr']:.0e}, "
                 f"{time.perf_counter() - epoch_t0:.0f} s")
@@ -357,12 +315,10 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = Fa
     train_seconds = time.perf_counter() - t_start
 
     if world > 1:
-        import torch.distributed as dist
         # Each rank records a hash of its final weights: DDP must keep them identical.
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / f"weights-rank{rank}.sha256").write_text(_state_hash(model) + "\n")
-        dist.barrier()
-        dist.destroy_process_group()
+    where.finish()
     if rank != 0:
         return out
     from safetensors.torch import load_file
@@ -385,5 +341,5 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = Fa
     pr.line(f"wrote {out} (best epoch {state['best_epoch']}, validation loss {state['best_val']:.2f})")
     if calibrate and split["calibration"]:
         from ..release.calibrate import calibrate_package
-        calibrate_package(package, [by_id[i] for i in split["calibration"]], device=str(dev), progress=pr.line)
+        calibrate_package(package, [by_id[i] for i in split["calibration"]], device=dev.type, progress=pr.line)
     return out

@@ -13,10 +13,10 @@ Against scanner differences, each training slice also gets a random contrast, ga
 smooth multiplicative bias field inside the brain (all channels alike).
 
 The loop (AdamW, cosine schedule, validation loss every ``validate_every`` steps, best
-weights kept, checkpoints that ``--resume`` continues exactly) is :mod:`.steps`'s. bf16
-autocast with channels-last tensors on CPUs that have bf16 matrix instructions; elsewhere
-float32, because emulated bf16 made a step ten times slower on an AVX2 machine (the
-validation loss is always computed in float32).
+weights kept, checkpoints that ``--resume`` continues exactly) is :mod:`.steps`'s; device
+and precision are :mod:`.loop`'s: bf16 autocast with channels-last tensors on GPUs with bf16
+and on CPUs that have bf16 matrix instructions; elsewhere float32, because emulated bf16 made
+a step ten times slower on an AVX2 machine (the validation loss is always computed in float32).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ...core.detectors.dae import DEFAULT_DAE_SCORING, DAEArchitecture
 from ..data import SliceSet
+from .loop import to_device
 from .steps import SliceContract, load_config, run_steps, set_up, write_trained_package
 
 VALIDATION_SLICES = 384
@@ -97,7 +98,9 @@ def validation_loss(net, data: SliceSet, cfg: DAETrainConfig) -> float:
         for s in range(0, len(idx), 64):
             b = idx[s:s + 64]
             x, m = data.x[b], data.mask[b]
-            out = net(noisy_input(x, cfg, gen))
+            # noise drawn on the CPU (the same numbers on every device), run on the network's device
+            x, m, noisy = to_device(net, x, m, noisy_input(x, cfg, gen))
+            out = net(noisy)
             w = float(m.sum())
             total += float(masked_mse(out, x[:, mid:mid + 1], m)) * w
             weight += w
@@ -116,7 +119,7 @@ def train_dae(data: str | Path, out: str | Path, cfg: DAETrainConfig, resume: bo
     out = Path(out)
     st = set_up(data, out, cfg, "unet-dae", resume, force, device, cache_dir, say,
                 f"noise {cfg.noise_std:g} at {cfg.noise_res}x{cfg.noise_res}")
-    run, train_set, val_set, dev, memory = st.run, st.train_set, st.val_set, st.dev, st.memory
+    run, train_set, val_set, dev = st.run, st.train_set, st.val_set, st.dev
     mid = cfg.architecture["in_channels"] // 2
 
     def batch_loss(step: int, gen: torch.Generator) -> torch.Tensor:
@@ -124,7 +127,7 @@ def train_dae(data: str | Path, out: str | Path, cfg: DAETrainConfig, resume: bo
         x = augment(train_set.x[idx], cfg, gen)
         target = x[:, mid:mid + 1]
         mask = target != 0  # the brain after augmentation (a flip moves it; the cached mask does not)
-        noisy = noisy_input(x, cfg, gen).to(dev).contiguous(memory_format=memory)
+        noisy = st.where.to(noisy_input(x, cfg, gen))
         with st.autocast:
             restored = run.net(noisy)
         return masked_mse(restored, target.to(dev), mask.to(dev))

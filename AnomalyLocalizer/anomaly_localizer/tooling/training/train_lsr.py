@@ -27,20 +27,14 @@ import numpy as np
 import torch
 
 from ... import __version__
-from ...core.device import configure_threads, select_device
 from ...core.lsr import DEFAULT_LSR_SCORING
 from ...core.models.lsr import DEFAULT_LSR, full_lsr_architecture
 from ...core.package import build_network, save_package
 from ...core.volume import NORMALISATION
 from ...errors import InputError
 from ..data import check_run_folder, split_slices
-from .train import (
-    TrainConfig,
-    _load_checkpoint,
-    _save_checkpoint,
-    augment,
-    read_config_values,
-)
+from .loop import load_checkpoint, place, save_checkpoint, to_device
+from .train import TrainConfig, augment, read_config_values
 
 
 @dataclass
@@ -87,7 +81,8 @@ def _restart_dead_codes(vq, usage: torch.Tensor, z_e: torch.Tensor, gen: torch.G
     if dead.numel() == 0:
         return 0
     flat = z_e.detach().permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
-    pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=gen)
+    pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=gen).to(flat.device)  # drawn on the CPU
+    dead = dead.to(flat.device)
     with torch.no_grad():
         vq.codebook.weight[dead] = flat[pick]
     return int(dead.numel())
@@ -105,7 +100,7 @@ def _run_stage(name: str, module: torch.nn.Module, params, lr: float, max_epochs
     stage_dir = ckpt_dir / name
     best = stage_dir / "best.safetensors"
     if resume and (stage_dir / "checkpoint.json").is_file():
-        state = _load_checkpoint(stage_dir, module, optimizer, sched)
+        state = load_checkpoint(stage_dir, module, optimizer, sched)
         say(f"{name}: resuming after epoch {state['epoch']}")
     module.optimizer = optimizer  # epoch_fn steps it
     while not state["done"] and state["epoch"] < max_epochs:
@@ -126,7 +121,7 @@ def _run_stage(name: str, module: torch.nn.Module, params, lr: float, max_epochs
         state["history"].append({"epoch": epoch, "train_loss": train_loss, "val_loss": val,
                                  "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
         state["done"] = epoch - state["best_epoch"] >= cfg.early_stop_patience
-        _save_checkpoint(stage_dir, module, optimizer, sched, state)
+        save_checkpoint(stage_dir, module, optimizer, sched, state)
         say(f"{name} epoch {epoch}: train {train_loss:.4f}, validation {val:.4f}{' (best)' if improved else ''}, "
             f"lr {optimizer.param_groups[0]['lr']:.0e}, {time.perf_counter() - t0:.0f} s")
     del module.optimizer
@@ -155,8 +150,7 @@ def train_lsr(data: str | Path, out: str | Path, cfg: LSRTrainConfig, resume: bo
         if {**json.loads((ckpt_dir / "config.json").read_text()), **free} != {**json.loads(json.dumps(asdict(cfg))), **free}:
             raise InputError(f"the configuration differs from the one {out} was trained with; "
                              "resume with the same options or start over with --force")
-    configure_threads()
-    dev = select_device(device)
+    dev = place(device, False, what="train-lsr").device  # float32
     split, by_id, train_set, val_set = split_slices(data, cfg, Path(cache_dir) if cache_dir else out / ".cache")
     say(f"slices: {len(train_set)} train, {len(val_set)} validation")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +168,7 @@ def train_lsr(data: str | Path, out: str | Path, cfg: LSRTrainConfig, resume: bo
             g = torch.Generator().manual_seed(cfg.seed)
             idx = torch.randperm(len(train_set), generator=g)[:256]
             z = vq.encode_continuous(train_set.x[idx].to(dev)).permute(0, 2, 3, 1).reshape(-1, vq.codebook.weight.shape[1])
-            vq.codebook.weight.copy_(z[torch.randperm(z.shape[0], generator=g)[:vq.codebook_size]])
+            vq.codebook.weight.copy_(z[torch.randperm(z.shape[0], generator=g)[:vq.codebook_size].to(dev)])
 
     def vq_epoch(epoch: int) -> float:
         gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
@@ -200,7 +194,7 @@ def train_lsr(data: str | Path, out: str | Path, cfg: LSRTrainConfig, resume: bo
         return total / max(n, 1)
 
     def vq_val() -> float:
-        return float(np.mean([vq.loss(val_set.x[s:s + 256].to(dev))[1].item() for s in range(0, len(val_set), 256)]))
+        return float(np.mean([vq.loss(to_device(vq, val_set.x[s:s + 256]))[1].item() for s in range(0, len(val_set), 256)]))
 
     vq_record = _run_stage("vqvae", vq, vq.parameters(), cfg.vqvae_learning_rate, cfg.vqvae_epochs, cfg,
                            vq_epoch, vq_val, ckpt_dir, resume, say)
@@ -218,7 +212,7 @@ def train_lsr(data: str | Path, out: str | Path, cfg: LSRTrainConfig, resume: bo
         order = torch.randperm(train_codes.shape[0], generator=gen)
         total, n = 0.0, 0
         for b in range(len(order) // cfg.batch_size):
-            i = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            i = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(train_codes.device)  # drawn on the CPU
             loss = prior.nll(train_codes[i], train_pos[i]).mean()
             prior.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -253,5 +247,5 @@ def train_lsr(data: str | Path, out: str | Path, cfg: LSRTrainConfig, resume: bo
     say(f"wrote {out}")
     if calibrate and split["calibration"]:
         from ..release.calibrate import calibrate_package
-        calibrate_package(package, [by_id[i] for i in split["calibration"]], device=str(dev), progress=say)
+        calibrate_package(package, [by_id[i] for i in split["calibration"]], device=dev.type, progress=say)
     return out

@@ -33,6 +33,7 @@ from ...core.detectors.ssl import DEFAULT_SSL_SCORING, SSLArchitecture
 from ..data import SliceSet
 from ..metrics import average_precision
 from .ssl_tasks import HELD_OUT_TASKS, TRAIN_TASKS, make_batch
+from .loop import to_device
 from .steps import SliceContract, load_config, run_steps, set_up, write_trained_package
 from .train_dae import augment
 
@@ -124,7 +125,7 @@ def validation_figures(net, sets, flip: bool) -> tuple[float, dict[str, float]]:
     from ...core.detectors.ssl import predict
     figures = {}
     for name, (x, label, brain) in sets.items():
-        probs = torch.cat([predict(net, x[s:s + 64], flip) for s in range(0, len(x), 64)])
+        probs = torch.cat([predict(net, to_device(net, x[s:s + 64]), flip).cpu() for s in range(0, len(x), 64)])
         inside = brain.bool()
         figures[f"{name}_ap"] = average_precision(probs[inside].numpy(), (label[inside] > 0).numpy())
     return figures["held_out_ap"], {"train_tasks_ap": figures["train_tasks_ap"]}
@@ -141,7 +142,7 @@ def train_ssl(data: str | Path, out: str | Path, cfg: SSLTrainConfig, resume: bo
     out = Path(out)
     st = set_up(data, out, cfg, "unet-ssl", resume, force, device, cache_dir, say,
                 f"tasks {', '.join(cfg.tasks)}; held out {', '.join(cfg.held_out)}")
-    run, train_set, val_set, dev, memory = st.run, st.train_set, st.val_set, st.dev, st.memory
+    run, train_set, val_set, dev = st.run, st.train_set, st.val_set, st.dev
     donors = DonorPicker(train_set)
     sets = validation_sets(val_set, cfg)
     tasks = tuple(cfg.tasks)
@@ -151,7 +152,7 @@ def train_ssl(data: str | Path, out: str | Path, cfg: SSLTrainConfig, resume: bo
         healthy = augment(train_set.x[idx], cfg, gen)
         x, label = make_batch(healthy, donors.pick(idx, gen), tasks, gen, cfg.healthy_share, cfg.max_anomalies)
         with st.autocast:
-            logits = run.net(x.to(dev).contiguous(memory_format=memory))
+            logits = run.net(st.where.to(x))
         brain = healthy[:, healthy.shape[1] // 2:healthy.shape[1] // 2 + 1] != 0  # after augmentation: a flip moves the brain
         return segmentation_loss(logits, label.to(dev), brain.to(dev), cfg.dice_weight)
 

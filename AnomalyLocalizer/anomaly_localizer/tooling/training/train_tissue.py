@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ...core.detectors.anatomy import DEFAULT_ANATOMY_SCORING, TISSUE_CLASSES, AnatomyArchitecture
 from ...errors import InputError
+from .loop import place
 from .steps import SliceContract, load_config, run_steps, start_run, write_trained_package
 
 # DLMUSE single regions (../shared/data/ixi_t1_2mm/dlmuse/MUSE_listROIs.csv) by class.
@@ -233,14 +234,16 @@ def segmentation_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ce + (1 - ((2 * inter + 1) / (total + 1)).mean())
 
 
-def mean_dice(net, data: TissueSet, classes: int, dev: torch.device) -> tuple[float, dict[str, float]]:
-    """Mean Dice of the predicted classes over a fixed sample of validation slices."""
+def mean_dice(net, data: TissueSet, classes: int, dev: torch.device | None = None) -> tuple[float, dict[str, float]]:
+    """Mean Dice of the predicted classes over a fixed sample of validation slices (run on
+    the network's device)."""
+    from .loop import to_device
     gen = torch.Generator().manual_seed(4321)
     idx = torch.randperm(len(data), generator=gen)[:VALIDATION_SLICES]
     inter, total = torch.zeros(classes), torch.zeros(classes)
     for s in range(0, len(idx), 64):
         b = idx[s:s + 64]
-        pred = net(data.x[b].to(dev)).argmax(1).cpu()
+        pred = net(to_device(net, data.x[b])).argmax(1).cpu()
         y = data.y[b]
         for c in range(classes):
             p, t = (pred == c) & (y >= 0), y == c
@@ -257,15 +260,14 @@ def train_tissue(data: str | Path, out: str | Path, cfg: TissueTrainConfig, rend
     their renderings in ``renders`` (a ``render`` output folder), and write a ``tissue-unet``
     package offering ``anatomy`` into ``out`` (uncalibrated: a release per contrast
     calibrates it on renderings of that contrast, as ``release --contrast`` does)."""
-    from ...core.device import configure_threads, select_device
     from ...core.package import build_network
     from ..data import check_run_folder, split_subjects
     from ..rendering import find_parcellated, source_subject
     say = progress or (lambda m: None)
     out = Path(out)
     check_run_folder(out, resume, force, out / "checkpoint" / "checkpoint.json")
-    configure_threads()
-    dev = select_device(device)
+    where = place(device, False, what="train-tissue")  # float32 (its config's bf16 is not used)
+    dev = where.device
     sources = find_parcellated(data)
     split = split_subjects([s.id for s in sources], cfg.seed, cfg.val_fraction, cfg.calibration_fraction,
                            cfg.test_fraction)
@@ -288,7 +290,7 @@ def train_tissue(data: str | Path, out: str | Path, cfg: TissueTrainConfig, rend
     def batch_loss(step: int, gen: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(train_set), (cfg.batch_size,), generator=gen)
         x, y = augment(train_set.x[idx].clone(), train_set.y[idx].clone(), cfg, gen)
-        return segmentation_loss(run.net(x.to(dev)), y.to(dev))
+        return segmentation_loss(run.net(where.to(x)), y.to(dev))
 
     t_start = time.perf_counter()
     if not run_steps(run, cfg, batch_loss, lambda: mean_dice(run.net, val_set, classes, dev), say, stop_after,
