@@ -85,27 +85,36 @@ class ViewerApp(TrameApp):
         s.change("upload")(self._onUpload)
         s.change("series_upload")(self._onSeriesUpload)
 
-    def _guard(self, action, *args):
+    def _guard(self, action, *args, clear: bool = True):
         """Run a page action; its error, whatever it is, goes to the page in one line (and None
         comes back): a :class:`ViewerError` as it is, anything else logged with its traceback
-        here and said as what failed."""
+        here and said as what failed. ``clear``: a success clears the last error (not for the
+        page's own value being put back after a refusal, which would hide it)."""
         try:
             result = action(*args)
-            self.state.error = ""
+            if clear:
+                self.state.error = ""
             return result
-        except ViewerError as exc:
-            self.state.error = str(exc)
         except Exception as exc:  # noqa: BLE001 -- the page-action boundary: nothing may go unsaid
-            log.exception("page action %s failed", getattr(action, "__name__", action))
-            self.state.error = f"{getattr(action, '__name__', 'the action')} failed: {one_line(exc)}"[:300]
+            self._say(exc, action)
         return None
+
+    def _say(self, exc: Exception, action) -> None:
+        """An action's error in the page, in one line (and its traceback in the log unless it
+        is the viewer's own message)."""
+        if isinstance(exc, ViewerError):
+            self.state.error = one_line(exc)
+            return
+        name = getattr(action, "__name__", "the action").strip("<>")
+        log.error("page action %s failed", name, exc_info=exc)
+        self.state.error = f"{name} failed: {one_line(exc)}"[:300]
 
     def _opened(self, action, *args) -> None:
         """Open something (scan, upload, worklist step) and show it with its result, if any."""
         message = self._guard(action, *args)
         if message:
             self.state.message = message
-            self._guard(self._refreshResult)
+            self._guard(self._refreshResult, clear=False)
 
     def _refreshResult(self) -> None:
         """Every result control from the session (after a run, a worklist step, a method)."""
@@ -150,7 +159,7 @@ class ViewerApp(TrameApp):
         message = self._guard(self._upload, series_upload, True)
         if message:
             self.state.message = message
-            self._guard(self._refreshSeries)
+            self._guard(self._refreshSeries, clear=False)
         self.state.series_upload = None
 
     def _upload(self, upload, add: bool = False) -> str:
@@ -165,11 +174,11 @@ class ViewerApp(TrameApp):
 
     def setContrast(self, index: int, contrast: str) -> None:
         self._guard(self.session.setContrast, index, contrast or None)
-        self._guard(self._refreshSeries)
+        self._guard(self._refreshSeries, clear=False)
 
     def removeSeries(self, index: int) -> None:
         self._guard(self.session.removeSeries, index)
-        self._guard(self._refreshSeries)
+        self._guard(self._refreshSeries, clear=False)
 
     def _onUpload(self, upload, **_):
         if not upload:
@@ -215,12 +224,12 @@ class ViewerApp(TrameApp):
     def _onThreshold(self, threshold, **_):
         if not self.session.hasResult or threshold is None:
             return
-        count = self._guard(self.session.setThreshold, threshold)
+        count = self._guard(self.session.setThreshold, threshold, clear=False)
         if count is None:  # refused: the page shows the threshold the segmentation has
             self.state.threshold = round(self.session.logic.threshold, 2)
             return
         self.state.segmented_voxels = count
-        self.state.threshold_note = self._guard(self.session.thresholdNote) or ""
+        self.state.threshold_note = self._guard(self.session.thresholdNote, clear=False) or ""
         self._findingsSoon()
 
     def _findingsSoon(self) -> None:
@@ -242,7 +251,7 @@ class ViewerApp(TrameApp):
 
     def _onThresholdRest(self, *_):
         """Findings are counted when the slider rests (a connected-component pass)."""
-        self.state.findings = self._guard(self.session.findings) or []
+        self.state.findings = self._guard(self.session.findings, clear=False) or []
 
     def _onOpacity(self, opacity, **_):
         if self.session.hasResult:
@@ -251,10 +260,13 @@ class ViewerApp(TrameApp):
     def _onMethod(self, method, **_):
         if self.session.hasResult and method and method != self.session.logic.method:
             self._guard(self.session.setMethod, method)
-            self._guard(self._refreshResult)
+            self._guard(self._refreshResult, clear=False)
 
     def _onTool(self, tool, **_):
-        if self._guard(self.session.setTool, tool or "none") is None and self.state.error:
+        try:
+            self.session.setTool(tool or "none")
+        except Exception as exc:  # noqa: BLE001 -- said in the page; the page's tool goes back to none
+            self._say(exc, self.session.setTool)
             self.state.tool = "none"
 
     def centre(self, rank: int) -> None:

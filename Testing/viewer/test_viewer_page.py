@@ -194,7 +194,7 @@ def test_two_series_of_a_study_open_with_their_contrasts_and_run(served, browser
     shown; choose another for the FLAIR; run: the T1 model reads the T1, the FLAIR is recorded
     and not used, and the page says so, with the engine's note that it looked like FLAIR."""
     server, _, scans = served
-    flair = write_flair_phantom(tmp_path, "flair.nrrd")
+    flair = write_flair_phantom(scans, "flair.nrrd")  # a folder the server was given
     page = open_page(browser, server.url)
     page.fill("#scan-path", str(scans / "phantom.nrrd"))
     page.click("#open")
