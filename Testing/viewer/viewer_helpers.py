@@ -223,4 +223,6 @@ def ws_hello(page_url: str, origin: str | None, secret: str, then: bytes | None 
             await ws.close()
             return {"status": 101, "reply": reply, "closed": closed}
 
-    return asyncio.run(go())
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(1) as pool:  # its own event loop (playwright's sync API runs one in this thread)
+        return pool.submit(lambda: asyncio.run(go())).result()
