@@ -5,7 +5,9 @@ streamed to the page; a side panel to open a scan or worklist, add the other ser
 study and choose each series' contrast, run a model with progress and
 cancel, choose the map, move the threshold and opacity, read and centre the findings, paint or
 erase the segmentation (with undo) and download it. No decision is made here: each control
-calls one session method, and a session error becomes the red one-line message at the top.
+calls one session method, and any error of it becomes the red one-line message at the top
+(:meth:`ViewerApp._guard`: the page-action boundary catches every exception, logs its
+traceback on the server and says one line in the page).
 """
 
 from __future__ import annotations
@@ -25,17 +27,19 @@ from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 from AnomalyLocalizerLib.inputs import contrastName
 from anomaly_localizer.core.contrast import CONTRASTS
 
-from .session import EXPORT_KINDS, ViewerError, ViewerSession, prepareSliceViews
+from .errors import ViewerError, one_line
+from .session import EXPORT_KINDS, ViewerSession, prepareSliceViews
 
 log = logging.getLogger(__name__)
 POLL_S = 0.25  # how often a running child run is polled (the page is never blocked by it)
+FINDINGS_AFTER_S = 0.3  # findings are counted once the threshold has rested this long
 LAYOUT = "anomaly"
 
 
 class ViewerApp(TrameApp):
     """The viewer's page and its session; ``start()`` serves it."""
 
-    def __init__(self, server=None, host: str = "127.0.0.1"):
+    def __init__(self, server=None, host: str = "127.0.0.1", allowedFolders=None, workRoot=None):
         super().__init__(server)
         self.server.enable_module(trame_slicer_module)
         self.slicerApp = SlicerApp()
@@ -45,9 +49,10 @@ class ViewerApp(TrameApp):
             ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.coronal_view(),
             ViewLayoutDefinition.sagittal_view()]))
         self.layoutManager.set_layout(LAYOUT)
-        self.session = ViewerSession(self.slicerApp)
+        self.session = ViewerSession(self.slicerApp, workRoot=workRoot, allowedFolders=allowedFolders)
         self.host = host
         self._poller: asyncio.Task | None = None
+        self._findingsTimer: asyncio.TimerHandle | None = None
         self._initState()
         for signal in self.slicerApp.segmentation_editor.undo_stack.signals():
             signal.connect(self._onUndoChanged)
@@ -80,22 +85,36 @@ class ViewerApp(TrameApp):
         s.change("upload")(self._onUpload)
         s.change("series_upload")(self._onSeriesUpload)
 
-    def _guard(self, action, *args):
-        """Run a session action; its one-line error goes to the page (and None comes back)."""
+    def _guard(self, action, *args, clear: bool = True):
+        """Run a page action; its error, whatever it is, goes to the page in one line (and None
+        comes back): a :class:`ViewerError` as it is, anything else logged with its traceback
+        here and said as what failed. ``clear``: a success clears the last error (not for the
+        page's own value being put back after a refusal, which would hide it)."""
         try:
             result = action(*args)
-            self.state.error = ""
+            if clear:
+                self.state.error = ""
             return result
-        except ViewerError as exc:
-            self.state.error = str(exc)
-            return None
+        except Exception as exc:  # noqa: BLE001 -- the page-action boundary: nothing may go unsaid
+            self._say(exc, action)
+        return None
+
+    def _say(self, exc: Exception, action) -> None:
+        """An action's error in the page, in one line (and its traceback in the log unless it
+        is the viewer's own message)."""
+        if isinstance(exc, ViewerError):
+            self.state.error = one_line(exc)
+            return
+        name = getattr(action, "__name__", "the action").strip("<>")
+        log.error("page action %s failed", name, exc_info=exc)
+        self.state.error = f"{name} failed: {one_line(exc)}"[:300]
 
     def _opened(self, action, *args) -> None:
         """Open something (scan, upload, worklist step) and show it with its result, if any."""
         message = self._guard(action, *args)
         if message:
             self.state.message = message
-            self._refreshResult()
+            self._guard(self._refreshResult, clear=False)
 
     def _refreshResult(self) -> None:
         """Every result control from the session (after a run, a worklist step, a method)."""
@@ -137,37 +156,41 @@ class ViewerApp(TrameApp):
     def _onSeriesUpload(self, series_upload, **_):
         if not series_upload:
             return
-        item = (series_upload if isinstance(series_upload, list) else [series_upload])[0]
-        message = self._guard(self.session.openUpload, item.get("name", "upload"), item.get("content") or b"", True)
+        message = self._guard(self._upload, series_upload, True)
         if message:
             self.state.message = message
-            self._refreshSeries()
+            self._guard(self._refreshSeries, clear=False)
         self.state.series_upload = None
+
+    def _upload(self, upload, add: bool = False) -> str:
+        """The first file the page sent: its name and bytes to the session."""
+        item = (upload if isinstance(upload, list) else [upload])[0]
+        if not isinstance(item, dict):
+            raise ViewerError("the upload arrived without a file; choose the file again")
+        content = item.get("content") or b""
+        if not isinstance(content, (bytes, bytearray, memoryview)):
+            raise ViewerError("the upload arrived without its content; choose the file again")
+        return self.session.openUpload(str(item.get("name") or "upload"), bytes(content), add)
 
     def setContrast(self, index: int, contrast: str) -> None:
         self._guard(self.session.setContrast, index, contrast or None)
-        self._refreshSeries()
+        self._guard(self._refreshSeries, clear=False)
 
     def removeSeries(self, index: int) -> None:
         self._guard(self.session.removeSeries, index)
-        self._refreshSeries()
+        self._guard(self._refreshSeries, clear=False)
 
     def _onUpload(self, upload, **_):
         if not upload:
             return
-        files = upload if isinstance(upload, list) else [upload]
-        item = files[0]
-        self._opened(self.session.openUpload, item.get("name", "upload"), item.get("content") or b"")
+        self._opened(self._upload, upload)
         self.state.upload = None
 
     def step(self, delta: int) -> None:
-        self._opened(self.session.stepWorklist, self.session.logic.worklistIndex + int(delta))
+        self._opened(lambda: self.session.stepWorklist(self.session.logic.worklistIndex + int(delta)))
 
     def run(self) -> None:
-        try:
-            self.session.start(self.state.model)
-        except ViewerError as exc:
-            self.state.error = str(exc)
+        if self._guard(self.session.start, self.state.model) is None and self.state.error:
             return
         self.state.error = ""
         self.state.running, self.state.progress, self.state.run_message = True, 0, "starting"
@@ -175,7 +198,7 @@ class ViewerApp(TrameApp):
             self._poller = asyncio.ensure_future(self._follow())
 
     def cancel(self) -> None:
-        self.session.cancel()
+        self._guard(self.session.cancel)
 
     async def _follow(self) -> None:
         """Poll the child run until it ends; the page stays live meanwhile."""
@@ -201,31 +224,55 @@ class ViewerApp(TrameApp):
     def _onThreshold(self, threshold, **_):
         if not self.session.hasResult or threshold is None:
             return
-        count = self._guard(self.session.setThreshold, threshold)
-        if count is not None:
-            self.state.segmented_voxels = count
-            self.state.threshold_note = self.session.thresholdNote()
+        count = self._guard(self.session.setThreshold, threshold, clear=False)
+        if count is None:  # refused: the page shows the threshold the segmentation has
+            self.state.threshold = round(self.session.logic.threshold, 2)
+            return
+        self.state.segmented_voxels = count
+        self.state.threshold_note = self._guard(self.session.thresholdNote, clear=False) or ""
+        self._findingsSoon()
+
+    def _findingsSoon(self) -> None:
+        """Count the findings once the threshold has rested (a connected-component pass per
+        move would lag): whatever moved it, mouse, keyboard or another control."""
+        if self._findingsTimer is not None:
+            self._findingsTimer.cancel()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no server loop (opened at start): count now
+            self._onThresholdRest()
+            return
+        self._findingsTimer = loop.call_later(FINDINGS_AFTER_S, self._findingsRested)
+
+    def _findingsRested(self) -> None:
+        self._findingsTimer = None
+        with self.state:
+            self._onThresholdRest()
 
     def _onThresholdRest(self, *_):
         """Findings are counted when the slider rests (a connected-component pass)."""
-        self.state.findings = self.session.findings()
+        self.state.findings = self._guard(self.session.findings, clear=False) or []
 
     def _onOpacity(self, opacity, **_):
         if self.session.hasResult:
-            self.session.setOpacity(opacity)
+            self._guard(self.session.setOpacity, opacity)
 
     def _onMethod(self, method, **_):
         if self.session.hasResult and method and method != self.session.logic.method:
             self._guard(self.session.setMethod, method)
-            self._refreshResult()
+            self._guard(self._refreshResult, clear=False)
 
     def _onTool(self, tool, **_):
         try:
             self.session.setTool(tool or "none")
-        except ViewerError as exc:
-            self.state.error, self.state.tool = str(exc), "none"
+        except Exception as exc:  # noqa: BLE001 -- said in the page; the page's tool goes back to none
+            self._say(exc, self.session.setTool)
+            self.state.tool = "none"
 
     def centre(self, rank: int) -> None:
+        self._guard(self._centre, rank)
+
+    def _centre(self, rank: int) -> None:
         for finding in self.session.logic.findings():
             if finding["rank"] == rank:
                 self.session.centreOn(finding)
@@ -239,10 +286,10 @@ class ViewerApp(TrameApp):
             self.state.corrections = undo.index()
 
     def undo(self) -> None:
-        self.session.undo()
+        self._guard(self.session.undo)
 
     def redo(self) -> None:
-        self.session.redo()
+        self._guard(self.session.redo)
 
     def export(self, kind: str):
         """The file's bytes as a download for the page (utils.download)."""
@@ -370,20 +417,24 @@ class ViewerApp(TrameApp):
                 html.Span("1 and above")
 
 
-def serve(paths: list[str], host: str, port: int, model: str | None = None, open_browser: bool = False,
-          verbose: bool = False) -> None:
-    """Build the page, open the given scan or worklist, and serve until stopped."""
+def serve(paths: list[str], host: str, port: int, secret: str, model: str | None = None,
+          allowedFolders: list[str] | None = None, allowedOrigins: list[str] = (), workRoot: str | None = None,
+          idleTimeout: int = 15, verbose: bool = False) -> None:
+    """One reader's page: build it, open the given scan or worklist, and serve it until its
+    page has been gone ``idleTimeout`` seconds (or the process is asked to stop). The
+    WebSocket takes its own page's origin (or ``allowedOrigins``) and ``secret`` only."""
+    from .wsguard import install
+
+    install(list(allowedOrigins))  # before the server is made: it reads the message bound
     if not verbose:
         # VTK's warnings about its own deprecations in trame-slicer's views say nothing to a reader
         from vtkmodules.vtkCommonCore import vtkObject
         vtkObject.GlobalWarningDisplayOff()
-    app = ViewerApp(host=host)
+    app = ViewerApp(host=host, allowedFolders=allowedFolders, workRoot=workRoot)
     if model:  # checked by the command: an installed model
         app.state.model = model
     if paths:
         app.state.scan_path = paths[0]
         app.openPath()
-    who = ("this machine only; --host 0.0.0.0 lets other machines connect" if app.state.listening.startswith("this")
-           else "other machines can connect; there is no login")
-    print(f"AnomalyLocalizer viewer: http://{host}:{port}/ ({who})", flush=True)
-    app.server.start(port=port, host=host, open_browser=open_browser, show_connection_info=False)
+    app.server.cli.set_defaults(authKey=secret)  # never wslink's public default
+    app.server.start(port=port, host=host, open_browser=False, show_connection_info=False, timeout=idleTimeout)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 EXIT_INPUT = 2  # the engine's code for bad input (anomaly_localizer.cli.common)
+MAX_SESSIONS_DEFAULT = 4  # as limits.MAX_SESSIONS (this module stays cheap to import)
 NEEDED = ("trame", "trame_slicer", "slicer", "LayerDMLib")
 
 
@@ -25,6 +26,15 @@ def register(sub) -> None:
                         "machines connect, with no login: use it only on a trusted network)")
     p.add_argument("--model", help="model to run (default: the installed default model); the page offers the others")
     p.add_argument("--open-browser", action="store_true", help="open the page in this machine's browser")
+    p.add_argument("--allow-folder", action="append", default=[], metavar="DIR",
+                   help="a folder whose scans and worklists the page may open by path (repeatable; the start "
+                        "path's folder counts); anything else is refused (uploads are always allowed)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="URL",
+                   help="another page origin allowed on the WebSocket (e.g. https://viewer.example.org behind a "
+                        "proxy; repeatable); by default only the viewer's own pages")
+    p.add_argument("--max-sessions", type=int, default=MAX_SESSIONS_DEFAULT, metavar="N",
+                   help=f"readers served at once, each with its own scene and server process "
+                        f"(default {MAX_SESSIONS_DEFAULT}); a page beyond that is told so")
     p.set_defaults(func=run_view)
 
 
@@ -57,6 +67,16 @@ def check_options(args: argparse.Namespace) -> str | None:
         return f"cannot listen on {args.host}:{args.port} ({in_use}); choose another port with --port"
     if args.paths and not Path(args.paths).exists():
         return f"{args.paths} does not exist; give a scan file, a DICOM folder or a worklist folder"
+    for folder in args.allow_folder:
+        if not Path(folder).expanduser().is_dir():
+            return f"--allow-folder {folder} is not a folder; give a folder the page may open scans from"
+    for origin in args.allow_origin:
+        from urllib.parse import urlsplit
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/"):
+            return f"--allow-origin {origin} is not an origin; give scheme://host[:port], e.g. https://viewer.example.org"
+    if not 1 <= args.max_sessions <= 64:
+        return f"--max-sessions {args.max_sessions} is out of range; give 1 to 64 (each reader needs about 1 GB)"
     missing = missing_requirements()
     if missing:
         return (f"the browser viewer needs {', '.join(missing)}, which are not installed; install them with "
@@ -80,7 +100,18 @@ def run_view(args: argparse.Namespace) -> int:
         # No X server (a server, a container, CI): render offscreen with EGL instead of VTK
         # first trying X and warning about it.
         os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
-    from .app import serve
-    serve([args.paths] if args.paths else [], host=args.host, port=args.port, model=args.model,
-          open_browser=args.open_browser, verbose=args.verbose)
+    from .front import Front
+    folders = [str(Path(f).expanduser().resolve()) for f in args.allow_folder]
+    if args.paths:
+        start = Path(args.paths).expanduser().resolve()
+        folders.append(str(start if start.is_dir() else start.parent))
+    front = Front([str(Path(args.paths).resolve())] if args.paths else [], host=args.host, port=args.port,
+                  model=args.model, allowed_folders=folders, allowed_origins=args.allow_origin,
+                  max_sessions=args.max_sessions, verbose=args.verbose)
+    local = args.host in ("127.0.0.1", "localhost", "::1")
+    who = ("this machine only; --host 0.0.0.0 lets other machines connect" if local
+           else "other machines can connect, with the address's token")
+    print(f"AnomalyLocalizer viewer: {front.url()} ({who}; at most {args.max_sessions} readers at once, "
+          f"each in their own session)", flush=True)
+    front.serve(open_browser=args.open_browser)
     return 0

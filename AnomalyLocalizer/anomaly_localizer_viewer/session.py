@@ -18,86 +18,41 @@ What it promises:
 - bad input is answered with the engine's one-line message (:class:`ViewerError`) and leaves
   the scene as it was;
 - nothing on the server is written except in the session's own temporary folder (uploads,
-  exports), which :meth:`close` removes: exports go to the browser as downloads.
+  exports), which :meth:`close` removes: exports go to the browser as downloads;
+- paths open only inside the folders the server was given, and only regular files and folders
+  (:mod:`.limits`); uploads are bounded in size, members and name.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from AnomalyLocalizerLib.geometry import imageToVolumeNode
-from AnomalyLocalizerLib.inputs import HOW_KNOWN, ContrastGuess, setDicomTags, shortName
+from AnomalyLocalizerLib.inputs import HOW_KNOWN, setDicomTags, shortName
 from AnomalyLocalizerLib.logic import AnomalyLocalizerLogic
 
+from . import limits
+from .errors import ViewerError, one_line
+from .series import RunStatus, Series, prepareSliceViews, series_folder
+
+__all__ = ["EXPORT_KINDS", "ViewerError", "ViewerSession", "RunStatus", "prepareSliceViews"]
 EXPORT_KINDS = {"seg.nrrd": "Slicer segmentation (.seg.nrrd)", "nii.gz": "label map (NIfTI)"}
+TOOLS = ("none", "paint", "erase")
 UNDO_LIMIT = 20  # corrections that can be undone
-MAX_UPLOAD_BYTES = 2 * 1024 ** 3  # a 1 mm whole head is ~30 MB; a DICOM series is uploaded as a zip
-
-
-class ViewerError(Exception):
-    """A one-line message for the page: what was wrong and what to do."""
-
-
-@dataclass
-class Series:
-    """One series of the study on show: its volume node, its name on the page, its contrast
-    as recognised when it was opened, the contrast the reader chose (None: the recognised
-    one), and what the last run recorded of it (summary.json's row for it)."""
-
-    node: Any
-    label: str
-    recognised: ContrastGuess
-    chosen: str | None = None
-    read: dict = field(default_factory=dict)
-
-    @property
-    def contrast(self) -> str | None:
-        return self.chosen or self.recognised.contrast
-
-
-
-@dataclass
-class RunStatus:
-    state: str  # idle | running | done | failed | cancelled
-    progress: float = 0.0
-    message: str = ""
-
-
-def _one_line(exc: BaseException) -> str:
-    """An exception's message on one line (the page shows one line)."""
-    text = str(exc).strip() or type(exc).__name__
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
-def prepareSliceViews(views) -> None:
-    """Slice views draw images, which multisampling does not improve; trame-slicer asks for 8x
-    multisampling, which made each redraw several times slower with software OpenGL (servers
-    without a GPU): three 512x512 views took 63 ms unchanged with it, 12 ms without. Call
-    before the views first draw."""
-    for view in views:
-        view.render_window().SetMultiSamples(0)
-
-
-def _series_folder(root: Path) -> Path:
-    """The folder of an unpacked archive that holds the files: archives often wrap a series
-    in one or more folders of their own."""
-    while True:
-        entries = [e for e in root.iterdir() if not e.name.startswith((".", "__MACOSX"))]
-        if len(entries) != 1 or not entries[0].is_dir():
-            return root
-        root = entries[0]
+MAX_UPLOAD_BYTES = limits.MAX_UPLOAD_BYTES
 
 
 class ViewerSession:
     """One reader's scene, scan, run, threshold, edits and exports."""
 
-    def __init__(self, slicerApp, workRoot: str | Path | None = None):
+    def __init__(self, slicerApp, workRoot: str | Path | None = None, allowedFolders=None):
+        """``allowedFolders``: the folders whose files open by path (None: any path)."""
         self.slicer = slicerApp
+        self.allowed = None if allowedFolders is None else limits.resolved_folders(allowedFolders)
         self.logic = AnomalyLocalizerLogic(slicerApp.app_logic)
         self.scan = None  # the volume node on show: the study's first series
         self.scanLabel = ""
@@ -115,13 +70,22 @@ class ViewerSession:
         if not str(path or "").strip():
             raise ViewerError("no path given; type the path of a scan file, a DICOM folder or a worklist folder on "
                               "the server, or upload a scan")
+        path = self._checkedPath(path)
+        if path.is_dir() and (path / "worklist.json").is_file():
+            limits.check_openable(path / "worklist.json")
+            return self.openWorklist(path)
+        return self.openScan(path)
+
+    def _checkedPath(self, path) -> Path:
+        """A typed path that exists, lies in an allowed folder and is a regular file or a
+        folder (never read before that is known)."""
         path = Path(str(path).strip()).expanduser()
         if not path.exists():
             raise ViewerError(f"{path} does not exist; give the path of a scan file, a DICOM folder or a "
                               "worklist folder on the server")
-        if path.is_dir() and (path / "worklist.json").is_file():
-            return self.openWorklist(path)
-        return self.openScan(path)
+        limits.check_allowed(path, self.allowed)
+        limits.check_openable(path)
+        return path
 
     def openScan(self, path: str | Path, label: str | None = None) -> str:
         """Open a scan file or DICOM folder as a new study (its first series)."""
@@ -142,7 +106,9 @@ class ViewerSession:
             raise ViewerError("open a scan first; then add the other series of its study")
         if not str(path or "").strip():
             raise ViewerError("no path given; type the path of another series of this study on the server")
-        path = Path(str(path).strip()).expanduser()
+        return self._addRead(self._checkedPath(path), label)
+
+    def _addRead(self, path: Path, label: str | None = None) -> str:
         self._requireIdle()
         node, _ = self._readSeries(path, label)
         series = Series(node, node.GetName(), self.logic.contrastGuess(node, lookAtImage=True))
@@ -155,10 +121,11 @@ class ViewerSession:
         from anomaly_localizer.core.imageio import as_3d, read_image
         from anomaly_localizer.errors import AnomalyLocalizerError
 
+        limits.check_openable(Path(path))
         try:
             image = as_3d(read_image(path, "SCAN"))
         except (AnomalyLocalizerError, OSError, RuntimeError, ValueError) as exc:
-            raise ViewerError(_one_line(exc)) from None
+            raise ViewerError(one_line(exc)) from None
         name = label or Path(path).name.split(".")[0] or "scan"
         node = imageToVolumeNode(self.logic.scene, image, name)
         setDicomTags(node, image)
@@ -190,7 +157,7 @@ class ViewerSession:
         try:
             chosen = parse_contrast(contrast) if contrast else None
         except ValueError as exc:
-            raise ViewerError(_one_line(exc)) from None
+            raise ViewerError(one_line(exc)) from None
         self.series[int(index)].chosen = chosen
 
     def removeSeries(self, index: int) -> None:
@@ -220,22 +187,28 @@ class ViewerSession:
         a path (a .zip is unpacked there and opened as a DICOM folder); ``add``: as one more
         series of the study on show."""
         if len(content) > MAX_UPLOAD_BYTES:
-            raise ViewerError(f"{fileName} is larger than {MAX_UPLOAD_BYTES // 1024 ** 3} GB")
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", Path(fileName).name) or "upload"
+            raise ViewerError(f"{fileName} is larger than the {MAX_UPLOAD_BYTES // limits.MiB} MB an upload may be")
+        if add and self.scan is None:
+            raise ViewerError("open a scan first; then add the other series of its study")
+        self._requireIdle()
+        safe = limits.safe_upload_name(fileName)
         folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self._work))
         try:
             target = folder / safe
-            target.write_bytes(content)
-            open_ = self.addSeries if add else self.openScan
+            try:
+                target.write_bytes(content)
+            except OSError as exc:
+                raise ViewerError(f"could not keep {safe} on the server ({exc.strerror or one_line(exc)}); "
+                                  "nothing was opened") from None
+            open_ = self._addRead if add else self.openScan
             if not safe.lower().endswith(".zip"):
                 return open_(target, label=safe.split(".")[0])
-            import zipfile
             try:
-                with zipfile.ZipFile(target) as archive:  # member paths cannot leave the folder
-                    archive.extractall(folder / "dicom")
-            except zipfile.BadZipFile:
-                raise ViewerError(f"{fileName} is not a readable zip archive") from None
-            return open_(_series_folder(folder / "dicom"), label=safe[:-4])
+                limits.extract_zip(target, folder / "dicom", safe)
+            except OSError as exc:
+                raise ViewerError(f"could not unpack {safe} on the server ({exc.strerror or one_line(exc)}); "
+                                  "nothing was opened") from None
+            return open_(series_folder(folder / "dicom"), label=safe[:-4])
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)  # a file that could not be opened is not kept
             raise
@@ -244,8 +217,11 @@ class ViewerSession:
         self._requireIdle()
         try:
             count = self.logic.openWorklist(path)
-        except ValueError as exc:
-            raise ViewerError(_one_line(exc)) from None
+        except RecursionError:
+            raise ViewerError(f"{path}/worklist.json is nested too deeply to be a worklist; screen again into a "
+                              "new folder") from None
+        except (ValueError, OSError) as exc:
+            raise ViewerError(one_line(exc)) from None
         try:
             if count == 0:
                 raise ViewerError(f"the worklist {path} has no screened scan yet; wait for screening to finish")
@@ -262,7 +238,7 @@ class ViewerSession:
         try:
             node = self.logic.loadWorklistScan(index, keepPrevious=True)
         except (IndexError, ValueError) as exc:
-            raise ViewerError(_one_line(exc)) from None
+            raise ViewerError(one_line(exc)) from None
         if previous is not None and previous is not node:
             self.logic.removeScan(previous)
         self._removeAddedSeries()
@@ -329,7 +305,7 @@ class ViewerSession:
         try:
             self.logic.startRun(nodes, contrasts=contrasts, model=model or None)
         except (AnomalyLocalizerError, ValueError, OSError) as exc:
-            raise ViewerError(_one_line(exc)) from None
+            raise ViewerError(one_line(exc)) from None
         for series in self.series:
             series.read = {}  # what this run reads is said when it is done
         self._status = RunStatus("running", 0.0, "starting")
@@ -351,7 +327,7 @@ class ViewerSession:
             self._status = RunStatus("cancelled", 0.0, "cancelled; the scan is as it was")
             return self._status
         except (AnomalyLocalizerError, ValueError, OSError) as exc:
-            self._status = RunStatus("failed", 0.0, _one_line(exc))
+            self._status = RunStatus("failed", 0.0, one_line(exc))
             return self._status
         self._afterResult()
         self._status = RunStatus("done", 1.0, "done")
@@ -393,6 +369,8 @@ class ViewerSession:
         return list(self.logic.result.maps) if self.hasResult else []
 
     def setMethod(self, method: str) -> None:
+        if method not in self.methods():
+            raise ViewerError(f"unknown map {method!r}; choose one of {', '.join(self.methods()) or 'none (run first)'}")
         self.logic.setMethod(method)
         self._editsReplaced()
 
@@ -400,9 +378,16 @@ class ViewerSession:
         """Move the threshold (anomaly levels); returns the segmented voxel count. Manual edits
         are replaced by the threshold's segmentation (as in the Slicer module)."""
         try:
-            count = self.logic.setThreshold(float(level))
+            value = float(level)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value) or value <= 0:
+            raise ViewerError(f"the threshold must be a positive anomaly level (e.g. 0.5), not {str(level)[:40]!r}; "
+                              "it was left where it was")
+        try:
+            count = self.logic.setThreshold(value)
         except (TypeError, ValueError) as exc:
-            raise ViewerError(_one_line(exc)) from None
+            raise ViewerError(one_line(exc)) from None
         self._editsReplaced()
         return count
 
@@ -450,6 +435,8 @@ class ViewerSession:
         """``paint``, ``erase`` or ``none`` on the anomaly segment."""
         from trame_slicer.segmentation import SegmentationEffectErase, SegmentationEffectPaint
 
+        if tool not in TOOLS:
+            raise ViewerError(f"unknown tool {str(tool)[:40]!r}; choose one of {', '.join(TOOLS)}")
         editor = self.slicer.segmentation_editor
         if tool == "none":
             editor.deactivate_effect()
@@ -483,13 +470,20 @@ class ViewerSession:
             path = self.logic.exportSegmentation(folder / name)
             return name, path.read_bytes()
         except (OSError, ValueError) as exc:
-            raise ViewerError(_one_line(exc)) from None
+            raise ViewerError(one_line(exc)) from None
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
     def close(self) -> None:
-        """End a run in progress, empty the views and remove the session's folder."""
+        """End a run in progress (waiting until its process tree has ended, not in a thread
+        that may die with the server), empty the views and remove the session's folder."""
+        run = self.logic.activeRun
         self.logic.cleanup()
-        self.slicer.display_manager.show_volume_in_slice_background(None)
-        self.slicer.display_manager.show_volume_in_slice_foreground(None)
-        shutil.rmtree(self._work, ignore_errors=True)
+        if run is not None:
+            run.wait(30)
+            run.cleanup()
+        try:
+            self.slicer.display_manager.show_volume_in_slice_background(None)
+            self.slicer.display_manager.show_volume_in_slice_foreground(None)
+        finally:
+            shutil.rmtree(self._work, ignore_errors=True)

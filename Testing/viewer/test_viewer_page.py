@@ -194,7 +194,7 @@ def test_two_series_of_a_study_open_with_their_contrasts_and_run(served, browser
     shown; choose another for the FLAIR; run: the T1 model reads the T1, the FLAIR is recorded
     and not used, and the page says so, with the engine's note that it looked like FLAIR."""
     server, _, scans = served
-    flair = write_flair_phantom(tmp_path, "flair.nrrd")
+    flair = write_flair_phantom(scans, "flair.nrrd")  # a folder the server was given
     page = open_page(browser, server.url)
     page.fill("#scan-path", str(scans / "phantom.nrrd"))
     page.click("#open")
@@ -202,7 +202,9 @@ def test_two_series_of_a_study_open_with_their_contrasts_and_run(served, browser
     assert "T1 by its image" in page.inner_text("#series-0 .series-how")
     page.fill("#series-path", str(flair))
     page.click("#add-series")
-    page.wait_for_selector("#series-1")
+    # reading the series and recognising its contrast: slow when other readers' servers are busy
+    page.wait_for_selector("#series-1, #error", timeout=90000)
+    assert page.locator("#error").count() == 0, page.inner_text("#error")
     assert page.inner_text("#series-1 .series-label") == "flair"
     assert "FLAIR by its image" in page.inner_text("#series-1 .series-how")
     # the reader chooses the second series' contrast in its list

@@ -257,3 +257,77 @@ def test_a_study_of_two_series_is_scored_with_each_series_contrast(session, tmp_
     added = session.addSeries(flair) and session.series[1].node
     session.open(t1)
     assert len(session.series) == 1 and session.logic.scene.GetNodeByID(added.GetID()) is None
+
+
+def test_page_values_and_uploads_that_cannot_be_used_are_refused_in_one_line(session, tmp_path, monkeypatch):
+    """A 300-character upload name is shortened and opens; a full disk during an upload, a
+    worklist nested 200,000 levels deep, a threshold of -1 or "abc", an unknown map or tool
+    are each refused in one line, and the threshold stays where it was."""
+    import errno
+
+    from anomaly_localizer_viewer.session import ViewerError
+    scan = write_phantom(tmp_path, "sent.nrrd")
+    assert session.openUpload("n" * 300 + ".nrrd", scan.read_bytes()).startswith("opened nnn")
+    assert all(len(p.name) <= 100 for p in Path(session._work).rglob("*"))
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    (deep / "worklist.json").write_text("[" * 200000 + "]" * 200000)
+    with pytest.raises(ViewerError, match="nested too deeply"):
+        session.open(deep)
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_bytes", full)
+        with pytest.raises(ViewerError, match="No space left on device"):
+            session.openUpload("other.nrrd", scan.read_bytes())
+    assert run(session) == "done"
+    level = session.logic.threshold
+    for bad in (-1, "abc", float("nan"), None):
+        with pytest.raises(ViewerError, match="positive anomaly level"):
+            session.setThreshold(bad)
+    assert session.logic.threshold == level
+    with pytest.raises(ViewerError, match="unknown map"):
+        session.setMethod("no-such-map")
+    with pytest.raises(ViewerError, match="unknown tool"):
+        session.setTool("scalpel")
+
+
+def test_paths_open_only_from_the_given_folders_and_only_files_and_folders(models, monkeypatch, tmp_path):
+    """Opening by path, with the folders the server was given: outside them (also through a
+    link) refused; a FIFO refused without being opened; a zip bomb and a zip with a link
+    refused before anything is unpacked beyond the bounds."""
+    import os
+    import zipfile
+
+    from anomaly_localizer_viewer import limits
+    from anomaly_localizer_viewer.errors import ViewerError
+    given, elsewhere = tmp_path / "given", tmp_path / "elsewhere"
+    given.mkdir(), elsewhere.mkdir()
+    inside, outside = write_phantom(given, "in.nrrd"), write_phantom(elsewhere, "out.nrrd")
+    (given / "link.nrrd").symlink_to(outside)
+    folders = limits.resolved_folders([given])
+    assert limits.check_allowed(inside, folders) == inside.resolve()
+    for path in (outside, given / "link.nrrd", given / ".." / "elsewhere" / "out.nrrd"):
+        with pytest.raises(ViewerError, match="not in a folder this viewer may open"):
+            limits.check_allowed(path, folders)
+    os.mkfifo(given / "pipe")
+    with pytest.raises(ViewerError, match="not a regular file or a folder"):
+        limits.check_openable(given / "pipe")
+    with pytest.raises(ViewerError, match="holds pipe, which is not a regular file"):
+        limits.check_openable(given)
+    many = tmp_path / "many.zip"
+    with zipfile.ZipFile(many, "w") as z:
+        for k in range(limits.MAX_MEMBERS + 1):
+            z.writestr(f"s/{k}.dcm", b"")
+    with pytest.raises(ViewerError, match="more than the 10000"):
+        limits.extract_zip(many, tmp_path / "x", "many.zip")
+    monkeypatch.setattr(limits, "MAX_EXTRACTED_BYTES", 1024 ** 2)
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("s/zeros.dcm", bytes(2 * 1024 ** 2))
+    with pytest.raises(ViewerError, match="unpacks to 2 MB, more than the 1 MB"):
+        limits.extract_zip(bomb, tmp_path / "y", "bomb.zip")
+    assert not (tmp_path / "y").exists()
+    assert limits.safe_upload_name("../" + "a" * 300 + ".nii.gz").endswith(".nii.gz")
+    assert len(limits.safe_upload_name("a" * 300 + ".nii.gz")) == limits.MAX_NAME_CHARS

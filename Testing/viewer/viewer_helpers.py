@@ -79,16 +79,17 @@ def make_viewer_model(folder: Path) -> Path:
 class Server:
     """``anomaly-localizer view`` in a child process, stopped by :meth:`stop`."""
 
-    def __init__(self, args: list[str], models: Path | None = None, timeout: float = 120.0):
+    def __init__(self, args: list[str], models: Path | None = None, timeout: float = 120.0, env: dict | None = None):
         self.port = free_port()
-        env = dict(os.environ)
+        env = dict(os.environ, **(env or {}))
         if models is not None:
             env["ANOMALY_LOCALIZER_MODELS"] = str(models)
         self.process = subprocess.Popen([sys.executable, "-m", "anomaly_localizer.cli", "view", *args,
                                          "--port", str(self.port)], stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, env=env)
         self.first_line = self.process.stdout.readline().strip()
-        self.url = f"http://127.0.0.1:{self.port}/"
+        found = re.search(r"(http://\S+)", self.first_line)
+        self.url = found.group(1) if found else f"http://127.0.0.1:{self.port}/"  # with its ?token=
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -110,7 +111,9 @@ class Server:
 
 def open_page(browser, url: str, width: int = 1400, height: int = 800):
     page = browser.new_page(viewport={"width": width, "height": height}, accept_downloads=True)
-    page.goto(url)
+    deadline = time.monotonic() + 60
+    while page.goto(url).status == 503 and time.monotonic() < deadline:
+        time.sleep(2)  # as many readers as the server takes: wait for an earlier page's server to end
     page.wait_for_selector(".remote-controlled-area img.image-display-area", timeout=60000)
     return page
 
@@ -151,3 +154,75 @@ def download(page, selector: str, folder: Path) -> Path:
     target = folder / info.value.suggested_filename
     info.value.save_as(target)
     return target
+
+
+def reader_address(front_url: str) -> str:
+    """The address of a new reader's server the front server redirects a page to (a
+    ``?secret=`` in it): what a page's first request gets."""
+    import urllib.error
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    try:
+        urllib.request.build_opener(NoRedirect).open(front_url, timeout=240)
+    except urllib.error.HTTPError as exc:
+        if exc.code in (302, 303):
+            return exc.headers["Location"]
+        raise
+    raise AssertionError("the front server did not redirect")
+
+
+def ws_hello(page_url: str, origin: str | None, secret: str, then: bytes | None = None) -> dict:
+    """Open the WebSocket of the reader's server at ``page_url`` as a script would, with
+    ``origin`` and ``secret``, and say wslink's hello: {"status": HTTP status of the handshake
+    (101 if accepted), "reply": the hello's answer, "closed": whether the server closed the
+    connection after ``then`` (raw frames sent after the hello)}."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    import aiohttp
+    import msgpack
+    from wslink.chunking import UnChunker, generate_chunks
+
+    parts = urlsplit(page_url)
+    ws_url = f"ws://{parts.netloc}/ws"
+
+    async def go() -> dict:
+        headers = {"Origin": origin} if origin else {}
+        async with aiohttp.ClientSession() as http:
+            try:
+                ws = await http.ws_connect(ws_url, headers=headers, max_msg_size=0)
+            except aiohttp.WSServerHandshakeError as exc:
+                return {"status": exc.status, "reply": None, "closed": True}
+            hello = msgpack.packb({"wslink": "1.0", "id": "system:c0:0", "method": "wslink.hello",
+                                   "args": [{"secret": secret}], "kwargs": {}})
+            for chunk in generate_chunks(hello, 4 * 1024 ** 2):
+                await ws.send_bytes(bytes(chunk))
+            unchunker = UnChunker()
+            unchunker.set_max_message_size(64 * 1024 ** 2)
+            reply = None
+            while reply is None:
+                msg = await ws.receive(timeout=30)
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    break
+                reply = unchunker.process_chunk(msg.data)
+            closed = False
+            if then is not None:
+                await ws.send_bytes(then)
+                try:
+                    while True:
+                        msg = await ws.receive(timeout=15)
+                        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                            closed = True
+                            break
+                except asyncio.TimeoutError:
+                    closed = False
+            await ws.close()
+            return {"status": 101, "reply": reply, "closed": closed}
+
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(1) as pool:  # its own event loop (playwright's sync API runs one in this thread)
+        return pool.submit(lambda: asyncio.run(go())).result()
