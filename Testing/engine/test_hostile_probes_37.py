@@ -156,6 +156,22 @@ def test_a_worklist_nested_too_deep_is_one_line(setup, tmp_path, capsys):
         read_worklist(tmp_path / "a")
 
 
+def test_a_screening_resume_over_a_worklist_nested_too_deep_warns_and_rebuilds_it(setup, tmp_path, caplog):
+    _, pkg = setup
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    sitk.WriteImage(image_from(phantom_array((24, 40, 34))), str(folder / "a.nii.gz"))
+    args = ["screen", str(folder), "--out", str(tmp_path / "w"), "--model", str(pkg.path), "-q", "--workers", "1"]
+    assert main(args) == 0
+    (tmp_path / "w" / "worklist.json").write_text("[" * 200_000 + "]" * 200_000)  # damaged: before, RecursionError
+    caplog.clear()
+    assert main(args) == 0
+    warned = [r.getMessage() for r in caplog.records if "nested too deeply" in r.getMessage()]
+    assert len(warned) == 1 and one_line(warned[0])
+    rows = json.loads((tmp_path / "w" / "worklist.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["status"] == "done"
+
+
 def test_a_complex_valued_nifti_is_refused(setup, capsys, monkeypatch):
     nib = pytest.importorskip("nibabel")
     tmp, pkg = setup
