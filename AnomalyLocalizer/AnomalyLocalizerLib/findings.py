@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import vtk
-from anomaly_localizer.core.findings import apply_finding_rule, find_findings, format_ml, format_mm
+from anomaly_localizer.core.findings import apply_finding_rule, find_findings, format_ml, format_mm, rule_at
 
 FINDINGS_ROLE = "findings"  # output role of the markups node of the peaks
 
@@ -38,8 +38,8 @@ class FindingsMixin:
         origin, spacing, direction = nodeGeometryLPS(inputVolume)
         levels = self.result.maps[self.method] / self.result.levelScale[self.method]
         regions = find_findings(self._mask, levels, self.result.brainMask, origin, spacing, direction,
-                                self.result.axialAxis)
-        found, self.belowFindingRule = apply_finding_rule(regions, self.findingRule())
+                                self.result.axialAxis, limit=None)
+        found, self.belowFindingRule = apply_finding_rule(regions, rule_at(self.findingRule(), self.threshold))
         self._showPeaks(inputVolume, found)
         return found
 

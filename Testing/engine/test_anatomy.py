@@ -106,7 +106,7 @@ def test_train_tissue_writes_a_package_whose_map_knows_anatomy(tmp_path):
                  "--config", str(cfg), "--steps", "4", "--cache", str(tmp_path / "cache"), "-q"]) == 0
     pkg = load_package(tmp_path / "tissue")
     assert pkg.methods == ("anatomy",) and pkg.arch_type == "tissue-unet"
-    assert set(pkg.contract.contrasts) >= {"t1", "t2", "flair", "t1c"}
+    assert pkg.contract.contrasts == ["t1"]  # released per contrast
     history = pkg.meta["training"]["history"]
     assert len(history) == 2 and all("dice_white" in h for h in history)
     labels = parcellation((24, 30, 28))
@@ -121,8 +121,16 @@ def test_train_tissue_writes_a_package_whose_map_knows_anatomy(tmp_path):
     assert main(["release", str(tmp_path / "tissue"), "--out", str(tmp_path / "t2-anatomy"), "--data",
                  str(tmp_path / "r"), "--contrast", "t2", "--contrast", "t1", "-q"]) == 0
     released = load_package(tmp_path / "t2-anatomy")
-    assert released.contract.contrasts == ["t2", "t1"] and released.contract.optional_contrasts == ["t1"]
+    assert released.contract.contrasts == ["t2", "t1"] and released.contract.optional_contrasts == []
     assert released.calibration.pixel["anatomy"].n_subjects >= 1 and "anatomy" in released.calibration.findings
+    # a contrast twice is refused, and so are several for a model that reads one
+    assert main(["release", str(tmp_path / "tissue"), "--out", str(tmp_path / "x"), "--data", str(tmp_path / "r"),
+                 "--contrast", "t2", "--contrast", "t2", "-q"]) == 2
+    from phantoms import make_tiny_dae_package
+    dae = make_tiny_dae_package(tmp_path / "dae")
+    assert main(["release", str(dae.path), "--out", str(tmp_path / "y"), "--data", str(tmp_path / "r"),
+                 "--contrast", "t2", "--contrast", "t1", "-q"]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     # an existing package is not overwritten
     assert main(["train-tissue", str(data), "--out", str(tmp_path / "tissue"), "--config", str(cfg),
                  "--steps", "2", "-q"]) == 2

@@ -28,9 +28,9 @@ def register(sub) -> None:
     r.add_argument("--half", action="store_true", help="store weights as float16 (half the size)")
     r.add_argument("--contrast", choices=CONTRASTS, action="append",
                    help="the contrast the released model reads (one release per contrast of a network trained on "
-                        "renderings of several), calibrated on --data's renderings of it; repeated, the others are "
-                        "optional inputs of a study (e.g. --contrast flair --contrast t1: an anatomy model that "
-                        "takes the tissue classes from the study's T1 where given)")
+                        "renderings of several), calibrated on --data's renderings of it; repeated, for an anatomy "
+                        "model: the first is scored, the others are the study's contrasts it also reads (e.g. "
+                        "--contrast flair --contrast t1: the tissue classes from the study's T1)")
     add_device(r, "cpu")
     r.add_argument("--force", action="store_true")
     add_quiet(r)

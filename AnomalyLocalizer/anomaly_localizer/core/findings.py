@@ -46,7 +46,8 @@ def _index_to_lps(ijk: np.ndarray, origin, spacing, direction) -> np.ndarray:
 
 
 def find_findings(segmentation: np.ndarray, levels: np.ndarray, brain_mask: np.ndarray, origin, spacing, direction,
-                  axial_axis: int, min_ml: float = MIN_FINDING_ML, limit: int = MAX_FINDINGS) -> list[dict[str, Any]]:
+                  axial_axis: int, min_ml: float = MIN_FINDING_ML, limit: int | None = MAX_FINDINGS
+                  ) -> list[dict[str, Any]]:
     """The findings of a segmentation (numpy k, j, i order, like ``levels`` and the brain
     mask), ranked by peak level; geometry as SimpleITK gives it; ``axial_axis`` is the ITK
     index axis that runs foot to head."""
@@ -104,9 +105,10 @@ def find_findings(segmentation: np.ndarray, levels: np.ndarray, brain_mask: np.n
             "peak_index_ijk": [int(v) for v in peak_zyx[r, ::-1]],
             "axial_slices": [int(axial_first[r + 1]), int(axial_last[r + 1])], "hemisphere": side})
     found.sort(key=lambda f: -f["peak_level"])
-    for rank, f in enumerate(found[:limit], start=1):
+    found = found if limit is None else found[:limit]
+    for rank, f in enumerate(found, start=1):
         f["rank"] = rank
-    return [{"rank": f.pop("rank"), **f} for f in found[:limit]]
+    return [{"rank": f.pop("rank"), **f} for f in found]
 
 
 def findings_rule(min_ml: float = MIN_FINDING_ML, limit: int = MAX_FINDINGS) -> dict[str, Any]:
@@ -139,29 +141,48 @@ def choose_finding_rule(regions_per_scan: list[list[tuple[float, float]]], rate:
                         threshold_level: float = 1.0) -> dict[str, Any]:
     """The finding rule of a map from its healthy calibration scans' regions at the default
     threshold (one list of (volume mL, peak level) per scan): a region is a finding when its
-    volume reaches ``min_volume_ml`` or its peak reaches ``min_peak_level``, each chosen so
-    that at most ``rate / 2`` of the scans have a region reaching it (so at most ``rate`` of
-    them show any finding). Never below :data:`MIN_FINDING_ML` or the threshold's own level."""
+    volume reaches ``min_volume_ml`` or its peak reaches ``min_peak_level``. Each bound is set
+    above the (k+1)-th largest of the scans' largest volumes (highest peaks), with k the largest
+    number for which a new healthy scan, exchangeable with the n calibration scans, exceeds it
+    with probability (k+1)/(n+1) <= ``rate`` / 2; so at most ``rate`` of new healthy scans show
+    any finding. With fewer than 2 / rate - 1 scans that cannot be met and the bound is the
+    maximum (``enough_scans`` False). Never below :data:`MIN_FINDING_ML` or the threshold's own
+    level. The figures stored with the rule are measured on the calibration scans themselves
+    (in-sample: optimistic by construction)."""
     n = len(regions_per_scan)
-    allowed = int(np.floor(rate / 2 * n))
+    k = int(np.floor((n + 1) * rate / 2)) - 1
+    allowed = max(k, 0)
 
     def bound(values: list[float], floor: float) -> float:
         top = sorted(values, reverse=True)
         # just above the (allowed + 1)-th largest scan maximum, on a 0.0001 grid (it is stored
-        # rounded): only ``allowed`` scans reach it
+        # rounded): only ``allowed`` calibration scans reach it
         above = float(np.floor(top[allowed] * 1e4) + 1) / 1e4 if allowed < len(top) else floor
         return max(floor, above)
 
     largest = [max((v for v, _ in r), default=0.0) for r in regions_per_scan]
     highest = [max((p for _, p in r), default=0.0) for r in regions_per_scan]
     rule = {"min_volume_ml": bound(largest, MIN_FINDING_ML), "min_peak_level": bound(highest, threshold_level),
-            "false_finding_rate": rate, "n_subjects": n, "threshold_level": threshold_level}
+            "false_finding_rate": rate, "n_subjects": n, "threshold_level": threshold_level,
+            "enough_scans": k >= 0}
     shown = sum(any(is_finding(v, p, rule) for v, p in r) for r in regions_per_scan)
     rule.update(scans_with_region=sum(bool(r) for r in regions_per_scan) / max(n, 1),
                 scans_with_finding=shown / max(n, 1),
                 regions_per_scan=sum(len(r) for r in regions_per_scan) / max(n, 1),
                 findings_per_scan=sum(is_finding(v, p, rule) for r in regions_per_scan for v, p in r) / max(n, 1))
     return rule
+
+
+def rule_at(rule: dict[str, Any] | None, level: float) -> dict[str, Any] | None:
+    """The finding rule as it applies at threshold ``level``. At or above the level it was
+    chosen at, in full: regions only shrink there. Below it, regions grow and merge, so the
+    volume bound no longer holds healthy scans to its rate; only the peak bound, which does not
+    depend on the threshold, applies."""
+    if not rule:
+        return rule
+    if level >= rule.get("threshold_level", 0.0) - 1e-9:
+        return rule
+    return {**rule, "min_volume_ml": float("inf"), "volume_bound_off": True}
 
 
 def is_finding(volume_ml: float, peak_level: float, rule: dict[str, Any] | None) -> bool:
@@ -171,11 +192,12 @@ def is_finding(volume_ml: float, peak_level: float, rule: dict[str, Any] | None)
     return volume_ml >= rule["min_volume_ml"] or peak_level >= rule["min_peak_level"]
 
 
-def apply_finding_rule(regions: list[dict[str, Any]], rule: dict[str, Any] | None
-                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(findings, regions below the rule) of :func:`find_findings`'s regions, each list ranked
-    again from 1 by peak level."""
-    kept = [dict(r) for r in regions if is_finding(r["volume_ml"], r["peak_level"], rule)]
+def apply_finding_rule(regions: list[dict[str, Any]], rule: dict[str, Any] | None,
+                       limit: int = MAX_FINDINGS) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(findings, regions below the rule) of :func:`find_findings`'s regions (found with no
+    limit, so that a large region of a modest peak is never cut before the rule sees it), each
+    list ranked again from 1 by peak level; at most ``limit`` findings are kept."""
+    kept = [dict(r) for r in regions if is_finding(r["volume_ml"], r["peak_level"], rule)][:limit]
     below = [dict(r) for r in regions if not is_finding(r["volume_ml"], r["peak_level"], rule)]
     for group in (kept, below):
         for rank, r in enumerate(group, start=1):
@@ -195,10 +217,15 @@ def describe_rule(rule: dict[str, Any] | None) -> str:
     if not rule:
         return (f"every region of at least {MIN_FINDING_ML:g} mL (no finding rule calibrated for this map: healthy "
                 "brains show such regions too)")
-    return (f"a region of at least {rule['min_volume_ml']:.3g} mL or with a peak level of at least "
-            f"{rule['min_peak_level']:.3g}, sizes and peaks that at most 1 in {round(2 / rule['false_finding_rate'])} "
-            f"of {rule['n_subjects']} healthy calibration scans reach (chosen so that at most "
-            f"{100 * rule['false_finding_rate']:.0f} % of healthy scans show any finding)")
+    peak = f"a peak level of at least {rule['min_peak_level']:.4g}"
+    if rule.get("volume_bound_off"):
+        return (f"a region with {peak} (below the threshold the rule was chosen at, level "
+                f"{rule['threshold_level']:.3g}, regions grow, so only the peak bound applies)")
+    return (f"a region of at least {rule['min_volume_ml']:.4g} mL or with {peak}, sizes and peaks that "
+            f"{rule['n_subjects']} healthy calibration scans reach rarely enough that at most "
+            f"{100 * rule['false_finding_rate']:.0f} % of healthy scans should show any finding"
+            + ("" if rule.get("enough_scans", True) else " (too few calibration scans for that rate: the bounds "
+               "are their maxima)"))
 
 
 def write_findings_csv(path: Path, findings: list[dict[str, Any]]) -> None:

@@ -102,7 +102,7 @@ def score_volume(image: sitk.Image, package: ModelPackage, methods: list[str] | 
         raise InputError(no_brain_slices_message(image, mask_arr, source))
     # the study's other contrasts this model reads, on the same model slices (same grid and mask)
     guides = {c: prepare_volume(study[c], mask_arr, package.contract, model_slices=True)
-              for c in package.contract.contrasts if study and c in study and c != read}
+              for c in package.contract.contrasts if detector.uses_guides and study and c in study and c != read}
     timings["prepare_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()

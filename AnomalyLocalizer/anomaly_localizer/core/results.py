@@ -29,6 +29,7 @@ from . import levels
 from .findings import (
     apply_finding_rule,
     below_rule_summary,
+    rule_at,
     describe_rule,
     find_findings,
     findings_rule,
@@ -53,6 +54,7 @@ class Threshold:
     meaning: str
     healthy_rate: float | None
     finding_rule: dict[str, Any] | None = None  # the map's calibrated finding rule (:mod:`.findings`)
+    scale: float = 0.0  # raw score of anomaly level 1.0 (0: unknown)
 
 
 def check_threshold_options(package: ModelPackage, method: str, raw: float | None, level: float | None) -> None:
@@ -86,7 +88,7 @@ def resolve_threshold(package: ModelPackage, result: ScoreResult, method: str, r
     rule = package.calibration.findings.get(method)
     return Threshold(method, value, value / scale, source, meaning,
                      levels.healthy_fpr(package.calibration, method, value),
-                     rule.model_dump(exclude_none=True) if rule is not None else None)
+                     rule.model_dump(exclude_none=True) if rule is not None else None, scale)
 
 
 def level_block(package: ModelPackage, result: ScoreResult) -> dict[str, Any]:
@@ -294,14 +296,16 @@ def write_results(out: Path, reference: sitk.Image, result: ScoreResult, thresho
         summary = {**summary, "segmented_voxels": int(seg.sum()),
                    "segmented_ml": float(seg.sum() * np.prod(reference.GetSpacing()[:3]) / 1000.0),
                    "segmented_brain_share": share}
-        per_level = threshold.level / threshold.value if threshold.value else 1.0
+        per_level = (1.0 / threshold.scale if threshold.scale > 0 else
+                     threshold.level / threshold.value if threshold.value else 1.0)
         regions = find_findings(seg, result.maps[threshold.method] * per_level, result.brain_mask,
                                 reference.GetOrigin(), reference.GetSpacing()[:3], reference.GetDirection(),
-                                result.axial_axis)
-        findings, below = apply_finding_rule(regions, threshold.finding_rule)
+                                result.axial_axis, limit=None)
+        applied = rule_at(threshold.finding_rule, threshold.level)
+        findings, below = apply_finding_rule(regions, applied)
         summary["findings"] = findings
         summary["findings_rule"] = {**findings_rule(), "method": threshold.method, "units": "anomaly levels",
-                                    "finding": describe_rule(threshold.finding_rule),
+                                    "finding": describe_rule(applied),
                                     **({"calibrated": threshold.finding_rule} if threshold.finding_rule else {})}
         summary["below_finding_rule"] = below_rule_summary(below)
         write_findings_csv(tmp / "findings.csv", findings)

@@ -201,6 +201,7 @@ class FindingRule(Strict):
     false_finding_rate: Rate
     n_subjects: Annotated[int, Field(ge=1)]
     threshold_level: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 1.0
+    enough_scans: Optional[bool] = None  # enough calibration scans for the rate (else the bounds are maxima)
     scans_with_region: Optional[Share] = None
     scans_with_finding: Optional[Share] = None
     regions_per_scan: Optional[Annotated[float, Field(ge=0.0)]] = None

@@ -78,6 +78,7 @@ class AnatomyDetector(Detector):
     order = 80
     types = ("tissue-unet",)
     methods = ("anatomy",)
+    uses_guides = True  # the tissue classes from another contrast of the study
     method_help = {"anatomy": "each voxel against its own tissue in this scan: a contrast-agnostic U-Net predicts "
                               "the tissue classes, each class's median and inter-quartile range are measured in the "
                               "scan, and a voxel scores how far it lies from the classes it may belong to"}

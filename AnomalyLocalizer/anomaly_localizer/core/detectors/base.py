@@ -78,6 +78,8 @@ class Detector:
     example_model: ClassVar[str] = ""
     #: a family that combines other packages' maps on the input grid (no network of its own)
     composite: ClassVar[bool] = False
+    #: whether scoring uses the study's other contrasts the model reads (``ScoringContext.guides``)
+    uses_guides: ClassVar[bool] = False
     #: whether the package holds weights (model.safetensors)
     has_weights: ClassVar[bool] = True
 

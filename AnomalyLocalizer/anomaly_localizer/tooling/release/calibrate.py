@@ -55,10 +55,10 @@ def compute_calibration(results) -> dict[str, Any]:
     slices: dict[str, list] = {}
     volume_scores, ids = [], []
     references: dict[str, list[float]] = {}  # scan-relative maps: each scan's own reference value
-    kept: list[tuple[dict[str, np.ndarray], np.ndarray, float]] = []  # maps, brain, voxel mL: for the finding rule
+    brains: list[tuple[np.ndarray, float]] = []  # each scan's brain and voxel mL: its maps rebuilt for the finding rule
     for s, res in results:
         ids.append(s.id)
-        kept.append((res.maps, res.brain_mask, float(res.info.get("voxel_ml", 0.008))))
+        brains.append((res.brain_mask, float(res.info.get("voxel_ml", 0.008))))
         for m, r in res.info.get("scan_relative", {}).items():
             references.setdefault(m, []).append(float(r["scan_value"]))
         for m, v in res.maps.items():
@@ -73,7 +73,7 @@ def compute_calibration(results) -> dict[str, Any]:
                     "thresholds": [{"fpr": f, "value": float(np.quantile(v, 1 - f, method="higher"))} for f in FPRS],
                     "curve": {"fpr": list(CURVE_FPRS),
                               "values": [float(x) for x in np.quantile(v, [1 - f for f in CURVE_FPRS], method="higher")]}}
-    findings = finding_rules(kept, pixel)
+    findings = finding_rules(_rebuilt(voxels, brains), pixel, DEFAULT_FPR)
     slice_block = {k: {"levels": QUANTILE_LEVELS.tolist(),
                        "values": np.percentile(np.concatenate(v), QUANTILE_LEVELS).tolist()} for k, v in slices.items()}
     return {"default_fpr": DEFAULT_FPR, "subjects": ids, "pixel": pixel, "slice": slice_block,
@@ -82,22 +82,36 @@ def compute_calibration(results) -> dict[str, Any]:
             "findings": findings, "date": time.strftime("%Y-%m-%d")}
 
 
-def finding_rules(scans: list[tuple[dict[str, np.ndarray], np.ndarray, float]], pixel: dict[str, Any]
-                  ) -> dict[str, dict[str, Any]]:
-    """Per pixel method, the finding rule chosen on the healthy ``scans`` (maps, brain, voxel
-    mL) at the default threshold, in anomaly levels (1.0 = the 0.01 % threshold)."""
+def _rebuilt(voxels: dict[str, list[np.ndarray]], brains: list[tuple[np.ndarray, float]]):
+    """Per scan, (maps, brain, voxel mL) with each map rebuilt from its brain voxels (kept for
+    the thresholds anyway): the whole maps are not held for every scan at once."""
+    for i, (brain, voxel_ml) in enumerate(brains):
+        maps = {}
+        for m, per_scan in voxels.items():
+            full = np.zeros(brain.shape, np.float32)
+            full[brain] = per_scan[i]
+            maps[m] = full
+        yield maps, brain, voxel_ml
+
+
+def finding_rules(scans, pixel: dict[str, Any], default_fpr: float = DEFAULT_FPR) -> dict[str, dict[str, Any]]:
+    """Per pixel method, the finding rule chosen on the healthy ``scans`` (an iterable of maps,
+    brain, voxel mL) at the default threshold (``default_fpr``), in anomaly levels (1.0 = the
+    0.01 % threshold)."""
     from ...core.findings import choose_finding_rule, region_sizes_and_peaks
     from ...core.levels import ANOMALY_LEVEL_FPR
-    rules = {}
+    bounds = {}
     for m, entry in pixel.items():
         by_fpr = {t["fpr"]: t["value"] for t in entry["thresholds"]}
-        value, unit = by_fpr.get(DEFAULT_FPR), by_fpr.get(ANOMALY_LEVEL_FPR)
-        if value is None or not unit or unit <= 0:
-            continue
-        regions = [region_sizes_and_peaks((maps[m] > value) & brain, maps[m] / unit, voxel_ml)
-                   for maps, brain, voxel_ml in scans if m in maps]
-        rules[m] = choose_finding_rule(regions, threshold_level=value / unit)
-    return rules
+        value, unit = by_fpr.get(default_fpr), by_fpr.get(ANOMALY_LEVEL_FPR)
+        if value is not None and unit and unit > 0:
+            bounds[m] = (value, unit)
+    regions: dict[str, list] = {m: [] for m in bounds}
+    for maps, brain, voxel_ml in scans:  # one scan's maps at a time
+        for m, (value, unit) in bounds.items():
+            if m in maps:
+                regions[m].append(region_sizes_and_peaks((maps[m] > value) & brain, maps[m] / unit, voxel_ml))
+    return {m: choose_finding_rule(regions[m], threshold_level=bounds[m][0] / bounds[m][1]) for m in bounds}
 
 
 def calibrate_package(package: ModelPackage, subjects: list[Subject], device: str = "cpu",
@@ -124,12 +138,12 @@ def calibrate_findings(package: ModelPackage, subjects: list[Subject], methods: 
     if missing:
         raise InputError(f"model {package.name} has no calibrated threshold for {', '.join(missing)}; "
                          "calibrate it first (anomaly-localizer calibrate)")
-    kept = [(res.maps, res.brain_mask, float(res.info["voxel_ml"]))
-            for _, res in score_subjects(package, subjects, methods, device, progress)]
+    scans = ((res.maps, res.brain_mask, float(res.info["voxel_ml"]))
+             for _, res in score_subjects(package, subjects, methods, device, progress))
     pixel = {m: package.calibration.pixel[m].model_dump() for m in methods}
+    rules = finding_rules(scans, pixel, package.calibration.default_fpr)
     meta = dict(package.meta)
-    meta["calibration"] = {**meta["calibration"],
-                           "findings": {**meta["calibration"].get("findings", {}), **finding_rules(kept, pixel)}}
+    meta["calibration"] = {**meta["calibration"], "findings": {**meta["calibration"].get("findings", {}), **rules}}
     update_meta(package.path, meta)
     return load_package(package.path)
 

@@ -125,10 +125,10 @@ def release_package(source: str | Path, out: str | Path, data: str, meta_file: s
     """Turn a trained package into a shippable one: new name, optional float16 weights,
     descriptive metadata, recalibrated (the weights may have changed). ``contrast``: the
     contrast the released model reads (a network trained on renderings of several contrasts
-    is released once per contrast, each calibrated on its own renderings); several: the first
-    is read and calibrated on, the others are optional inputs of a study the model uses where
-    given (an anatomy model's tissue classes from a T1). Returns the package and the number of
-    calibration subjects."""
+    is released once per contrast, each calibrated on its own renderings); several, for a model
+    that uses a study's other contrasts: the first is scored, the others (required, as in its
+    calibration) guide it (an anatomy model's tissue classes from a T1). Returns the package and
+    the number of calibration subjects."""
     from .calibrate import calibrate_package
 
     src = load_package(source)
@@ -150,7 +150,13 @@ def release_package(source: str | Path, out: str | Path, data: str, meta_file: s
     meta["name"] = out.name
     if contrast:
         reads = [contrast] if isinstance(contrast, str) else list(contrast)
-        meta["input_contract"] = {**meta["input_contract"], "contrasts": reads, "optional_contrasts": reads[1:]}
+        if len(set(reads)) != len(reads):
+            raise InputError(f"--contrast {' '.join(reads)}: a contrast is given twice; give each once")
+        if len(reads) > 1 and not (src.detector is not None and src.detector.uses_guides):
+            raise InputError(f"{src.name} ({src.arch_type}) reads one contrast; give one --contrast (only a model "
+                             "that uses a study's other contrasts, such as an anatomy model, takes several)")
+        # every contrast required: the model is calibrated with all of them and must be used so
+        meta["input_contract"] = {**meta["input_contract"], "contrasts": reads, "optional_contrasts": []}
     meta["calibration"] = {}
     meta.setdefault("provenance", {})["data"] = str(data)  # as given, not this machine's absolute path
     meta["weights_dtype"] = "float16" if half else "float32"

@@ -79,7 +79,6 @@ class TissueSet:
 @dataclass
 class TissueTrainConfig(SliceContract):
     architecture: dict[str, Any] = field(default_factory=lambda: AnatomyArchitecture().model_dump(exclude={"type"}))
-    contrasts: list[str] | None = field(default_factory=lambda: ["t1", "t1c", "t2", "flair", "pd"])
     learning_rate: float = 1e-3
     steps: int = 6000
     validate_every: int = 250
@@ -108,9 +107,11 @@ def _subject_slices(t1: Path, labels_path: Path, images: list[Path], contract: d
     xs, prepared = [], None
     for path in [t1, *images]:
         img = t1_img if path == t1 else as_3d(read_image(path))
-        if img.GetSize() != t1_img.GetSize():
+        if img.GetSize() != t1_img.GetSize() or not np.allclose(img.GetSpacing(), t1_img.GetSpacing()) \
+                or not np.allclose(img.GetOrigin(), t1_img.GetOrigin()) \
+                or not np.allclose(img.GetDirection(), t1_img.GetDirection()):
             raise InputError(f"{path} is not on the grid of {t1}")
-        prepared = prepare_volume(img, brain, contract)
+        prepared = prepare_volume(img, brain, contract, model_slices=True)  # as scoring prepares it
         xs.append(prepared.with_context(int(contract["context_slices"])).numpy())
     p = prepared
     onehot = [resample_to_model(p.layout.to_canonical(classes == c).astype(np.float32), p.layout, p.centre,
@@ -127,7 +128,10 @@ def load_tissue_set(sources: list[Any], renders: dict[str, list[Path]], contract
     cached as a plain .npz under ``cache`` (keyed by the files and the contract)."""
     import hashlib
     import json
-    key = hashlib.sha256(json.dumps([[str(s.t1), str(s.labels), [str(p) for p in renders.get(s.id, [])]]
+    def stamp(p: Path) -> list:  # a changed file makes another cache
+        st = p.stat()
+        return [str(p), st.st_size, st.st_mtime_ns]
+    key = hashlib.sha256(json.dumps([[stamp(s.t1), stamp(s.labels), [stamp(p) for p in renders.get(s.id, [])]]
                                      for s in sources] + [contract], sort_keys=True).encode()).hexdigest()[:16]
     path = cache / f"tissue-{key}.npz" if cache else None
     if path is not None and path.is_file():
@@ -216,8 +220,10 @@ def augment(x: torch.Tensor, y: torch.Tensor, cfg: TissueTrainConfig, gen: torch
         x[pick] = paste_blobs(x[pick], brain[pick], gen)
     saved = cfg.flip_lr
     cfg.flip_lr = False  # flipped above, with the labels
-    x = intensity_augment(x, cfg, gen)
-    cfg.flip_lr = saved
+    try:
+        x = intensity_augment(x, cfg, gen)
+    finally:
+        cfg.flip_lr = saved
     x = x + torch.randn(x.shape, generator=gen) * cfg.noise * torch.rand(n, 1, 1, 1, generator=gen) * brain
     return x * brain, y
 
@@ -258,8 +264,8 @@ def train_tissue(data: str | Path, out: str | Path, cfg: TissueTrainConfig, rend
                  progress: Callable[[str], None] | None = None, stop_after: int | None = None) -> Path:
     """Train the tissue segmenter on the parcellated T1 scans of ``data`` (t1/ and dlmuse/) and
     their renderings in ``renders`` (a ``render`` output folder), and write a ``tissue-unet``
-    package offering ``anatomy`` into ``out`` (uncalibrated: a release per contrast
-    calibrates it on renderings of that contrast, as ``release --contrast`` does)."""
+    package offering ``anatomy`` into ``out``, reading T1 and uncalibrated: ``release
+    --contrast C`` makes the model of each contrast, calibrated on renderings of it."""
     from ...core.package import build_network
     from ..data import check_run_folder, split_subjects
     from ..rendering import find_parcellated, source_subject
