@@ -349,3 +349,16 @@ def test_real_cases_for_the_choice_are_named_and_checked_before_any_scoring(tmp_
     with pytest.raises(InputError, match="no such case folder"):
         selection_cases(str(tmp_path), ["case9"], "image.nii.gz", "label.nii.gz", None)
     assert main(["fuse", "tiny-dae:dae", "--out", str(tmp_path / "f"), "--select-ids", "case1"]) == 2
+
+
+def test_weights_given_by_hand_make_a_weighted_mean(world, tmp_path):
+    assert main(["fuse", "tiny-dae:dae", "tiny-ssl:ssl", "--rule", "weighted", "--weights", "1,2",
+                 "--out", str(tmp_path / "w"), "-q"]) == 0
+    arch = load_package(tmp_path / "w").architecture
+    assert arch["rule"] == "weighted" and [c["weight"] for c in arch["components"]] == [1.0, 2.0]
+    for bad in (["--weights", "1"], ["--weights", "1,-2"], []):  # wrong count, not positive, none
+        assert main(["fuse", "tiny-dae:dae", "tiny-ssl:ssl", "--rule", "weighted", *bad,
+                     "--out", str(tmp_path / "x"), "-q"]) == 2
+    assert main(["fuse", "tiny-dae:dae", "tiny-ssl:ssl", "--weights", "1,2", "--rule", "mean",
+                 "--out", str(tmp_path / "y"), "-q"]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

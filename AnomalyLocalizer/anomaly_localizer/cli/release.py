@@ -49,9 +49,11 @@ def register(sub) -> None:
     f.add_argument("--out", required=True, help="new package folder; its name becomes the model name")
     f.add_argument("--data", help="the components' healthy data: to choose the rule (validation subjects) and "
                    "calibrate (calibration subjects)")
-    f.add_argument("--rule", default="auto", choices=("auto", "mean", "max"),
+    f.add_argument("--rule", default="auto", choices=("auto", "mean", "max", "weighted"),
                    help="auto: choose the components and rule (mean, max or weighted mean) with the best pixel AP on "
-                        "validation cases (default)")
+                        "validation cases (default); weighted: the weighted mean with --weights")
+    f.add_argument("--weights", type=lambda v: [float(x) for x in v.split(",")], metavar="W1,W2",
+                   help="with --rule weighted: one weight per component, in order (e.g. those chosen for another map)")
     f.add_argument("--per-subject", type=int, default=2, help="synthetic validation cases per subject (auto)")
     add_select_cases(f, "the choice (auto) also weighs")
     f.add_argument("--meta", help="JSON merged into model.json (summary, description, data statement, ...)")
@@ -128,7 +130,7 @@ def run_fuse(args: argparse.Namespace) -> int:
 
     chosen = select_cases_of(args)
     package = make_fused(args.components, args.out, args.data, args.rule, args.per_subject, args.device, args.force,
-                         say(args.quiet), meta_file=args.meta, select_cases=chosen)
+                         say(args.quiet), meta_file=args.meta, select_cases=chosen, weights=args.weights)
     arch = package.architecture
     print(f"wrote {package.path}: {arch['rule']} of {', '.join(c['method'] for c in arch['components'])}"
           f"{'' if package.calibration.pixel else ' (uncalibrated: pass --data to calibrate)'}")

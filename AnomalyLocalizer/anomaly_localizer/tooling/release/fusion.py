@@ -291,26 +291,33 @@ def selection_cases(folder: str, ids: list[str] | None, image_name: str, label_n
 
 def make_fused(specs: list[str], out: str | Path, data: str | None, rule: str = "auto", per_subject: int = 2,
                device: str = "cpu", force: bool = False, progress: Callable[[str], None] | None = None,
-               calibrate: bool = True, meta_file: str | None = None, select_cases=None) -> ModelPackage:
+               calibrate: bool = True, meta_file: str | None = None, select_cases=None,
+               weights: list[float] | None = None) -> ModelPackage:
     """Build (and, with ``data``, choose and calibrate) a fused package in ``out``; nothing is
     left in ``out`` when any step fails. ``meta_file``: JSON merged into model.json
     (summary, description, data statement, limitations). ``select_cases``: real cases
-    (:class:`.evaluate.Case`) the choice also weighs (rule ``auto``)."""
+    (:class:`.evaluate.Case`) the choice also weighs (rule ``auto``). ``weights``: with rule
+    ``weighted``, one per component, given (e.g. the weights chosen for another fused map)."""
     from ...core.package import load_package, read_json
 
     say = progress or (lambda m: None)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise InputError(f"{out} already exists; pass --force to replace it")
-    if rule not in RULES + ("auto",):
-        raise InputError(f"unknown rule {rule!r}; choose auto, {', '.join(RULES)}")
+    if rule not in RULES + ("auto", "weighted"):
+        raise InputError(f"unknown rule {rule!r}; choose auto, weighted, {', '.join(RULES)}")
+    if (rule == "weighted") != (weights is not None):
+        raise InputError("give --weights with --rule weighted (one per component), and only then")
+    if weights is not None and (len(weights) != len(specs) or not all(w > 0 for w in weights)):
+        raise InputError(f"--weights {','.join(f'{w:g}' for w in weights)}: give {len(specs)} positive weights, one "
+                         "per component, in the components' order")
     extra = read_json(Path(meta_file), "metadata file", "fix the file given with --meta") if meta_file else {}
     if not isinstance(extra, dict):
         raise InputError(f"{meta_file} must hold a JSON object of model.json keys")
     components = parse_components(specs)
     # renderings of any contrast a component reads (with the T1 they were rendered from, a study)
     contrasts = list(dict.fromkeys(c for p, _ in components for c in p.contract.contrasts))
-    selection, weights, slice_parts = None, None, None
+    selection, slice_parts = None, None
     if rule == "auto":
         if not data:
             raise InputError("choosing the rule needs the healthy data folder (--data)")
