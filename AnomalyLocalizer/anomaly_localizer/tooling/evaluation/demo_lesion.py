@@ -2,9 +2,9 @@
 
 A lesion on T1 (a chronic infarct, a demyelinating plaque, a low-grade tumour) is darker than
 the white matter around it, irregular and soft-edged. Here: a union of 3-5 overlapping
-ellipsoids (6-11 mm semi-axes) in the white matter, its surface warped by smooth noise, that
-fades into the tissue over a few millimetres, filled with an intensity between grey matter and
-CSF (the brain's 8th-20th percentile) and the tissue's own texture kept at reduced contrast.
+ellipsoids (7-12 mm semi-axes) in the white matter, its surface warped by smooth noise, that
+fades into the tissue over a few millimetres, filled with an intensity near CSF's (the brain's
+3rd-8th percentile, as a chronic infarct or a black hole shows on T1) and the tissue's own texture kept at reduced contrast.
 The label is where the lesion makes up at least half of the voxel.
 
 This generator makes the demo's picture only: no model is trained or chosen on it, and no
@@ -53,7 +53,7 @@ def insert_t1_lesion(arr: np.ndarray, brain: np.ndarray, spacing_zyx, rng: np.ra
     field = np.full(zz.shape, np.inf)
     for _ in range(int(rng.integers(3, 6))):  # overlapping lobes around the centre
         offset = rng.normal(0.0, 4.0, 3)
-        radii = rng.uniform(6.0, 11.0, 3)
+        radii = rng.uniform(7.0, 12.0, 3)
         d = np.sqrt(((zz - c_mm[0] - offset[0]) / radii[0]) ** 2 + ((yy - c_mm[1] - offset[1]) / radii[1]) ** 2
                     + ((xx - c_mm[2] - offset[2]) / radii[2]) ** 2)
         field = np.minimum(field, d)
@@ -61,7 +61,7 @@ def insert_t1_lesion(arr: np.ndarray, brain: np.ndarray, spacing_zyx, rng: np.ra
     edge_mm = rng.uniform(2.0, 4.0)
     weight = 1.0 / (1.0 + np.exp((field - 1.0) * 8.0 / edge_mm * 2.0))  # soft edge over a few mm
     weight *= brain[box]
-    target = np.percentile(inside, rng.uniform(8, 20))
+    target = np.percentile(inside, rng.uniform(3, 8))
     local = arr[box].astype(np.float32)
     texture = (local - np.median(local[brain[box]])) * 0.4  # the tissue's texture at reduced contrast
     out = arr.astype(np.float32).copy()
