@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import slicer
 import vtk
-from anomaly_localizer.core.levels import broad_flag_note, check_level, healthy_fpr, segment, threshold_note
+from anomaly_localizer.core.levels import broad_flag_note, check_level, healthy_fpr, segment
 from slicer import util as sutil
 
 from .geometry import sameLattice
@@ -152,10 +152,13 @@ class ThresholdMixin:
         return "uncalibrated model" if rate is None else f"flags {100 * rate:.3g} % of healthy brain voxels"
 
     def thresholdInfoText(self, voxels: int) -> str:
-        """The label under the threshold: voxels flagged, what the level means on healthy
-        brains, and the note on this segmentation, if any."""
-        note = self.thresholdNote()
-        return f"{voxels} voxels; {self.healthyRateText()}" + (f"\nNote: {note}" if note else "")
+        """The label under the threshold, a short line each: voxels flagged and what the level
+        means on healthy brains; the note on this segmentation, if any; the scan's context (a
+        scan-relative map raised overall), if any."""
+        lines = [f"{voxels} voxels; {self.healthyRateText()}"]
+        note, context = self.thresholdNote(), self.scanContextNote()
+        lines += ([f"Note: {note}"] if note else []) + ([context] if context else [])
+        return "\n".join(lines)
 
     def broadFlagNote(self) -> str | None:
         """A note when the current threshold flags far more of this brain than of healthy
@@ -165,12 +168,17 @@ class ThresholdMixin:
         return broad_flag_note(self._flaggedShare(), self.healthyFalsePositiveRate())
 
     def thresholdNote(self) -> str | None:
-        """What to know about the current segmentation, as ``score`` writes it into
-        summary.json: the broad-flag note, and a note when the shown map is scan-relative and
-        this scan's map is raised overall beyond healthy scans'; else None."""
-        if self.result is None or self._mask is None:
+        """What to act on in the current segmentation, as ``score`` writes it into summary.json's
+        ``note``: the broad-flag note; else None."""
+        return self.broadFlagNote()
+
+    def scanContextNote(self) -> str | None:
+        """The shown map's scan-relative context, as summary.json's ``scan_relative`` holds it:
+        one line when this scan's map is raised overall beyond healthy scans' (another scanner,
+        an average template); information, not an alarm; else None."""
+        if self.result is None:
             return None
-        return threshold_note(self.result.summary, self.method, self._flaggedShare(), self.healthyFalsePositiveRate())
+        return (self.result.summary.get("scan_relative", {}).get(self.method) or {}).get("note")
 
     def _flaggedShare(self) -> float:
         """Share of this brain the current threshold segments."""

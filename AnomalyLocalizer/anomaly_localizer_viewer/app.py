@@ -350,7 +350,8 @@ class ViewerApp(TrameApp):
                 with html.Div(id="threshold"):
                     v3.VSlider(v_model=("threshold",), min=("threshold_min",), max=("threshold_max",), step=0.01,
                                hide_details=True, density="compact", end=self._onThresholdRest)
-                html.Div("{{ threshold_note }}", classes="text-caption", id="threshold-note")
+                html.Div("{{ threshold_note }}", classes="text-caption", id="threshold-note",
+                         style="white-space: pre-line")
                 self._colourBar()
                 html.Div("Heatmap opacity", classes="text-body-2 mt-3")
                 with html.Div(id="opacity"):

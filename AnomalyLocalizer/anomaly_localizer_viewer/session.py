@@ -403,9 +403,11 @@ class ViewerSession:
         return self.logic.thresholdRange()
 
     def thresholdNote(self) -> str:
-        """The healthy false-positive rate of the threshold, and the broad-flag note if any."""
-        note = self.logic.thresholdNote()
-        return self.logic.healthyRateText() + (f"; {note}" if note else "")
+        """Short lines under the threshold: its healthy false-positive rate, the broad-flag note
+        if any, and the scan's context (a scan-relative map raised overall) if any."""
+        note, context = self.logic.thresholdNote(), self.logic.scanContextNote()
+        return "\n".join([self.logic.healthyRateText()] + ([f"Note: {note}"] if note else []) +
+                         ([context] if context else []))
 
     def findings(self) -> list[dict]:
         """The findings at the current threshold, for the page's list."""

@@ -125,10 +125,11 @@ def test_broad_flag_note_follows_the_threshold(slicerApp, tmp_path):
     assert logic.healthyFalsePositiveRate() is None and logic.broadFlagNote() is None
 
 
-def test_a_scan_relative_map_raised_overall_is_noted_under_the_threshold(slicerApp, tmp_path):
+def test_a_scan_relative_map_raised_overall_is_said_as_context_under_the_threshold(slicerApp, tmp_path):
     """A map made relative to the scan's own median hides how raised it is overall; when it is
-    raised far beyond every healthy calibration scan's (tiny healthy references here), the
-    note under the threshold says so, in this process and from a child run alike."""
+    raised far beyond every healthy calibration scan's (tiny healthy references here), a line
+    under the threshold says so as the scan's context (not as the segmentation's note, which is
+    for broad flags), in this process and from a child run alike."""
     from anomaly_localizer.core.package import load_package, update_meta
     calib = {"default_fpr": 0.001, "pixel": {"rec": {"n_subjects": 3, "thresholds": [
         {"fpr": 0.001, "value": 3.0}, {"fpr": 0.0001, "value": 5.0}],
@@ -143,11 +144,12 @@ def test_a_scan_relative_map_raised_overall_is_noted_under_the_threshold(slicerA
     result = logic.run(scan, model=str(pkg.path), methods=["rec"])
     assert np.median(result.maps["rec"][result.brainMask]) == pytest.approx(1.0, rel=1e-3)
     assert logic.setThreshold(1e6) == 0  # nothing flagged: no broad-flag note, the scan's note stays
-    assert "times as high overall" in logic.thresholdNote() and logic.broadFlagNote() is None
+    assert "times as high overall" in logic.scanContextNote() and logic.thresholdNote() is None
+    assert logic.scanContextNote() in logic.thresholdInfoText(0) and "Note:" not in logic.thresholdInfoText(0)
     child = AnomalyLocalizerLogic(slicerApp.app)
     child.finishRun(child.startRun(scan, model=str(pkg.path), methods=["rec"]))
     child.setThreshold(1e6)
-    assert child.thresholdNote() == logic.thresholdNote()
+    assert child.scanContextNote() == logic.scanContextNote()
 
 
 def test_rerun_reuses_nodes(slicerApp, tmp_path, model):

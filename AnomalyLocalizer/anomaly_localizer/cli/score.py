@@ -69,9 +69,8 @@ def score_file(input: str | list[str], out: str, model: str | None = None, metho
     for line in written.get("input_notes", []) + written.get("run_notes", []):  # shown even with -q
         print(f"note: {line}", file=sys.stderr)
     note = written.get("note")
-    if note:  # shown even with -q, as one line: it changes how to read the result
-        from ..core.levels import first_sentences
-        print(f"note: {first_sentences(note)} (the whole note: 'note' in {out}/summary.json)", file=sys.stderr)
+    if note:  # shown even with -q, one line: it changes how to read the result
+        print(f"note: {note}", file=sys.stderr)
     shadows = written["model"].get("shadows")
     if shadows:
         print(f"note: model {written['model']['name']} from {written['model']['path']} is used; it shadows "

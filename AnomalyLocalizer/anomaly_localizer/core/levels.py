@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .relative import reference_note
 
 if TYPE_CHECKING:  # numpy only at run time: the Slicer logic imports this before pydantic is installed
     from .schema import Calibration
@@ -148,36 +147,15 @@ def volume_percentile(calibration: "Calibration | dict", value: float) -> float 
 
 
 def broad_flag_note(flagged_share: float, healthy_rate: float | None) -> str | None:
-    """A note for the reader when a threshold flags far more of this brain than it flags of
-    healthy brains (``healthy_rate``, from the calibration); None otherwise or uncalibrated."""
+    """One line for the reader when a threshold flags far more of this brain than it flags of
+    healthy brains (``healthy_rate``, from the calibration): something to act on (read the map
+    with care, or recalibrate on healthy scans of the scan's source); None otherwise or
+    uncalibrated. A scan-relative map raised overall is context, not this note
+    (:func:`relative.reference_note`)."""
     if healthy_rate is None or healthy_rate <= 0:
         return None
     if flagged_share <= max(BROAD_FLAG_FACTOR * healthy_rate, BROAD_FLAG_MIN_SHARE):
         return None
     return (f"{100 * flagged_share:.1f} % of this brain is above the threshold, {flagged_share / healthy_rate:.0f} times "
-            f"the {100 * healthy_rate:.2g} % it flags in healthy scans like the model's training scans. A large lesion "
-            "does this; so does a scan unlike the training scans (another scanner, protocol or contrast, or an average "
-            "template), where the flags spread over much of the brain. For such scans, recalibrate the model on healthy "
-            "scans from the same source (anomaly-localizer calibrate) before reading the heatmap.")
-
-
-def first_sentences(note: str | None) -> str | None:
-    """A note as one short line for a terminal: the first sentence of each of its parts (the
-    whole note stays in summary.json)."""
-    if not note:
-        return None
-    parts = [p for p in (note.split(". ") if ". " in note else [note])]
-    # each part's first sentence: the broad-flag note's starts with its share, the
-    # scan-relative note's with "The <method> map of this scan"
-    heads = [p.rstrip(".") for p in parts if p[:1].isdigit() or (p.startswith("The ") and " map of this scan " in p)]
-    heads = heads[:2] or [parts[0].rstrip(".")]
-    return "; ".join(heads)
-
-
-def threshold_note(summary: dict, method: str, share: float, healthy_rate: float | None) -> str | None:
-    """What a reader should know about this scan's segmentation: flagged far more broadly
-    than healthy brains (:func:`broad_flag_note`), and/or a scan-relative map raised
-    overall beyond healthy scans (:func:`relative.reference_note`); None when neither."""
-    entry = summary.get("scan_relative", {}).get(method)
-    notes = [broad_flag_note(share, healthy_rate), reference_note(method, entry) if entry else None]
-    return " ".join(n for n in notes if n) or None
+            f"the {100 * healthy_rate:.2g} % of healthy scans: a large lesion, or a scan unlike the training scans "
+            "(then recalibrate on healthy scans of its source: anomaly-localizer calibrate).")

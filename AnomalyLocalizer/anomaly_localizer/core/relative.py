@@ -10,8 +10,8 @@ and a focal anomaly, a small part of the brain, barely moves a median. What it c
 change over much of the brain (a large tumour, widespread disease) lowers its own
 reference, so it stands out less; and the overall rise is no longer visible in the map.
 That is why each scan's reference value is kept, compared with the healthy calibration
-scans' (``calibration.scan_reference``), and a note says when a scan's map is raised
-overall far beyond theirs.
+scans' (``calibration.scan_reference``), and a one-line note beside it says when a scan's map
+is raised overall far beyond theirs (context, not an alarm: the map already allows for it).
 
 A package opts in per method (``model.json`` ``scan_relative: {method: {"quantile": q}}``);
 its thresholds are calibrated on relative maps like every other map's. Slice and volume
@@ -64,7 +64,8 @@ def apply_scan_relative(package: "ModelPackage", maps: dict[str, np.ndarray], br
 
 def reference_summary(package: "ModelPackage", record: dict[str, Any]) -> dict[str, Any]:
     """What each scan-relative map was divided by on this scan, against the healthy
-    calibration scans' values (their median, and this scan's value as a multiple of it)."""
+    calibration scans' values (their median, and this scan's value as a multiple of it), with
+    a one-line ``note`` when the scan's map is raised overall beyond every healthy scan's."""
     out: dict[str, Any] = {}
     for m, r in record.items():
         healthy = package.calibration.scan_reference.get(m) or []
@@ -74,20 +75,26 @@ def reference_summary(package: "ModelPackage", record: dict[str, Any]) -> dict[s
                   "times_healthy_median": r["scan_value"] / median if median else None,
                   "meaning": f"the map is divided by its own {100 * r['quantile']:g}th percentile over this "
                              "scan's brain before the healthy thresholds apply"}
+        note = reference_note(m, out[m])
+        if note:
+            out[m]["note"] = note
     return out
 
 
 def reference_note(method: str, entry: dict[str, Any]) -> str | None:
-    """A note when this scan's map is raised overall well beyond every healthy calibration
-    scan's (an entry of :func:`reference_summary`); None otherwise or without healthy values."""
+    """One line when this scan's map is raised overall well beyond every healthy calibration
+    scan's (an entry of :func:`reference_summary`); None otherwise or without healthy values.
+
+    It is information, not an alarm: the map is already relative to the scan, so it flags what
+    stands out within it (another scanner's scans and average templates are raised like this;
+    the demo's template is 2.0 times). It is kept beside the map's scan-relative record and
+    shown as the scan's context, never as the segmentation's note (:func:`levels.broad_flag_note`
+    is that one, and asks for action)."""
     top, times = entry.get("healthy_max"), entry.get("times_healthy_median")
     if top is None or times is None or entry["scan_value"] <= REFERENCE_NOTE_FACTOR * top:
         return None
     q = entry.get("quantile", 0.5)
     ref = "median" if abs(q - 0.5) < 1e-9 else f"{100 * q:g}th percentile"
-    return (f"The {method} map of this scan is {times:.1f} times as high overall as in healthy scans like the "
-            f"model's training scans (its {ref} over the brain). The scan is unlike the training scans (another "
-            "scanner, protocol or contrast, or an average template), or is changed over much of the brain. The map "
-            f"is shown relative to the scan's own {ref}, so it flags what stands out within this scan; a change "
-            "over much of the brain stands out less. Recalibrate on healthy scans from the same source "
-            "(anomaly-localizer calibrate) for levels against that source's healthy scans.")
+    return (f"The {method} map of this scan is {times:.1f} times as high overall as in the healthy training scans "
+            f"(another scanner or an average template): it is shown relative to the scan's own {ref}, so a change "
+            "over much of the brain stands out less.")

@@ -309,7 +309,7 @@ def write_results(out: Path, reference: sitk.Image, result: ScoreResult, thresho
                                     **({"calibrated": threshold.finding_rule} if threshold.finding_rule else {})}
         summary["below_finding_rule"] = below_rule_summary(below)
         write_findings_csv(tmp / "findings.csv", findings)
-        note = levels.threshold_note(summary, threshold.method, share, threshold.healthy_rate)
+        note = levels.broad_flag_note(share, threshold.healthy_rate)
         if note:
             summary["note"] = note
         if extras is not None:
