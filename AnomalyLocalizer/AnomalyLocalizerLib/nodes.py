@@ -57,8 +57,12 @@ class NodesMixin:
             self._plot(inputVolume, table, added, primarySliceScore(result), backups)
             self.result, self._resultInput = result, inputVolume
             self.method = next(iter(result.maps))
+            # the level the engine segmented at (summary.json's threshold), else the calibrated default
+            level = (result.summary.get("threshold") or {}).get("level")
             default = package.default_threshold(self.method)
-            if default is not None:
+            if level is not None and (result.summary["threshold"].get("method") in (None, self.method)):
+                self.threshold = float(level)
+            elif default is not None:
                 self.threshold = default[0] / result.levelScale[self.method]
             self._placeInHierarchy(inputVolume)
             self.setThreshold(self.threshold)

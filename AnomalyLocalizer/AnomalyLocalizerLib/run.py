@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -36,6 +37,9 @@ def namedText(text: str, names: dict[str, str]) -> str:
 def namedInputs(summary: dict, names: dict[str, str]) -> dict:
     """A child run's summary with its inputs and their notes named as in :func:`namedText`."""
     summary = dict(summary)
+    for key in ("input", "mask"):  # written resolved: the work folder may be reached through a link
+        if summary.get(key):
+            summary[key] = namedText(str(summary[key]), {str(Path(p).resolve()): n for p, n in names.items()})
     if "inputs" in summary:
         summary["inputs"] = [{**i, "input": namedText(str(i.get("input", "")), names)} for i in summary["inputs"]]
     if "input_notes" in summary:
@@ -104,8 +108,9 @@ class RunMixin:
         that reads them; ``model`` None is the installed model that reads the contrasts,
         using most of them. Nothing is added to the scene when any of them refuses.
         """
+        from anomaly_localizer.core.imageio import check_image
         from anomaly_localizer.core.installed import check_methods
-        from anomaly_localizer.core.scoring import plan_study, run_plan
+        from anomaly_localizer.core.scoring import score_study_images
         from anomaly_localizer.core.study import Study, StudyInput, check_given
 
         nodes, contrasts = studyVolumes(inputVolume, contrasts)
@@ -115,27 +120,16 @@ class RunMixin:
         elif methods:
             check_methods(list(methods))
         study = Study([StudyInput(node.GetName(), self._volumeImage(node)) for node in nodes])
-        from anomaly_localizer.core.imageio import check_image
         for node, inp in zip(nodes, study.inputs):  # what the score command refuses (a single slice, NaN, ...)
             check_image(inp.image, None, f"the volume {node.GetName()}")
-        # the engine's rules, in the order its score command applies them (one function for both)
-        plan = plan_study(study, given, self._maskImage(mask, nodes[0]), model, methods, "auto", device, progress)
-        package, methods = plan.package, plan.methods
-        res = run_plan(plan, device, progress, cancel)
-        source = plan.brain_source
-        ran = {"name": package.name, "path": str(package.path), "manifest_sha256": package.manifest_sha256}
-        summary = {"model": ran, "methods": methods, "device": res.device, "timings_s": res.timings,
-                   "volume_score": res.volume_score, "brain_mask_source": source,
-                   "primary_slice_score": res.info["primary_slice_score"],
-                   "map_smoothing_mm": res.info["map_smoothing"], **plan.record()}
-        if res.info.get("scan_relative"):  # what each scan-relative map was divided by, as summary.json says it
-            from anomaly_localizer.core.relative import reference_summary
-            summary["scan_relative"] = reference_summary(package, res.info["scan_relative"])
-        if "fusion" in res.info:  # what a fused map combines, as summary.json says it
-            from anomaly_localizer.core.results import fusion_block
-            summary["fusion"] = fusion_block(package, res)
-        result = RunResult(nodes[0].GetID(), res.maps, res.brain_mask, res.slice_scores, res.axial_axis, summary)
-        self._applyResult(nodes[0], result, package)
+        # the engine's one use case, as its score command (and so this logic's child run) calls it
+        scored = score_study_images(study, given, self._maskImage(mask, nodes[0]), model=model, methods=methods,
+                                    uncalibrated="default level", device=device, progress=progress, cancel=cancel,
+                                    input_label=nodes[0].GetName(), mask_label=mask.GetName() if mask else None)
+        res = scored.result
+        result = RunResult(nodes[0].GetID(), res.maps, res.brain_mask, res.slice_scores, res.axial_axis,
+                           scored.summary)
+        self._applyResult(nodes[0], result, scored.plan.package)
         return result
 
     def startRun(self, inputVolume, model: str | None = None, methods: list[str] | None = None, mask=None,
@@ -176,7 +170,10 @@ class RunMixin:
         run = runner.ChildRun(args=args, work_dir=work, out_dir=work / "out").start()
         run.inputNodeID = nodes[0].GetID()  # type: ignore[attr-defined]
         run.inputNode = nodes[0]  # type: ignore[attr-defined]  # node IDs are reused after a scene clear
-        run.inputNames = {str(path): node.GetName() for path, node in zip(files, nodes)}  # type: ignore[attr-defined]
+        names = {str(path): node.GetName() for path, node in zip(files, nodes)}
+        if mask is not None:
+            names[str(work / "mask.nrrd")] = mask.GetName()
+        run.inputNames = names  # type: ignore[attr-defined]
         self.activeRun = run
         return run
 

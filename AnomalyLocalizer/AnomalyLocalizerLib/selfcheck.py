@@ -43,7 +43,7 @@ def wholeFlow(logic, volume, say: Callable[[str], None] = lambda message: None) 
 
     logic.run(volume, device="cpu")
     _check(logic.scene.GetNumberOfNodes() == nodes, "a rerun added nodes instead of reusing them")
-    _check(np.isfinite(result.summary["volume_score"]), "the volume score is not finite")
+    _check(np.isfinite(result.summary["volume_score"]["value"]), "the volume score is not finite")
 
     # The default fused map comes with each of its components, one click away.
     if "fusion" in result.summary:

@@ -94,14 +94,16 @@ def standardised_slice_scores(values: Any, levels: list[float], quantiles: list[
     return (np.asarray(values, np.float64) - q50) / max(q99 - q50, 1e-12)
 
 
-def combined_slice_scores(slice_scores: dict[str, Any], parts: list[dict[str, Any]],
+def combined_slice_scores(slice_scores: dict[tuple[str, str], Any], parts: list[dict[str, Any]],
                           references: dict[str, Any]) -> Any:
     """The weighted mean of standardised component slice scores (a fused package's
-    ``slice_score.parts``: model, score, weight); ``references``: {model: its Calibration}."""
+    ``slice_score.parts``: model, score, weight); ``slice_scores``: {(model, score): values},
+    so two components of one family keep their own; ``references``: {model: its Calibration}."""
     import numpy as np
     total = sum(p["weight"] for p in parts)
     out = 0.0
     for p in parts:
         ref = references[p["model"]].slice[p["score"]]
-        out = out + p["weight"] / total * standardised_slice_scores(slice_scores[p["score"]], ref.levels, ref.values)
+        out = out + p["weight"] / total * standardised_slice_scores(slice_scores[(p["model"], p["score"])], ref.levels,
+                                                                         ref.values)
     return np.asarray(out, np.float32)

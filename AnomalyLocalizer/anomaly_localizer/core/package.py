@@ -18,7 +18,6 @@ model folders (:func:`model_dirs`); choosing among them is :mod:`.installed`'s.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pydantic import ValidationError
 
 from ..errors import InputError, PackageError
 from . import detectors
+from .hashing import sha256_bytes, sha256_file
 from .schema import (
     PACKAGE_FORMAT,
     Calibration,
@@ -90,13 +90,6 @@ def list_packages() -> list[Path]:
         seen.setdefault(sub.name, sub)
     return list(seen.values())
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_json(path: Path, what: str, fix: str = "reinstall the model") -> Any:
@@ -224,8 +217,9 @@ class ModelPackage:
             resolve_components(self, resolve_package)
 
     def load_model(self, device: "torch.device | str" = "cpu") -> "torch.nn.Module":
-        """Build the network and load its weights, hashed again as they are read (a file
-        changed since the package was resolved is refused) and checked against the architecture.
+        """Build the network and load its weights, hashed again as they are read unless this run
+        hashed the unchanged file already (:mod:`.hashing`; a file changed since the package was
+        resolved is refused), and checked against the architecture.
         A fused package loads its component models instead (:func:`.fusion.load_components`)."""
         from safetensors.torch import load as load_bytes
 
@@ -237,7 +231,7 @@ class ModelPackage:
 
         import torch
         data = _read_inside(self.path, WEIGHTS_FILE)
-        if hashlib.sha256(data).hexdigest() != self.files.get(WEIGHTS_FILE):
+        if sha256_bytes(data, self.path / WEIGHTS_FILE) != self.files.get(WEIGHTS_FILE):
             raise PackageError(f"model {self.name}: {WEIGHTS_FILE} does not match its SHA-256 in {MANIFEST_FILE} "
                                "(changed since the model was checked); reinstall the model or re-export it")
         try:

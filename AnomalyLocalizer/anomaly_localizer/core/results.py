@@ -271,47 +271,69 @@ def fusion_block(package: ModelPackage, result: ScoreResult) -> dict[str, Any]:
             "component_models": info["components"]}
 
 
+@dataclass
+class Segmented:
+    """The segmentation at a run's threshold and what it adds to the summary."""
+
+    segmentation: np.ndarray  # uint8, 1 where the map exceeds the threshold inside the brain
+    findings: list[dict[str, Any]]
+    summary: dict[str, Any]  # the run's summary with the segmentation's volume, findings and note
+
+
+def segment_result(reference: sitk.Image, result: ScoreResult, threshold: Threshold,
+                   summary: dict[str, Any]) -> Segmented:
+    """Segment ``result`` at ``threshold`` and complete ``summary`` (a copy) with what the
+    segmentation says: its volume and share of the brain, the findings under the map's finding
+    rule and the regions below it, and a ``note`` when this scan is flagged far more broadly
+    than healthy brains. The one summary builder's last step, in a results folder and in
+    memory alike (:func:`.scoring.score_study_images`)."""
+    seg = segmentation_from(result.maps[threshold.method], result.brain_mask, threshold.value)
+    share = float(seg.sum() / max(1, result.brain_mask.sum()))
+    summary = {**summary, "segmented_voxels": int(seg.sum()),
+               "segmented_ml": float(seg.sum() * np.prod(reference.GetSpacing()[:3]) / 1000.0),
+               "segmented_brain_share": share}
+    per_level = (1.0 / threshold.scale if threshold.scale > 0 else
+                 threshold.level / threshold.value if threshold.value else 1.0)
+    regions = find_findings(seg, result.maps[threshold.method] * per_level, result.brain_mask,
+                            reference.GetOrigin(), reference.GetSpacing()[:3], reference.GetDirection(),
+                            result.axial_axis, limit=None)
+    applied = rule_at(threshold.finding_rule, threshold.level)
+    findings, below = apply_finding_rule(regions, applied)
+    summary["findings"] = findings
+    summary["findings_rule"] = {**findings_rule(), "method": threshold.method, "units": "anomaly levels",
+                                "finding": describe_rule(applied),
+                                **({"calibrated": threshold.finding_rule} if threshold.finding_rule else {})}
+    summary["below_finding_rule"] = below_rule_summary(below)
+    note = levels.broad_flag_note(share, threshold.healthy_rate)
+    if note:
+        summary["note"] = note
+    return Segmented(seg, findings, summary)
+
+
 def write_results(out: Path, reference: sitk.Image, result: ScoreResult, threshold: Threshold,
                   summary: dict[str, Any], force: bool = False,
-                  extras: Callable[[Path, np.ndarray, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                  extras: Callable[[Path, np.ndarray, dict[str, Any]], None] | None = None,
+                  segmented: Segmented | None = None) -> dict[str, Any]:
     """Write heatmaps, segmentation, brain mask, slice scores, findings (findings.csv) and
-    summary.json into ``out``; return the summary as written (``summary`` plus what the
-    segmentation adds: its volume, its findings, and a ``note`` when this scan is flagged far
-    more broadly than healthy brains). ``extras(folder, segmentation, summary)`` adds files of
-    the caller's (e.g. a thumbnail) before the folder is published, so they appear with the
-    rest or not at all."""
+    summary.json into ``out``; return the summary as written (``summary`` completed by
+    :func:`segment_result`, or ``segmented``'s when the caller segmented already).
+    ``extras(folder, segmentation, summary)`` adds files of the caller's (e.g. a thumbnail)
+    before the folder is published, so they appear with the rest or not at all."""
     check_output_dir(out, force)
+    if segmented is None:
+        segmented = segment_result(reference, result, threshold, summary)
+    seg, summary = segmented.segmentation, dict(segmented.summary)
     parent = out.resolve().parent
     clean_stale_partials(parent, out.name)  # left by a killed run into the same place
     tmp = new_folder(parent, partial_prefix(out.name))  # the user's umask applies, as to any new folder
     try:
         for method, arr in result.maps.items():
             _write(image_like(arr.astype(np.float32), reference), tmp / f"{method}.nii.gz")
-        seg = segmentation_from(result.maps[threshold.method], result.brain_mask, threshold.value)
         _write(image_like(seg, reference, sitk.sitkUInt8), tmp / "segmentation.nii.gz")
         _write(image_like(result.brain_mask.astype(np.uint8), reference, sitk.sitkUInt8),
-                    tmp / "brainmask.nii.gz")
+               tmp / "brainmask.nii.gz")
         write_slice_scores(tmp / "slice_scores.csv", result)
-        share = float(seg.sum() / max(1, result.brain_mask.sum()))
-        summary = {**summary, "segmented_voxels": int(seg.sum()),
-                   "segmented_ml": float(seg.sum() * np.prod(reference.GetSpacing()[:3]) / 1000.0),
-                   "segmented_brain_share": share}
-        per_level = (1.0 / threshold.scale if threshold.scale > 0 else
-                     threshold.level / threshold.value if threshold.value else 1.0)
-        regions = find_findings(seg, result.maps[threshold.method] * per_level, result.brain_mask,
-                                reference.GetOrigin(), reference.GetSpacing()[:3], reference.GetDirection(),
-                                result.axial_axis, limit=None)
-        applied = rule_at(threshold.finding_rule, threshold.level)
-        findings, below = apply_finding_rule(regions, applied)
-        summary["findings"] = findings
-        summary["findings_rule"] = {**findings_rule(), "method": threshold.method, "units": "anomaly levels",
-                                    "finding": describe_rule(applied),
-                                    **({"calibrated": threshold.finding_rule} if threshold.finding_rule else {})}
-        summary["below_finding_rule"] = below_rule_summary(below)
-        write_findings_csv(tmp / "findings.csv", findings)
-        note = levels.broad_flag_note(share, threshold.healthy_rate)
-        if note:
-            summary["note"] = note
+        write_findings_csv(tmp / "findings.csv", segmented.findings)
         if extras is not None:
             extras(tmp, seg, summary)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")

@@ -1,5 +1,8 @@
-"""Score one study into a results folder: the engine's use case, which the command line's
-``score`` and the Python API call (argument parsing around it, as TorchIO's command line is).
+"""Score one study: the engine's one use case (:func:`score_study_images`, in memory) and
+its results folder (:func:`score_study`). The command line's ``score``, screening, the Python
+API, the Slicer logic (in this process, and its child process through ``score``) and the
+browser viewer (through the logic) all come through it; the command line is argument parsing
+around it, as TorchIO's is.
 
 Everything that can be refused is checked before any scoring and before any write, in one
 order: the output folder, the contrasts given, the methods, the inputs (readable, one grid
@@ -43,11 +46,12 @@ def score_study(inputs: Sequence[Input], out: str | Path, contrasts: Sequence[st
     loaded (screening loads it once per worker). ``annotate(result, package, threshold,
     study)`` returns what a caller adds to the summary and a function that adds files to the
     folder before it is published (screening: its ranking record and a thumbnail). The other
-    arguments are the ``score`` command's.
+    arguments are the ``score`` command's. The scoring itself is :func:`score_study_images`,
+    which the Slicer logic's in-process run calls with the scene's volumes.
     """
     from .imageio import as_3d, read_image
     from .installed import check_methods
-    from .results import check_output_dir, check_threshold_options, resolve_threshold, run_summary, write_results
+    from .results import Segmented, check_output_dir, write_results
     from .brainextract import check_brain_extraction
     from .paths import check_force_keeps
     from .study import Study, StudyInput, check_given
@@ -73,29 +77,96 @@ def score_study(inputs: Sequence[Input], out: str | Path, contrasts: Sequence[st
                           as_3d(read_image(path, what, series)))
     study = Study([read(k, p) for k, p in enumerate(inputs)])
     mask_image = as_3d(read_image(mask, "MASK")) if mask else None
-    plan = plan_study(study, given, mask_image, model, methods, brain_extraction, device, progress)
-    check_threshold_options(plan.package, plan.methods[0], threshold, threshold_level)
-    if force:  # the model in use, and a brain extraction model named, are kept too
-        extraction = check_brain_extraction(brain_extraction)
-        check_force_keeps(out, [("model", plan.package.path)] + ([("brain extraction model", extraction.path)]
-                                                               if extraction is not None else []))
-    t_read = time.perf_counter() - t0
 
+    def keep_model(package) -> None:  # --force never replaces the model in use or a brain extraction named
+        if force:
+            extraction = check_brain_extraction(brain_extraction)
+            check_force_keeps(out, [("model", package.path)] + ([("brain extraction model", extraction.path)]
+                                                               if extraction is not None else []))
+    first = inputs[0][0] if isinstance(inputs[0], tuple) else inputs[0]
+    scored = score_study_images(study, given, mask_image, model=model, methods=methods,
+                                brain_extraction=brain_extraction, threshold=threshold,
+                                threshold_level=threshold_level, device=device, progress=progress, cancel=cancel,
+                                network=network, input_label=str(Path(first).resolve()),
+                                mask_label=str(Path(mask).resolve()) if mask else None, started=t0,
+                                before_scoring=keep_model)
+    extras = None
+    summary = scored.summary
+    if annotate is not None:
+        added, extras = annotate(scored.result, scored.plan.package, scored.threshold, study)
+        summary = {**summary, **added}
+    segmented = Segmented(scored.segmented.segmentation, scored.segmented.findings, summary)
+    return write_results(out, study.reference, scored.result, scored.threshold, summary, force=force,
+                         extras=extras, segmented=segmented)
+
+
+@dataclass
+class ScoredStudy:
+    """A study scored in memory: its plan, the engine's result, the threshold it was segmented
+    at, and the summary exactly as summary.json holds it (:attr:`summary`)."""
+
+    plan: "StudyPlan"
+    result: Any  # pipeline.ScoreResult
+    threshold: Any  # results.Threshold
+    segmented: Any  # results.Segmented
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.segmented.summary
+
+
+def score_study_images(study, given: Sequence[str | None], mask: sitk.Image | None, model: str | None = None,
+                       methods: Sequence[str] | None = None, brain_extraction: str = "auto",
+                       threshold: float | None = None, threshold_level: float | None = None,
+                       uncalibrated: str = "refuse", device: str = "auto", progress: ProgressFn | None = None,
+                       cancel: Callable[[], bool] | None = None, network: Any = None, input_label: str = "",
+                       mask_label: str | None = None, started: float | None = None,
+                       before_scoring: Callable[[Any], None] | None = None) -> ScoredStudy:
+    """The engine's one scoring use case: a study read into memory (:class:`.study.Study`) is
+    planned (:func:`plan_study`: every refusal before any scoring), scored, segmented at its
+    threshold and summarised by the one summary builder. ``score``, screening and the Slicer
+    logic (in this process; its child runs ``score``) all come through here, so their
+    summaries are equal.
+
+    ``uncalibrated``: what a map without a calibrated threshold gets when no threshold is
+    given: ``"refuse"`` (the command line: the user chooses one) or ``"default level"``
+    (:data:`.levels.UNCALIBRATED_LEVEL`, where a slider moves it at once: Slicer, the viewer).
+    ``input_label``/``mask_label``: what summary.json calls the first input and the mask.
+    ``before_scoring(package)``: a caller's last check once the model is known."""
+
+    from .hashing import one_run
+
+    if uncalibrated not in ("refuse", "default level"):
+        raise ValueError(f"uncalibrated must be 'refuse' or 'default level', not {uncalibrated!r}")
+    with one_run():  # each package file hashed once, however often the run meets it
+        return _score_study_images(study, given, mask, model, methods, brain_extraction, threshold, threshold_level,
+                                   uncalibrated, device, progress, cancel, network, input_label, mask_label,
+                                   time.perf_counter() if started is None else started, before_scoring)
+
+
+def _score_study_images(study, given, mask, model, methods, brain_extraction, threshold, threshold_level,
+                        uncalibrated, device, progress, cancel, network, input_label, mask_label, t0,
+                        before_scoring) -> ScoredStudy:
+    from .levels import UNCALIBRATED_LEVEL
+    from .results import check_threshold_options, resolve_threshold, run_summary, segment_result
+
+    plan = plan_study(study, given, mask, model, methods, brain_extraction, device, progress)
+    if (uncalibrated == "default level" and threshold is None and threshold_level is None
+            and plan.package.default_threshold(plan.methods[0]) is None):
+        threshold_level = UNCALIBRATED_LEVEL
+    check_threshold_options(plan.package, plan.methods[0], threshold, threshold_level)
+    if before_scoring is not None:
+        before_scoring(plan.package)
+    t_read = time.perf_counter() - t0
     result = run_plan(plan, device, progress, cancel, brain_extraction, network)
     chosen = resolve_threshold(plan.package, result, plan.methods[0], threshold, threshold_level)
-    first = inputs[0][0] if isinstance(inputs[0], tuple) else inputs[0]
-    summary = run_summary(plan.package, result, chosen, input=str(Path(first).resolve()),
-                          mask=str(Path(mask).resolve()) if mask else None)
+    summary = run_summary(plan.package, result, chosen, input=input_label, mask=mask_label)
     summary.update(plan.record())
     notes = run_notes(plan, result, chosen, reference=study.reference)
     if notes:
         summary["run_notes"] = notes
     summary["timings_s"] = {"read": t_read, **summary["timings_s"]}
-    extras = None
-    if annotate is not None:
-        added, extras = annotate(result, plan.package, chosen, study)
-        summary.update(added)
-    return write_results(out, study.reference, result, chosen, summary, force=force, extras=extras)
+    return ScoredStudy(plan, result, chosen, segment_result(study.reference, result, chosen, summary))
 
 
 SMALL_MASK_ML = 200.0  # a brain mask below this is noted: a brain is 1000-1800 mL
