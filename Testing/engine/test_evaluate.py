@@ -88,11 +88,15 @@ def test_evaluate_on_a_folder_of_real_cases(tmp_path):
         from phantoms import lesion_mask
         sitk.WriteImage(image_from(arr), str(case / "t1.nii.gz"))
         sitk.WriteImage(image_from(lesion_mask().astype(np.uint8) * 2), str(case / "seg.nii.gz"))
-    pkg = make_tiny_package(tmp_path / "tiny")
+    from phantoms import TINY_CALIBRATION
+    pkg = make_tiny_package(tmp_path / "tiny", calibration=TINY_CALIBRATION)
     assert main(["evaluate", str(pkg.path), "--cases", str(tmp_path / "cases"), "--image-name", "t1.nii.gz",
                  "--label-name", "seg.nii.gz", "--json", str(tmp_path / "e.json"), "-q"]) == 0
     res = json.loads((tmp_path / "e.json").read_text())
     assert res["cases"] == 2 and res["case_set"]["kind"] == "folder"
+    # at the calibrated threshold: how many true lesions a region touches, and a finding (issue 40)
+    covered = res["methods"]["rec"]["lesions_at_calibrated"]
+    assert covered["lesions"] == 2 and covered["touched_by_a_finding"] <= covered["touched_by_a_region"] <= 2
     # the phantom lesion is the brightest tissue: the intensity baseline finds it perfectly
     assert res["methods"]["baseline_intensity"]["pixel_auroc"] > 0.99
     assert main(["evaluate", str(pkg.path), "-q"]) == 2  # neither --synthetic nor --cases

@@ -145,3 +145,19 @@ def test_a_large_region_of_modest_peak_is_not_cut_before_the_rule_sees_it():
     assert [r["volume_ml"] for r in kept] == [30.0] and len(below) == 150
     many = [{"volume_ml": 3.0, "peak_level": 5.0 - i * 0.001} for i in range(150)]
     assert len(apply_finding_rule(many, {"min_volume_ml": 2.0, "min_peak_level": 4.5})[0]) == MAX_FINDINGS
+
+
+def test_lesions_covered_counts_what_regions_and_findings_touch():
+    from anomaly_localizer.core.findings import lesions_covered
+    truth = np.zeros((20, 20, 20), bool)
+    truth[2:5, 2:5, 2:5] = True      # lesion 1: a large faint region touches it
+    truth[12:14, 12:14, 12:14] = True  # lesion 2: a small faint region touches it
+    truth[16:18, 2:4, 2:4] = True    # lesion 3: nothing touches it
+    seg = np.zeros_like(truth)
+    seg[1:6, 1:6, 1:6] = True
+    seg[13, 13, 13] = True
+    levels = np.where(seg, 1.5, 0.0)
+    rule = {"min_volume_ml": 0.05, "min_peak_level": 3.0}
+    assert lesions_covered(seg, levels, truth, voxel_ml=0.001, rule=rule, min_ml=0.0) == (3, 2, 1)
+    assert lesions_covered(seg, levels, truth, voxel_ml=0.001, rule=None, min_ml=0.0) == (3, 2, 2)
+    assert lesions_covered(np.zeros_like(seg), levels, truth, 0.001, rule) == (3, 0, 0)

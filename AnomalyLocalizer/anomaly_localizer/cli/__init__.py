@@ -31,7 +31,8 @@ HELP_SECTIONS = {
         "render", "train", "train-lsr", "train-dae", "train-ssl", "train-tissue", "train-brainmask", "calibrate",
         "standardise", "scan-relative", "tune-restoration", "tune-smoothing", "release", "join-folds", "fuse",
         "make-rule", "index", "card"),
-    "Measuring models": ("evaluate", "fpr", "brainmask-dice", "benchmark", "benchmark-screen", "paper-fmnist"),
+    "Measuring models": ("evaluate", "fpr", "unfamiliar-scans", "brainmask-dice", "benchmark", "benchmark-screen",
+                         "paper-fmnist"),
 }
 
 

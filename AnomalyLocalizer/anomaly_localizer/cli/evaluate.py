@@ -75,6 +75,12 @@ def register(sub) -> None:
     add_quiet(d)
     d.set_defaults(func=run_brainmask_dice)
 
+    u = sub.add_parser("unfamiliar-scans", help="write healthy T1 scans from other sources (Colin27, MNI152) as "
+                                                 "folders for fpr: how much of such a brain each map flags")
+    u.add_argument("out", help="folder to write colin27/ and mni152/ into")
+    u.add_argument("--colin27", default=None, help="a skull-stripped Colin27 T1 (default: mricron-data's ch2bet)")
+    u.set_defaults(func=run_unfamiliar_scans)
+
     b = sub.add_parser("benchmark", help="time scoring on a real 2 mm and a 1 mm volume (prints figures)")
     b.add_argument("--data", default="../shared/data/ixi_t1_2mm", help="IXI-style folder (t1/, brainmask/)")
     b.add_argument("--model", help="model name or folder (default: the default model)")
@@ -323,4 +329,12 @@ def run_paper(args: argparse.Namespace) -> int:
         print(f"{r['held_out']:>8} {r['log_c']:>6g} {a['rec']:>7.3f} {a['kl']:>7.3f} {a['elbo']:>7.3f}   {paper}")
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "data": args.data}, indent=2) + "\n")
+    return EXIT_OK
+
+
+def run_unfamiliar_scans(args: argparse.Namespace) -> int:
+    from ..tooling.evaluation.unfamiliar import COLIN27, write_unfamiliar_scans
+    folders = write_unfamiliar_scans(Path(args.out), Path(args.colin27) if args.colin27 else COLIN27)
+    for folder in folders:
+        print(f"wrote {folder}: anomaly-localizer fpr MODEL {folder} --subjects all")
     return EXIT_OK

@@ -192,6 +192,36 @@ def is_finding(volume_ml: float, peak_level: float, rule: dict[str, Any] | None)
     return volume_ml >= rule["min_volume_ml"] or peak_level >= rule["min_peak_level"]
 
 
+def lesions_covered(segmentation: np.ndarray, levels: np.ndarray, truth: np.ndarray, voxel_ml: float,
+                    rule: dict[str, Any] | None, min_ml: float = MIN_FINDING_ML) -> tuple[int, int, int]:
+    """(true lesions, those a region of the segmentation touches, those a finding touches):
+    each connected lesion of ``truth`` (26-connected, any size) counts as covered when a
+    segmented region (as :func:`find_findings` delimits them), resp. one that passes ``rule``,
+    shares a voxel with it. For evaluation: a finding rule must not lose what regions found."""
+    seg = np.ascontiguousarray(segmentation, dtype=np.uint8)
+    lesions = sitk.GetArrayFromImage(sitk.ConnectedComponent(
+        sitk.GetImageFromArray(np.ascontiguousarray(truth, dtype=np.uint8)), True)).astype(np.int64)
+    n = int(lesions.max())
+    if n == 0 or not seg.any():
+        return n, 0, 0
+    regions = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(seg), True),
+                                                           max(1, int(np.ceil(min_ml / voxel_ml))))).astype(np.int64)
+    k = int(regions.max())
+    if k == 0:
+        return n, 0, 0
+    flat, lev = regions.ravel(), np.asarray(levels, dtype=np.float64).ravel()
+    inside = flat > 0
+    counts = np.bincount(flat[inside], minlength=k + 1)
+    peaks = np.full(k + 1, -np.inf)
+    np.maximum.at(peaks, flat[inside], lev[inside])
+    passes = np.array([False] + [is_finding(counts[r] * voxel_ml, peaks[r], rule) for r in range(1, k + 1)])
+    pairs = np.unique(np.stack([lesions.ravel()[inside], flat[inside]], axis=1), axis=0)
+    pairs = pairs[pairs[:, 0] > 0]
+    touched = set(pairs[:, 0].tolist())
+    by_finding = set(pairs[passes[pairs[:, 1]], 0].tolist())
+    return n, len(touched), len(by_finding)
+
+
 def apply_finding_rule(regions: list[dict[str, Any]], rule: dict[str, Any] | None,
                        limit: int = MAX_FINDINGS) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(findings, regions below the rule) of :func:`find_findings`'s regions (found with no

@@ -190,6 +190,7 @@ def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None, bf
     records = []  # per case: brain voxel labels and scores, per-slice scores and counts
     slice_names: list[str] = []  # the models' own slice scores, as their results name them
     seconds = {p.name: [] for p, _, _ in loaded}
+    coverage: dict[str, list[int]] = {}  # method: [lesions, touched by a region, touched by a finding]
     for case in cases:
         brain = None
         maps: dict[str, np.ndarray] = {}
@@ -207,6 +208,10 @@ def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None, bf
         maps[BASELINE] = baseline_map(case.image, brain)
         maps[BRIGHT_RULE] = bright_rule_map((case.study or {}).get("flair", case.image), brain)
         label = case.label & brain
+        for m in methods:  # the segmentation a reader sees: the calibrated threshold, the finding rule
+            counts = _lesion_coverage(source[m], m, maps[m], brain, label, case.image)
+            if counts is not None:
+                coverage[m] = [a + b for a, b in zip(coverage.get(m, [0, 0, 0]), counts)]
         ax = 2 - axial_axis  # numpy axis of the axial index
         parts = case.parts if case.parts is not None else ({case.group: label} if case.group else {})
         records.append({
@@ -235,6 +240,13 @@ def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None, bf
         row["slice_auroc"], row["slice_ap"] = _slice_metrics(records, m, None)
         if m in source:
             row["model"] = source[m].name
+        if m in coverage:
+            n, regions, findings = coverage[m]
+            row["lesions_at_calibrated"] = {"lesions": n, "touched_by_a_region": regions,
+                                            "touched_by_a_finding": findings,
+                                            "meaning": "connected true lesions that a region of the segmentation at "
+                                                       "the calibrated threshold touches, and that a finding (a "
+                                                       "region passing the map's finding rule) touches"}
         table[m] = row
     for k in slice_names:
         table[k] = dict(zip(("slice_auroc", "slice_ap"), _slice_metrics(records, k, None)))
@@ -267,6 +279,22 @@ def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None, bf
                                   if (rel := kinds_vs_training(p, kinds)) is not None},
             "seconds_per_case": float(sum(np.mean(v) for v in seconds.values() if v)),
             "precision": "bf16 autocast (dae, ssl)" if bf16 else "float32", "methods": table}
+
+
+def _lesion_coverage(package: ModelPackage, method: str, values: np.ndarray, brain: np.ndarray, label: np.ndarray,
+                     image: sitk.Image) -> tuple[int, int, int] | None:
+    """(lesions, touched by a region, touched by a finding) of one case at the map's calibrated
+    threshold (:func:`...core.findings.lesions_covered`); None for an uncalibrated map."""
+    from ...core.findings import lesions_covered, rule_at
+    from ...core.levels import level_scale
+    calibrated = package.default_threshold(method)
+    if calibrated is None:
+        return None
+    scale, _ = level_scale(package.calibration, method, values, brain)
+    rule = package.calibration.findings.get(method)
+    rule = rule_at(rule.model_dump(exclude_none=True), calibrated[0] / scale) if rule is not None else None
+    seg = (values > calibrated[0]) & brain
+    return lesions_covered(seg, values / scale, label, float(np.prod(image.GetSpacing())) / 1000.0, rule)
 
 
 # The self-supervised detector's training task nearest to each evaluation kind (None: no
@@ -367,6 +395,13 @@ def format_table(result: dict) -> str:
                 for m, row in result["methods"].items():
                     if row.get(key):
                         lines.append(f"{m:<20}" + "".join(fmt(row[key].get(k)) for k in counts))
+    covered = {m: row["lesions_at_calibrated"] for m, row in result["methods"].items()
+               if row.get("lesions_at_calibrated")}
+    if covered:
+        lines.append("lesions touched at the calibrated threshold (connected true lesions):")
+        lines.append(f"{'method':<20}{'lesions':>10}{'by a region':>14}{'by a finding':>14}")
+        for m, c in covered.items():
+            lines.append(f"{m:<20}{c['lesions']:>10}{c['touched_by_a_region']:>14}{c['touched_by_a_finding']:>14}")
     for name, rel in (result.get("kinds_vs_training") or {}).items():
         lines.append(f"{name}, evaluation kinds against its training tasks: "
                      + "; ".join(f"{k} {v}" for k, v in rel.items()))
