@@ -22,6 +22,22 @@ def nodeGeometryLPS(volumeNode) -> tuple[tuple, tuple, tuple]:
     return tuple(origin), tuple(volumeNode.GetSpacing()), tuple((flip @ directions).ravel())
 
 
+MARKER_MM = 4.0  # a finding's marker: a hollow ring this wide (mm), whatever the zoom
+
+
+def styleFindingMarkers(display) -> None:
+    """Markers that point at a finding without hiding it: a hollow ring of MARKER_MM around
+    the peak (Slicer's default is a filled sphere sized to the view, larger than a small
+    finding), a small label beside it."""
+    if display is None:
+        return
+    display.SetSelectedColor(0.1, 0.9, 1.0)
+    display.SetGlyphTypeFromString("Circle2D")
+    display.SetUseGlyphScale(False)
+    display.SetGlyphSize(MARKER_MM)
+    display.SetTextScale(1.5)
+
+
 class FindingsMixin:
     """Findings of :class:`AnomalyLocalizerLogic`'s current heatmap and threshold."""
 
@@ -60,10 +76,7 @@ class FindingsMixin:
             node = self._outputNode(inputVolume, FINDINGS_ROLE, "vtkMRMLMarkupsFiducialNode",
                                     f"{inputVolume.GetName()} anomaly findings", [], None)
             node.CreateDefaultDisplayNodes()
-            display = node.GetDisplayNode()
-            if display is not None:
-                display.SetSelectedColor(0.1, 0.9, 1.0)
-                display.SetTextScale(2.5)
+            styleFindingMarkers(node.GetDisplayNode())
         wasModifying = node.StartModify()
         try:
             node.RemoveAllControlPoints()
@@ -77,7 +90,7 @@ class FindingsMixin:
     def findingCells(finding: dict[str, Any]) -> list[str]:
         """A finding as the panel's table shows it: rank, mL, side, peak level, peak R, A, S (mm)."""
         r, a, s = finding["peak_ras"]
-        return [str(finding["rank"]), format_ml(finding["volume_ml"]).removesuffix(" mL"), finding["hemisphere"],
+        return [str(finding["rank"]), format_ml(finding["volume_ml"]).removesuffix(" mL"), finding["side"],
                 f"{finding['peak_level']:.2g}", format_mm(r), format_mm(a), format_mm(s)]
 
     def centreOnFinding(self, finding: dict[str, Any]) -> tuple[float, float, float]:

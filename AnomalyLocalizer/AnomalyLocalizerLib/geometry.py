@@ -59,3 +59,20 @@ def sameLattice(orientedImage, volumeNode) -> bool:
     orientedImage.GetImageToWorldMatrix(a)
     volumeNode.GetIJKToRASMatrix(b)
     return all(abs(a.GetElement(r, c) - b.GetElement(r, c)) < 1e-6 for r in range(4) for c in range(4))
+
+
+def screenEdgeLetters(sliceNode) -> dict[str, str] | None:
+    """The patient directions at a slice view's four screen edges ({"left": "R", "right": "L",
+    "top": "A", "bottom": "P"} for Slicer's axial view: radiological), read from the view's
+    slice-to-RAS matrix, so an oblique or flipped view is labelled as it is shown; None without
+    a slice node. Each edge takes the patient axis the screen direction runs most along."""
+    if sliceNode is None:
+        return None
+    m = sliceNode.GetSliceToRAS()
+    letters = (("R", "L"), ("A", "P"), ("S", "I"))  # +x, +y, +z of RAS and their opposites
+
+    def toward(column: int, sign: float) -> str:
+        v = [sign * m.GetElement(r, column) for r in range(3)]
+        axis = max(range(3), key=lambda r: abs(v[r]))
+        return letters[axis][0 if v[axis] > 0 else 1]
+    return {"right": toward(0, 1.0), "left": toward(0, -1.0), "top": toward(1, 1.0), "bottom": toward(1, -1.0)}

@@ -24,6 +24,7 @@ from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
+from AnomalyLocalizerLib.geometry import screenEdgeLetters
 from AnomalyLocalizerLib.inputs import contrastName
 from anomaly_localizer.core.contrast import CONTRASTS
 
@@ -43,7 +44,7 @@ class ViewerApp(TrameApp):
         super().__init__(server)
         self.server.enable_module(trame_slicer_module)
         self.slicerApp = SlicerApp()
-        register_rca_factories(self.slicerApp.view_manager, self.server)
+        register_rca_factories(self.slicerApp.view_manager, self.server, slice_view_ui_f=self._sliceViewUi)
         self.layoutManager = LayoutManager(self.slicerApp.scene, self.slicerApp.view_manager, self.server)
         self.layoutManager.register_layout(LAYOUT, Layout(LayoutDirection.Horizontal, [
             ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.coronal_view(),
@@ -58,6 +59,19 @@ class ViewerApp(TrameApp):
             signal.connect(self._onUndoChanged)
         self._buildUi()
         self.ctrl.on_server_exited.add(lambda **_: self.session.close())
+
+    def _sliceViewUi(self, server, view_id: str, view) -> None:
+        """trame-slicer's own controls of a slice view, and the patient direction at each
+        screen edge (R/L, A/P, S/I, from the view's slice-to-RAS matrix)."""
+        from trame_slicer.app.ui import create_vertical_slice_view_gutter_ui
+        create_vertical_slice_view_gutter_ui(server, view_id, view)
+        letters = screenEdgeLetters(self.slicerApp.scene.GetNodeByID(view.get_view_node_id()))
+        places = {"left": "left: 6px; top: 50%", "right": "right: 36px; top: 50%",
+                  "top": "top: 4px; left: 50%", "bottom": "bottom: 28px; left: 50%"}
+        for edge, letter in (letters or {}).items():
+            html.Div(letter, classes=f"orientation-letter orientation-{edge}",
+                     style=f"position: absolute; {places[edge]}; color: #ffd54f; font: bold 14px sans-serif; "
+                           "pointer-events: none; text-shadow: 0 0 2px #000")
 
     # --- state ---------------------------------------------------------------------------
     def _initState(self) -> None:
@@ -201,7 +215,18 @@ class ViewerApp(TrameApp):
         self._guard(self.session.cancel)
 
     async def _follow(self) -> None:
-        """Poll the child run until it ends; the page stays live meanwhile."""
+        """Poll the child run until it ends; the page stays live meanwhile. Whatever goes wrong
+        while following is said in the page, and the page stops saying "running"."""
+        try:
+            await self._followRun()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- the task's boundary: a page left "running" hides it
+            with self.state:
+                self.state.running = False
+                self._say(exc, self._follow)
+
+    async def _followRun(self) -> None:
         while True:
             await asyncio.sleep(POLL_S)
             status = self.session.poll()

@@ -45,7 +45,7 @@ def test_regions_ranked_by_peak_with_their_place_size_and_side():
     found = find_findings(seg, levels, brain, ORIGIN, SPACING, (1, 0, 0, 0, 1, 0, 0, 0, 1), axial_axis=2)
     assert [f["rank"] for f in found] == [1, 2]
     first, second = found
-    assert first["peak_level"] == 3.0 and first["hemisphere"] == "left" and second["hemisphere"] == "right"
+    assert first["peak_level"] == 3.0 and first["side"] == "left" and second["side"] == "right"
     assert first["voxels"] == 3 * 4 * 4 and first["volume_ml"] == round(48 * 8 / 1000, 4)
     lps = [ORIGIN[0] + 31 * 2, ORIGIN[1] + 12 * 2, ORIGIN[2] + 6 * 2]
     assert first["peak_lps"] == lps and first["peak_ras"] == [-lps[0], -lps[1], lps[2]]
@@ -61,7 +61,7 @@ def test_a_region_across_the_midline_is_on_both_sides():
     seg[4:7, 4:7, 14:26] = 1
     found = find_findings(seg, seg.astype(np.float32), np.ones(shape, bool), ORIGIN, SPACING,
                           (1, 0, 0, 0, 1, 0, 0, 0, 1), axial_axis=2)
-    assert len(found) == 1 and found[0]["hemisphere"] == "both"
+    assert len(found) == 1 and found[0]["side"] == "both"
 
 
 def test_a_seeded_lesion_is_the_top_finding_and_a_clean_map_has_none():
@@ -93,7 +93,7 @@ def test_score_writes_findings_that_match_its_segmentation(tmp_path):
     peaks = [f["peak_level"] for f in summary["findings"]]
     assert peaks and peaks == sorted(peaks, reverse=True) and all(p > 0.3 for p in peaks)
     for f, row in zip(summary["findings"], rows):
-        assert int(row["rank"]) == f["rank"] and row["hemisphere"] == f["hemisphere"]
+        assert int(row["rank"]) == f["rank"] and row["side"] == f["side"]
         i, j, k = f["peak_index_ijk"]
         assert seg[k, j, i] == 1
     assert main(["score", str(tmp_path / "scan.nii.gz"), "--out", str(tmp_path / "none"), "--model", str(pkg.path),

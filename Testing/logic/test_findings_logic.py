@@ -38,8 +38,23 @@ def test_findings_follow_the_threshold_with_peaks_where_the_input_has_them(slice
     markups = logic.outputNode(scan, "findings")
     assert markups.GetNumberOfControlPoints() == len(found)
     assert markups.GetNthControlPointLabel(0).startswith("#1 ")
+    display = markups.GetDisplayNode()  # a hollow ring of a few mm: it points at a small finding, never hides it
+    assert display.GetGlyphTypeAsString() == "Circle2D" and not display.GetUseGlyphScale()
+    assert display.GetGlyphSize() <= 5.0
     ras = logic.centreOnFinding(found[0])
     sliceToRAS = red.GetSliceNode().GetSliceToRAS()
     np.testing.assert_allclose([sliceToRAS.GetElement(r, 3) for r in range(3)], ras, atol=0.01)
     logic.setThreshold(1e6)
     assert logic.findings() == [] and markups.GetNumberOfControlPoints() == 0
+
+
+@pytest.mark.parametrize("orientation,expected", [
+    ("Axial", {"left": "R", "right": "L", "top": "A", "bottom": "P"}),
+    ("Coronal", {"left": "R", "right": "L", "top": "S", "bottom": "I"}),
+    ("Sagittal", {"left": "A", "right": "P", "top": "S", "bottom": "I"})])  # Slicer: the face to the left
+def test_slice_views_say_the_patient_direction_at_each_screen_edge(slicerApp, orientation, expected):
+    from AnomalyLocalizerLib.geometry import screenEdgeLetters
+    sliceNode = slicerApp.addSliceView(f"View{orientation}", orientation).GetSliceNode()
+    assert screenEdgeLetters(sliceNode) == expected
+    sliceNode.SetOrientation("Axial")  # the letters follow the view, not its name
+    assert screenEdgeLetters(sliceNode)["top"] == "A"

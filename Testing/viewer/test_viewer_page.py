@@ -48,6 +48,9 @@ def test_run_threshold_findings_paint_undo_and_download(served, browser, tmp_pat
     before_files = sorted(p.name for p in scans.iterdir())
     page = open_page(browser, server.url)
     assert "served to this machine only" in page.inner_text("#listening")
+    # each slice view says the patient direction at its edges (axial, coronal, sagittal)
+    assert [page.locator(".orientation-left").nth(i).inner_text() for i in range(3)] == ["R", "R", "A"]
+    assert [page.locator(".orientation-top").nth(i).inner_text() for i in range(3)] == ["A", "S", "S"]
     blank = view_pixels(page)
     run_and_wait(page)
     start = voxels(page)

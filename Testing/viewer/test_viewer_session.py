@@ -331,3 +331,24 @@ def test_paths_open_only_from_the_given_folders_and_only_files_and_folders(model
     assert not (tmp_path / "y").exists()
     assert limits.safe_upload_name("../" + "a" * 300 + ".nii.gz").endswith(".nii.gz")
     assert len(limits.safe_upload_name("a" * 300 + ".nii.gz")) == limits.MAX_NAME_CHARS
+
+
+def test_an_error_while_following_a_run_is_said_and_the_page_stops_running(tmp_path, monkeypatch):
+    """The follow task is the page's boundary too (issue 39): a poll that fails does not leave
+    the page saying "running"."""
+    import asyncio
+    from trame.app import get_server
+    from anomaly_localizer_viewer import app as viewer_app
+
+    page = viewer_app.ViewerApp(get_server("follow-guard", client_type="vue3"), workRoot=tmp_path)
+    try:
+        def broken_poll():
+            raise RuntimeError("the child's status file vanished")
+        monkeypatch.setattr(page.session, "poll", broken_poll)
+        monkeypatch.setattr(viewer_app, "POLL_S", 0.01)
+        page.state.running = True
+        asyncio.run(page._follow())
+        assert page.state.running is False
+        assert "the child's status file vanished" in page.state.error and "\n" not in page.state.error
+    finally:
+        page.session.close()

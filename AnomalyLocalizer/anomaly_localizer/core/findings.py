@@ -36,7 +36,7 @@ BOTH_SIDES_SHARE = 0.2
 FALSE_FINDING_RATE = 0.1  # share of healthy calibration scans a finding rule lets show any finding
 CSV_COLUMNS = ["rank", "volume_ml", "voxels", "peak_level", "mean_level",
                "peak_r", "peak_a", "peak_s", "centroid_r", "centroid_a", "centroid_s",
-               "peak_lps_l", "peak_lps_p", "peak_lps_s", "axial_first", "axial_last", "hemisphere"]
+               "peak_lps_l", "peak_lps_p", "peak_lps_s", "axial_first", "axial_last", "side"]
 
 
 def _index_to_lps(ijk: np.ndarray, origin, spacing, direction) -> np.ndarray:
@@ -103,7 +103,7 @@ def find_findings(segmentation: np.ndarray, levels: np.ndarray, brain_mask: np.n
             "centroid_ras": [round(float(-c_lps[0]), 2), round(float(-c_lps[1]), 2), round(float(c_lps[2]), 2)],
             "peak_lps": [round(float(v), 2) for v in lps], "centroid_lps": [round(float(v), 2) for v in c_lps],
             "peak_index_ijk": [int(v) for v in peak_zyx[r, ::-1]],
-            "axial_slices": [int(axial_first[r + 1]), int(axial_last[r + 1])], "hemisphere": side})
+            "axial_slices": [int(axial_first[r + 1]), int(axial_last[r + 1])], "side": side})
     found.sort(key=lambda f: -f["peak_level"])
     found = found if limit is None else found[:limit]
     for rank, f in enumerate(found, start=1):
@@ -116,7 +116,7 @@ def findings_rule(min_ml: float = MIN_FINDING_ML, limit: int = MAX_FINDINGS) -> 
     return {"connectivity": CONNECTIVITY, "min_volume_ml": min_ml, "max_listed": limit,
             "ranked_by": "peak anomaly level", "coordinates": "millimetres: RAS as Slicer shows them, LPS as DICOM",
             "axial_slices": "first and last index along the input grid's foot-to-head axis",
-            "hemisphere": "patient side, against the brain mask's centre of mass (midline approximate if tilted)"}
+            "side": "patient side, against the brain mask's centre of mass (midline approximate if tilted)"}
 
 
 def region_sizes_and_peaks(segmentation: np.ndarray, levels: np.ndarray, voxel_ml: float,
@@ -239,7 +239,7 @@ def below_rule_summary(below: list[dict[str, Any]], top: int = 5) -> dict[str, A
     """What summary.json says of the regions below the finding rule: how many, and the largest."""
     largest = sorted(below, key=lambda r: -r["volume_ml"])[:top]
     return {"count": len(below), "total_ml": round(sum(r["volume_ml"] for r in below), 4),
-            "largest": [{k: r[k] for k in ("volume_ml", "peak_level", "peak_ras", "hemisphere")} for r in largest]}
+            "largest": [{k: r[k] for k in ("volume_ml", "peak_level", "peak_ras", "side")} for r in largest]}
 
 
 def describe_rule(rule: dict[str, Any] | None) -> str:
@@ -265,7 +265,7 @@ def write_findings_csv(path: Path, findings: list[dict[str, Any]]) -> None:
         for x in findings:
             w.writerow([x["rank"], f"{x['volume_ml']:.4g}", x["voxels"], f"{x['peak_level']:.4g}",
                         f"{x['mean_level']:.4g}", *x["peak_ras"], *x["centroid_ras"], *x["peak_lps"],
-                        *x["axial_slices"], x["hemisphere"]])
+                        *x["axial_slices"], x["side"]])
 
 
 def format_ml(volume_ml: float) -> str:
@@ -283,7 +283,7 @@ def format_mm(value: float) -> str:
 def describe_finding(f: dict[str, Any]) -> str:
     """One finding in one line: '#rank: size, side, peak position and level, axial slices'."""
     r, a, s = (format_mm(v) for v in f["peak_ras"])
-    return (f"#{f['rank']}: {format_ml(f['volume_ml'])}, {f['hemisphere']}, peak at R {r} A {a} S {s} mm "
+    return (f"#{f['rank']}: {format_ml(f['volume_ml'])}, {f['side']}, peak at R {r} A {a} S {s} mm "
             f"(level {f['peak_level']:.2g}), axial slices {f['axial_slices'][0]}-{f['axial_slices'][1]}")
 
 
