@@ -177,6 +177,10 @@ def test_the_command_chooses_on_validation_cases_and_recalibrates(healthy, tmp_p
                  "-q"]) == 0
     redo = load_package(again).meta["scan_relative"]["selection"]["rec"]["pixel_ap"]["rec"]
     assert redo == pytest.approx(block["selection"]["rec"]["pixel_ap"]["rec"], rel=1e-4)
+    # only the changed map is recalibrated: the others keep their thresholds (restoration costs minutes a scan)
+    for m in ("restoration", "kl_grad"):
+        assert g.calibration.pixel[m] == load_package(out).calibration.pixel[m]
+    assert g.calibration.pixel["rec"] != load_package(out).calibration.pixel["rec"] or pkg.scan_relative("rec")
     back = tmp_path / "back"
     assert main(["scan-relative", str(given), data, "--method", "rec", "--absolute", "--out", str(back), "-q"]) == 0
     assert load_package(back).scan_relative("rec") is None

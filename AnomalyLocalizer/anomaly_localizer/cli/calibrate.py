@@ -197,8 +197,10 @@ def run_scan_relative(args: argparse.Namespace) -> int:
         block = scan_relative_block(package, quantiles, selection)
         chosen = ", ".join(f"{m} " + (f"relative to its {100 * q:g}th percentile" if q else "absolute")
                            for m, q in quantiles.items())
+        # only the maps whose reference changed are recalibrated; the others keep their thresholds
+        changed = [m for m, q in quantiles.items() if q != source.scan_relative(m)]
         store_and_recalibrate(package, "scan_relative", block, args.data, args.device, say(args.quiet),
-                              f"maps: {chosen}")
+                              f"maps: {chosen}", methods=changed or list(quantiles))
     return EXIT_OK
 
 

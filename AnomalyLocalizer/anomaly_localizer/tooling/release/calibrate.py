@@ -115,9 +115,26 @@ def finding_rules(scans, pixel: dict[str, Any], default_fpr: float = DEFAULT_FPR
 
 
 def calibrate_package(package: ModelPackage, subjects: list[Subject], device: str = "cpu",
-                      progress: Callable[[str], None] | None = None) -> ModelPackage:
-    """Score healthy subjects, store the calibration in the package and re-hash it."""
-    calib = compute_calibration(score_subjects(package, subjects, device=device, progress=progress))
+                      progress: Callable[[str], None] | None = None,
+                      methods: list[str] | None = None) -> ModelPackage:
+    """Score healthy subjects, store the calibration in the package and re-hash it.
+    ``methods``: recalibrate only these maps' thresholds, scan references and finding rules
+    (the maps a change touched, e.g. made scan-relative), keeping the others' and the slice and
+    volume scores' calibration (a VAE's restoration map costs minutes per scan to compute)."""
+    old = package.meta.get("calibration") or {}
+    if methods and not (set(package.methods) <= set(old.get("pixel", {}))
+                        and list(old.get("subjects", [])) == [s.id for s in subjects]):
+        methods = None  # not calibrated on these subjects for every map yet: all of them
+    calib = compute_calibration(score_subjects(package, subjects, methods, device=device, progress=progress))
+    if methods:
+        references = {k: v for k, v in (old.get("scan_reference") or {}).items() if k not in methods}
+        references.update(calib.get("scan_reference", {}))
+        calib = {**old, "pixel": {**old.get("pixel", {}), **calib["pixel"]},
+                 "findings": {**{k: v for k, v in (old.get("findings") or {}).items() if k not in methods},
+                              **calib["findings"]},
+                 "date": calib["date"], **({"scan_reference": references} if references else {})}
+        if not references:
+            calib.pop("scan_reference", None)
     meta = dict(package.meta)
     meta["calibration"] = calib
     update_meta(package.path, meta)

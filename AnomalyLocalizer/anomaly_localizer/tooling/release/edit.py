@@ -89,9 +89,11 @@ def prepare_copy(model: str, out: str | None, in_place: bool) -> ModelPackage:
 
 
 def store_and_recalibrate(package: ModelPackage, key: str, block: dict, data: str, device: str,
-                          say: Callable[[str], None] | None, message: str) -> ModelPackage:
+                          say: Callable[[str], None] | None, message: str,
+                          methods: list[str] | None = None) -> ModelPackage:
     """Store ``block`` under ``key`` in the package's model.json, then recalibrate its
-    thresholds on the model's calibration subjects of ``data`` (the maps have changed)."""
+    thresholds on the model's calibration subjects of ``data`` (the maps have changed; only
+    ``methods``' when given: the others are as they were)."""
     from .calibrate import calibrate_package
     meta = dict(package.meta)
     meta[key] = block
@@ -99,7 +101,7 @@ def store_and_recalibrate(package: ModelPackage, key: str, block: dict, data: st
     package = load_package(package.path)
     print(f"{message} for {package.name}; recalibrating its thresholds")
     return calibrate_package(package, subjects_of(package, data, "calibration", choosable=False), device=device,
-                             progress=say)
+                             progress=say, methods=methods)
 
 
 @contextlib.contextmanager
