@@ -212,6 +212,22 @@ def _write(image: sitk.Image, path: Path) -> None:
         raise _WriteFailed(str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else "write failed") from exc
 
 
+def _write_all(images: list[tuple[sitk.Image, Path]]) -> None:
+    """Write the images side by side: ITK compresses without holding Python's lock, so on two
+    cores four 1 mm maps take about half the time (the first failure is raised)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .device import usable_cores
+    workers = max(1, min(len(images), usable_cores(), 4))
+    if workers == 1:
+        for image, path in images:
+            _write(image, path)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for done in [pool.submit(_write, image, path) for image, path in images]:
+            done.result()
+
+
 def segmentation_from(heatmap: np.ndarray, mask: np.ndarray, threshold: float) -> np.ndarray:
     """uint8 label: 1 where the heatmap exceeds the threshold inside the brain."""
     return levels.segmentation_from(heatmap, mask, threshold)
@@ -327,11 +343,12 @@ def write_results(out: Path, reference: sitk.Image, result: ScoreResult, thresho
     clean_stale_partials(parent, out.name)  # left by a killed run into the same place
     tmp = new_folder(parent, partial_prefix(out.name))  # the user's umask applies, as to any new folder
     try:
-        for method, arr in result.maps.items():
-            _write(image_like(arr.astype(np.float32), reference), tmp / f"{method}.nii.gz")
-        _write(image_like(seg, reference, sitk.sitkUInt8), tmp / "segmentation.nii.gz")
-        _write(image_like(result.brain_mask.astype(np.uint8), reference, sitk.sitkUInt8),
-               tmp / "brainmask.nii.gz")
+        images = [(image_like(arr.astype(np.float32), reference), tmp / f"{method}.nii.gz")
+                  for method, arr in result.maps.items()]
+        images += [(image_like(seg, reference, sitk.sitkUInt8), tmp / "segmentation.nii.gz"),
+                   (image_like(result.brain_mask.astype(np.uint8), reference, sitk.sitkUInt8),
+                    tmp / "brainmask.nii.gz")]
+        _write_all(images)
         write_slice_scores(tmp / "slice_scores.csv", result)
         write_findings_csv(tmp / "findings.csv", segmented.findings)
         if extras is not None:
