@@ -208,7 +208,7 @@ def evaluate(runs, cases: Iterator[Case], device: str = "cpu", progress=None, bf
         maps[BASELINE] = baseline_map(case.image, brain)
         maps[BRIGHT_RULE] = bright_rule_map((case.study or {}).get("flair", case.image), brain)
         label = case.label & brain
-        for m in methods:  # the segmentation a reader sees: the calibrated threshold, the finding rule
+        for m in dict.fromkeys(methods):  # the segmentation a reader sees: the calibrated threshold, the finding rule
             counts = _lesion_coverage(source[m], m, maps[m], brain, label, case.image)
             if counts is not None:
                 coverage[m] = [a + b for a, b in zip(coverage.get(m, [0, 0, 0]), counts)]
