@@ -140,9 +140,11 @@ def test_per_kind_and_intensity_only_figures_pool_the_right_cases(monkeypatch):
         return ScoreResult(maps={"rec": m}, brain_mask=brain, slice_scores={"x": np.zeros(4)},
                            brain_voxels_per_slice=np.full(4, 64), volume_score=0.0, axial_axis=2, device="cpu")
 
+    from anomaly_localizer.core.schema import Calibration
+
     class Pkg:
         name, manifest_sha256, primary_slice_score = "fake", "0" * 64, "x"
-        methods, detector, meta = ("rec",), None, {}
+        methods, detector, meta, calibration = ("rec",), None, {}, Calibration.model_validate({})
         def load_model(self, device): return None
         def default_threshold(self, m): return (1.0, 0.001)
 
