@@ -158,11 +158,13 @@ class ViewerApp(TrameApp):
         self.state.input_notes = self.session.inputNotes()
 
     # --- handlers ------------------------------------------------------------------------
-    def openPath(self) -> None:
-        self._opened(self.session.open, self.state.scan_path)
+    # The page sends the path as typed with the click: a click right after typing must not race
+    # the text field's state update (under load it arrived after the click: "no path given").
+    def openPath(self, path: str | None = None) -> None:
+        self._opened(self.session.open, self.state.scan_path if path is None else path)
 
-    def addSeriesPath(self) -> None:
-        message = self._guard(self.session.addSeries, self.state.series_path)
+    def addSeriesPath(self, path: str | None = None) -> None:
+        message = self._guard(self.session.addSeries, self.state.series_path if path is None else path)
         if message:
             self.state.message = message
             self._refreshSeries()
@@ -346,9 +348,10 @@ class ViewerApp(TrameApp):
                       classes="mb-2", closable=True, click_close="error = ''")
             html.Div("{{ message }}", classes="text-caption mb-2", id="message")
             v3.VTextField(v_model=("scan_path",), label="Scan, DICOM folder or worklist on the server",
-                          density="compact", hide_details=True, id="scan-path", keyup_enter=self.openPath)
+                          density="compact", hide_details=True, id="scan-path",
+                          keyup_enter=(self.openPath, "[scan_path]"))
             with html.Div(classes="d-flex my-2"):
-                v3.VBtn("Open", click=self.openPath, id="open", size="small", disabled=("running",))
+                v3.VBtn("Open", click=(self.openPath, "[scan_path]"), id="open", size="small", disabled=("running",))
                 v3.VSpacer()
                 v3.VBtn("Previous", click=(self.step, "[-1]"), v_if="is_worklist", size="small", id="previous")
                 v3.VBtn("Next", click=(self.step, "[1]"), v_if="is_worklist", size="small", id="next")
@@ -426,9 +429,10 @@ class ViewerApp(TrameApp):
                 html.Div("{{ s.how }}", classes="text-caption series-how")
             v3.VTextField(v_model=("series_path",), label="Add another series of this study (path on the server)",
                           density="compact", hide_details=True, id="series-path", classes="mt-2",
-                          keyup_enter=self.addSeriesPath, disabled=("running",))
+                          keyup_enter=(self.addSeriesPath, "[series_path]"), disabled=("running",))
             with html.Div(classes="d-flex my-2"):
-                v3.VBtn("Add series", click=self.addSeriesPath, id="add-series", size="small", disabled=("running",))
+                v3.VBtn("Add series", click=(self.addSeriesPath, "[series_path]"), id="add-series", size="small",
+                        disabled=("running",))
             v3.VFileInput(v_model=("series_upload",), label="or upload another series", density="compact",
                           hide_details=True, id="series-upload", disabled=("running",))
 

@@ -347,7 +347,11 @@ def test_an_error_while_following_a_run_is_said_and_the_page_stops_running(tmp_p
         monkeypatch.setattr(page.session, "poll", broken_poll)
         monkeypatch.setattr(viewer_app, "POLL_S", 0.01)
         page.state.running = True
-        asyncio.run(page._follow())
+        # its own event loop in its own thread: another test's loop may be running in this one
+        import threading
+        follower = threading.Thread(target=lambda: asyncio.run(page._follow()))
+        follower.start()
+        follower.join(30)
         assert page.state.running is False
         assert "the child's status file vanished" in page.state.error and "\n" not in page.state.error
     finally:
