@@ -181,3 +181,36 @@ def test_a_thin_sliced_scan_scores_fewer_slices_with_maps_on_its_own_grid(tiny_p
     res = score_volume(img, tiny_package, ["rec"])
     assert res.info["scored_slices"] < 25 and res.maps["rec"].shape == (96, 48, 40)
     assert np.isfinite(res.slice_scores["elbo"][res.brain_voxels_per_slice > 0]).all()
+
+
+def test_work_on_the_bounding_box_gives_the_whole_grid_result():
+    """Brain extraction's clean-up and the contrast's depth shells run on the region's box:
+    the same masks and figures as on the whole grid, the region touching an edge or not."""
+    import SimpleITK as sitk
+    from anomaly_localizer.core.brainextract import postprocess
+    from anomaly_localizer.core.contrast import image_features
+    from anomaly_localizer.core.regions import bounding_box
+
+    rng = np.random.default_rng(3)
+    zz, yy, xx = np.mgrid[:40, :48, :44]
+    ball = (zz - 20) ** 2 + (yy - 24) ** 2 + (xx - 22) ** 2 < 15 ** 2
+    hole = (zz - 20) ** 2 + (yy - 24) ** 2 + (xx - 22) ** 2 < 4 ** 2
+    speck = (zz == 2) & (yy == 3) & (xx == 3)
+    cut = (zz - 20) ** 2 + (yy - 24) ** 2 + (xx - 3) ** 2 < 15 ** 2  # cut by the grid's edge
+    for region in (ball & ~hole | speck, cut & ~hole):
+        prob = region.astype(np.float32)
+        binary = sitk.GetImageFromArray(region.astype(np.uint8))
+        cc = sitk.RelabelComponent(sitk.ConnectedComponent(binary), sortByObjectSize=True)
+        whole = sitk.GetArrayFromImage(sitk.BinaryFillhole(sitk.BinaryThreshold(cc, 1, 1, 1, 0))) > 0
+        assert np.array_equal(postprocess(prob), whole)
+        arr = rng.normal(100, 10, region.shape).astype(np.float32) + 20 * (xx > 22)
+        mask = postprocess(prob)
+        depth = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
+            sitk.GetImageFromArray(mask.astype(np.uint8)), insideIsPositive=True, squaredDistance=False,
+            useImageSpacing=True))[mask]
+        v = arr[mask].astype(np.float64)
+        q25, med, q75 = np.percentile(v, [25, 50, 75])
+        shells = [(np.median(v[(depth >= lo) & (depth < hi)]) - med) / (q75 - q25) for lo, hi in ((0, 2), (4, 6))]
+        assert image_features(arr, mask)["surface"] == shells[0]  # the deep shell needs a bigger brain
+    assert bounding_box(np.zeros((3, 3), bool)) is None
+    assert bounding_box(ball, margin=1)[0] == slice(5, 36)

@@ -195,10 +195,16 @@ def image_features(arr: np.ndarray, mask: np.ndarray, spacing_zyx=(1.0, 1.0, 1.0
     v = arr[mask].astype(np.float64)
     q25, med, q75 = np.percentile(v, [25, 50, 75])
     iqr = max(q75 - q25, 1e-9)
-    m = sitk.GetImageFromArray(mask.astype(np.uint8))
+    # The distance map on the brain's bounding box grown by one voxel (within the image): the
+    # same depths as on the whole grid (a brain voxel's nearest background voxel is never
+    # beyond that border) and 3-4 times faster on a whole-head grid.
+    from .regions import bounding_box
+    box = bounding_box(mask, margin=1)
+    inner = mask[box]
+    m = sitk.GetImageFromArray(inner.astype(np.uint8))
     m.SetSpacing(tuple(float(s) for s in spacing_zyx[::-1]))
     depth = sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(m, insideIsPositive=True, squaredDistance=False,
-                                                                useImageSpacing=True))[mask]
+                                                                useImageSpacing=True))[inner]
     shells = []
     for lo, hi in DEPTH_BINS_MM:
         inside = (depth >= lo) & (depth < hi)

@@ -50,6 +50,7 @@ def score_fused(image: sitk.Image, package: ModelPackage, methods: list[str], ma
     by_part: dict[tuple[str, str], np.ndarray] = {}  # (model, score): a component's slice score
     timings: dict[str, float] = {"prepare_s": time.perf_counter() - t0}
     parts = []
+    smoothers: dict = {}  # one brain smoother for every component (same mask)
     for i, (name, ms) in enumerate(by_model.items()):
         comp, net = loaded[name]
         lo, hi = SCORING_STARTS + (SCORING_ENDS - SCORING_STARTS) * i / len(by_model), \
@@ -58,7 +59,7 @@ def score_fused(image: sitk.Image, package: ModelPackage, methods: list[str], ma
             if progress else None
         t = time.perf_counter()
         res = score_package(image, comp, ms, mask_arr, source, dev, batch_size, sub, cancel, net, bf16=bf16,
-                            study=study)
+                            study=study, smoothers=smoothers)
         timings[f"{name}_s"] = time.perf_counter() - t
         timings["smoothing_s"] = timings.get("smoothing_s", 0.0) + res.timings.get("smoothing_s", 0.0)
         for m in ms:

@@ -59,11 +59,18 @@ def resolve_components(package: Any, resolve: Callable[[str], Any]) -> dict[str,
 def fuse_levels(levels: list[Any], rule: str, weights: list[float]) -> Any:
     """Voxel-wise combination of component level maps (numpy arrays of one shape)."""
     import numpy as np
-    stack = np.stack(levels).astype(np.float32)
+    # accumulated in place: stacking a 1 mm scan's maps first cost a third of a second
+    out = np.array(levels[0], np.float32)
     if rule == "max":
-        return stack.max(0)
+        for level in levels[1:]:
+            np.maximum(out, level, out=out)
+        return out
     w = np.asarray(weights if rule == "weighted" else [1.0] * len(levels), np.float32)
-    return np.tensordot(w / w.sum(), stack, axes=1).astype(np.float32)
+    w = w / w.sum()
+    out *= w[0]
+    for wi, level in zip(w[1:], levels[1:]):
+        out += wi * np.asarray(level, np.float32)
+    return out
 
 
 def top_area_slice_scores(fused: Any, brain: Any, axial_axis: int, spacing_zyx: tuple[float, ...]) -> Any:

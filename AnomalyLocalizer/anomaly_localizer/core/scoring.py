@@ -269,7 +269,7 @@ def study_brain(study, mask: sitk.Image | None, brain_extraction: str | None, de
     on the study's T1 (given or from its header) or, failing one, on the first input; the
     extraction model's contrasts are checked once the contrasts are known (:func:`check_extraction`)."""
     from .device import select_device
-    from .pipeline import find_brain
+    from .single import extract_whole_head, find_brain
     from .volume import brain_mask
 
     if mask is not None:
@@ -280,6 +280,9 @@ def study_brain(study, mask: sitk.Image | None, brain_extraction: str | None, de
         if brain_extraction in (None, "off"):
             raise
     target = next((i for i in study.inputs if i.contrast in ("t1", "t1c")), study.inputs[0])
-    arr, source = find_brain(target.image, None, brain_extraction, select_device(device), progress)
+    if target is study.inputs[0]:  # the first input is known to be a whole head: extract at once
+        arr, source = extract_whole_head(target.image, brain_extraction, select_device(device), progress)
+    else:
+        arr, source = find_brain(target.image, None, brain_extraction, select_device(device), progress)
     study.extracted_on = target
     return arr, source + (f" on {target.source}" if len(study.inputs) > 1 else "")

@@ -59,10 +59,11 @@ def score_package(image: sitk.Image, package: ModelPackage, methods: list[str], 
                   dev, batch_size: int | None = None, progress: ProgressFn | None = None,
                   cancel: Callable[[], bool] | None = None, model=None, t0: float | None = None,
                   smoothing: bool = True, bf16: bool = False,
-                  study: dict[str, sitk.Image] | None = None) -> ScoreResult:
+                  study: dict[str, sitk.Image] | None = None, smoothers: dict | None = None) -> ScoreResult:
     """The maps of ``methods`` (checked) of one non-fused ``package`` on ``image``, whose brain
     ``mask_arr`` was found already (``source`` says how); the arguments are
-    :func:`.pipeline.score_volume`'s."""
+    :func:`.pipeline.score_volume`'s. ``smoothers``: a dict that keeps the brain smoother (its
+    bounding box and normalisers) for the next package scored with the same mask (a fused model's)."""
     detector = package.detector
     t0 = time.perf_counter() if t0 is None else t0
     timings: dict[str, float] = {}
@@ -98,7 +99,11 @@ def score_package(image: sitk.Image, package: ModelPackage, methods: list[str], 
     t_smooth = time.perf_counter()
     if smoothing:
         from .smoothing import BrainSmoother, smoothing_for
-        smoother = BrainSmoother(mask_arr, image.GetSpacing()[::-1], 2 - prepared.layout.axial_axis)
+        key = (image.GetSpacing(), prepared.layout.axial_axis)
+        smoother = (smoothers or {}).get(key) or BrainSmoother(mask_arr, image.GetSpacing()[::-1],
+                                                               2 - prepared.layout.axial_axis)
+        if smoothers is not None:
+            smoothers[key] = smoother
         for m in methods:
             widths = smoothing_for(package, m)
             if widths:
@@ -138,18 +143,25 @@ def find_brain(image: sitk.Image, mask: sitk.Image | None, brain_extraction: str
     source = {"value": "given" if mask is not None else "non-zero region of a skull-stripped input"}
 
     def extractor(img: sitk.Image) -> np.ndarray:
-        from .brainextract import check_brain_extraction, default_extractor, extract_brain
-        ext = default_extractor() if brain_extraction == "auto" else check_brain_extraction(brain_extraction)
-        if ext is None:
-            raise InputError("the image does not look skull-stripped and no brain extraction model is installed; "
-                             "pass a brain mask with --mask")
-        if progress:
-            progress(0.02, f"extracting the brain ({ext.name})")
-        source["value"] = f"brain extraction ({ext.name}, manifest {ext.manifest_sha256[:12]})"
-        return extract_brain(img, ext, device=str(dev))
+        arr, source["value"] = extract_whole_head(img, brain_extraction, dev, progress)
+        return arr
 
     use_extractor = extractor if brain_extraction not in (None, "off") else None
     mask_arr = brain_mask(image, mask, use_extractor)
     return mask_arr, source["value"]
+
+
+def extract_whole_head(image: sitk.Image, brain_extraction: str | None, dev, progress: ProgressFn | None
+                       ) -> tuple[np.ndarray, str]:
+    """The brain of a whole-head ``image`` by brain extraction ("auto": the installed model,
+    or a model's name or folder) and where it came from."""
+    from .brainextract import check_brain_extraction, default_extractor, extract_brain
+    ext = default_extractor() if brain_extraction == "auto" else check_brain_extraction(brain_extraction)
+    if ext is None:
+        raise InputError("the image does not look skull-stripped and no brain extraction model is installed; "
+                         "pass a brain mask with --mask")
+    if progress:
+        progress(0.02, f"extracting the brain ({ext.name})")
+    return extract_brain(image, ext, device=str(dev)), f"brain extraction ({ext.name}, manifest {ext.manifest_sha256[:12]})"
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .regions import bounding_box
+
 _TINY = 1e-6
 _TRUNCATE = 3.0  # kernel radius in sigmas
 
@@ -91,8 +93,7 @@ class BrainSmoother:
         self.axial = axial_np_axis
         # Outside the brain the weighted map and the weights are 0, so working on the brain's
         # bounding box (zero padding beyond it) gives exactly the whole-volume result, faster.
-        idx = np.nonzero(brain)
-        self.box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx) if idx[0].size else None
+        self.box = bounding_box(brain)
         self._den: dict[tuple[float, float], np.ndarray] = {}
 
     def _sigma_vox(self, through_plane_mm: float, in_plane_mm: float) -> list[float]:

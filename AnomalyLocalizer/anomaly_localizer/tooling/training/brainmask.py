@@ -4,7 +4,9 @@ optionally with seeded tumour-like lesions); the extraction itself is
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +28,7 @@ from ...core.volume import prepare_volume, resample_to_model
 from ...errors import InputError
 from ..data import Subject, find_subjects, split_subjects
 from ..metrics import dice_at
+from .steps import LoopPlan, load_best, run_steps, start_run, training_record
 
 
 def _subject_slices(s: Subject, ctr: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -46,11 +49,26 @@ def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + dice
 
 
+@dataclass
+class BrainmaskConfig:
+    """What a brain extraction training was asked (checked on resume, recorded in the package)."""
+
+    epochs: int
+    seed: int
+    batch_size: int
+    learning_rate: float
+    spacing_mm: float
+    slice_step: int
+    architecture: dict[str, Any]
+
+
 def train_brainmask(data: str | Path, out: str | Path, epochs: int = 12, seed: int = 0, batch_size: int = 32,
                     learning_rate: float = 1e-3, arch: dict | None = None, spacing: float = DEFAULT_SPACING,
                     progress: Callable[[str], None] | None = print, force: bool = False,
                     slice_step: int = 2) -> ModelPackage:
-    """Train the brain extraction U-Net on scans with reference masks; split as the anomaly models."""
+    """Train the brain extraction U-Net on scans with reference masks, split as the anomaly models,
+    through the training loop (:mod:`.steps`): Adam with a cosine schedule by epoch, the
+    weights of the epoch with the lowest validation loss (the validation subjects' slices)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise InputError(f"{out} already exists; pass --force to replace it")
@@ -61,40 +79,49 @@ def train_brainmask(data: str | Path, out: str | Path, epochs: int = 12, seed: i
     split = split_subjects([s.id for s in subjects], seed, 0.1, 0.15, 0.15)
     by_id = {s.id: s for s in subjects}
     ctr = contract(int(arch["slice_size"]), spacing)
-    xs, ys = zip(*[_subject_slices(by_id[i], ctr) for i in split["train"]])
-    # every other axial slice: neighbours are nearly identical, and this halves the cost
-    x = torch.from_numpy(np.concatenate([a[::slice_step] for a in xs]))
-    y = torch.from_numpy(np.concatenate([a[::slice_step] for a in ys])).float()
+
+    def slices_of(ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*[_subject_slices(by_id[i], ctr) for i in ids])
+        # every other axial slice: neighbours are nearly identical, and this halves the cost
+        return (torch.from_numpy(np.concatenate([a[::slice_step] for a in xs])),
+                torch.from_numpy(np.concatenate([a[::slice_step] for a in ys])).float())
+
+    x, y = slices_of(split["train"])
+    val_x, val_y = slices_of(split["val"]) if split["val"] else (x[:256], y[:256])
     if progress:
-        progress(f"{len(split['train'])} training subjects, {len(x)} slices")
+        progress(f"{len(split['train'])} training subjects, {len(x)} slices; {len(val_x)} validation slices")
+    cfg = BrainmaskConfig(epochs, seed, batch_size, learning_rate, spacing, slice_step, arch)
     torch.manual_seed(seed)
     model = build_network(arch)
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
-    gen = torch.Generator().manual_seed(seed)
-    history = []
-    for epoch in range(1, epochs + 1):
-        t0 = time.perf_counter()
-        model.train()
-        order = torch.randperm(len(x), generator=gen)
-        total = 0.0
-        for b in range(0, len(order) - batch_size + 1, batch_size):
-            idx = order[b:b + batch_size]
-            xb, yb = x[idx], y[idx]
-            flip = torch.rand(len(idx), generator=gen) < 0.5  # left-right flips
-            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-            yb = torch.where(flip[:, None, None, None], yb.flip(-1), yb)
-            xb = xb * (1 + 0.2 * (torch.rand(len(idx), 1, 1, 1, generator=gen) - 0.5))  # contrast
-            loss = _loss(model(xb), yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(idx)
-        sched.step()
-        history.append({"epoch": epoch, "loss": total / len(x), "seconds": time.perf_counter() - t0})
-        if progress:
-            progress(f"epoch {epoch}/{epochs}: loss {total / len(x):.4f}, {time.perf_counter() - t0:.0f} s")
-    model.eval()
+    say = progress or (lambda m: None)
+    run = start_run(model, cfg, out, False, say, torch.optim.Adam(model.parameters(), lr=learning_rate))
+    batches = len(x) // batch_size
+    # cosine annealing by epoch, as CosineAnnealingLR over the epochs
+    plan = LoopPlan.epochs(epochs, batches, seed, learning_rate=lambda step: learning_rate * 0.5 * (
+        1 + math.cos(math.pi * (step // max(batches, 1)) / epochs)))
+    draws: dict[str, Any] = {}
+
+    def batch_loss(step: int, _: torch.Generator) -> torch.Tensor:
+        epoch, b = divmod(step, max(batches, 1))
+        if draws.get("epoch") != epoch:
+            gen = torch.Generator().manual_seed(seed * 100003 + epoch + 1)
+            draws.update(epoch=epoch, gen=gen, order=torch.randperm(len(x), generator=gen))
+        gen, idx = draws["gen"], draws["order"][b * batch_size:(b + 1) * batch_size]
+        xb, yb = x[idx], y[idx]
+        flip = torch.rand(len(idx), generator=gen) < 0.5  # left-right flips
+        xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+        yb = torch.where(flip[:, None, None, None], yb.flip(-1), yb)
+        xb = xb * (1 + 0.2 * (torch.rand(len(idx), 1, 1, 1, generator=gen) - 0.5))  # contrast
+        return _loss(model(xb), yb)
+
+    def validate() -> tuple[float, dict[str, float]]:
+        losses = [float(_loss(model(val_x[s:s + 64]), val_y[s:s + 64])) * len(val_x[s:s + 64])
+                  for s in range(0, len(val_x), 64)]
+        return sum(losses) / max(len(val_x), 1), {}
+
+    run_steps(run, plan, batch_loss, validate, say)
+    model = load_best(run)
+    history = training_record(run, plan)
     meta = {"name": out.name, "summary": f"Brain extraction U-Net, {arch['slice_size']}x{arch['slice_size']} axial "
                                          f"slices at {spacing:g} mm, trained on {len(split['train'])} subjects",
             "architecture": arch, "input_contract": ctr, "calibration": {},
@@ -102,7 +129,7 @@ def train_brainmask(data: str | Path, out: str | Path, epochs: int = 12, seed: i
                            "torch": torch.__version__},
             "training": {"config": {"epochs": epochs, "seed": seed, "batch_size": batch_size, "slice_step": slice_step,
                                     "learning_rate": learning_rate, "spacing_mm": spacing, "architecture": arch},
-                         "history": history}}
+                         **history}}
     return save_package(model, meta, out)
 
 

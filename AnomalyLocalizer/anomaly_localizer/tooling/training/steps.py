@@ -1,10 +1,16 @@
-"""The step loop shared by the 2.5D U-Net trainings (``train-dae``, ``train-ssl``).
+"""The one training loop: every family (``train``, ``train-lsr``'s two stages, ``train-dae``,
+``train-ssl``, ``train-tissue``, ``train-brainmask``) trains through :func:`run_steps`.
 
-Steps, not epochs: AdamW with a warm-up and a cosine schedule, a validation every
-``validate_every`` steps whose figure picks the best weights, a checkpoint (safetensors +
-JSON, no pickle) at each validation that a resumed run continues from. The random draws of
-a step depend only on the seed and the step (the trainer makes its batch from the generator
-it is handed), so a resumed run makes the same draws as an uninterrupted one.
+Steps, validated every ``validate_every`` steps (an epoch's batches for the families that
+count epochs): the figure that validation returns picks the best weights
+(``best.safetensors``), a checkpoint (safetensors + JSON, no pickle) follows every
+validation, and ``--resume`` continues from it. The learning rate is set per step (warm-up
+and cosine, :func:`lr_at`) or divided by 10 on a validation plateau (the VAE's and LSR's
+schedule); a family may stop early after validations without improvement. Where it runs
+(device, rank, bf16, random streams) is :mod:`.loop`'s. The random draws of a step depend
+only on the seed and the step (the trainer makes its batch from the generator it is handed,
+or from its own epoch's generator), so a resumed run makes the same draws as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ import torch
 from ...errors import InputError
 from .loop import Placement, load_checkpoint, place, save_checkpoint
 
-BatchLoss = Callable[[int, torch.Generator], torch.Tensor]  # (step, generator) -> loss of one batch
+# (step, generator) -> the loss of one batch, or (loss, {name: figure}) to record beside it
+BatchLoss = Callable[[int, torch.Generator], Any]
 Validate = Callable[[], tuple[float, dict[str, float]]]  # -> (figure that picks the best, other figures)
 
 
 @dataclass
 class StepRun:
-    """A step training in ``out``: the network, its optimiser and the loop's state."""
+    """A training in ``out``: the network, its optimiser, its schedule and the loop's state."""
 
     net: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -40,19 +47,61 @@ class StepRun:
         return int(self.state.get("_first_step", 0))
 
 
-def start_run(net: torch.nn.Module, cfg: Any, out: Path, resume: bool, say: Callable[[str], None]) -> StepRun:
-    """AdamW for ``net`` (cfg.learning_rate, cfg.weight_decay) and a fresh state, or the
-    checkpoint's when resuming (refused when the configuration differs but for ``steps``)."""
-    ckpt_dir = out / "checkpoint"
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # the rate is set per step
-    state: dict[str, Any] = {"step": 0, "best_val": None, "best_step": 0, "history": [], "config": asdict(cfg)}
+@dataclass
+class LoopPlan:
+    """How :func:`run_steps` trains: ``steps`` in all, a validation every ``validate_every``;
+    the rate per step from ``learning_rate`` (None: the optimiser's, divided by 10 after
+    ``plateau_patience`` validations without improvement); a stop after ``early_stop``
+    validations without improvement (None: never); ``epoch_steps`` counts epochs in the
+    history and the messages."""
+
+    steps: int
+    validate_every: int
+    seed: int
+    learning_rate: Callable[[int], float] | None = None
+    plateau_patience: int | None = None
+    early_stop: int | None = None
+    epoch_steps: int | None = None
+
+    @classmethod
+    def of(cls, cfg: Any) -> "LoopPlan":
+        """The plan of a step training's config (steps, validate_every, seed, learning_rate)."""
+        return cls(cfg.steps, cfg.validate_every, cfg.seed, lambda step: lr_at(step, cfg))
+
+    @classmethod
+    def epochs(cls, epochs: int, batches: int, seed: int, plateau_patience: int | None = None,
+               early_stop: int | None = None, learning_rate: Callable[[int], float] | None = None) -> "LoopPlan":
+        """``epochs`` of ``batches`` steps, validated after each."""
+        batches = max(int(batches), 1)
+        return cls(epochs * batches, batches, seed, learning_rate, plateau_patience, early_stop, batches)
+
+    def unit(self, step: int) -> str:
+        return f"epoch {step // self.epoch_steps}" if self.epoch_steps else f"step {step}/{self.steps}"
+
+
+def start_run(net: torch.nn.Module, cfg: Any, out: Path, resume: bool, say: Callable[[str], None],
+              optimizer: torch.optim.Optimizer | None = None, sched: Any = None, ckpt_dir: Path | None = None,
+              free: tuple[str, ...] = ("steps",)) -> StepRun:
+    """AdamW for ``net`` (cfg.learning_rate, cfg.weight_decay; or ``optimizer`` and ``sched``
+    given) and a fresh state, or the checkpoint's in ``ckpt_dir`` (``out/checkpoint``) when
+    resuming, refused when the configuration differs but for the ``free`` keys."""
+    ckpt_dir = ckpt_dir or out / "checkpoint"
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if sched is None:
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # the rate is set per step
+    now = json.loads(json.dumps(asdict(cfg)))
+    state: dict[str, Any] = {"step": 0, "best_val": None, "best_step": 0, "history": [], "config": now}
     if resume:
         state = load_checkpoint(ckpt_dir, net, optimizer, sched)
-        if {**state["config"], "steps": None} != {**json.loads(json.dumps(asdict(cfg))), "steps": None}:
+        if "step" not in state:  # an epoch loop's checkpoint, before the loops were one
+            raise InputError(f"the checkpoint in {ckpt_dir} was written by an older version of the training loop and "
+                             "cannot be continued; start over with --force")
+        unset = dict.fromkeys(free)
+        if {**state.get("config", now), **unset} != {**now, **unset}:
             raise InputError(f"the configuration differs from the one {out} was trained with; "
                              "resume with the same options or start over with --force")
-        state["config"] = asdict(cfg)
+        state["config"] = now
         say(f"resuming after step {state['step']}")
     state["_first_step"] = state["step"]
     return StepRun(net, optimizer, sched, state, ckpt_dir)
@@ -65,30 +114,42 @@ def lr_at(step: int, cfg: Any) -> float:
 
 
 def run_steps(run: StepRun, cfg: Any, batch_loss: BatchLoss, validate: Validate, say: Callable[[str], None],
-              stop_after: int | None = None, higher_is_better: bool = False, figure_name: str = "validation") -> bool:
-    """Train until cfg.steps (True), or until ``stop_after`` steps of this run (False, at a
-    checkpoint). ``best.safetensors`` in the checkpoint folder holds the best weights."""
+              stop_after: int | None = None, higher_is_better: bool = False, figure_name: str = "validation",
+              after_step: Callable[[int], None] | None = None, writes: bool = True) -> bool:
+    """Train until the plan's last step or an early stop (True), or until ``stop_after`` steps
+    of this run (False, at a checkpoint). ``cfg``: a :class:`LoopPlan` or a step training's
+    config. ``after_step(step)`` runs after each optimiser step (the VQ-VAE counts its codes
+    there). ``writes``: this process writes the checkpoints (rank 0 of a distributed run).
+    ``best.safetensors`` in the checkpoint folder holds the best weights."""
     from safetensors.torch import save_file
 
+    plan = cfg if isinstance(cfg, LoopPlan) else LoopPlan.of(cfg)
     state, net, optimizer = run.state, run.net, run.optimizer
-    t_window, window_loss = time.perf_counter(), []
+    t_window, window, extras = time.perf_counter(), [], {}
     net.train()
-    while state["step"] < cfg.steps:
+    while state["step"] < plan.steps and not state.get("stopped_early"):
         if stop_after is not None and state["step"] - run.first_step >= stop_after:
-            _save(run)
+            if writes:
+                _save(run)
             say(f"stopped after step {state['step']} as asked; continue with --resume")
             return False
         step = state["step"]
-        gen = torch.Generator().manual_seed(cfg.seed * 1000003 + step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+        gen = torch.Generator().manual_seed(plan.seed * 1000003 + step)
+        if plan.learning_rate is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = plan.learning_rate(step)
         loss = batch_loss(step, gen)
+        loss, figures = loss if isinstance(loss, tuple) else (loss, {})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        window_loss.append(float(loss.detach()))
+        if after_step is not None:
+            after_step(step)
+        window.append(float(loss.detach()))
+        for k, v in figures.items():
+            extras[k] = extras.get(k, 0.0) + float(v)
         state["step"] = step + 1
-        if state["step"] % cfg.validate_every == 0 or state["step"] == cfg.steps:
+        if state["step"] % plan.validate_every == 0 or state["step"] == plan.steps:
             net.eval()
             with torch.no_grad():
                 figure, extra = validate()
@@ -97,21 +158,44 @@ def run_steps(run: StepRun, cfg: Any, batch_loss: BatchLoss, validate: Validate,
             improved = best is None or (figure > best if higher_is_better else figure < best)
             if improved:
                 state["best_val"], state["best_step"] = figure, state["step"]
-                run.ckpt_dir.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
-                          str(run.ckpt_dir / "best.safetensors"))
+                if writes:
+                    run.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+                              str(run.ckpt_dir / "best.safetensors"))
+            if plan.learning_rate is None and plan.plateau_patience is not None:
+                run.sched.step(-figure if higher_is_better else figure)
             seconds = time.perf_counter() - t_window
-            state["history"].append({"step": state["step"], "train_loss": sum(window_loss) / len(window_loss),
-                                     "val_loss" if not higher_is_better else "val_figure": figure, **extra,
-                                     "lr": optimizer.param_groups[0]["lr"], "seconds": seconds})
-            _save(run)
-            per_step = seconds / len(window_loss)
+            entry = {"step": state["step"], "train_loss": sum(window) / len(window),
+                     **{f"train_{k}": v / len(window) for k, v in extras.items()},
+                     "val_loss" if not higher_is_better else "val_figure": figure, **extra,
+                     "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
+            if plan.epoch_steps:
+                entry = {"epoch": state["step"] // plan.epoch_steps, **entry}
+            state["history"].append(entry)
+            waited = (state["step"] - state["best_step"]) // plan.validate_every
+            if plan.early_stop is not None and waited >= plan.early_stop:
+                state["stopped_early"] = True
+            if writes:
+                _save(run)
+            per_step = seconds / len(window)
             others = "".join(f", {k} {v:.4f}" for k, v in extra.items())
-            say(f"step {state['step']}/{cfg.steps}: train {state['history'][-1]['train_loss']:.5f}, {figure_name} "
-                f"{figure:.5f}{' (best)' if improved else ''}{others}, {per_step:.2f} s/step, "
-                f"{per_step * (cfg.steps - state['step']) / 60:.0f} min left")
-            t_window, window_loss = time.perf_counter(), []
+            say(f"{plan.unit(state['step'])}: train {entry['train_loss']:.5f}, {figure_name} "
+                f"{figure:.5f}{' (best)' if improved else ''}{others}, lr {entry['lr']:.1e}, {per_step:.2f} s/step, "
+                f"{per_step * (plan.steps - state['step']) / 60:.0f} min left")
+            if state.get("stopped_early"):
+                say(f"stopping: no improvement for {plan.early_stop} validations")
+            t_window, window, extras = time.perf_counter(), [], {}
     return True
+
+
+def training_record(run: StepRun, plan: LoopPlan | None = None) -> dict[str, Any]:
+    """What a package records of its run: the best and last step (epoch for epoch trainings),
+    the best validation figure and the history."""
+    state = run.state
+    if plan is not None and plan.epoch_steps:
+        return {"best_epoch": state["best_step"] // plan.epoch_steps, "best_val_loss": state["best_val"],
+                "epochs_run": state["step"] // plan.epoch_steps, "history": state["history"]}
+    return {"best_step": state["best_step"], "steps_run": state["step"], "history": state["history"]}
 
 
 def _save(run: StepRun) -> None:
@@ -193,6 +277,23 @@ def write_trained_package(run: StepRun, cfg: Any, out: Path, data: str | Path, a
     return out
 
 
+def read_config_values(path: str | Path | None, known: set[str]) -> dict[str, Any]:
+    """Keys of a JSON training configuration, or of a package's model.json (its recorded
+    config, to retrain from it); unknown keys are refused."""
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read the training config {path} ({exc}); give a JSON file") from exc
+    if isinstance(values.get("training"), dict) and "config" in values["training"]:
+        values = values["training"]["config"]  # a package's model.json: retrain from its record
+    unknown = set(values) - known
+    if unknown:
+        raise InputError(f"unknown training config keys {sorted(unknown)} in {path}")
+    return values
+
+
 ARCHITECTURE_OPTIONS = ("slice_size", "in_channels", "feature_maps")  # overrides that go into "architecture"
 
 
@@ -201,7 +302,6 @@ def load_config(cls: Any, path: str | Path | None, architecture: Any, default_sc
     """A 2.5D training config of dataclass ``cls`` from a JSON file (or a package's model.json)
     and command-line ``overrides`` (None: not given): the architecture block validated by the
     family's schema ``architecture``, the scoring block completed with ``default_scoring``."""
-    from .train import read_config_values
     values = read_config_values(path, set(cls.__dataclass_fields__))
     cfg = cls(**{k: v for k, v in values.items() if k != "architecture"})
     cfg.architecture = architecture.model_validate({**cfg.architecture, **values.get("architecture", {})}) \

@@ -9,13 +9,13 @@ Runs on one process or under ``torchrun`` (DistributedDataParallel; gloo on CPU,
 GPU): every rank draws the same shuffled order and takes its own share of each batch, so
 the effective batch is ``batch_size`` whatever the number of processes.
 
-Checkpoints (``OUT/checkpoint/``) are safetensors + JSON like everything else; ``--resume``
-continues an interrupted run bit for bit.
+The epochs run through the one training loop (:func:`.steps.run_steps`: a validation and a
+checkpoint per epoch, the plateau schedule, the early stop); checkpoints (``OUT/checkpoint/``)
+are safetensors + JSON like everything else; ``--resume`` continues an interrupted run bit for bit.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -36,25 +35,9 @@ from ...core.volume import NORMALISATION
 from ...errors import InputError
 from ..data import SliceSet, find_subjects, load_slices, split_subjects
 from .loop import load_checkpoint, normal_like, place, save_checkpoint, to_device
+from .steps import LoopPlan, load_best, read_config_values, run_steps, start_run, training_record
 
 log = logging.getLogger(__name__)
-
-
-def read_config_values(path: str | Path | None, known: set[str]) -> dict[str, Any]:
-    """Keys of a JSON training configuration, or of a package's model.json (its recorded
-    config, to retrain from it); unknown keys are refused."""
-    values: dict[str, Any] = {}
-    if path:
-        try:
-            values = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read the training config {path} ({exc}); give a JSON file") from exc
-    if isinstance(values.get("training"), dict) and "config" in values["training"]:
-        values = values["training"]["config"]  # a package's model.json: retrain from its record
-    unknown = set(values) - known
-    if unknown:
-        raise InputError(f"unknown training config keys {sorted(unknown)} in {path}")
-    return values
 
 
 @dataclass
@@ -186,17 +169,6 @@ class _Progress:
         self.enabled = enabled
         self.t0 = time.perf_counter()
 
-    def update(self, epoch: int, max_epochs: int, done: int, total: int, loss: float, rec: float, kl: float,
-               epoch_t0: float) -> None:
-        if not self.enabled:
-            return
-        frac = done / max(total, 1)
-        elapsed = time.perf_counter() - epoch_t0
-        left = elapsed / max(frac, 1e-9) * (1 - frac)
-        bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
-        print(f"\repoch {epoch}/{max_epochs} [{bar}] {100 * frac:3.0f}% loss {loss:.1f} (rec {rec:.1f}, kl {kl:.1f}) "
-              f"epoch left {left:4.0f}s", end="", file=sys.stderr, flush=True)
-
     def line(self, text: str) -> None:
         if self.enabled:
             print(("\r" + text).ljust(100), file=sys.stderr, flush=True)
@@ -257,61 +229,31 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = Fa
     net = where.wrap(objective)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=cfg.plateau_patience)
-    state: dict[str, Any] = {"epoch": 0, "best_val": None, "best_epoch": 0, "history": [], "config": asdict(cfg)}
-    if resume:
-        state = load_checkpoint(ckpt_dir, model, optimizer, sched)
-        now = json.loads(json.dumps(asdict(cfg)))
-        # max_epochs may grow on resume ("--resume --epochs N"); everything else must match.
-        if {**state["config"], "max_epochs": None} != {**now, "max_epochs": None}:
-            raise InputError(f"the configuration differs from the one {out} was trained with; "
-                             "resume with the same options or start over with --force")
-        state["config"] = now
-        pr.line(f"resuming after epoch {state['epoch']}")
+    # max_epochs may grow on resume ("--resume --epochs N"); everything else must match
+    run = start_run(model, cfg, out, resume, pr.line, optimizer, sched, free=("max_epochs",))
+    n_batches = len(train_set) // cfg.batch_size
+    plan = LoopPlan.epochs(cfg.max_epochs, n_batches, cfg.seed, cfg.plateau_patience, cfg.early_stop_patience)
 
     S = int(cfg.architecture["slice_size"])
-    best_path = ckpt_dir / "best.safetensors"
+    epoch_draws: dict[str, Any] = {}
+
+    def batch_loss(step: int, _: torch.Generator):
+        # one shuffled order per epoch, the same on every rank; each rank augments its own share
+        epoch, b = divmod(step, plan.epoch_steps) if plan.epoch_steps else (0, step)
+        if epoch_draws.get("epoch") != epoch + 1:
+            gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch + 1)
+            epoch_draws.update(epoch=epoch + 1, order=torch.randperm(len(train_set), generator=gen),
+                               rank_gen=torch.Generator().manual_seed(cfg.seed * 100003 + (epoch + 1) * 7919 + rank))
+        order, rank_gen = epoch_draws["order"], epoch_draws["rank_gen"]
+        idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank::world]
+        x = where.to(augment(train_set.x[idx], cfg, rank_gen))
+        masks = where.to(square_masks(x.shape[0], S, cfg, rank_gen)) if ce else None
+        loss, rec, kl = net(x, masks)
+        return loss, {"rec": rec.detach(), "kl": kl.detach()}
+
     t_start = time.perf_counter()
-    while state["epoch"] < cfg.max_epochs:
-        epoch = state["epoch"] + 1
-        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-        order = torch.randperm(len(train_set), generator=gen)
-        rank_gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch * 7919 + rank)
-        n_batches = len(order) // cfg.batch_size
-        sums = np.zeros(3)
-        epoch_t0 = time.perf_counter()
-        for b in range(n_batches):
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank::world]
-            x = where.to(augment(train_set.x[idx], cfg, rank_gen))
-            masks = where.to(square_masks(x.shape[0], S, cfg, rank_gen)) if ce else None
-            loss, rec, kl = net(x, masks)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums += (loss.item(), rec.item(), kl.item())
-            if b % 5 == 0 or b == n_batches - 1:
-                m = sums / (b + 1)
-                pr.update(epoch, cfg.max_epochs, b + 1, n_batches, *m, epoch_t0)
-        val = evaluate_loss(model, val_set)
-        sched.step(val)
-        improved = state["best_val"] is None or val < state["best_val"]
-        if improved:
-            state["best_val"], state["best_epoch"] = val, epoch
-        state["epoch"] = epoch
-        state["history"].append({"epoch": epoch, "train_loss": sums[0] / max(n_batches, 1), "val_loss": val,
-                                 "lr": optimizer.param_groups[0]["lr"],
-                                 "seconds": time.perf_counter() - epoch_t0})
-        if rank == 0:
-            if improved:
-                from safetensors.torch import save_file
-                ckpt_dir.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(best_path))
-            save_checkpoint(ckpt_dir, model, optimizer, sched, state)
-        pr.line(f"epoch {epoch}: train {sums[0] / max(n_batches, 1):.2f}, validation {val:.2f}"
-                f"{' (best)' if improved else ''}, lr {optimizer.param_groups[0]['lr']:.0e}, "
-                f"{time.perf_counter() - epoch_t0:.0f} s")
-        if epoch - state["best_epoch"] >= cfg.early_stop_patience:
-            pr.line(f"stopping: no improvement for {cfg.early_stop_patience} epochs")
-            break
+    run_steps(run, plan, batch_loss, lambda: (evaluate_loss(model, val_set), {}), pr.line, writes=rank == 0)
+    state = run.state
     train_seconds = time.perf_counter() - t_start
 
     if world > 1:
@@ -321,8 +263,7 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = Fa
     where.finish()
     if rank != 0:
         return out
-    from safetensors.torch import load_file
-    model.load_state_dict(load_file(str(best_path)))
+    model = load_best(run)
     meta = {
         "name": out.name,
         "summary": f"{cfg.architecture['type'].upper()} {S}x{S} at {cfg.spacing_mm:g} mm, "
@@ -332,13 +273,13 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, resume: bool = Fa
         "calibration": {},
         "provenance": {"engine_version": __version__, "data": str(Path(data)), "subjects": split,
                        "trained": time.strftime("%Y-%m-%d"), "torch": torch.__version__},
-        "training": {"config": asdict(cfg), "best_epoch": state["best_epoch"], "best_val_loss": state["best_val"],
-                     "epochs_run": state["epoch"], "history": state["history"], "processes": world,
+        "training": {"config": asdict(cfg), **training_record(run, plan), "processes": world,
                      "threads_per_process": torch.get_num_threads(),
                      "seconds_this_run": train_seconds},
     }
     package = save_package(model, meta, out)
-    pr.line(f"wrote {out} (best epoch {state['best_epoch']}, validation loss {state['best_val']:.2f})")
+    pr.line(f"wrote {out} (best epoch {state['best_step'] // plan.epoch_steps}, validation loss "
+            f"{state['best_val']:.2f})")
     if calibrate and split["calibration"]:
         from ..release.calibrate import calibrate_package
         calibrate_package(package, [by_id[i] for i in split["calibration"]], device=dev.type, progress=pr.line)

@@ -33,8 +33,9 @@ from ...core.package import build_network, save_package
 from ...core.volume import NORMALISATION
 from ...errors import InputError
 from ..data import check_run_folder, split_slices
-from .loop import load_checkpoint, place, save_checkpoint, to_device
-from .train import TrainConfig, augment, read_config_values
+from .loop import place, to_device
+from .steps import LoopPlan, load_best, read_config_values, run_steps, start_run, training_record
+from .train import TrainConfig, augment
 
 
 @dataclass
@@ -88,47 +89,39 @@ def _restart_dead_codes(vq, usage: torch.Tensor, z_e: torch.Tensor, gen: torch.G
     return int(dead.numel())
 
 
-def _run_stage(name: str, module: torch.nn.Module, params, lr: float, max_epochs: int, cfg: LSRTrainConfig,
-               epoch_fn: Callable[[int], float], val_fn: Callable[[], float], ckpt_dir: Path, resume: bool,
-               say: Callable[[str], None]) -> dict[str, Any]:
-    """Generic epoch loop with plateau schedule, early stop, best weights and checkpoints."""
-    from safetensors.torch import load_file, save_file
-
-    optimizer = torch.optim.Adam(params, lr=lr)
+def _run_stage(name: str, module: torch.nn.Module, lr: float, max_epochs: int, batches: int, cfg: LSRTrainConfig,
+               batch_loss, val_fn: Callable[[], float], out: Path, resume: bool, say: Callable[[str], None],
+               after_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """One stage through the training loop (:func:`.steps.run_steps`): epochs of ``batches``
+    steps, Adam at ``lr`` divided by 10 on a validation plateau, early stop, best weights
+    kept, a checkpoint per epoch in ``checkpoint/NAME``; ``module`` ends with its best weights."""
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=cfg.plateau_patience)
-    state: dict[str, Any] = {"epoch": 0, "best_val": None, "best_epoch": 0, "history": [], "done": False}
-    stage_dir = ckpt_dir / name
-    best = stage_dir / "best.safetensors"
-    if resume and (stage_dir / "checkpoint.json").is_file():
-        state = load_checkpoint(stage_dir, module, optimizer, sched)
-        say(f"{name}: resuming after epoch {state['epoch']}")
-    module.optimizer = optimizer  # epoch_fn steps it
-    while not state["done"] and state["epoch"] < max_epochs:
-        epoch = state["epoch"] + 1
-        t0 = time.perf_counter()
-        module.train()
-        train_loss = epoch_fn(epoch)
-        module.eval()
-        with torch.no_grad():
-            val = val_fn()
-        sched.step(val)
-        improved = state["best_val"] is None or val < state["best_val"]
-        if improved:
-            state["best_val"], state["best_epoch"] = val, epoch
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(best))
-        state["epoch"] = epoch
-        state["history"].append({"epoch": epoch, "train_loss": train_loss, "val_loss": val,
-                                 "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0})
-        state["done"] = epoch - state["best_epoch"] >= cfg.early_stop_patience
-        save_checkpoint(stage_dir, module, optimizer, sched, state)
-        say(f"{name} epoch {epoch}: train {train_loss:.4f}, validation {val:.4f}{' (best)' if improved else ''}, "
-            f"lr {optimizer.param_groups[0]['lr']:.0e}, {time.perf_counter() - t0:.0f} s")
-    del module.optimizer
-    module.load_state_dict(load_file(str(best)))
-    module.eval()
-    return {"best_epoch": state["best_epoch"], "best_val_loss": state["best_val"], "epochs_run": state["epoch"],
-            "history": state["history"]}
+    stage_dir = out / "checkpoint" / name
+    again = resume and (stage_dir / "checkpoint.json").is_file()
+    run = start_run(module, cfg, out, again, lambda m: say(f"{name}: {m}"), optimizer, sched, ckpt_dir=stage_dir,
+                    free=("vqvae_epochs", "prior_epochs"))
+    plan = LoopPlan.epochs(max_epochs, batches, cfg.seed, cfg.plateau_patience, cfg.early_stop_patience)
+    run_steps(run, plan, batch_loss, lambda: (val_fn(), {}), lambda m: say(f"{name} {m}"), after_step=after_step)
+    load_best(run)
+    return training_record(run, plan)
+
+
+class _EpochDraws:
+    """A stage's random draws: one generator per epoch (seeded by ``base`` and the epoch),
+    which shuffles the epoch's order of ``n`` items and then draws its augmentation."""
+
+    def __init__(self, base: int, n: int, batches: int):
+        self.base, self.n, self.batches, self.epoch = base, n, max(batches, 1), None
+
+    def at(self, step: int) -> tuple[int, int]:
+        """(epoch from 1, batch) of ``step``, the epoch's generator and order made on its first batch."""
+        epoch, b = divmod(step, self.batches)
+        if self.epoch != epoch + 1:
+            self.epoch = epoch + 1
+            self.gen = torch.Generator().manual_seed(self.base + self.epoch)
+            self.order = torch.randperm(self.n, generator=self.gen)
+        return self.epoch, b
 
 
 def encode_codes(vq, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
@@ -170,34 +163,34 @@ def train_lsr(data: str | Path, out: str | Path, cfg: LSRTrainConfig, resume: bo
             z = vq.encode_continuous(train_set.x[idx].to(dev)).permute(0, 2, 3, 1).reshape(-1, vq.codebook.weight.shape[1])
             vq.codebook.weight.copy_(z[torch.randperm(z.shape[0], generator=g)[:vq.codebook_size].to(dev)])
 
-    def vq_epoch(epoch: int) -> float:
-        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-        order = torch.randperm(len(train_set), generator=gen)
-        usage = torch.zeros(vq.codebook_size, dtype=torch.long)
-        total, n = 0.0, 0
-        z_e = None
-        for b in range(len(order) // cfg.batch_size):
-            x = augment(train_set.x[order[b * cfg.batch_size:(b + 1) * cfg.batch_size]], aug, gen).to(dev)
-            loss, _, _ = vq.loss(x)
-            vq.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            vq.optimizer.step()
-            with torch.no_grad():
-                z_e = vq.encode_continuous(x)
-                usage += torch.bincount(vq.quantise(z_e).flatten().cpu(), minlength=vq.codebook_size)
-            total += loss.item()
-            n += 1
-        if z_e is not None and epoch <= cfg.vqvae_epochs // 2:  # restarts only early, then let it settle
-            restarted = _restart_dead_codes(vq, usage, z_e, gen)
+    vq_batches = len(train_set) // cfg.batch_size
+    vq_draws = _EpochDraws(cfg.seed * 100003, len(train_set), vq_batches)
+    usage = torch.zeros(vq.codebook_size, dtype=torch.long)
+
+    def vq_batch(step: int, _: torch.Generator) -> torch.Tensor:
+        _, b = vq_draws.at(step)
+        x = augment(train_set.x[vq_draws.order[b * cfg.batch_size:(b + 1) * cfg.batch_size]], aug, vq_draws.gen).to(dev)
+        vq_draws.x = x
+        return vq.loss(x)[0]
+
+    def vq_after(step: int) -> None:
+        # count the codes each slice uses after the step; at an early epoch's end, restart the unused
+        epoch, b = vq_draws.at(step)
+        if b == 0:
+            usage.zero_()
+        with torch.no_grad():
+            z_e = vq.encode_continuous(vq_draws.x)
+            usage.add_(torch.bincount(vq.quantise(z_e).flatten().cpu(), minlength=vq.codebook_size))
+        if b == vq_draws.batches - 1 and epoch <= cfg.vqvae_epochs // 2:  # restarts only early, then let it settle
+            restarted = _restart_dead_codes(vq, usage, z_e, vq_draws.gen)
             if restarted:
                 say(f"vqvae epoch {epoch}: restarted {restarted} unused codebook entries")
-        return total / max(n, 1)
 
     def vq_val() -> float:
         return float(np.mean([vq.loss(to_device(vq, val_set.x[s:s + 256]))[1].item() for s in range(0, len(val_set), 256)]))
 
-    vq_record = _run_stage("vqvae", vq, vq.parameters(), cfg.vqvae_learning_rate, cfg.vqvae_epochs, cfg,
-                           vq_epoch, vq_val, ckpt_dir, resume, say)
+    vq_record = _run_stage("vqvae", vq, cfg.vqvae_learning_rate, cfg.vqvae_epochs, vq_batches, cfg, vq_batch, vq_val,
+                           out, resume, say, after_step=vq_after)
 
     # ---- stage 2: the prior on the code grids (and their mirror images)
     train_codes = torch.cat([encode_codes(vq, train_set.x.to(dev)), encode_codes(vq, train_set.x.flip(-1).to(dev))])
@@ -207,26 +200,20 @@ def train_lsr(data: str | Path, out: str | Path, cfg: LSRTrainConfig, resume: bo
     used = int(torch.unique(train_codes).numel())
     say(f"codebook: {used} of {vq.codebook_size} entries used by the training slices")
 
-    def prior_epoch(epoch: int) -> float:
-        gen = torch.Generator().manual_seed(cfg.seed * 100003 + 50000 + epoch)
-        order = torch.randperm(train_codes.shape[0], generator=gen)
-        total, n = 0.0, 0
-        for b in range(len(order) // cfg.batch_size):
-            i = order[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(train_codes.device)  # drawn on the CPU
-            loss = prior.nll(train_codes[i], train_pos[i]).mean()
-            prior.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            prior.optimizer.step()
-            total += loss.item()
-            n += 1
-        return total / max(n, 1)
+    prior_batches = train_codes.shape[0] // cfg.batch_size
+    prior_draws = _EpochDraws(cfg.seed * 100003 + 50000, train_codes.shape[0], prior_batches)
+
+    def prior_batch(step: int, _: torch.Generator) -> torch.Tensor:
+        _, b = prior_draws.at(step)
+        i = prior_draws.order[b * cfg.batch_size:(b + 1) * cfg.batch_size].to(train_codes.device)  # drawn on the CPU
+        return prior.nll(train_codes[i], train_pos[i]).mean()
 
     def prior_val() -> float:
         return float(torch.cat([prior.nll(val_codes[s:s + 256], val_pos[s:s + 256]).flatten()
                                 for s in range(0, val_codes.shape[0], 256)]).mean())
 
-    prior_record = _run_stage("prior", prior, prior.parameters(), cfg.prior_learning_rate, cfg.prior_epochs, cfg,
-                              prior_epoch, prior_val, ckpt_dir, resume, say)
+    prior_record = _run_stage("prior", prior, cfg.prior_learning_rate, cfg.prior_epochs, prior_batches, cfg,
+                              prior_batch, prior_val, out, resume, say)
     S = int(cfg.architecture["slice_size"])
     meta = {
         "name": out.name,
