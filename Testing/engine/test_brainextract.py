@@ -74,6 +74,7 @@ def test_cli_writes_the_extracted_mask_and_says_so(extractor, tmp_path):
                  "--threshold", "1", "--brain-extraction", str(extractor.path), "--contrast", "t1", "-q"]) == 0
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["brain_mask_source"].startswith("brain extraction")
+    assert summary["timings_s"]["brain_extraction_s"] > 0  # timed apart from reading
     written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o" / "brainmask.nii.gz")))
     assert written.sum() > 0
 

@@ -165,7 +165,8 @@ def _score_study_images(study, given, mask, model, methods, brain_extraction, th
     notes = run_notes(plan, result, chosen, reference=study.reference)
     if notes:
         summary["run_notes"] = notes
-    summary["timings_s"] = {"read": t_read, **summary["timings_s"]}
+    extraction = {"brain_extraction_s": study.extraction_s} if study.extracted_on is not None else {}
+    summary["timings_s"] = {"read": t_read - study.extraction_s, **extraction, **summary["timings_s"]}
     return ScoredStudy(plan, result, chosen, segment_result(study.reference, result, chosen, summary))
 
 
@@ -280,9 +281,11 @@ def study_brain(study, mask: sitk.Image | None, brain_extraction: str | None, de
         if brain_extraction in (None, "off"):
             raise
     target = next((i for i in study.inputs if i.contrast in ("t1", "t1c")), study.inputs[0])
+    t0 = time.perf_counter()
     if target is study.inputs[0]:  # the first input is known to be a whole head: extract at once
         arr, source = extract_whole_head(target.image, brain_extraction, select_device(device), progress)
     else:
         arr, source = find_brain(target.image, None, brain_extraction, select_device(device), progress)
     study.extracted_on = target
+    study.extraction_s = time.perf_counter() - t0
     return arr, source + (f" on {target.source}" if len(study.inputs) > 1 else "")

@@ -51,6 +51,7 @@ class Study:
     inputs: list[StudyInput]
     notes: list[str] = field(default_factory=list)
     extracted_on: StudyInput | None = None  # the input the brain was extracted from, if it was
+    extraction_s: float = 0.0  # seconds the brain extraction took
 
     @property
     def reference(self) -> sitk.Image:
