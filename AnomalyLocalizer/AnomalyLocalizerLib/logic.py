@@ -74,6 +74,10 @@ class AnomalyLocalizerLogic(InputsMixin, RunMixin, NodesMixin, ThresholdMixin, F
         self._resultInput = None  # the volume node the result belongs to
         self.activeRun = None  # the child run in progress (runner.ChildRun), if any
         self._closeObserver = self.scene.AddObserver(self.scene.StartCloseEvent, _weakCallback(self._onSceneStartClose))
+        # A logic dropped without cleanup() stops observing at once, while its scene is alive: left
+        # registered, the observer would be called by the scene's own destructor when the garbage
+        # collector frees both (a dying VTK object handed to Python: a crash, seen in the tests).
+        self._stopObserving = weakref.finalize(self, self.scene.RemoveObserver, self._closeObserver)
 
     def _onSceneStartClose(self, caller=None, event=None) -> None:
         self.cancelRun()
@@ -87,6 +91,4 @@ class AnomalyLocalizerLogic(InputsMixin, RunMixin, NodesMixin, ThresholdMixin, F
     def cleanup(self) -> None:
         """Stop observing the scene and stop a running child run (the module is closing)."""
         self.cancelRun()
-        if self._closeObserver is not None:
-            self.scene.RemoveObserver(self._closeObserver)
-            self._closeObserver = None
+        self._stopObserving()  # once; nothing when already done

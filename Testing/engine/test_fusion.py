@@ -362,3 +362,33 @@ def test_weights_given_by_hand_make_a_weighted_mean(world, tmp_path):
     assert main(["fuse", "tiny-dae:dae", "tiny-ssl:ssl", "--weights", "1,2", "--rule", "mean",
                  "--out", str(tmp_path / "y"), "-q"]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_fused_model_is_rebuilt_like_itself_on_a_changed_component(fused, world, tmp_path, monkeypatch):
+    import shutil
+    from anomaly_localizer.core.fusion import content_sha256
+    from anomaly_localizer.core.package import update_meta
+    changed = tmp_path / "models"
+    shutil.copytree(world["models"] / "tiny-dae", changed / "tiny-dae")
+    meta = dict(load_package(changed / "tiny-dae").meta)
+    meta["scan_relative"] = {"dae": {"quantile": 0.5}}
+    update_meta(changed / "tiny-dae", meta)
+    dae = calibrate_package(load_package(changed / "tiny-dae"), find_subjects(world["data"])[2:4])
+    monkeypatch.setenv("ANOMALY_LOCALIZER_MODELS", os.pathsep.join([str(changed), str(world["models"])]))
+    with pytest.raises(PackageError, match="another version of tiny-dae"):
+        score_volume(image_from(phantom_array()), load_package(fused.path), device="cpu")
+    # --like takes everything from the fused model it names: nothing else may be given
+    assert main(["fuse", "--like", str(fused.path), "tiny-dae:dae", "--out", str(tmp_path / "x"), "-q"]) == 2
+    assert main(["fuse", "--like", str(fused.path), "--out", str(tmp_path / "x"), "-q"]) == 2  # no --data
+    assert not (tmp_path / "x").exists()
+    assert main(["fuse", "--like", str(fused.path), "--out", str(tmp_path / "tiny-fused"),
+                 "--data", str(world["data"]), "-q"]) == 0
+    new = load_package(tmp_path / "tiny-fused")
+    assert new.architecture["rule"] == fused.architecture["rule"] and new.meta["summary"] == fused.meta["summary"]
+    pins = {c["model"]: c["content_sha256"] for c in new.architecture["components"]}
+    assert pins["tiny-dae"] == content_sha256(dae.files) != \
+        {c["model"]: c["content_sha256"] for c in fused.architecture["components"]}["tiny-dae"]
+    assert new.calibration.pixel["fused"] != fused.calibration.pixel["fused"]  # recalibrated on the new maps
+    assert new.meta["training"]["rebuilt_from"]["model"] == fused.name
+    res = score_volume(image_from(phantom_array(lesion=True)), new, device="cpu")
+    assert res.info["scan_relative"]["dae"]["quantile"] == 0.5 and np.isfinite(res.maps["fused"]).all()

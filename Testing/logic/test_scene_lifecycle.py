@@ -101,3 +101,14 @@ def test_the_threshold_slider_reaches_the_maps_highest_level(slicerApp, tmp_path
     assert low == SLIDER_MIN_LEVEL and high >= min(top, 100.0) and high >= 2.0
     assert logic.setThreshold(high) == 0 or top > 100.0  # the slider's end singles out every voxel
     assert logic.setThreshold(low) > 0
+
+
+def test_a_logic_dropped_without_cleanup_stops_observing_its_scene(slicerApp):
+    import gc
+    logic = AnomalyLocalizerLogic(slicerApp.app)
+    logic.itself = logic  # a reference cycle: only the garbage collector frees it
+    tag = logic._closeObserver
+    assert slicerApp.scene.GetCommand(tag) is not None
+    del logic
+    gc.collect()
+    assert slicerApp.scene.GetCommand(tag) is None  # the scene's own close or end calls nothing of it

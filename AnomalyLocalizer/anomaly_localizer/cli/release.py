@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ..core.contrast import CONTRASTS
+from ..errors import InputError
 from .common import EXIT_OK, add_device, add_quiet, add_select_cases, say, select_cases_of
 
 
@@ -44,8 +45,10 @@ def register(sub) -> None:
     j.set_defaults(func=run_join_folds)
 
     f = sub.add_parser("fuse", help="make a fused model: several calibrated maps combined in healthy anomaly levels")
-    f.add_argument("components", nargs="+", metavar="MODEL:METHOD",
+    f.add_argument("components", nargs="*", metavar="MODEL:METHOD",
                    help="candidate component maps, e.g. brain-t1-dae:dae brain-t1-ssl:ssl brain-t1-vae:elbo_grad")
+    f.add_argument("--like", metavar="FUSED", help="rebuild this fused model on its components as installed now "
+                   "(same rule, weights, slice score, texts) and recalibrate: after a component changed")
     f.add_argument("--out", required=True, help="new package folder; its name becomes the model name")
     f.add_argument("--data", help="the components' healthy data: to choose the rule (validation subjects) and "
                    "calibrate (calibration subjects)")
@@ -128,6 +131,17 @@ def run_join_folds(args: argparse.Namespace) -> int:
 def run_fuse(args: argparse.Namespace) -> int:
     from ..tooling.release.fusion import make_fused
 
+    if args.like:
+        from ..tooling.release.fusion import rebuild_fused
+        if args.components or args.rule != "auto" or args.weights or args.meta:
+            raise InputError("--like takes the components, rule, weights and texts from the fused model it names; "
+                             "give no components, --rule, --weights or --meta with it")
+        package = rebuild_fused(args.like, args.out, args.data, args.device, args.force, say(args.quiet))
+        print(f"wrote {package.path}: {package.architecture['rule']} of "
+              f"{', '.join(c['method'] for c in package.architecture['components'])}, like {args.like}, recalibrated")
+        return EXIT_OK
+    if not args.components:
+        raise InputError("give the component maps (MODEL:METHOD ...), or --like FUSED to rebuild a fused model")
     chosen = select_cases_of(args)
     package = make_fused(args.components, args.out, args.data, args.rule, args.per_subject, args.device, args.force,
                          say(args.quiet), meta_file=args.meta, select_cases=chosen, weights=args.weights)

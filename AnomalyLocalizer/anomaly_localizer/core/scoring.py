@@ -271,13 +271,13 @@ def study_brain(study, mask: sitk.Image | None, brain_extraction: str | None, de
     extraction model's contrasts are checked once the contrasts are known (:func:`check_extraction`)."""
     from .device import select_device
     from .single import extract_whole_head, find_brain
-    from .volume import brain_mask
+    from .volume import NotSkullStripped, brain_mask
 
     if mask is not None:
         return brain_mask(study.reference, mask), "given"
     try:
         return brain_mask(study.reference, None, None), "non-zero region of a skull-stripped input"
-    except InputError:
+    except NotSkullStripped:
         if brain_extraction in (None, "off"):
             raise
     target = next((i for i in study.inputs if i.contrast in ("t1", "t1c")), study.inputs[0])

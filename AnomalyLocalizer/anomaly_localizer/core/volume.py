@@ -32,6 +32,11 @@ import torch
 
 from ..errors import InputError
 from .imageio import as_3d, grid_difference, same_grid
+
+
+class NotSkullStripped(InputError):
+    """The image's non-zero region is a whole head, not a brain: brain extraction may take it
+    (every other refusal of :func:`brain_mask` stands: an empty or constant image has no head)."""
 from .schema import InputContract, Normalisation
 
 log = logging.getLogger(__name__)
@@ -136,7 +141,7 @@ def brain_mask(image: sitk.Image, mask: sitk.Image | None,
     if volume_ml > SKULL_STRIPPED_MAX_ML or filled.mean() > 0.95:
         if extractor is not None:
             return extractor(image)
-        raise InputError(
+        raise NotSkullStripped(
             f"the image does not look skull-stripped (its non-zero region is {volume_ml:.0f} mL, a brain is "
             f"1000-1800 mL); pass a brain mask with --mask, or a skull-stripped image")
     return filled

@@ -347,3 +347,47 @@ def make_fused(specs: list[str], out: str | Path, data: str | None, rule: str = 
             calibration = subjects_of(components[0][0], data, "calibration", choosable=False, contrasts=contrasts)
             package = calibrate_package(package, calibration, device=device, progress=say)
     return load_package(out)
+
+
+# What a rebuilt fused package keeps of the one it is like: everything that says what it is and
+# how it was chosen; its architecture is rebuilt on the components as now installed, and its
+# calibration, provenance and manifest are new.
+KEPT_ON_REBUILD = ("summary", "description", "data_statement", "reproduce", "limitations", "scan_relative",
+                   "recommended_method", "input_contract")
+
+
+def rebuild_fused(like: str, out: str | Path, data: str | None, device: str = "cpu", force: bool = False,
+                  progress: Callable[[str], None] | None = None) -> ModelPackage:
+    """A fused package like ``like`` (a model name or folder), its components pinned as they
+    are installed now: the same components, rule, weights, slice score, scan-relative setting
+    and texts, recalibrated on ``data``. For after a component was retrained, recalibrated or
+    made scan-relative: the old fused package refuses the changed component."""
+    from ...core.package import load_package
+
+    old = resolve_package(like)
+    if not (old.detector and old.detector.composite):
+        raise InputError(f"model {old.name} is not a fused map; --like takes a fused model")
+    if not data:
+        raise InputError("a rebuilt fused model is recalibrated: give the components' healthy data (--data)")
+    arch = old.architecture
+    components = parse_components([f"{c['model']}:{c['method']}" for c in arch["components"]])
+    weights = [c.get("weight", 1.0) for c in arch["components"]] if arch["rule"] == "weighted" else None
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise InputError(f"{out} already exists; pass --force to replace it")
+    record = (old.meta.get("training") or {}).get("selection_record")
+    meta = fused_meta(components, arch["rule"], out.name, weights=weights, selection=record,
+                      slice_parts=(arch.get("slice_score") or {}).get("parts"))
+    meta.update({k: old.meta[k] for k in KEPT_ON_REBUILD if k in old.meta})
+    if "reproduce" in meta:
+        meta["reproduce"] += (f"; after its components changed: anomaly-localizer fuse --like {old.name} --out {out.name} "
+                              "--data DATA")
+    meta["training"]["rebuilt_from"] = {"model": old.name, "manifest_sha256": old.manifest_sha256,
+                                        "made": (old.meta.get("provenance") or {}).get("made")}
+    contrasts = list(dict.fromkeys(c for p, _ in components for c in p.contract.contrasts))
+    with building(out) as tmp:
+        package = save_package(None, meta, tmp)
+        from .calibrate import calibrate_package
+        calibration = subjects_of(components[0][0], data, "calibration", choosable=False, contrasts=contrasts)
+        calibrate_package(package, calibration, device=device, progress=progress)
+    return load_package(out)
