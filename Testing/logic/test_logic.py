@@ -314,7 +314,18 @@ def test_lsr_model_runs_in_the_scene_with_its_own_slice_score(slicerApp, tmp_pat
     assert logic.worstSlice() == int(np.nanargmax(child.sliceScores["lsr"]))
 
 
-def test_restoration_is_added_on_request_for_models_that_offer_it(slicerApp, tmp_path, model):
+@pytest.fixture()
+def quickRestoration(tmp_path):
+    """The tiny model with a short restoration (15 steps): what these tests check does not need
+    the default 150, which a 2-core machine takes half a minute over."""
+    from anomaly_localizer.core.package import load_package, update_meta
+    pkg = make_tiny_package(tmp_path / "models" / "tiny-quick", calibration=CALIBRATION)
+    update_meta(pkg.path, {**pkg.meta, "restoration": {"steps": 15}})
+    return load_package(pkg.path)
+
+
+def test_restoration_is_added_on_request_for_models_that_offer_it(slicerApp, tmp_path, quickRestoration):
+    model = quickRestoration
     logic = AnomalyLocalizerLogic(slicerApp.app)
     assert "restoration" not in logic.methodsFor(str(model.path))
     methods = logic.methodsFor(str(model.path), includeRestoration=True)
@@ -327,8 +338,9 @@ def test_restoration_is_added_on_request_for_models_that_offer_it(slicerApp, tmp
     assert logic.outputNode(scan, "heatmap.restoration") is not None
 
 
-def test_the_progress_of_a_child_run_rises_through_intermediate_values(slicerApp, tmp_path, model):
+def test_the_progress_of_a_child_run_rises_through_intermediate_values(slicerApp, tmp_path, quickRestoration):
     import time
+    model = quickRestoration
     _, scan = _load(slicerApp, tmp_path)
     logic = AnomalyLocalizerLogic(slicerApp.app)
     run = logic.startRun(scan, model=str(model.path), methods=["rec", "restoration"])

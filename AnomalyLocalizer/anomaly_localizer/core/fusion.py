@@ -44,7 +44,8 @@ def resolve_components(package: Any, resolve: Callable[[str], Any]) -> dict[str,
             raise PackageError(f"model {package.name} was made and calibrated with another version of {c['model']} "
                                f"(weights and model.json {c['content_sha256'][:12]}, installed "
                                f"{content_sha256(comp.files)[:12]}); "
-                               "rebuild it with anomaly-localizer fuse, or reinstall the models it names")
+                               f"rebuild it (anomaly-localizer fuse --like {package.name} --out DIR --data DATA), or "
+                               "reinstall the models it names")
         foreign = [x for x in comp.contract.contrasts if x not in package.contract.contrasts]
         if foreign:
             raise PackageError(f"model {package.name} reads {', '.join(package.contract.contrasts)} but its component "
