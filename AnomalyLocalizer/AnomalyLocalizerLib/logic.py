@@ -78,6 +78,7 @@ class AnomalyLocalizerLogic(InputsMixin, RunMixin, NodesMixin, ThresholdMixin, F
         # registered, the observer would be called by the scene's own destructor when the garbage
         # collector frees both (a dying VTK object handed to Python: a crash, seen in the tests).
         self._stopObserving = weakref.finalize(self, self.scene.RemoveObserver, self._closeObserver)
+        self._stopObserving.atexit = False  # at interpreter exit the scene may be gone already
 
     def _onSceneStartClose(self, caller=None, event=None) -> None:
         self.cancelRun()

@@ -374,17 +374,26 @@ def test_a_fused_model_is_rebuilt_like_itself_on_a_changed_component(fused, worl
     meta["scan_relative"] = {"dae": {"quantile": 0.5}}
     update_meta(changed / "tiny-dae", meta)
     dae = calibrate_package(load_package(changed / "tiny-dae"), find_subjects(world["data"])[2:4])
+    like = tmp_path / "old-fused"  # the fused model as a user has it, with its own texts
+    shutil.copytree(fused.path, like)
+    update_meta(like, {**fused.meta, "description": "what this map is, in the user's words",
+                       "limitations": ["one of its limits"]})
+    fused = load_package(like)
     monkeypatch.setenv("ANOMALY_LOCALIZER_MODELS", os.pathsep.join([str(changed), str(world["models"])]))
-    with pytest.raises(PackageError, match="another version of tiny-dae"):
-        score_volume(image_from(phantom_array()), load_package(fused.path), device="cpu")
+    with pytest.raises(PackageError, match="fuse --like tiny-fused"):
+        score_volume(image_from(phantom_array()), fused, device="cpu")
     # --like takes everything from the fused model it names: nothing else may be given
     assert main(["fuse", "--like", str(fused.path), "tiny-dae:dae", "--out", str(tmp_path / "x"), "-q"]) == 2
     assert main(["fuse", "--like", str(fused.path), "--out", str(tmp_path / "x"), "-q"]) == 2  # no --data
+    assert main(["fuse", "--like", str(fused.path), "--out", str(tmp_path / "x"), "--data", str(world["data"]),
+                 "--per-subject", "5", "-q"]) == 2  # it chooses nothing
     assert not (tmp_path / "x").exists()
     assert main(["fuse", "--like", str(fused.path), "--out", str(tmp_path / "tiny-fused"),
                  "--data", str(world["data"]), "-q"]) == 0
     new = load_package(tmp_path / "tiny-fused")
-    assert new.architecture["rule"] == fused.architecture["rule"] and new.meta["summary"] == fused.meta["summary"]
+    assert new.architecture["rule"] == fused.architecture["rule"]
+    assert new.meta["description"] == "what this map is, in the user's words"
+    assert new.meta["limitations"] == ["one of its limits"]
     pins = {c["model"]: c["content_sha256"] for c in new.architecture["components"]}
     assert pins["tiny-dae"] == content_sha256(dae.files) != \
         {c["model"]: c["content_sha256"] for c in fused.architecture["components"]}["tiny-dae"]

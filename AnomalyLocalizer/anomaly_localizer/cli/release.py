@@ -133,9 +133,11 @@ def run_fuse(args: argparse.Namespace) -> int:
 
     if args.like:
         from ..tooling.release.fusion import rebuild_fused
-        if args.components or args.rule != "auto" or args.weights or args.meta:
-            raise InputError("--like takes the components, rule, weights and texts from the fused model it names; "
-                             "give no components, --rule, --weights or --meta with it")
+        if args.components or args.rule != "auto" or args.weights or args.meta or args.select_cases \
+                or args.select_ids or args.per_subject != 2:
+            raise InputError("--like takes the components, rule, weights and texts from the fused model it names and "
+                             "chooses nothing; give no components, --rule, --weights, --meta, --select-cases or "
+                             "--per-subject with it")
         package = rebuild_fused(args.like, args.out, args.data, args.device, args.force, say(args.quiet))
         print(f"wrote {package.path}: {package.architecture['rule']} of "
               f"{', '.join(c['method'] for c in package.architecture['components'])}, like {args.like}, recalibrated")

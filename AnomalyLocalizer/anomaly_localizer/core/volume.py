@@ -32,14 +32,15 @@ import torch
 
 from ..errors import InputError
 from .imageio import as_3d, grid_difference, same_grid
+from .schema import InputContract, Normalisation
+
+log = logging.getLogger(__name__)
 
 
 class NotSkullStripped(InputError):
     """The image's non-zero region is a whole head, not a brain: brain extraction may take it
     (every other refusal of :func:`brain_mask` stands: an empty or constant image has no head)."""
-from .schema import InputContract, Normalisation
 
-log = logging.getLogger(__name__)
 
 # A whole head's non-zero region is several litres; a brain is about 1.0-1.8 litres.
 SKULL_STRIPPED_MAX_ML = 2500.0

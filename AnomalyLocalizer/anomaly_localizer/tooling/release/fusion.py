@@ -353,7 +353,7 @@ def make_fused(specs: list[str], out: str | Path, data: str | None, rule: str = 
 # how it was chosen; its architecture is rebuilt on the components as now installed, and its
 # calibration, provenance and manifest are new.
 KEPT_ON_REBUILD = ("summary", "description", "data_statement", "reproduce", "limitations", "scan_relative",
-                   "recommended_method", "input_contract")
+                   "recommended_method")
 
 
 def rebuild_fused(like: str, out: str | Path, data: str | None, device: str = "cpu", force: bool = False,
@@ -379,7 +379,7 @@ def rebuild_fused(like: str, out: str | Path, data: str | None, device: str = "c
     meta = fused_meta(components, arch["rule"], out.name, weights=weights, selection=record,
                       slice_parts=(arch.get("slice_score") or {}).get("parts"))
     meta.update({k: old.meta[k] for k in KEPT_ON_REBUILD if k in old.meta})
-    if "reproduce" in meta:
+    if "reproduce" in meta and "anomaly-localizer fuse --like" not in meta["reproduce"]:
         meta["reproduce"] += (f"; after its components changed: anomaly-localizer fuse --like {old.name} --out {out.name} "
                               "--data DATA")
     meta["training"]["rebuilt_from"] = {"model": old.name, "manifest_sha256": old.manifest_sha256,

@@ -127,6 +127,9 @@ def run_steps(run: StepRun, cfg: Any, batch_loss: BatchLoss, validate: Validate,
     state, net, optimizer = run.state, run.net, run.optimizer
     t_window, window, extras = time.perf_counter(), [], {}
     net.train()
+    if state.get("stopped_early") and state["step"] < plan.steps:  # a resume cannot extend it
+        say(f"this run stopped early at {plan.unit(state['step'])} (no improvement for {plan.early_stop} "
+            "validations) and stays stopped: nothing more to train; start a new run to train longer")
     while state["step"] < plan.steps and not state.get("stopped_early"):
         if stop_after is not None and state["step"] - run.first_step >= stop_after:
             if writes:
