@@ -35,6 +35,9 @@ def register(sub) -> None:
     p.add_argument("--max-sessions", type=int, default=MAX_SESSIONS_DEFAULT, metavar="N",
                    help=f"readers served at once, each with its own scene and server process "
                         f"(default {MAX_SESSIONS_DEFAULT}); a page beyond that is told so")
+    p.add_argument("--idle-timeout", type=int, default=15, metavar="S",
+                   help="seconds a reader's server waits for its page to come back (a reload) before it ends and "
+                        "frees its place (default 15)")
     p.set_defaults(func=run_view)
 
 
@@ -77,6 +80,8 @@ def check_options(args: argparse.Namespace) -> str | None:
             return f"--allow-origin {origin} is not an origin; give scheme://host[:port], e.g. https://viewer.example.org"
     if not 1 <= args.max_sessions <= 64:
         return f"--max-sessions {args.max_sessions} is out of range; give 1 to 64 (each reader needs about 1 GB)"
+    if not 1 <= args.idle_timeout <= 3600:
+        return f"--idle-timeout {args.idle_timeout} is out of range; give 1 to 3600 seconds"
     missing = missing_requirements()
     if missing:
         return (f"the browser viewer needs {', '.join(missing)}, which are not installed; install them with "
@@ -107,7 +112,7 @@ def run_view(args: argparse.Namespace) -> int:
         folders.append(str(start if start.is_dir() else start.parent))
     front = Front([str(Path(args.paths).resolve())] if args.paths else [], host=args.host, port=args.port,
                   model=args.model, allowed_folders=folders, allowed_origins=args.allow_origin,
-                  max_sessions=args.max_sessions, verbose=args.verbose)
+                  max_sessions=args.max_sessions, verbose=args.verbose, idle_timeout=args.idle_timeout)
     local = args.host in ("127.0.0.1", "localhost", "::1")
     who = ("this machine only; --host 0.0.0.0 lets other machines connect" if local
            else "other machines can connect, with the address's token")

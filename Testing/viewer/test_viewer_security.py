@@ -28,7 +28,8 @@ def room(tmp_path_factory):
     scans.mkdir()
     write_phantom(scans, "a.nrrd", seed=1)
     write_phantom(scans, "b.nrrd", seed=2)
-    server = Server(["--allow-folder", str(scans), "--model", "tiny"], models=root / "models")
+    # a reader's server ends 3 s after its page has gone (15 by default): the tests wait for that
+    server = Server(["--allow-folder", str(scans), "--model", "tiny", "--idle-timeout", "3"], models=root / "models")
     yield server, root, scans
     server.stop()
 
@@ -96,7 +97,8 @@ def test_a_foreign_origin_the_public_secret_and_a_1gb_message_are_refused(room):
 
 def test_two_readers_have_their_own_scene_and_a_third_is_told_the_bound(room, browser):
     _, root, scans = room
-    server = Server(["--allow-folder", str(scans), "--model", "tiny", "--max-sessions", "2"], models=root / "models")
+    server = Server(["--allow-folder", str(scans), "--model", "tiny", "--max-sessions", "2", "--idle-timeout", "2"],
+                    models=root / "models")
     try:
         two_readers(server, browser, scans)
     finally:

@@ -200,6 +200,9 @@ def test_the_command_refuses_what_cannot_work_before_serving(tmp_path, capsys):
         assert "choose another port" in capsys.readouterr().err
     assert main(["view", "--model", "no-such-model"]) == 2
     assert "not an installed model" in capsys.readouterr().err
+    for flag, value in (("--max-sessions", "0"), ("--idle-timeout", "0")):
+        assert main(["view", flag, value]) == 2
+        assert f"{flag} 0 is out of range" in capsys.readouterr().err
 
 
 def test_a_dicom_folder_and_an_uploaded_zip_of_one_open(session, tmp_path):
