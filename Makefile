@@ -32,7 +32,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 test: $(BIN)/.installed
-	@echo "Running the test suite: about 565 tests, 6.5-10 minutes on 2 quiet cores (much longer on a busy machine)."
+	@echo "Running the test suite: about 565 tests, 6-10 minutes on 2 quiet cores (much longer on a busy machine)."
 	$(BIN)/python -m pytest -q
 
 demo: $(BIN)/.installed
