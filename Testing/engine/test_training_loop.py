@@ -61,8 +61,10 @@ def test_a_plateau_divides_the_rate_and_an_early_stop_sticks_on_resume(tmp_path)
     record = training_record(run, plan)
     assert (record["best_epoch"], record["epochs_run"]) == (1, 4)
     net2, resumed = _run(tmp_path, resume=True)
+    said.clear()
     assert run_steps(resumed, plan, _loss(net2), lambda: (1.0, {}), said.append)
-    assert resumed.state["step"] == 16  # a stopped run does not train on
+    assert resumed.state["step"] == 16  # a stopped run does not train on, and says so
+    assert any("stopped early at epoch 4" in m and "stays stopped" in m for m in said), said
 
 
 def test_a_step_plan_sets_the_rate_of_every_step_and_keeps_the_best(tmp_path):
